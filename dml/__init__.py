@@ -1,0 +1,1 @@
+"""Definitive Media Library: deterministic, checksummed, signed release packages."""

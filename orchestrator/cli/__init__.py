@@ -1,0 +1,1 @@
+"""Ferry's command line (typer). `main.py` wires the groups and maps errors to exit codes."""

@@ -1,0 +1,48 @@
+"""`ferry cms`: migrations and the audit log's integrity."""
+
+from __future__ import annotations
+
+import typer
+
+from orchestrator.cli import output as out
+from orchestrator.cli.output import OutputOpt
+from orchestrator.cms import audit, db
+from orchestrator.errors import FerryError, IntegrityError
+from orchestrator.settings import get_settings
+
+app = typer.Typer(help="The CMS: apply migrations, verify the audit log.", no_args_is_help=True)
+
+
+@app.command()
+def upgrade(fmt: OutputOpt = out.Format.text) -> None:
+    """Apply the CMS migrations up to the newest revision (a new database is created)."""
+    out.use(fmt)
+    url = get_settings().cms_url
+    before, after = db.upgrade(url)
+    out.result(
+        {"database": _safe_url(url), "from": before, "to": after},
+        f"CMS at {_safe_url(url)}: revision {before or '(empty)'} → {after}",
+    )
+
+
+@app.command("verify-audit")
+def verify_audit(fmt: OutputOpt = out.Format.text) -> None:
+    """Re-hash the audit log's chain; exit 6 naming the first broken event if any."""
+    out.use(fmt)
+    with db.session_scope() as session:
+        report = audit.verify_chain(session)
+    if not report.ok:
+        raise IntegrityError(
+            f"audit log broken at event {report.first_broken}: {report.problem}",
+            details=report.to_dict(),
+        )
+    out.result(report.to_dict(), f"audit log intact: {report.events} events verified")
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception as exc:  # noqa: BLE001
+        raise FerryError(f"FERRY_DATABASE_URL is not a database URL: {exc}") from exc

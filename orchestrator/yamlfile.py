@@ -1,0 +1,61 @@
+"""Reading users' YAML files into pydantic models, with errors that name file and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from orchestrator.errors import SpecError
+
+M = TypeVar("M", bound=BaseModel)
+
+_FIXES = {
+    "extra_forbidden": "remove it, or check its spelling",
+    "missing": "add it",
+}
+
+
+def load_yaml(path: Path, text: str | None = None) -> Any:
+    try:
+        raw = path.read_text() if text is None else text
+    except FileNotFoundError:
+        raise SpecError(str(path), "", "file not found", "check the path") from None
+    except OSError as exc:
+        raise SpecError(str(path), "", f"cannot read: {exc.strerror}") from None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else ""
+        raise SpecError(
+            str(path), where, f"not valid YAML: {getattr(exc, 'problem', exc)}"
+        ) from None
+
+
+def validation_error(path: Path | str, exc: ValidationError) -> SpecError:
+    """The first problem, named by file and dotted field path, with a fix where we know one."""
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    fix = _FIXES.get(err["type"])
+    more = len(exc.errors()) - 1
+    if more:
+        msg += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return SpecError(str(path), field, msg, fix)
+
+
+def parse_model(model: type[M], path: Path, data: Any | None = None, **context: Any) -> M:
+    """Validate `data` (or the YAML at `path`) as `model`; raise SpecError naming the field."""
+    if data is None:
+        data = load_yaml(path)
+    if not isinstance(data, dict):
+        raise SpecError(str(path), "(top level)", "expected a mapping of fields")
+    try:
+        return model.model_validate(data, context={"base_dir": path.parent, **context})
+    except ValidationError as exc:
+        raise validation_error(path, exc) from None

@@ -1,0 +1,1 @@
+"""On-call runbooks: status, manual backout, crash recovery, drift audit."""
