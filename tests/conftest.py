@@ -1,0 +1,69 @@
+"""Fixtures every test area shares: an isolated Ferry home, and the real `ferry` CLI.
+
+Area fixtures live beside their tests (tests/cms/conftest.py: PostgreSQL; tests/fleet/:
+the SSH fleet; …).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.cms import db
+from orchestrator.settings import reset_settings
+
+FERRY_BIN = Path(sys.executable).with_name("ferry")
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+@pytest.fixture
+def ferry_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh working directory with its own .ferry/ (CMS, DML, logs); cwd is set to it."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for key in list(os.environ):
+        if key.startswith("FERRY_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("FERRY_HOME", str(work / ".ferry"))
+    monkeypatch.setenv("FERRY_USER", "alice")
+    reset_settings()
+    db.dispose_all()
+    yield work
+    reset_settings()
+    db.dispose_all()
+
+
+@pytest.fixture
+def run_ferry(ferry_home: Path):
+    """Run the real `ferry` command in a child process, in the test's Ferry home."""
+
+    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> Result:
+        full_env = {**os.environ, **(env or {})}
+        proc = subprocess.run(
+            [str(FERRY_BIN), *args],
+            capture_output=True,
+            text=True,
+            env=full_env,
+            cwd=os.getcwd(),
+            timeout=timeout,
+        )
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    return run
