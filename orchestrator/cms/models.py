@@ -128,6 +128,11 @@ class RFC(Base):
     requester: Mapped[str] = mapped_column(String(200))
     needs_review: Mapped[bool] = mapped_column(default=False)
     review_due: Mapped[datetime | None] = mapped_column(default=None)
+    # change authorization (orchestrator/change): lead time runs from submission; the risk
+    # model's factors are kept so an override never hides why the score was what it was
+    submitted_at: Mapped[datetime | None] = mapped_column(default=None)
+    authorized_at: Mapped[datetime | None] = mapped_column(default=None)
+    risk_factors: Mapped[list[Any]] = mapped_column(default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     approvals: Mapped[list[Approval]] = relationship(
