@@ -1,0 +1,508 @@
+#!/usr/bin/env python3
+"""Ferry's host agent. Standard library only: it runs with the host's own python3.
+
+    python3 ferry_agent.py OP --root DEPLOY_ROOT [args]      (prints one JSON object)
+
+OPs: state, pin, receive, verify, config, switch, readback, prune.
+Exit codes: 0 ok, 10 integrity (signature/checksum/pinned key), 11 bad input, 12 OS error
+(e.g. ENOSPC). Host layout:
+    ROOT/releases/<id>/        unpacked package, never modified after verify
+    ROOT/current -> releases/<id>
+    ROOT/shared/               data that survives releases
+    ROOT/.ferry/state.json     current, previous, history
+    ROOT/.ferry/dml.pub        the pinned DML public key (raw 32 bytes, hex)
+    ROOT/.ferry/meta/<id>.json, <id>.sig   the signed manifest of each verified release
+    ROOT/.ferry/incoming/      objects received and verified, not yet placed
+"""
+
+import argparse
+import errno
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+
+CHUNK = 1 << 20
+EXIT_INTEGRITY, EXIT_INPUT, EXIT_OS = 10, 11, 12
+
+
+class AgentError(Exception):
+    def __init__(self, kind, message, code):
+        Exception.__init__(self, message)
+        self.kind, self.message, self.code = kind, message, code
+
+
+def integrity(msg):
+    return AgentError("integrity", msg, EXIT_INTEGRITY)
+
+
+def bad_input(msg):
+    return AgentError("input", msg, EXIT_INPUT)
+
+
+# --- ed25519 verification (RFC 8032, section 5.1.7), pure Python -------------------------
+_P = 2**255 - 19
+_L = 2**252 + 27742317777372353535851937790883648493
+_D = -121665 * pow(121666, _P - 2, _P) % _P
+_I = pow(2, (_P - 1) // 4, _P)
+
+
+def _recover_x(y, sign):
+    if y >= _P:
+        return None
+    x2 = (y * y - 1) * pow(_D * y * y + 1, _P - 2, _P)
+    if x2 % _P == 0:
+        return None if sign else 0
+    x = pow(x2, (_P + 3) // 8, _P)
+    if (x * x - x2) % _P != 0:
+        x = x * _I % _P
+    if (x * x - x2) % _P != 0:
+        return None
+    if (x & 1) != sign:
+        x = _P - x
+    return x
+
+
+def _add(a, b):
+    aa = (a[1] - a[0]) * (b[1] - b[0]) % _P
+    bb = (a[1] + a[0]) * (b[1] + b[0]) % _P
+    cc = 2 * a[3] * b[3] * _D % _P
+    dd = 2 * a[2] * b[2] % _P
+    e, f, g, h = bb - aa, dd - cc, dd + cc, bb + aa
+    return (e * f % _P, g * h % _P, f * g % _P, e * h % _P)
+
+
+def _mul(s, pt):
+    q = (0, 1, 1, 0)
+    while s > 0:
+        if s & 1:
+            q = _add(q, pt)
+        pt = _add(pt, pt)
+        s >>= 1
+    return q
+
+
+def _decompress(b):
+    if len(b) != 32:
+        return None
+    y = int.from_bytes(b, "little")
+    sign, y = y >> 255, y & ((1 << 255) - 1)
+    x = _recover_x(y, sign)
+    return None if x is None else (x, y, 1, x * y % _P)
+
+
+_GY = 4 * pow(5, _P - 2, _P) % _P
+_G = (_recover_x(_GY, 0), _GY, 1, _recover_x(_GY, 0) * _GY % _P)
+
+
+def ed25519_verify(public, message, signature):
+    if len(public) != 32 or len(signature) != 64:
+        return False
+    a, r = _decompress(public), _decompress(signature[:32])
+    if a is None or r is None:
+        return False
+    s = int.from_bytes(signature[32:], "little")
+    if s >= _L:
+        return False
+    h = int.from_bytes(hashlib.sha512(signature[:32] + public + message).digest(), "little") % _L
+    left, right = _mul(s, _G), _add(r, _mul(h, a))
+    return (left[0] * right[2] - right[0] * left[2]) % _P == 0 and (
+        left[1] * right[2] - right[1] * left[2]
+    ) % _P == 0
+
+
+# --- helpers ------------------------------------------------------------------------------
+def canonical(obj):
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def safe_relpath(path):
+    """A manifest path may only name a file below the release directory."""
+    if not isinstance(path, str) or not path or "\0" in path or "\\" in path:
+        raise integrity("unsafe path in manifest: %r" % (path,))
+    if path.startswith("/") or any(p in ("", ".", "..") for p in path.split("/")):
+        raise integrity("unsafe path in manifest: %r" % (path,))
+    return path
+
+
+def safe_id(rid):
+    if not rid or "/" in rid or rid.startswith(".") or "\0" in rid:
+        raise bad_input("bad release id %r" % (rid,))
+    return rid
+
+
+def write_atomic(path, data, mode=0o644):
+    tmp = "%s.tmp-%d" % (path, os.getpid())
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(CHUNK)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+class Host:
+    def __init__(self, root):
+        self.root = os.path.abspath(root)
+        self.meta = os.path.join(self.root, ".ferry", "meta")
+        self.incoming = os.path.join(self.root, ".ferry", "incoming")
+        self.releases = os.path.join(self.root, "releases")
+        self.state_path = os.path.join(self.root, ".ferry", "state.json")
+        self.key_path = os.path.join(self.root, ".ferry", "dml.pub")
+
+    def ensure_dirs(self):
+        for d in (self.meta, self.incoming, self.releases, os.path.join(self.root, "shared")):
+            os.makedirs(d, exist_ok=True)
+
+    def state(self):
+        try:
+            with open(self.state_path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return {"current": None, "previous": None, "history": []}
+
+    def save_state(self, st):
+        write_atomic(self.state_path, json.dumps(st, indent=1).encode())
+
+    def current(self):
+        link = os.path.join(self.root, "current")
+        try:
+            target = os.readlink(link)
+        except OSError:
+            return None
+        return os.path.basename(target.rstrip("/"))
+
+    def verified_ids(self):
+        try:
+            names = os.listdir(self.meta)
+        except FileNotFoundError:
+            return []
+        ids = sorted(n[:-5] for n in names if n.endswith(".json"))
+        return [i for i in ids if os.path.isdir(os.path.join(self.releases, i))]
+
+    def load_manifest(self, rid, require_sig=True):
+        with open(os.path.join(self.meta, rid + ".json"), "rb") as f:
+            raw = f.read()
+        with open(os.path.join(self.meta, rid + ".sig"), "rb") as f:
+            sig = f.read()
+        return self.check_manifest(raw, sig)
+
+    def pinned_key(self):
+        try:
+            with open(self.key_path) as f:
+                return bytes.fromhex(f.read().strip())
+        except FileNotFoundError:
+            raise integrity("no DML key pinned on this host (Ferry pins it on first contact)")
+
+    def check_manifest(self, raw, sig):
+        if not ed25519_verify(self.pinned_key(), raw, sig):
+            raise integrity("manifest signature does not verify with the pinned DML key")
+        manifest = json.loads(raw.decode())
+        content = manifest["content"]
+        digest = "sha256:" + hashlib.sha256(canonical(content)).hexdigest()
+        if digest != manifest.get("digest"):
+            raise integrity("manifest digest %s does not match" % manifest.get("digest"))
+        for entry in content["files"]:
+            safe_relpath(entry["path"])
+        return manifest
+
+    def known_objects(self):
+        """sha256 -> an existing file with that content (incoming first, then releases)."""
+        found = {}
+        for rid in self.verified_ids():
+            try:
+                manifest = self.load_manifest(rid)
+            except (AgentError, OSError, ValueError, KeyError):
+                continue
+            base = os.path.join(self.releases, rid)
+            for e in manifest["content"]["files"]:
+                found.setdefault(e["sha256"], (os.path.join(base, e["path"]), False))
+        for name in os.listdir(self.incoming) if os.path.isdir(self.incoming) else []:
+            if len(name) == 64:
+                found[name] = (os.path.join(self.incoming, name), True)
+        return found
+
+
+# --- operations ---------------------------------------------------------------------------
+def op_state(host, args):
+    st = host.state()
+    return {
+        "current": host.current(),
+        "state": st,
+        "releases": host.verified_ids(),
+        "pinned": os.path.exists(host.key_path),
+        "digests": _digests(host),
+    }
+
+
+def _digests(host):
+    out = {}
+    for rid in host.verified_ids():
+        try:
+            with open(os.path.join(host.meta, rid + ".json"), "rb") as f:
+                out[rid] = json.loads(f.read().decode()).get("digest")
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def op_pin(host, args):
+    host.ensure_dirs()
+    key = args.key.strip().lower()
+    if len(bytes.fromhex(key)) != 32:
+        raise bad_input("a DML public key is 32 bytes (64 hex digits)")
+    if os.path.exists(host.key_path):
+        if host.pinned_key().hex() != key:
+            raise integrity("this host pins another DML key; refusing (rotate it deliberately)")
+        return {"pinned": "already"}
+    write_atomic(host.key_path, (key + "\n").encode(), 0o644)
+    return {"pinned": "new"}
+
+
+def _read_exact(stream, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = stream.read(min(CHUNK, n - len(buf)))
+        if not chunk:
+            raise bad_input("stream ended early")
+        buf += chunk
+    return bytes(buf)
+
+
+def op_receive(host, args):
+    """Read manifest + signature, say which objects are missing, then read those objects."""
+    host.ensure_dirs()
+    rid = safe_id(args.id)
+    inp, out = sys.stdin.buffer, sys.stdout
+    header = json.loads(inp.readline().decode())
+    raw = _read_exact(inp, int(header["manifest_len"]))
+    sig = _read_exact(inp, int(header["sig_len"]))
+    manifest = host.check_manifest(raw, sig)
+    write_atomic(os.path.join(host.incoming, rid + ".manifest"), raw)
+    write_atomic(os.path.join(host.incoming, rid + ".sig"), sig)
+    known = host.known_objects()
+    wanted = {}
+    for e in manifest["content"]["files"]:
+        if e["sha256"] not in known:
+            wanted[e["sha256"]] = e["size"]
+    out.write("NEED " + json.dumps(sorted(wanted)) + "\n")
+    out.flush()
+    received = nbytes = 0
+    while True:
+        line = inp.readline().decode().strip()
+        if line == "END":
+            break
+        if not line:
+            raise bad_input("stream ended before END")
+        sha, size = line.split()
+        size = int(size)
+        if sha not in wanted or wanted[sha] != size:
+            raise integrity("object %s was not asked for" % sha)
+        part = os.path.join(host.incoming, sha + ".part")
+        h, left = hashlib.sha256(), size
+        with open(part, "wb") as f:
+            while left:
+                chunk = inp.read(min(CHUNK, left))
+                if not chunk:
+                    raise bad_input("stream ended inside object %s" % sha)
+                h.update(chunk)
+                f.write(chunk)
+                left -= len(chunk)
+        if h.hexdigest() != sha:
+            os.unlink(part)
+            raise integrity("object %s arrived corrupted" % sha)
+        os.replace(part, os.path.join(host.incoming, sha))
+        received, nbytes = received + 1, nbytes + size
+    missing = [s for s in wanted if not os.path.exists(os.path.join(host.incoming, s))]
+    if missing:
+        raise integrity("%d objects never arrived" % len(missing))
+    return {"needed": len(wanted), "received": received, "bytes": nbytes}
+
+
+def op_verify(host, args):
+    """Check signature and digest again, place every file, hash it, publish releases/<id>."""
+    rid = safe_id(args.id)
+    final = os.path.join(host.releases, rid)
+    if os.path.isdir(final) and os.path.exists(os.path.join(host.meta, rid + ".json")):
+        return {"release": rid, "placed": 0, "already": True}
+    with open(os.path.join(host.incoming, rid + ".manifest"), "rb") as f:
+        raw = f.read()
+    with open(os.path.join(host.incoming, rid + ".sig"), "rb") as f:
+        sig = f.read()
+    manifest = host.check_manifest(raw, sig)
+    known = host.known_objects()
+    tmp = os.path.join(host.releases, ".tmp-" + rid)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for e in manifest["content"]["files"]:
+        rel = safe_relpath(e["path"])
+        dest = os.path.join(tmp, rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        src, fresh = known.get(e["sha256"], (None, False))
+        if src is None:
+            raise integrity("%s: no verified copy of its content on this host" % rel)
+        if not fresh and sha256_file(src) != e["sha256"]:
+            raise integrity("%s: local copy %s no longer matches its checksum" % (rel, src))
+        try:
+            os.link(src, dest)
+        except OSError:
+            shutil.copyfile(src, dest)
+        os.chmod(dest, 0o755 if e["mode"] & 0o111 else 0o644)
+    os.replace(tmp, final)
+    write_atomic(os.path.join(host.meta, rid + ".json"), raw)
+    write_atomic(os.path.join(host.meta, rid + ".sig"), sig)
+    for e in manifest["content"]["files"]:
+        try:
+            os.unlink(os.path.join(host.incoming, e["sha256"]))
+        except FileNotFoundError:
+            pass
+    for suffix in (".manifest", ".sig"):
+        try:
+            os.unlink(os.path.join(host.incoming, rid + suffix))
+        except FileNotFoundError:
+            pass
+    return {"release": rid, "placed": len(manifest["content"]["files"]), "already": False}
+
+
+def op_config(host, args):
+    """Write rendered config files under releases/<id>/.rendered/ (JSON {dest: text} on stdin)."""
+    rid = safe_id(args.id)
+    base = os.path.join(host.releases, rid, ".rendered")
+    files = json.loads(sys.stdin.buffer.read().decode())
+    for dest, text in sorted(files.items()):
+        path = os.path.join(base, safe_relpath(dest))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_atomic(path, text.encode(), 0o640)
+    return {"written": sorted(files)}
+
+
+def op_switch(host, args):
+    """Point `current` at releases/<id> atomically (symlink to a temp name, rename)."""
+    link = os.path.join(host.root, "current")
+    before = host.current()
+    st = host.state()
+    if args.none:
+        if os.path.lexists(link):
+            os.unlink(link)
+        target = None
+    else:
+        target = safe_id(args.id)
+        if not os.path.exists(os.path.join(host.meta, target + ".json")):
+            raise bad_input("release %s is not verified on this host" % target)
+        tmp = link + ".tmp-%d" % os.getpid()
+        os.symlink(os.path.join("releases", target), tmp)
+        os.replace(tmp, link)
+    if before != target:
+        st["previous"], st["current"] = before, target
+        st.setdefault("history", []).append(
+            {"current": target, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        )
+        st["history"] = st["history"][-50:]
+    st["current"] = target
+    host.save_state(st)
+    dfd = os.open(host.root, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return {"current": target, "before": before}
+
+
+def op_readback(host, args):
+    """What `current` points at, and whether every file matches the signed manifest."""
+    cur = host.current()
+    result = {"current": cur, "ok": False, "mismatches": []}
+    if cur is None:
+        result["ok"] = args.id is None
+        return result
+    if args.id and cur != args.id:
+        result["mismatches"].append("current is %s, expected %s" % (cur, args.id))
+        return result
+    manifest = host.load_manifest(cur)
+    base = os.path.join(host.releases, cur)
+    for e in manifest["content"]["files"]:
+        path = os.path.join(base, safe_relpath(e["path"]))
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            result["mismatches"].append("%s: missing" % e["path"])
+            continue
+        if st.st_size != e["size"] or (args.full and sha256_file(path) != e["sha256"]):
+            result["mismatches"].append("%s: content differs" % e["path"])
+    result["ok"] = not result["mismatches"]
+    result["digest"] = manifest["digest"]
+    result["files"] = len(manifest["content"]["files"])
+    return result
+
+
+def op_prune(host, args):
+    """Keep the newest `keep` releases by install history, and every protected one."""
+    protect = set(args.protect or []) | {host.current()}
+    order = [h.get("current") for h in host.state().get("history", []) if h.get("current")]
+    ranked = list(dict.fromkeys(reversed(order)))
+    keep = set(ranked[: args.keep]) | protect
+    removed = []
+    for rid in host.verified_ids():
+        if rid not in keep:
+            shutil.rmtree(os.path.join(host.releases, rid), ignore_errors=True)
+            for suffix in (".json", ".sig"):
+                try:
+                    os.unlink(os.path.join(host.meta, rid + suffix))
+                except FileNotFoundError:
+                    pass
+            removed.append(rid)
+    return {"removed": removed, "kept": sorted(k for k in keep if k)}
+
+
+OPS = {
+    "state": op_state,
+    "pin": op_pin,
+    "receive": op_receive,
+    "verify": op_verify,
+    "config": op_config,
+    "switch": op_switch,
+    "readback": op_readback,
+    "prune": op_prune,
+}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="ferry-agent")
+    p.add_argument("op", choices=sorted(OPS))
+    p.add_argument("--root", required=True)
+    p.add_argument("--id")
+    p.add_argument("--key")
+    p.add_argument("--none", action="store_true")
+    p.add_argument("--full", action="store_true")
+    p.add_argument("--keep", type=int, default=3)
+    p.add_argument("--protect", action="append")
+    args = p.parse_args(argv)
+    try:
+        result = OPS[args.op](Host(args.root), args)
+        code = 0
+    except AgentError as exc:
+        result, code = {"error": exc.kind, "message": exc.message}, exc.code
+    except OSError as exc:
+        kind = "disk-full" if exc.errno == errno.ENOSPC else "os"
+        result, code = {"error": kind, "message": str(exc)}, EXIT_OS
+    except (ValueError, KeyError) as exc:
+        result, code = {"error": "input", "message": "%s: %s" % (type(exc).__name__, exc)}, 11
+    sys.stdout.write("RESULT " + json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""What Ferry does on one host, over one SSH connection (Act layer; thin and repeatable).
+
+Every operation is idempotent: staging skips objects the host holds, verify is a no-op for
+a published release, switch to the current release changes nothing. Failures raise
+StepFailed (the host's step failed; the output is kept as evidence) or TransportError (the
+host cannot be reached). Hooks and checks are rendered with sandboxed Jinja2 and
+StrictUndefined, so a typo in a plan fails loudly instead of running a half-empty command.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateError
+from jinja2.sandbox import SandboxedEnvironment
+
+from orchestrator import agent
+from orchestrator.errors import PlanError, StepFailed
+from orchestrator.plan import Check
+from orchestrator.transport.ssh import SSHHost, read_all, read_line, wait_exit
+
+_JINJA = SandboxedEnvironment(
+    undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True
+)
+CHUNK = 1 << 20
+
+
+def render(template: str, context: dict[str, Any], what: str) -> str:
+    try:
+        return _JINJA.from_string(template).render(context)
+    except TemplateError as exc:
+        raise PlanError(f"{what}: template error: {exc}") from None
+
+
+class HostOps:
+    """The agent's operations and the plan's hooks on one host."""
+
+    def __init__(self, conn: SSHHost, deploy_root: str, timeout: float) -> None:
+        self.conn = conn
+        self.root = deploy_root.rstrip("/") or "/"
+        self.timeout = timeout
+        self.agent_path = agent.remote_path(self.root)
+        self._agent_ready = False
+
+    @property
+    def name(self) -> str:
+        return self.conn.name
+
+    def _agent_cmd(self, op: str, *args: str) -> str:
+        parts = ["python3", self.agent_path, op, "--root", self.root, *args]
+        return " ".join(shlex.quote(p) for p in parts)
+
+    def ensure_agent(self) -> None:
+        if self._agent_ready:
+            return
+        probe = self.conn.run(f"test -f {shlex.quote(self.agent_path)}", timeout=self.timeout)
+        if not probe.ok:
+            ferry_dir = shlex.quote(f"{self.root}/.ferry")
+            dest = shlex.quote(self.agent_path)
+            up = self.conn.run(
+                f"mkdir -p {ferry_dir} && cat > {dest}.tmp && mv {dest}.tmp {dest}",
+                timeout=self.timeout,
+                stdin=agent.source(),
+            )
+            if not up.ok:
+                raise StepFailed(self.name, "stage", "cannot install the Ferry agent", up.output)
+        self._agent_ready = True
+
+    def call(self, step: str, op: str, *args: str, stdin: bytes | None = None) -> dict[str, Any]:
+        self.ensure_agent()
+        res = self.conn.run(self._agent_cmd(op, *args), timeout=self.timeout, stdin=stdin)
+        return parse_result(self.name, step, res.rc, res.output)
+
+    def state(self) -> dict[str, Any]:
+        return self.call("stage", "state")
+
+    def pin(self, key_hex: str) -> dict[str, Any]:
+        return self.call("stage", "pin", "--key", key_hex)
+
+    def stage(
+        self,
+        rid: str,
+        manifest: bytes,
+        signature: bytes,
+        objects: Callable[[list[str]], Iterator[bytes]],
+    ) -> dict[str, Any]:
+        """One session: send the signed manifest, learn what is missing, send only that."""
+        self.ensure_agent()
+        deadline = time.monotonic() + self.timeout
+        chan = self.conn.open(self._agent_cmd("receive", "--id", rid), self.timeout)
+        try:
+            header = json.dumps({"manifest_len": len(manifest), "sig_len": len(signature)})
+            chan.sendall(header.encode() + b"\n" + manifest + signature)
+            line = read_line(chan, deadline, self.name).decode()
+            if not line.startswith("NEED "):
+                rest = line + read_all(chan, deadline, self.name).decode(errors="replace")
+                return parse_result(self.name, "stage", wait_exit(chan, deadline, self.name), rest)
+            need = json.loads(line[5:])
+            sent = 0
+            for chunk in objects(need):
+                chan.sendall(chunk)
+                sent += len(chunk)
+            chan.sendall(b"END\n")
+            chan.shutdown_write()
+            out = read_all(chan, deadline, self.name).decode(errors="replace")
+            rc = wait_exit(chan, deadline, self.name)
+        except OSError as exc:
+            raise StepFailed(self.name, "stage", f"transfer failed: {exc}") from None
+        finally:
+            chan.close()
+        result = parse_result(self.name, "stage", rc, out)
+        result["bytes_sent"] = sent
+        return result
+
+    def verify(self, rid: str) -> dict[str, Any]:
+        return self.call("verify", "verify", "--id", rid)
+
+    def write_config(self, rid: str, files: dict[str, str]) -> dict[str, Any]:
+        return self.call("install", "config", "--id", rid, stdin=json.dumps(files).encode())
+
+    def switch(self, rid: str | None, step: str = "activate") -> dict[str, Any]:
+        return self.call(step, "switch", *(["--id", rid] if rid else ["--none"]))
+
+    def readback(self, rid: str | None, full: bool) -> dict[str, Any]:
+        args = (["--id", rid] if rid else []) + (["--full"] if full else [])
+        return self.call("readback", "readback", *args)
+
+    def prune(self, keep: int, protect: list[str]) -> dict[str, Any]:
+        args = [f"--keep={keep}"] + [f"--protect={p}" for p in protect if p]
+        return self.call("prune", "prune", *args)
+
+    def hook(self, step: str, command: str, context: dict[str, Any]) -> str:
+        """Run a plan hook (already rendered) in the release directory, with FERRY_* env."""
+        env = {f"FERRY_{k.upper()}": str(v) for k, v in context.items() if _scalar(v)}
+        cwd = context.get("release_path") or self.root
+        script = f"cd {shlex.quote(str(cwd))} 2>/dev/null || cd {shlex.quote(self.root)}; {command}"
+        res = self.conn.run(script, timeout=self.timeout, env=env)
+        if not res.ok:
+            raise StepFailed(self.name, step, f"hook exited {res.rc}", res.output)
+        return res.output
+
+    def check(self, check: Check, context: dict[str, Any]) -> tuple[bool, str]:
+        """Run one health check on the host; (passed, evidence)."""
+        if check.command is not None:
+            cmd = render(check.command, context, f"check {check.label}")
+        elif check.http is not None:
+            url = render(check.http, context, f"check {check.label}")
+            cmd = _PY_HTTP.format(url=shlex.quote(url), t=check.timeout)
+        else:
+            cmd = _PY_TCP.format(addr=shlex.quote(check.address), port=check.tcp, t=check.timeout)
+        res = self.conn.run(cmd, timeout=check.timeout + 5)
+        if check.http is not None:
+            got = res.output.strip().splitlines()[-1:] or ["no answer"]
+            ok = res.ok and got[0] == str(check.status)
+            return ok, f"{check.label}: HTTP {got[0]}"
+        return res.ok, f"{check.label}: exit {res.rc} {res.output.strip()[-500:]}"
+
+
+_PY_HTTP = (
+    "python3 -c 'import sys,urllib.request,urllib.error\n"
+    "try:\n r=urllib.request.urlopen(sys.argv[1],timeout={t}); print(r.status)\n"
+    "except urllib.error.HTTPError as e: print(e.code)\n"
+    "except Exception as e: print(\"error\", e); sys.exit(1)' {url}"
+)
+_PY_TCP = (
+    "python3 -c 'import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), "
+    "timeout={t}).close()' {addr} {port}"
+)
+
+
+def _scalar(v: Any) -> bool:
+    return isinstance(v, str | int | float) and not isinstance(v, bool)
+
+
+def parse_result(host: str, step: str, rc: int, output: str) -> dict[str, Any]:
+    """The agent's last line is `RESULT {json}`; anything else is evidence of a failure."""
+    line = next((ln for ln in reversed(output.splitlines()) if ln.startswith("RESULT ")), None)
+    data: dict[str, Any] = {}
+    if line is not None:
+        try:
+            data = json.loads(line[7:])
+        except ValueError:
+            data = {}
+    if rc == 0 and line is not None:
+        return data
+    message = data.get("message") or f"agent exited {rc}"
+    kind = data.get("error")
+    if kind:
+        message = f"{kind}: {message}"
+    raise StepFailed(host, step, message, output)
+
+
+def object_stream(files_dir: Path, sizes: dict[str, int]) -> Callable[[list[str]], Iterator[bytes]]:
+    """Frames `<sha256> <size>\\n<bytes>` for each needed object, read from the local cache."""
+
+    def gen(need: list[str]) -> Iterator[bytes]:
+        for sha in need:
+            size = sizes[sha]
+            yield f"{sha} {size}\n".encode()
+            with open(files_dir / sha, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    yield chunk
+
+    return gen

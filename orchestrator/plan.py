@@ -1,0 +1,249 @@
+"""Deploy plans (YAML, pydantic-validated): what to deploy where, how, and how to judge it.
+
+```yaml
+environment: staging
+inventory: inventory.yaml          # relative to the plan file, or FERRY_INVENTORY
+targets: all                       # a group, host names or glob patterns (comma list ok)
+strategy: phased                   # or big-bang (one wave, one milestone)
+waves: [1, 3, 100%]                # cumulative: hosts done after each wave
+method: push
+deploy_root: /srv/app              # overrides the inventory's
+concurrency: 20                    # hosts at once within a wave
+hooks:                             # shell, Jinja2-rendered per host (sandboxed, strict)
+  snapshot: "cp -a {{ shared }}/data {{ snapshot_dir }}/"
+  install: "..."
+  activate: "true"
+  verify: "test -f {{ release_path }}/app/health.ok"
+  restore: "rm -rf {{ shared }}/data && cp -a {{ snapshot_dir }}/data {{ shared }}/"
+config:                            # rendered per host into <release>/.rendered/<dest>
+  - {src: templates/app.toml.j2, dest: app.toml}
+vars: {port: 8080}
+milestone:
+  max_failed: 0                    # tolerated failed hosts per wave: fail when EXCEEDED
+  deadline: 120s                   # from the wave's start to its verdict
+  soak: 0s                         # wait after the wave before the checks
+  checks:
+    - {command: "test -x {{ release_path }}/app/run"}
+    - {http: "http://127.0.0.1:8080/health", status: 200}
+    - {tcp: 8080}
+timeouts: {step: 120s, connect: 10s}
+retention: 3                       # releases kept per host; the baseline is always kept
+```
+Waves are cumulative: `[1, 10%, 50%, 100%]` means 1 host, then up to 10% of the targets,
+then 50%, then all; a count is hosts, `N%` rounds up, a group name takes the group's
+remaining hosts. The last wave must reach every target.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from orchestrator.errors import SpecError
+from orchestrator.yamlfile import parse_model
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
+
+
+def parse_duration(value: Any) -> float:
+    """'90s', '2m', '1.5h', '500ms' or a number of seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise ValueError(f"{value!r} is not a duration (e.g. 30s, 2m, 1h)")
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+_PERCENT = re.compile(r"^(\d+(?:\.\d+)?)%$")
+
+
+def _tolerance(value: Any) -> int | str:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        m = _PERCENT.match(value.strip())
+        if m and 0 <= float(m.group(1)) <= 100:
+            return value.strip()
+        if value.strip().isdigit():
+            return int(value)
+    raise ValueError(f"{value!r}: use a count of hosts (0, 1, …) or a percentage like 10%")
+
+
+class Check(BaseModel):
+    """One health check run on each host of the wave: a command, an HTTP status or a port."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str | None = None
+    command: str | None = None
+    http: str | None = None
+    status: int = 200
+    tcp: int | None = Field(None, ge=1, le=65535)
+    address: str = "127.0.0.1"
+    timeout: Duration = 10.0
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Check:
+        kinds = [k for k in ("command", "http", "tcp") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("a check has exactly one of: command, http, tcp")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.command is not None:
+            return f"command: {self.command}"
+        if self.http is not None:
+            return f"http {self.http} == {self.status}"
+        return f"tcp {self.address}:{self.tcp}"
+
+
+class Milestone(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_failed: Annotated[int | str, BeforeValidator(_tolerance)] = 0
+    deadline: Duration = 600.0
+    soak: Duration = 0.0
+    checks: tuple[Check, ...] = ()
+
+    def allowed_failures(self, wave_size: int) -> int:
+        """Failed hosts a wave may have and still pass: the milestone fails when EXCEEDED."""
+        if isinstance(self.max_failed, int):
+            return self.max_failed
+        pct = float(self.max_failed.rstrip("%"))
+        return int(wave_size * pct // 100)
+
+
+class Hooks(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    snapshot: str | None = None
+    install: str | None = None
+    activate: str | None = None
+    verify: str | None = None
+    restore: str | None = None
+
+    @model_validator(mode="after")
+    def _paired(self) -> Hooks:
+        if (self.snapshot is None) != (self.restore is None):
+            raise ValueError("snapshot and restore come together (snapshotted data is restored)")
+        return self
+
+
+class ConfigTemplate(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    src: Path
+    dest: str
+
+    @field_validator("src")
+    @classmethod
+    def _exists(cls, value: Path, info: ValidationInfo) -> Path:
+        base = (info.context or {}).get("base_dir")
+        path = (Path(base) / value) if base and not value.is_absolute() else value
+        if not path.is_file():
+            raise ValueError(f"template {value} not found (paths are relative to the plan)")
+        return path.resolve()
+
+    @field_validator("dest")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        parts = value.split("/")
+        if value.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"dest {value!r} must be a relative path without '..'")
+        return value
+
+
+class Timeouts(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    step: Duration = 300.0
+    connect: Duration = 10.0
+
+
+WaveEntry = int | str
+
+
+class DeployPlan(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    environment: str = Field(min_length=1)
+    inventory: Path | None = None
+    targets: str | list[str] = "all"
+    strategy: Literal["big-bang", "phased"]
+    waves: tuple[WaveEntry, ...] | None = None
+    method: Literal["push", "pull"] = "push"
+    deploy_root: str | None = None
+    concurrency: int = Field(20, ge=1, le=1000)
+    hooks: Hooks = Hooks()
+    config: tuple[ConfigTemplate, ...] = ()
+    vars: dict[str, Any] = {}
+    milestone: Milestone = Milestone()
+    timeouts: Timeouts = Timeouts()
+    retention: int = Field(3, ge=1)
+    readback: Literal["full", "quick"] = "full"
+
+    @field_validator("inventory")
+    @classmethod
+    def _inventory_path(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        base = (info.context or {}).get("base_dir")
+        if value is not None and base and not value.is_absolute():
+            return (Path(base) / value).resolve()
+        return value
+
+    @field_validator("waves")
+    @classmethod
+    def _waves(cls, value: tuple[WaveEntry, ...] | None) -> tuple[WaveEntry, ...] | None:
+        for entry in value or ():
+            if isinstance(entry, bool):
+                raise ValueError("a wave is a host count, a percentage like 10%, or a group")
+            if isinstance(entry, int) and entry < 1:
+                raise ValueError(f"wave {entry}: a host count is at least 1")
+            if isinstance(entry, str):
+                m = _PERCENT.match(entry)
+                if m and not 0 < float(m.group(1)) <= 100:
+                    raise ValueError(f"wave {entry}: a percentage is above 0% and at most 100%")
+        return value
+
+    @model_validator(mode="after")
+    def _strategy(self) -> DeployPlan:
+        if self.strategy == "phased" and not self.waves:
+            raise ValueError("strategy phased needs waves, e.g. waves: [1, 10%, 100%]")
+        if self.strategy == "big-bang" and self.waves:
+            raise ValueError("strategy big-bang deploys every target in one wave; remove waves")
+        return self
+
+
+def load_plan(path: Path) -> DeployPlan:
+    plan = parse_model(DeployPlan, path)
+    if plan.method == "pull":
+        raise SpecError(
+            str(path), "method", "the pull method is not available yet", "use method: push"
+        )
+    return plan
+
+
+def inventory_path(plan: DeployPlan, plan_path: Path) -> Path:
+    if plan.inventory is not None:
+        return plan.inventory
+    env = os.environ.get("FERRY_INVENTORY")
+    if env:
+        return Path(env)
+    raise SpecError(
+        str(plan_path), "inventory", "no inventory given", "set inventory: or FERRY_INVENTORY"
+    )
