@@ -2,60 +2,43 @@
 
 Callers (DML check-in, deployment start, every wave boundary) use `require()`, which raises
 AuthorizationRefused with every reason, or `check()`, which returns the Decision. Both write
-an audit event with the decision, so the reason for every yes and no is on record.
+an audit event with the decision, so the reason for every yes and no is on record. The
+decision itself is `authorize.authorize(...)`, pure; this module only loads what it needs.
+
+A refusal from `require()` commits the caller's session before raising: otherwise the
+caller's rollback would erase the audit event of the refusal. Callers hold nothing in that
+session they would not want recorded next to a refusal.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
+from orchestrator.change import config, records
+from orchestrator.change.authorize import Decision, authorize
+from orchestrator.change.calendar import Calendar
+from orchestrator.change.models import ChangeModels
 from orchestrator.cms import audit
 from orchestrator.cms.models import RFC
-from orchestrator.errors import AuthorizationRefused
+from orchestrator.errors import AuthorizationRefused, BadInput
 
-Stage = Literal["checkin", "deploy"]
+Stage = Literal["plan", "checkin", "deploy"]
+STAGES: tuple[str, ...] = ("plan", "checkin", "deploy")
 
-
-@dataclass(frozen=True)
-class Decision:
-    allowed: bool
-    reasons: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"allowed": self.allowed, "reasons": list(self.reasons)}
+__all__ = ["Decision", "Stage", "check", "parse_rfc_id", "require"]
 
 
 def parse_rfc_id(value: str | int) -> int:
+    """`RFC-12`, `12` or 12 → 12."""
     text = str(value).strip()
     if text.upper().startswith("RFC-"):
         text = text[4:]
     if not text.isdigit():
-        from orchestrator.errors import BadInput
-
         raise BadInput(f"--rfc: {value!r} is not an RFC id (a number, e.g. 12 or RFC-12)")
     return int(text)
-
-
-def _authorize(
-    rfc: RFC | None, stage: Stage, release: str, environment: str | None, now: datetime
-) -> Decision:
-    """Simplest real rule until the full change-authorization logic lands."""
-    if rfc is None:
-        return Decision(False, ["no such RFC"])
-    reasons: list[str] = []
-    if rfc.status not in ("authorized", "scheduled", "implementing"):
-        reasons.append(f"RFC-{rfc.id} is {rfc.status}, not authorized")
-    if rfc.release != release:
-        reasons.append(f"RFC-{rfc.id} is for {rfc.release}, not {release}")
-    if stage not in (rfc.stages or ["checkin", "deploy"]):
-        reasons.append(f"RFC-{rfc.id} does not cover the {stage} stage")
-    if stage == "deploy" and environment and rfc.environment != environment:
-        reasons.append(f"RFC-{rfc.id} is for environment {rfc.environment}, not {environment}")
-    return Decision(not reasons, reasons or [f"RFC-{rfc.id} authorizes {stage} of {release}"])
 
 
 def check(
@@ -68,10 +51,29 @@ def check(
     hosts: list[str] | None = None,
     now: datetime,
     actor: str,
+    models: ChangeModels | None = None,
+    calendar: Calendar | None = None,
 ) -> Decision:
+    """The decision for this stage now, recorded as an audit event on the RFC."""
     rid = parse_rfc_id(rfc_id)
+    if stage not in STAGES:
+        raise BadInput(f"stage: {stage!r} is not one of {', '.join(STAGES)}")
+    if now.tzinfo is None:
+        raise BadInput("now: the gate needs an aware (UTC) time")
     rfc = session.get(RFC, rid)
-    decision = _authorize(rfc, stage, release, environment, now)
+    if rfc is None:
+        decision = Decision(False, [f"RFC-{rid} does not exist"])
+    else:
+        decision = authorize(
+            records.to_view(rfc),
+            stage,
+            environment,
+            list(hosts) if hosts is not None else None,
+            release,
+            now,
+            models or config.load_change_models(),
+            calendar or config.load_calendar(),
+        )
     audit.append(
         session,
         actor=actor,
@@ -82,7 +84,8 @@ def check(
             "stage": stage,
             "release": release,
             "environment": environment,
-            "hosts": hosts or [],
+            "hosts": list(hosts or []),
+            "at": now.isoformat(),
             **decision.to_dict(),
         },
     )
@@ -93,6 +96,7 @@ def require(session: Session, **kwargs: Any) -> Decision:
     """Like check(), but a refusal raises AuthorizationRefused (exit code 3)."""
     decision = check(session, **kwargs)
     if not decision.allowed:
+        session.commit()  # the refusal's audit event must survive the caller's rollback
         raise AuthorizationRefused(
             f"RFC-{parse_rfc_id(kwargs['rfc_id'])} does not authorize {kwargs['stage']} of "
             f"{kwargs['release']}: " + "; ".join(decision.reasons),

@@ -1,0 +1,259 @@
+"""`ferry rfc`: raise, submit, approve, reject, cancel, close, show and list RFCs.
+
+A thin layer over `orchestrator.change.rfcs`: it validates the arguments (exit 2 naming the
+option), runs one action in one CMS transaction, and prints the result. Refusals exit 3
+with every reason; the acting person is `get_settings().actor` (FERRY_USER first).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from orchestrator.change import config, rfcs
+from orchestrator.change.gate import parse_rfc_id
+from orchestrator.change.lifecycle import STATUSES
+from orchestrator.change.models import RfcRequest
+from orchestrator.cli import output as out
+from orchestrator.cli.output import OutputOpt
+from orchestrator.cms import db
+from orchestrator.errors import BadInput
+from orchestrator.settings import get_settings
+
+app = typer.Typer(
+    help="Requests for change: raise, submit, approve, reject, cancel, close, show, list.",
+    no_args_is_help=True,
+)
+
+_OPTION = {"environment": "--env", "windows": "--window", "backout_plan": "--backout-plan"}
+IdArg = Annotated[str, typer.Argument(help="RFC id: 12 or RFC-12")]
+CommentOpt = Annotated[str, typer.Option("--comment", "-m", help="why (kept on record)")]
+RoleOpt = Annotated[
+    str | None,
+    typer.Option(help="cab, ecab, change-manager or peer (default: your highest role)"),
+]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _request(fields: dict[str, Any]) -> RfcRequest:
+    try:
+        return RfcRequest.model_validate(fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err["loc"] if not str(p).isdigit()]
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if not loc and ": " in msg:  # whole-request rules name their field first
+            head, msg = msg.split(": ", 1)
+            loc = [head]
+        option = _OPTION.get(loc[0], "--" + loc[0].replace("_", "-")) if loc else "(request)"
+        raise BadInput(f"rfc new: {option}: {msg}", details={"field": option}) from None
+
+
+def _summary(data: dict[str, Any]) -> str:
+    risk = data["risk"]
+    lines = [
+        f"RFC-{data['id']} {data['status']}: {data['release']} to {data['environment']} "
+        f"({data['model']}{', template ' + data['template'] if data['template'] else ''})",
+        f"  risk {risk['level']} (score {risk['score']}"
+        + (f"; overridden: {risk['override_reason']}" if risk["overridden"] else "")
+        + ")",
+    ]
+    for w in data["windows"]:
+        lines.append(f"  window {w['start']} → {w['end']}")
+    if data["hosts"]:
+        lines.append(f"  hosts {', '.join(data['hosts'])}")
+    if data.get("needs_review"):
+        lines.append(f"  needs review by {data['review_due']}")
+    for m in data.get("missing") or []:
+        lines.append(f"  missing: {m}")
+    for w in data.get("warnings") or []:
+        lines.append(f"  warning: {w}")
+    return "\n".join(lines)
+
+
+def _show_one(rfc_id: int, extra: dict[str, Any] | None = None) -> None:
+    models = config.load_change_models()
+    with db.session_scope() as session:
+        data = {**rfcs.show(session, rfc_id, models), **(extra or {})}
+    out.result(data, _summary(data))
+
+
+@app.command()
+def new(
+    release: Annotated[str, typer.Option(help="NAME@VERSION")],
+    env: Annotated[str, typer.Option(help="the environment to change")],
+    model: Annotated[str, typer.Option(help="standard, normal or emergency")],
+    template: Annotated[str | None, typer.Option(help="standard change template")] = None,
+    window: Annotated[
+        list[str] | None, typer.Option(help="START/END, ISO 8601 (repeatable; no offset = UTC)")
+    ] = None,
+    hosts: Annotated[
+        str | None, typer.Option(help="host names or patterns, comma-separated")
+    ] = None,
+    stages: Annotated[str, typer.Option(help="plan, checkin, deploy")] = "checkin,deploy",
+    risk: Annotated[str | None, typer.Option(help="override: low, medium, high")] = None,
+    reason: Annotated[str | None, typer.Option(help="why the risk is overridden")] = None,
+    title: Annotated[str, typer.Option(help="a short title")] = "",
+    backout_plan: Annotated[str, typer.Option(help="the remediation plan")] = "",
+    fmt: OutputOpt = out.Format.text,
+) -> None:
+    """Raise an RFC (a draft; a standard change fitting its template is authorized at once)."""
+    out.use(fmt)
+    req = _request(
+        {
+            "release": release,
+            "environment": env,
+            "model": model,
+            "template": template,
+            "windows": list(window or []),
+            "hosts": hosts or [],
+            "stages": stages,
+            "risk": risk,
+            "reason": reason,
+            "title": title,
+            "backout_plan": backout_plan,
+        }
+    )
+    models, calendar = config.load_change_models(), config.load_calendar()
+    with db.session_scope() as session:
+        rfc, warnings = rfcs.create(
+            session, req, actor=get_settings().actor, now=_now(), models=models, calendar=calendar
+        )
+        rfc_id = rfc.id
+    _show_one(rfc_id, {"warnings": warnings})
+
+
+@app.command()
+def submit(rfc_id: IdArg, fmt: OutputOpt = out.Format.text) -> None:
+    """Submit a draft for assessment: risk, calendar checks and conflicts are reported."""
+    out.use(fmt)
+    rid = parse_rfc_id(rfc_id)
+    models, calendar = config.load_change_models(), config.load_calendar()
+    with db.session_scope() as session:
+        warnings = rfcs.submit(
+            session, rid, actor=get_settings().actor, now=_now(), models=models, calendar=calendar
+        )
+    _show_one(rid, {"warnings": warnings})
+
+
+@app.command()
+def approve(
+    rfc_id: IdArg, comment: CommentOpt = "", role: RoleOpt = None, fmt: OutputOpt = out.Format.text
+) -> None:
+    """Approve an assessed RFC (never your own); authorized once the model's approvals are in."""
+    out.use(fmt)
+    rid = parse_rfc_id(rfc_id)
+    models = config.load_change_models()
+    with db.session_scope() as session:
+        notes = rfcs.approve(
+            session,
+            rid,
+            actor=get_settings().actor,
+            role=role,
+            comment=comment,
+            now=_now(),
+            models=models,
+        )
+    _show_one(rid, {"warnings": notes})
+
+
+@app.command()
+def reject(
+    rfc_id: IdArg, comment: CommentOpt = "", role: RoleOpt = None, fmt: OutputOpt = out.Format.text
+) -> None:
+    """Reject an RFC under assessment; no approval can follow."""
+    out.use(fmt)
+    rid = parse_rfc_id(rfc_id)
+    models = config.load_change_models()
+    with db.session_scope() as session:
+        rfcs.reject(
+            session,
+            rid,
+            actor=get_settings().actor,
+            role=role,
+            comment=comment,
+            now=_now(),
+            models=models,
+        )
+    _show_one(rid)
+
+
+@app.command()
+def cancel(rfc_id: IdArg, comment: CommentOpt = "", fmt: OutputOpt = out.Format.text) -> None:
+    """Cancel an RFC that has not started (draft … scheduled)."""
+    out.use(fmt)
+    rid = parse_rfc_id(rfc_id)
+    with db.session_scope() as session:
+        rfcs.cancel(session, rid, actor=get_settings().actor, comment=comment, now=_now())
+    _show_one(rid)
+
+
+@app.command()
+def close(rfc_id: IdArg, comment: CommentOpt = "", fmt: OutputOpt = out.Format.text) -> None:
+    """Close a finished or rejected RFC; an emergency change needs --comment with its review."""
+    out.use(fmt)
+    rid = parse_rfc_id(rfc_id)
+    with db.session_scope() as session:
+        rfcs.close(session, rid, actor=get_settings().actor, comment=comment, now=_now())
+    _show_one(rid)
+
+
+@app.command()
+def show(rfc_id: IdArg, fmt: OutputOpt = out.Format.text) -> None:
+    """An RFC with its approvals, what is missing, and its full audit history."""
+    out.use(fmt)
+    rid = parse_rfc_id(rfc_id)
+    models = config.load_change_models()
+    with db.session_scope() as session:
+        data = rfcs.show(session, rid, models)
+
+    def render() -> None:
+        out.stdout.print(_summary(data), highlight=False)
+        for a in data["approvals"]:
+            out.stdout.print(
+                f"  {a['decision']} by {a['approver']} as {a['role']} at {a['at']}"
+                + (f": {a['comment']}" if a["comment"] else ""),
+                highlight=False,
+            )
+        out.stdout.print("  history:", highlight=False)
+        for ev in data["history"]:
+            detail = ev["data"].get("reasons") or ev["data"].get("note") or ""
+            if isinstance(detail, list):
+                detail = "; ".join(detail)
+            out.stdout.print(
+                f"    #{ev['id']} {ev['at']} {ev['actor']} {ev['action']}"
+                + (f" — {detail}" if detail else ""),
+                highlight=False,
+            )
+
+    out.result(data, render)
+
+
+@app.command("list")
+def list_(
+    needs_review: Annotated[
+        bool, typer.Option("--needs-review", help="emergency changes awaiting review")
+    ] = False,
+    status: Annotated[str | None, typer.Option(help="only RFCs in this status")] = None,
+    env: Annotated[str | None, typer.Option(help="only RFCs for this environment")] = None,
+    fmt: OutputOpt = out.Format.text,
+) -> None:
+    """RFCs, oldest first."""
+    out.use(fmt)
+    if status is not None and status not in STATUSES:
+        raise BadInput(f"--status: {status!r} is not an RFC status ({', '.join(STATUSES)})")
+    with db.session_scope() as session:
+        items = rfcs.list_rfcs(session, status=status, needs_review=needs_review, environment=env)
+    lines = [
+        f"RFC-{r['id']:<5} {r['status']:<12} {r['model']:<9} {r['risk']['level']:<6} "
+        f"{r['environment']:<12} {r['release']}"
+        + (f"  review due {r['review_due']}" if r["needs_review"] else "")
+        for r in items
+    ]
+    out.result({"rfcs": items}, "\n".join(lines) or "no RFCs")
