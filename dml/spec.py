@@ -1,0 +1,185 @@
+"""Release specs: what a release package is built from (model layer, no writes).
+
+```yaml
+name: shop
+version: 1.4.0
+units:
+  app:    {source: build/app}                          # relative to the spec file
+  config: {source: config, include: ["*.j2", "*.toml"], exclude: ["*.bak"]}
+  schema: {git: ../schema-repo, ref: v7, path: migrations}
+```
+
+Every problem becomes one SpecError naming the file, the field and the fix. YAML itself
+silently keeps the last of two equal keys, so keys are checked for duplicates first.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from dml.globs import Glob, GlobError, compile_glob
+from orchestrator.errors import BadInput, SpecError
+from orchestrator.yamlfile import load_yaml, parse_model
+
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+VERSION_RE = r"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,99}$"
+UnitName = Annotated[str, StringConstraints(pattern=NAME_RE)]
+
+
+class Unit(BaseModel):
+    """One release unit: a directory, or a subdirectory of a git ref."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str | None = Field(None, description="directory, relative to the spec file")
+    git: str | None = Field(None, description="git repository: URL or path relative to spec")
+    ref: str | None = Field(None, description="branch, tag or commit (git units; default HEAD)")
+    path: str | None = Field(None, description="subdirectory inside the git tree (git units)")
+    include: list[str] = Field(default_factory=list, description="globs to take (all if empty)")
+    exclude: list[str] = Field(default_factory=list, description="globs to leave out")
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _globs(cls, patterns: list[str]) -> list[str]:
+        for p in patterns:
+            try:
+                compile_glob(p)
+            except GlobError as exc:
+                raise ValueError(f"invalid glob: {exc}; see docs/dml.md#globs") from None
+        return patterns
+
+    @field_validator("source")
+    @classmethod
+    def _source_dir(cls, value: str | None, info: ValidationInfo) -> str | None:
+        base = (info.context or {}).get("base_dir")
+        if value is None or base is None:
+            return value
+        where = (Path(base) / value).resolve()
+        if not where.exists():
+            raise ValueError(
+                f"directory {where} does not exist (paths are relative to the spec file)"
+            )
+        if not where.is_dir():
+            raise ValueError(f"{where} is not a directory")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _subdir(cls, value: str | None) -> str | None:
+        if value is not None and (value.startswith("/") or ".." in value.split("/")):
+            raise ValueError("must be a path inside the repository (no leading '/', no '..')")
+        return value
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> Unit:
+        if (self.source is None) == (self.git is None):
+            raise ValueError("give exactly one of 'source' (a directory) or 'git' (a repository)")
+        if self.source is not None and (self.ref is not None or self.path is not None):
+            raise ValueError("'ref' and 'path' belong to git units; remove them or use 'git'")
+        return self
+
+    def globs(self) -> tuple[list[Glob], list[Glob]]:
+        return [compile_glob(p) for p in self.include], [compile_glob(p) for p in self.exclude]
+
+
+class ReleaseSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Annotated[str, StringConstraints(pattern=NAME_RE)]
+    version: Annotated[str, StringConstraints(pattern=VERSION_RE)]
+    description: str = ""
+    units: dict[UnitName, Unit] = Field(min_length=1)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_text(cls, value: Any) -> Any:
+        # `version: 1.4` is a float to YAML; take what the user typed where we can
+        return str(value) if isinstance(value, int | float) else value
+
+
+def _duplicate_keys(node: yaml.Node, path: str = "") -> tuple[str, str] | None:
+    """(dotted field, problem) of the first key given twice in one mapping, if any."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            name = str(key.value)
+            here = f"{path}.{name}" if path else name
+            if name in seen:
+                what = f"unit '{name}'" if path == "units" else f"key '{name}'"
+                return here, (
+                    f"{what} is given twice (lines {seen[name] + 1} and "
+                    f"{key.start_mark.line + 1}); YAML would silently keep only the last"
+                )
+            seen[name] = key.start_mark.line
+            if found := _duplicate_keys(value, here):
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            if found := _duplicate_keys(item, f"{path}.{i}"):
+                return found
+    return None
+
+
+def load_spec(path: Path, version: str | None = None) -> ReleaseSpec:
+    """Read and validate a release spec; `version` overrides the spec's own."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(str(path), "", "file not found", "check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(str(path), "", f"cannot read: {exc}") from None
+    data = load_yaml(path, text)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:  # load_yaml already reported syntax errors
+        node = None
+    if node is not None and (dup := _duplicate_keys(node)):
+        raise SpecError(str(path), dup[0], dup[1], "give each key once, or rename one")
+    if version is not None and isinstance(data, dict):
+        if not re.match(VERSION_RE, version):
+            raise SpecError(
+                str(path),
+                "--version",
+                f"{version!r} is not a version",
+                "use letters, digits and . _ + ~ - (e.g. 1.4.0)",
+            )
+        data = {**data, "version": version}
+    return parse_model(ReleaseSpec, path, data)
+
+
+def parse_release(ref: str) -> tuple[str, str]:
+    """'shop@1.4.0' → ('shop', '1.4.0'); refuses anything else (it also names files)."""
+    name, at, version = str(ref).partition("@")
+    if not at or not re.match(NAME_RE, name) or not re.match(VERSION_RE, version):
+        raise BadInput(f"{ref!r} is not a release: expected NAME@VERSION, e.g. shop@1.4.0")
+    return name, version
+
+
+def without_units(spec: ReleaseSpec, path: Path, without: list[str]) -> dict[str, Unit]:
+    """The spec's units minus those left out by name (ITIL: a unit that failed testing)."""
+    unknown = [u for u in without if u not in spec.units]
+    if unknown:
+        raise SpecError(
+            str(path),
+            "--without",
+            f"no unit named {', '.join(repr(u) for u in unknown)} in this spec",
+            f"use one of: {', '.join(sorted(spec.units))}",
+        )
+    kept = {k: v for k, v in spec.units.items() if k not in without}
+    if not kept:
+        raise SpecError(str(path), "--without", "every unit was left out", "keep at least one")
+    return kept

@@ -1,0 +1,163 @@
+"""`ferry release`: build release packages into the DML, check them in, list and show them."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from dml import catalog
+from dml.store import DML
+from orchestrator.cli import output as out
+from orchestrator.cli.output import OutputOpt
+from orchestrator.cms import db
+from orchestrator.cms.models import Release
+from orchestrator.errors import FerryError, NotFound
+from orchestrator.settings import get_settings
+
+app = typer.Typer(
+    help="Build release packages from release specs, check them in, list and show them.",
+    no_args_is_help=True,
+)
+
+
+@app.command()
+def build(
+    spec: Annotated[Path, typer.Argument(help="release spec (YAML)")],
+    version: Annotated[str | None, typer.Option(help="override the spec's version")] = None,
+    without: Annotated[
+        list[str] | None, typer.Option("--without", help="leave this unit out (repeatable)")
+    ] = None,
+    fmt: OutputOpt = out.Format.text,
+) -> None:
+    """Build SPEC into a signed package in the DML, registered (not yet deployable)."""
+    out.use(fmt)
+    res = catalog.build_release(spec, version=version, without=without or [], progress=out.progress)
+    verb = "built and stored" if res["new"] else "already in the DML (same digest; nothing changed)"
+    out.result(
+        res,
+        f"{res['release']} {verb}\n"
+        f"  digest   {res['digest']}\n"
+        f"  status   {res['status']}\n"
+        f"  files    {res['files']} in units {', '.join(res['units'])} "
+        f"({res['size']} bytes; archive {res['archive_size']} bytes)\n"
+        f"  archive  {res['archive_digest']}\n"
+        f"  signed   by DML key {res['key_id']}",
+    )
+
+
+@app.command()
+def checkin(
+    release: Annotated[str, typer.Argument(help="NAME@VERSION")],
+    rfc: Annotated[str, typer.Option("--rfc", help="the authorizing RFC (12 or RFC-12)")],
+    fmt: OutputOpt = out.Format.text,
+) -> None:
+    """Check a registered release in (deployable); needs an RFC covering the checkin stage."""
+    out.use(fmt)
+    settings = get_settings()
+    with db.session_scope() as session:
+        before = catalog.get(session, release).status
+        rel = catalog.checkin(session, release, rfc, settings.actor, datetime.now(UTC))
+        data = _release_dict(rel) | {"changed": before != rel.status}
+    out.result(
+        data,
+        f"{release} checked in under RFC-{rel.checked_in_rfc}"
+        if data["changed"]
+        else f"{release} is already {rel.status} (nothing changed)",
+    )
+
+
+@app.command("list")
+def list_(
+    status: Annotated[
+        str | None, typer.Option(help=f"only this status: {', '.join(catalog.STATUSES)}")
+    ] = None,
+    fmt: OutputOpt = out.Format.text,
+) -> None:
+    """Releases the CMS knows, with status and package digest."""
+    out.use(fmt)
+    with db.session_scope() as session:
+        rows = [_release_dict(r) for r in catalog.list_releases(session, status)]
+    lines = [f"{r['release']:<30} {r['status']:<11} {r['digest']}" for r in rows]
+    out.result({"releases": rows}, "\n".join(lines) or "no releases")
+
+
+@app.command()
+def show(
+    release: Annotated[str, typer.Argument(help="NAME@VERSION")],
+    files: Annotated[bool, typer.Option("--files", help="list every file")] = False,
+    fmt: OutputOpt = out.Format.text,
+) -> None:
+    """A release: CMS status and history, and its verified package in the DML."""
+    out.use(fmt)
+    with db.session_scope() as session:
+        rel = catalog.get(session, release)
+        data: dict[str, Any] = _release_dict(rel)
+        from orchestrator.cms import audit
+
+        data["history"] = audit.history(session, "release", release)
+    try:
+        pkg = DML.from_settings().open(release, verify_archive=False)
+        data["package"] = {
+            "units": pkg.units,
+            "files": len(pkg.files),
+            "size": sum(f.size for f in pkg.files),
+            "archive_digest": "sha256:" + pkg.archive_sha256,
+            "manifest_digest": pkg.manifest_digest,
+            "key_id": pkg.key_id,
+            "provenance": pkg.provenance,
+            **({"file_list": [f.__dict__ for f in pkg.files]} if files else {}),
+        }
+    except (FerryError, NotFound) as exc:
+        data["package"] = {"error": exc.message}
+
+    def render() -> None:
+        p = data["package"]
+        out.stdout.print(f"{release}  [{data['status']}]  {data['digest']}", highlight=False)
+        if "error" in p:
+            out.stdout.print(f"  package: {p['error']}", highlight=False)
+        else:
+            out.stdout.print(
+                f"  units {', '.join(p['units'])}; {p['files']} files, {p['size']} bytes; "
+                f"signed by {p['key_id']}",
+                highlight=False,
+            )
+            for f in p.get("file_list", []):
+                out.stdout.print(
+                    f"  {f['mode']:o} {f['size']:>10} {f['sha256'][:12]} {f['path']}",
+                    highlight=False,
+                )
+        for ev in data["history"]:
+            out.stdout.print(f"  {ev['at']} {ev['actor']}: {ev['action']}", highlight=False)
+
+    out.result(data, render)
+
+
+@app.command()
+def withdraw(
+    release: Annotated[str, typer.Argument(help="NAME@VERSION")],
+    reason: Annotated[str, typer.Option(help="why (kept in the audit log)")],
+    fmt: OutputOpt = out.Format.text,
+) -> None:
+    """Withdraw a release: never deployed again; its package stays in the DML."""
+    out.use(fmt)
+    with db.session_scope() as session:
+        rel = catalog.withdraw(session, release, get_settings().actor, reason)
+        data = _release_dict(rel)
+    out.result(data, f"{release} withdrawn")
+
+
+def _release_dict(rel: Release) -> dict[str, Any]:
+    return {
+        "release": rel.ref,
+        "name": rel.name,
+        "version": rel.version,
+        "status": rel.status,
+        "digest": rel.digest,
+        "created_by": rel.created_by,
+        "created_at": rel.created_at,
+        "checked_in_at": rel.checked_in_at,
+        "checked_in_rfc": rel.checked_in_rfc,
+    }
