@@ -213,7 +213,7 @@ def _git_unit(spec: Path, unit: str, u: Unit, stack: ExitStack) -> tuple[list[So
     commit = rev.stdout.decode().strip()
     sub = (u.path or "").strip("/")
     treeish = f"{commit}:{sub}" if sub else commit
-    if _git(repo, "rev-parse", "--verify", "--quiet", f"{treeish}^{{tree}}").returncode != 0:
+    if _git(repo, "cat-file", "-t", treeish).stdout.strip() != b"tree":
         raise _refuse(
             spec,
             unit,

@@ -115,22 +115,28 @@ def show(
 
     def render() -> None:
         p = data["package"]
-        out.stdout.print(f"{release}  [{data['status']}]  {data['digest']}", highlight=False)
+        out.stdout.print(
+            f"{release}  [{data['status']}]  {data['digest']}", highlight=False, markup=False
+        )
         if "error" in p:
-            out.stdout.print(f"  package: {p['error']}", highlight=False)
+            out.stdout.print(f"  package: {p['error']}", highlight=False, markup=False)
         else:
             out.stdout.print(
                 f"  units {', '.join(p['units'])}; {p['files']} files, {p['size']} bytes; "
                 f"signed by {p['key_id']}",
                 highlight=False,
+                markup=False,
             )
             for f in p.get("file_list", []):
                 out.stdout.print(
                     f"  {f['mode']:o} {f['size']:>10} {f['sha256'][:12]} {f['path']}",
                     highlight=False,
+                    markup=False,
                 )
         for ev in data["history"]:
-            out.stdout.print(f"  {ev['at']} {ev['actor']}: {ev['action']}", highlight=False)
+            out.stdout.print(
+                f"  {ev['at']} {ev['actor']}: {ev['action']}", highlight=False, markup=False
+            )
 
     out.result(data, render)
 
