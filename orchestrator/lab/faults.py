@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import BadInput
-from orchestrator.lab import layout, procs
+from orchestrator.lab import build, layout, procs
 
 if TYPE_CHECKING:
     from orchestrator.lab.fleet import Fleet
@@ -92,8 +92,8 @@ def _kill(fleet: Fleet, host: str) -> str:
 def _restart(fleet: Fleet, host: str) -> str:
     if fleet.pid(host) is not None:
         return "sshd already running"
-    fleet._start_host(host)
-    fleet._wait_ready([host], lambda _m: None, timeout=20)
+    build.start_host(fleet, host)
+    build.wait_ready(fleet, [host], lambda _m: None, timeout=20)
     h = fleet._host(host)
     if fleet.mode == "netns":
         h.mounts = [f"{h.root_dir} on {fleet.state.deploy_root}",
@@ -158,7 +158,7 @@ def _slow(fleet: Fleet, host: str, rate: str | None = None, delay_ms: int | None
         said.append(f"{rate} each way")
     if delay_ms:
         _stop_proxy(fleet, host)
-        from orchestrator.lab.fleet import python_argv, ssh_banner
+        from orchestrator.lab.build import python_argv, ssh_banner
 
         argv = ["nsenter", f"--net=/run/netns/{h.netns}", "--",
                 *python_argv("orchestrator.lab.delayproxy"),

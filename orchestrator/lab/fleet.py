@@ -11,16 +11,11 @@ Everything created is recorded in DIR/fleet.json before it is created; `down` re
 
 from __future__ import annotations
 
-import getpass
 import os
-import secrets
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,8 +23,7 @@ from typing import Any
 import yaml
 
 from orchestrator.errors import BadInput, NotFound
-from orchestrator.lab import layout, machine, procs
-from orchestrator.lab.keys import write_keypair
+from orchestrator.lab import build, layout, machine, procs
 from orchestrator.lab.state import FleetState, HostState
 
 Progress = Callable[[str], None]
@@ -112,6 +106,11 @@ class Fleet:
     def save(self) -> None:
         self.state.write(self.state_path)
 
+    def refresh(self) -> None:
+        """Re-read fleet.json: another process (`ferry lab fault …`) may have changed it."""
+        if self.state_path.exists():
+            self.state = FleetState.read(self.state_path)
+
     # ---- lifecycle ---------------------------------------------------------------------
     @classmethod
     def load(cls, directory: Path) -> Fleet:
@@ -151,16 +150,16 @@ class Fleet:
             old.down()
         chosen = choose_mode(mode)
         started = time.monotonic()
-        fleet = cls(directory, cls._plan(directory, n, chosen, deploy_root))
+        fleet = cls(directory, build.plan(directory, n, chosen, deploy_root))
         try:
-            fleet._write_files()
+            build.write_files(fleet)
             if chosen == "netns":
-                fleet._make_network(say)
+                build.make_network(fleet, say)
             say(f"starting {n} sshd ({chosen} mode)")
             for name in fleet.hosts:
-                fleet._start_host(name)
+                build.start_host(fleet, name)
             fleet.save()
-            fleet._wait_ready(fleet.hosts, say)
+            build.wait_ready(fleet, fleet.hosts, say)
         except BaseException:
             fleet.down()
             raise
@@ -168,116 +167,6 @@ class Fleet:
         fleet.save()
         say(f"{n} hosts up in {fleet.state.up_seconds:.1f} s ({directory})")
         return fleet
-
-    @classmethod
-    def _plan(cls, directory: Path, n: int, mode: str, deploy_root: str) -> FleetState:
-        fleet_id = secrets.token_hex(3)
-        hosts_dir = directory / "hosts"
-        port = 22 if mode == "netns" else _free_port([layout.loopback_address(1)])
-        state = FleetState(
-            id=fleet_id,
-            mode=mode,
-            dir=str(directory),
-            user="root" if mode == "netns" else getpass.getuser(),
-            port=port,
-            deploy_root=deploy_root,
-        )
-        for i, name in enumerate(layout.host_names(n), start=1):
-            state.hosts[name] = HostState(
-                name=name,
-                index=i,
-                address=layout.loopback_address(i) if mode == "loopback" else "",
-                port=port,
-                root_dir=str(hosts_dir / name / "root"),
-                netns=layout.netns_name(fleet_id, i) if mode == "netns" else None,
-                veth=layout.veth_name(fleet_id, i) if mode == "netns" else None,
-            )
-        state.write(directory / "fleet.json")
-        return state
-
-    def _make_network(self, say: Progress) -> None:
-        """Take a free /23 and make the bridge (under the machine lock), then the hosts' links."""
-        st = self.state
-        st.bridge = layout.bridge_name(st.id)
-        with machine.locked():
-            machine.enter(st.id, self.dir, st.deploy_root)
-            st.slot = machine.free_slot(st.id)
-            st.bridge_cidr = layout.bridge_cidr(st.slot)
-            for h in st.hosts.values():
-                h.address = layout.netns_address(st.slot, h.index)
-            self.save()
-            procs.run(["ip", "link", "add", st.bridge, "type", "bridge"])
-            Path(f"/proc/sys/net/ipv6/conf/{st.bridge}/disable_ipv6").write_text("1")
-            procs.run(["ip", "addr", "add", st.bridge_cidr, "dev", st.bridge])
-        say(f"network {layout.slot_network(st.slot)} on bridge {st.bridge}")
-        net = str(layout.slot_network(st.slot))
-        bridge_ip = st.bridge_cidr.split("/")[0]
-        batch = [f"link set {st.bridge} up", layout.quickack_route(net, st.bridge, bridge_ip)]
-        for h in st.hosts.values():
-            batch += [
-                f"netns add {h.netns}",
-                f"link add {h.veth} type veth peer name eth0 netns {h.netns}",
-                f"link set {h.veth} master {st.bridge} up",
-            ]
-        procs.run(["ip", "-b", "-"], input="\n".join(batch) + "\n")
-        self._write_client_files()
-
-    def _write_files(self) -> None:
-        st = self.state
-        client_pub = write_keypair(self.client_key_path, f"ferry-lab-{st.id}")
-        (self.dir / "authorized_keys").write_text(client_pub + "\n")
-        for h in st.hosts.values():
-            hdir = self.dir / "hosts" / h.name
-            if hdir.exists():
-                shutil.rmtree(hdir)
-            for sub in ("root", "home"):
-                (hdir / sub).mkdir(parents=True)
-            write_keypair(hdir / "ssh_host_ed25519_key", h.name)
-        if st.mode == "loopback":
-            self._write_client_files()
-
-    def _write_client_files(self) -> None:
-        """sshd_config per host (needs the address), ssh_config, known_hosts, inventory."""
-        st = self.state
-        root_login = st.mode == "netns" or os.geteuid() == 0
-        known = []
-        for h in st.hosts.values():
-            hdir = self.dir / "hosts" / h.name
-            (hdir / "sshd_config").write_text(
-                layout.sshd_config(
-                    address=h.address,
-                    port=h.port,
-                    host_key=hdir / "ssh_host_ed25519_key",
-                    authorized_keys=self.dir / "authorized_keys",
-                    root_login=root_login,
-                )
-            )
-            pub = " ".join((hdir / "ssh_host_ed25519_key.pub").read_text().split()[:2])
-            known.append(layout.known_hosts_line(h.name, h.address, h.port, pub))
-            if st.mode == "netns":
-                known.append(layout.known_hosts_line(h.name, h.address, layout.PROXY_PORT, pub))
-                (hdir / "boot.sh").write_text(
-                    layout.boot_script(
-                        name=h.name,
-                        address=h.address,
-                        network=str(layout.slot_network(st.slot or 0)),
-                        deploy_root=st.deploy_root,
-                        root_dir=hdir / "root",
-                        home_dir=hdir / "home",
-                        config=hdir / "sshd_config",
-                    )
-                )
-                h.mounts = [f"{hdir / 'root'} on {st.deploy_root}", f"{hdir / 'home'} on /root"]
-        self.known_hosts_path.write_text("".join(known))
-        self.ssh_config_path.write_text(
-            layout.ssh_config(
-                {n: (h.address, h.port) for n, h in st.hosts.items()},
-                user=st.user,
-                identity=self.client_key_path,
-                known_hosts=self.known_hosts_path,
-            )
-        )
-        self.write_inventory(self.inventory_path, relative=True)
 
     def write_inventory(
         self,
@@ -302,50 +191,12 @@ class Fleet:
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path
 
-    def _start_host(self, name: str) -> None:
-        h = self.state.hosts[name]
-        hdir = self.dir / "hosts" / name
-        if self.mode == "netns":
-            argv = [
-                "nsenter", f"--net=/run/netns/{h.netns}", "--",
-                "unshare", "--mount", "--uts", "--propagation", "private", "--",
-                "/bin/sh", str(hdir / "boot.sh"),
-            ]  # fmt: skip
-        else:
-            argv = [layout.SSHD, "-D", "-e", "-f", str(hdir / "sshd_config")]
-        h.pid, h.pid_start = procs.spawn(argv, hdir / "sshd.log")
-
-    def _wait_ready(self, names: list[str], say: Progress, timeout: float | None = None) -> None:
-        """Until every host's sshd sends its banner; fail naming a host whose sshd died."""
-        deadline = time.monotonic() + (timeout or 30 + 0.5 * len(names))
-        done, last_said = 0, time.monotonic()
-        with ThreadPoolExecutor(min(32, len(names))) as pool:
-            futures = {pool.submit(self._await_banner, n, deadline): n for n in names}
-            for future in as_completed(futures):
-                problem = future.result()
-                if problem:
-                    raise RuntimeError(f"{futures[future]}: {problem}")
-                done += 1
-                if time.monotonic() - last_said > 1 and done < len(names):
-                    say(f"{done}/{len(names)} hosts accepting connections")
-                    last_said = time.monotonic()
-
-    def _await_banner(self, name: str, deadline: float) -> str | None:
-        h = self.state.hosts[name]
-        while time.monotonic() < deadline:
-            if h.pid and procs.exited(h.pid) is not None:
-                log = (self.dir / "hosts" / name / "sshd.log").read_text()[-600:]
-                return f"sshd exited during start-up: {log.strip()}"
-            if _listening(h.pid or 0, h.port) and ssh_banner(h.address, h.port, timeout=2.0):
-                return None
-            time.sleep(0.02)
-        return "sshd did not answer in time"
-
     def live_hosts(self) -> list[str]:
         return [n for n, h in self.state.hosts.items() if procs.is_ours(h.pid, h.pid_start)]
 
     def down(self) -> None:
         """End every process, delete every namespace and link, restore shared state. Idempotent."""
+        self.refresh()
         st = self.state
         pids = {h.pid for h in st.hosts.values() if procs.is_ours(h.pid, h.pid_start)}
         pids |= {
@@ -393,6 +244,7 @@ class Fleet:
         """Inject (or undo) a fault on one host; see orchestrator.lab.faults for the kinds."""
         from orchestrator.lab import faults
 
+        self.refresh()
         return faults.apply(self, host, kind, **params)
 
     @contextmanager
@@ -426,6 +278,7 @@ class Fleet:
         return out
 
     def status(self) -> dict[str, Any]:
+        self.refresh()
         memory = self.memory_kib()
         return {
             "dir": str(self.dir),
@@ -448,44 +301,7 @@ class Fleet:
         }
 
 
-def ssh_banner(address: str, port: int, timeout: float) -> bool:
-    """True when something at address:port speaks SSH (its version line)."""
-    try:
-        with socket.create_connection((address, port), timeout=timeout) as sock:
-            return sock.recv(64).startswith(b"SSH-")
-    except OSError:
-        return False
-
-
-def _listening(pid: int, port: int) -> bool:
-    """sshd has its listening socket (read in its own netns, so no probe before it exists)."""
-    try:
-        lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
-    except OSError:
-        return False
-    fields = (line.split() for line in lines)
-    return any(f[1].endswith(f":{port:04X}") and f[3] == "0A" for f in fields)
-
-
-def _free_port(addresses: list[str]) -> int:
-    """One port free on every loopback host address (the hosts share it, addresses differ)."""
-    start = 20000 + secrets.randbelow(9000)
-    for port in range(start, start + 1000):
-        with socket.socket() as sock:
-            try:
-                sock.bind((addresses[0], port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free port for a loopback fleet")
-
-
 def _json_links() -> list[dict[str, Any]]:
     import json
 
     return json.loads(procs.run(["ip", "-j", "link"]) or "[]")
-
-
-def python_argv(module: str) -> list[str]:
-    """This interpreter running one of our modules (the latency proxy)."""
-    return [sys.executable, "-m", module]
