@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+from typing import Annotated
+
 import typer
 
 from orchestrator.cli import output as out
 from orchestrator.cli.output import OutputOpt
 from orchestrator.cms import audit, db
-from orchestrator.errors import FerryError, IntegrityError
+from orchestrator.errors import BadInput, FerryError, IntegrityError
 from orchestrator.settings import get_settings
 
 app = typer.Typer(help="The CMS: apply migrations, verify the audit log.", no_args_is_help=True)
@@ -25,18 +28,41 @@ def upgrade(fmt: OutputOpt = out.Format.text) -> None:
     )
 
 
+AnchorOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--anchor",
+        metavar="ID:HASH",
+        help="a head exported earlier (this command prints it): event ID must still have "
+        "HASH, which catches a log rewritten together with its head",
+    ),
+]
+
+
 @app.command("verify-audit")
-def verify_audit(fmt: OutputOpt = out.Format.text) -> None:
+def verify_audit(anchor: AnchorOpt = None, fmt: OutputOpt = out.Format.text) -> None:
     """Re-hash the audit log's chain; exit 6 naming the first broken event if any."""
     out.use(fmt)
+    expected = _parse_anchor(anchor) if anchor else None
     with db.session_scope() as session:
-        report = audit.verify_chain(session)
+        report = audit.verify_chain(session, anchor=expected)
     if not report.ok:
         raise IntegrityError(
             f"audit log broken at event {report.first_broken}: {report.problem}",
             details=report.to_dict(),
         )
-    out.result(report.to_dict(), f"audit log intact: {report.events} events verified")
+    out.result(
+        report.to_dict(),
+        f"audit log intact: {report.events} events verified; "
+        f"head {report.head_id}:{report.head_hash} (keep it elsewhere to anchor the log)",
+    )
+
+
+def _parse_anchor(text: str) -> tuple[int, str]:
+    match = re.fullmatch(r"(\d+):([0-9a-f]{64})", text.strip())
+    if match is None:
+        raise BadInput(f"--anchor {text!r}: expected ID:HASH, e.g. 42:<64 hex digits>")
+    return int(match[1]), match[2]
 
 
 def _safe_url(url: str) -> str:

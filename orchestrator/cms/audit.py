@@ -6,6 +6,10 @@ one-row `audit_head` holds the newest id and hash, so that an edited, deleted or
 row, including the last one, breaks the chain. Appending locks the head row (SQLite: the
 BEGIN IMMEDIATE every CMS transaction takes; PostgreSQL: SELECT … FOR UPDATE), so
 concurrent writers queue and never fork the chain.
+
+Limit: whoever can rewrite every event after some point *and* the head can recompute a
+consistent chain. `verify_chain(anchor=(id, hash))` checks the log against a head exported
+earlier to a place that person cannot write (docs/cms.md: anchoring).
 """
 
 from __future__ import annotations
@@ -23,15 +27,22 @@ from sqlalchemy.orm import Session
 from orchestrator.cms.models import AuditEvent, AuditHead, utcnow
 
 GENESIS = "0" * 64
-_SECRET_KEY = re.compile(r"(pass(word)?|secret|token|private|credential|api[_-]?key)", re.I)
+_SECRET_KEY = re.compile(
+    r"(pass(word)?|secret|token|private|credential|api[_-]?key|authorization|cookie)", re.I
+)
+# scheme://user:password@host — a database or repository URL carrying its password
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/\s:@]*:)[^@\s]*@", re.I)
 
 
 def redact(data: Any) -> Any:
-    """Secrets never reach a record: values under secret-looking keys are replaced."""
+    """Secrets never reach a record: values under secret-looking keys are replaced, and so
+    are passwords written into URLs (`postgresql://u:***@db/x`)."""
     if isinstance(data, dict):
         return {k: ("***" if _SECRET_KEY.search(str(k)) else redact(v)) for k, v in data.items()}
     if isinstance(data, list | tuple):
         return [redact(v) for v in data]
+    if isinstance(data, str):
+        return _URL_PASSWORD.sub(r"\g<head>***@", data)
     return data
 
 
@@ -68,8 +79,13 @@ def append(
     data: dict[str, Any] | None = None,
 ) -> AuditEvent:
     """Append one event inside the caller's transaction (it commits with the change)."""
+    # populate_existing: if this session read the head before, another writer may have moved
+    # it since; the locked row, not the stale copy, must decide the next id and hash
     head = session.execute(
-        select(AuditHead).where(AuditHead.id == 1).with_for_update()
+        select(AuditHead)
+        .where(AuditHead.id == 1)
+        .with_for_update()
+        .execution_options(populate_existing=True)
     ).scalar_one()
     # round-trip data through JSON so the hash is computed over what the database returns
     clean = json.loads(canonical(redact(data or {})))
@@ -97,6 +113,8 @@ class ChainReport:
     events: int
     first_broken: int | None = None
     problem: str | None = None
+    head_id: int | None = None
+    head_hash: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -104,33 +122,50 @@ class ChainReport:
             "events": self.events,
             "first_broken": self.first_broken,
             "problem": self.problem,
+            "head": {"id": self.head_id, "hash": self.head_hash},
         }
 
 
-def verify_chain(session: Session) -> ChainReport:
-    """Walk the whole chain; report the first event that does not verify."""
+def verify_chain(session: Session, *, anchor: tuple[int, str] | None = None) -> ChainReport:
+    """Walk the whole chain; report the first event that does not verify.
+
+    `anchor=(id, hash)` is a head exported earlier (`ferry cms verify-audit` prints it):
+    event `id` must still exist with that hash, which a rewritten chain cannot fake.
+    """
     prev, expected_id, count = GENESIS, 1, 0
+    seen_anchor = anchor is None or anchor[0] == 0 and anchor[1] == GENESIS
+
+    def broken(event_id: int, problem: str) -> ChainReport:
+        return ChainReport(False, count, event_id, problem)
+
     for ev in session.scalars(select(AuditEvent).order_by(AuditEvent.id)):
         count += 1
         if ev.id != expected_id:
-            return ChainReport(False, count, expected_id, f"event {expected_id} is missing")
+            return broken(expected_id, f"event {expected_id} is missing")
         if ev.prev_hash != prev:
-            return ChainReport(
-                False, count, ev.id, f"event {ev.id} does not follow event {ev.id - 1}"
-            )
+            return broken(ev.id, f"event {ev.id} does not follow event {ev.id - 1}")
         if event_hash(prev, ev) != ev.hash:
-            return ChainReport(False, count, ev.id, f"event {ev.id} was altered")
+            return broken(ev.id, f"event {ev.id} was altered")
+        if anchor is not None and ev.id == anchor[0]:
+            if ev.hash != anchor[1]:
+                return broken(ev.id, f"event {ev.id} differs from the anchored hash")
+            seen_anchor = True
         prev, expected_id = ev.hash, expected_id + 1
+    last = expected_id - 1
     head = session.get(AuditHead, 1)
-    if head is None or head.last_id != expected_id - 1 or head.last_hash != prev:
-        last = head.last_id if head else expected_id
-        return ChainReport(
-            False,
-            count,
-            expected_id if head and head.last_id >= expected_id else last,
-            f"the log ends at event {expected_id - 1} but its head records event {last}",
-        )
-    return ChainReport(True, count)
+    if head is None:
+        return broken(last + 1, "the audit head row is missing")
+    if head.last_id > last:
+        return broken(last + 1, f"the log ends at event {last} but its head records event "
+                      f"{head.last_id}: event {last + 1} onwards is missing")  # fmt: skip
+    if head.last_id < last:
+        return broken(head.last_id + 1, f"event {head.last_id + 1} onwards was not appended "
+                      f"through the head (which records event {head.last_id})")  # fmt: skip
+    if head.last_hash != prev:
+        return broken(last, f"event {last} differs from the head's record of it")
+    if not seen_anchor:
+        return broken(anchor[0], f"event {anchor[0]} is missing (anchored, log ends at {last})")
+    return ChainReport(True, count, head_id=last, head_hash=prev)
 
 
 def history(session: Session, subject_type: str, subject_id: str | int) -> list[dict[str, Any]]:
