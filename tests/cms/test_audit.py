@@ -218,10 +218,11 @@ def test_appending_after_reading_a_stale_head_continues_the_chain(
     url = fresh_postgres_url
     db.upgrade(url)
     with db.session_scope(url) as first:
-        assert first.get(AuditHead, 1).last_id == 0  # loaded, now in the identity map
+        head = first.get(AuditHead, 1)  # held: it stays in this session's identity map
+        assert head.last_id == 0
         append_events(url, 2)  # another writer moves the head meanwhile
         ev = audit.append(first, actor="bob", action="x", subject_type="t", subject_id="1")
-        assert ev.id == 3
+        assert (ev.id, head.last_id) == (3, 3)
 
     assert verify(url).ok
 
