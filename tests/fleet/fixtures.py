@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -41,7 +42,7 @@ _net_installed = False
 def _down_all() -> None:
     with _lock:
         for name, (fleet, _refs) in list(_live.items()):
-            fleet.down()
+            _finish(fleet)
             del _live[name]
 
 
@@ -83,7 +84,13 @@ def release(name: str) -> None:
             _live[name] = (fleet, refs - 1)
             return
         del _live[name]
+    _finish(fleet)
+
+
+def _finish(fleet: Fleet) -> None:
+    """Take the fleet down, then remove its temp dir (keys, configs, logs)."""
     fleet.down()
+    shutil.rmtree(fleet.dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
