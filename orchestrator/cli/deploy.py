@@ -9,7 +9,7 @@ import typer
 
 from orchestrator.cli import output as out
 from orchestrator.cli.output import OutputOpt
-from orchestrator.errors import ExitCode
+from orchestrator.errors import AuthorizationRefused, ExitCode
 
 STATUS_EXIT = {
     "succeeded": ExitCode.OK,
@@ -64,7 +64,14 @@ def deploy(
     out.progress(f"starting the flow (Prefect {configure_prefect()})")
     from orchestrator.flows import run_deploy_flow
 
-    status = run_deploy_flow(run)
+    try:
+        status = run_deploy_flow(run)
+    except AuthorizationRefused as exc:
+        if run.deployment_id is None:
+            raise
+        report = run.report("refused") | {"reasons": exc.reasons}
+        out.error(report, exc.message)
+        raise typer.Exit(int(ExitCode.REFUSED)) from None
     report = run.report(status)
     out.result(report, lambda: print_report(report))
     code = STATUS_EXIT.get(status)

@@ -1,0 +1,214 @@
+"""Push deployments against the real SSH fleet: phased, backout, faults, gate, integrity."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from dml.store import DML
+from orchestrator.cms.models import RFC, Deployment, HostBaseline, HostStep, Wave
+from tests.conftest import FERRY_BIN
+from tests.deploy.helpers import (
+    BROKEN_CHECK,
+    build,
+    cms,
+    deploy,
+    files_match,
+    host_release,
+    plan,
+    rfc,
+    rid,
+    shared_file,
+)
+
+pytestmark = pytest.mark.fleet
+
+WAVE_1, WAVE_2 = ["h1"], ["h2", "h3"]
+WAVE_3 = [f"h{i}" for i in range(4, 13)]
+
+
+@pytest.fixture
+def clean_small(small_fleet, prefect_api, ferry_home):
+    small_fleet.wipe()
+    yield small_fleet
+    small_fleet.wipe()
+
+
+def _deploy_v1(run_ferry, fleet, work):
+    build(work, "1.0")
+    res = deploy(run_ferry, plan(work, fleet), "shop@1.0", rfc(run_ferry, "shop@1.0"))
+    assert res.returncode == 0, res.stderr
+    return res.json()
+
+
+def test_phased_push_to_12_hosts_in_waves_succeeds_and_records_baselines(clean_small, run_ferry):
+    fleet, work = clean_small, Path.cwd()
+    out = _deploy_v1(run_ferry, fleet, work)
+    assert out["status"] == "succeeded"
+    assert out["waves"] == [WAVE_1, WAVE_2, WAVE_3]
+    expected = rid("shop@1.0")
+    for host in fleet.hosts:
+        assert out["hosts"][host]["release"] == "shop@1.0"
+        assert host_release(fleet, host) == expected
+        assert files_match(fleet, host, "shop@1.0"), host
+        assert shared_file(fleet, host, "data/schema") == "1.0"
+    rows = cms(lambda s: {b.host: b.release for b in s.scalars(select(HostBaseline))})
+    assert rows == {h: "shop@1.0" for h in fleet.hosts}
+    assert cms(lambda s: s.get(RFC, 1).status) == "implemented"
+    # every step of every host was journaled, each with an end
+    steps = cms(lambda s: list(s.scalars(select(HostStep))))
+    assert {r.host for r in steps} == set(fleet.hosts)
+    assert all(r.status == "succeeded" and r.finished_at for r in steps)
+
+
+def test_health_check_failing_in_wave_two_backs_out_waves_one_and_two(clean_small, run_ferry):
+    fleet, work = clean_small, Path.cwd()
+    _deploy_v1(run_ferry, fleet, work)
+    build(work, "2.0")
+    (fleet.root_dir("h3") / "shared" / "broken-2.0").write_text("x")
+    res = deploy(run_ferry, plan(work, fleet), "shop@2.0", rfc(run_ferry, "shop@2.0"))
+    assert res.returncode == 4, res.stdout + res.stderr
+    out = res.json()
+    assert out["status"] == "backed-out"
+    prior = rid("shop@1.0")
+    for host in WAVE_1 + WAVE_2:
+        assert out["hosts"][host]["status"] == "backed-out"
+        assert host_release(fleet, host) == prior
+        assert files_match(fleet, host, "shop@1.0")
+        # data restored by the plan's restore hook (v2's install had rewritten it)
+        assert shared_file(fleet, host, "data/schema") == "1.0"
+    for host in WAVE_3:
+        assert out["hosts"][host]["status"] == "untouched"
+        assert host_release(fleet, host) == prior
+    touched = cms(
+        lambda s: {r.host for r in s.scalars(select(HostStep).where(HostStep.deployment_id == 2))}
+    )
+    assert touched == set(WAVE_1 + WAVE_2), "wave 3 was never touched"
+    dep = cms(lambda s: s.get(Deployment, 2))
+    assert dep.status == "backed-out"
+    evidence = dep.evidence["failed_milestone"]
+    assert evidence["wave"] == 2 and evidence["failed"] == ["h3"]
+    assert (
+        "broken-{{ version }}" in evidence["evidence"][0]["reason"]
+        or evidence["evidence"][0]["output"]
+    )
+    assert cms(lambda s: s.get(RFC, 2).status) == "backed-out"
+    # the baseline stays the prior one
+    rows = cms(lambda s: {b.host: b.release for b in s.scalars(select(HostBaseline))})
+    assert set(rows.values()) == {"shop@1.0"}
+
+
+def test_host_going_down_mid_wave_counts_as_failed_and_the_wave_backs_out(
+    clean_small, run_ferry, ferry_home
+):
+    fleet, work = clean_small, Path.cwd()
+    _deploy_v1(run_ferry, fleet, work)
+    build(work, "2.0")
+    rfc_id = rfc(run_ferry, "shop@2.0")
+    # a soak on every wave gives the test time to cut h3's link while wave 2 runs
+    p = plan(
+        work,
+        fleet,
+        milestone={"max_failed": 0, "deadline": "120s", "soak": "3s", "checks": [BROKEN_CHECK]},
+    )
+    proc = subprocess.Popen(
+        [str(FERRY_BIN), "deploy", str(p), "--release", "shop@2.0", "--rfc", rfc_id, "-o", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            status = cms(
+                lambda s: s.scalar(
+                    select(Wave.status).where(Wave.deployment_id == 2, Wave.index == 2)
+                )
+            )
+            if status == "running":
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("wave 2 never started")
+        with fleet.faulted("h3", "down"):
+            stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 4, stdout + stderr
+    out = json.loads(stdout)
+    assert out["status"] == "backed-out"
+    assert "h3" in out["milestones"][-1]["failed"]
+    prior = rid("shop@1.0")
+    for host in ["h1", "h2"]:
+        assert host_release(fleet, host) == prior
+    # h3 was unreachable during the backout: either it never switched, or it is named
+    assert out["hosts"]["h3"]["status"] in ("backed-out", "failed", "needs-remediation")
+    for host in WAVE_3:
+        assert host_release(fleet, host) == prior
+
+
+def test_disk_full_on_one_host_fails_its_wave_and_backs_out(clean_small, run_ferry):
+    fleet, work = clean_small, Path.cwd()
+    _deploy_v1(run_ferry, fleet, work)
+    build(work, "2.0")
+    with fleet.faulted("h2", "disk_full"):
+        res = deploy(run_ferry, plan(work, fleet), "shop@2.0", rfc(run_ferry, "shop@2.0"))
+    assert res.returncode == 4, res.stdout + res.stderr
+    out = res.json()
+    assert out["milestones"][-1]["wave"] == 2 and out["milestones"][-1]["failed"] == ["h2"]
+    prior = rid("shop@1.0")
+    for host in fleet.hosts:
+        assert host_release(fleet, host) == prior, host
+
+
+def test_without_an_authorizing_rfc_nothing_reaches_any_host(clean_small, run_ferry):
+    fleet, work = clean_small, Path.cwd()
+    build(work, "1.0")
+    p = plan(work, fleet)
+    res = deploy(run_ferry, p, "shop@1.0", None)
+    assert res.returncode == 3, res.stderr
+    assert res.json()["status"] == "refused"
+    # an RFC for another release, and one whose window has passed
+    other = rfc(run_ferry, "shop@9.9")
+    assert deploy(run_ferry, p, "shop@1.0", other).returncode == 3
+    start = datetime.now(UTC) + timedelta(days=1)
+    window = f"{start:%Y-%m-%dT%H:%M}/{start + timedelta(hours=1):%Y-%m-%dT%H:%M}"
+    later = rfc(run_ferry, "shop@1.0", "dev", "--window", window)
+    res = deploy(run_ferry, p, "shop@1.0", later)
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert "window" in res.stderr
+    for host in fleet.hosts:
+        assert list(fleet.root_dir(host).iterdir()) == [], f"{host} was touched"
+
+
+def test_tampered_package_is_refused_before_any_host_changes(clean_small, run_ferry):
+    fleet, work = clean_small, Path.cwd()
+    built = build(work, "1.0")
+    blob = DML.from_settings().blob_path(built["archive_digest"])
+    blob.chmod(0o644)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    res = deploy(run_ferry, plan(work, fleet), "shop@1.0", rfc(run_ferry, "shop@1.0"))
+    assert res.returncode == 6, res.stdout + res.stderr
+    assert (
+        built["archive_digest"].removeprefix("sha256:")[:12] in res.stderr
+        or "archive" in res.stderr
+    )
+    for host in fleet.hosts:
+        assert list(fleet.root_dir(host).iterdir()) == [], f"{host} was touched"
+
+
+def test_second_deploy_of_the_same_release_transfers_no_package_bytes(clean_small, run_ferry):
+    fleet, work = clean_small, Path.cwd()
+    first = _deploy_v1(run_ferry, fleet, work)
+    assert first["bytes_sent"] > 0
+    again = deploy(run_ferry, plan(work, fleet), "shop@1.0", rfc(run_ferry, "shop@1.0"))
+    assert again.returncode == 0, again.stderr
+    assert again.json()["bytes_sent"] == 0
+    assert all(host_release(fleet, h) == rid("shop@1.0") for h in fleet.hosts)
