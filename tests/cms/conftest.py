@@ -4,6 +4,10 @@
 database (a file in the test's Ferry home, or a fresh PostgreSQL database), so both the
 in-process API and the `ferry` CLI (run_ferry) use it. Nothing is migrated yet: tests that
 want a ready CMS use `migrated_url`.
+
+`ferry_cli` runs the CLI's entry point in this process: the same code as the `ferry` command
+(run_ferry) without its second of start-up, for the many checks of output. The acceptance
+checks (upgrade, tampering) still run the real command in a child process.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import pytest
 
 from orchestrator.cms import db
 from orchestrator.settings import reset_settings
+from tests.conftest import Result
 from tests.pg import fresh_postgres_url, postgres_server, postgres_url  # noqa: F401
 
 BACKENDS = ["sqlite", "postgresql"]
@@ -42,3 +47,22 @@ def migrated_url(cms_url: str) -> str:
     """`cms_url`, migrated to the newest revision."""
     db.upgrade(cms_url)
     return cms_url
+
+
+@pytest.fixture
+def ferry_cli(ferry_home: Path, capsys: pytest.CaptureFixture[str]):
+    """`ferry ARGS…` through `orchestrator.cli.main.main`, in-process; returns its Result."""
+    from orchestrator.cli.main import main
+
+    def run(*args: str) -> Result:
+        capsys.readouterr()
+        reset_settings()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run

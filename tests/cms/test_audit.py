@@ -93,10 +93,10 @@ def test_verify_audit_names_the_first_broken_event_after_tampering(
     assert f"audit log broken at event {first_broken}" in result.stderr
 
 
-def test_an_untouched_log_verifies(migrated_url: str, run_ferry) -> None:
+def test_an_untouched_log_verifies(migrated_url: str, ferry_cli) -> None:
     hashes = append_events(migrated_url)
 
-    result = run_ferry("cms", "verify-audit", "--output", "json")
+    result = ferry_cli("cms", "verify-audit", "--output", "json")
 
     assert result.returncode == 0, result.stderr
     assert result.json() == {
@@ -108,11 +108,11 @@ def test_an_untouched_log_verifies(migrated_url: str, run_ferry) -> None:
     }
 
 
-def test_verify_audit_tells_people_the_head_to_export(ferry_home, run_ferry) -> None:
+def test_verify_audit_tells_people_the_head_to_export(ferry_home, ferry_cli) -> None:
     """On the embedded default CMS (no FERRY_DATABASE_URL)."""
     hashes = append_events(get_settings().cms_url)
 
-    result = run_ferry("cms", "verify-audit")
+    result = ferry_cli("cms", "verify-audit")
 
     assert result.returncode == 0, result.stderr
     assert f"{EVENTS} events verified" in result.stdout
@@ -170,7 +170,7 @@ def test_an_edited_event_rehashed_breaks_the_link_to_the_next(migrated_url: str)
 
 
 def test_a_rewritten_tail_and_head_pass_unless_checked_against_an_exported_anchor(
-    migrated_url: str, run_ferry
+    migrated_url: str, ferry_cli
 ) -> None:
     """The chain's limit, and its remedy: someone who rewrites every event after the change
     and the head too leaves a consistent chain; a head exported before does not match."""
@@ -185,7 +185,7 @@ def test_a_rewritten_tail_and_head_pass_unless_checked_against_an_exported_ancho
         head.last_hash = prev
     db.dispose_all()
 
-    anchored = run_ferry("cms", "verify-audit", "--anchor", anchor, "--output", "json")
+    anchored = ferry_cli("cms", "verify-audit", "--anchor", anchor, "--output", "json")
 
     assert verify(migrated_url).ok, "a consistent rewrite cannot be seen without an anchor"
     assert anchored.returncode == ExitCode.INTEGRITY
@@ -203,8 +203,8 @@ def test_an_anchor_still_verifies_after_later_events(migrated_url: str) -> None:
     assert (truncated.ok, truncated.first_broken) == (False, EVENTS + 5)
 
 
-def test_a_malformed_anchor_is_bad_input(ferry_home, run_ferry) -> None:
-    result = run_ferry("cms", "verify-audit", "--anchor", "six:abc")
+def test_a_malformed_anchor_is_bad_input(ferry_home, ferry_cli) -> None:
+    result = ferry_cli("cms", "verify-audit", "--anchor", "six:abc")
 
     assert result.returncode == ExitCode.BAD_INPUT
     assert "--anchor" in result.stderr

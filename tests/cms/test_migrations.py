@@ -57,9 +57,9 @@ def test_a_new_database_is_migrated_on_first_use(cms_url: str) -> None:
 
 
 def test_ferry_cms_verify_audit_on_a_new_database_migrates_it_first(
-    cms_url: str, run_ferry
+    cms_url: str, ferry_cli
 ) -> None:
-    result = run_ferry("cms", "verify-audit", "--output", "json")
+    result = ferry_cli("cms", "verify-audit", "--output", "json")
 
     assert result.returncode == 0, result.stderr
     assert result.json()["ok"] is True and result.json()["events"] == 0
