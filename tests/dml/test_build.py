@@ -160,3 +160,19 @@ def test_ci_variables_are_recorded_in_provenance(spec: Path, run_ferry) -> None:
     ci = pkg.provenance["ci"]
     assert ci["gitlab"] == {"CI_PIPELINE_ID": "77", "CI_JOB_ID": "901"}
     assert ci["github"] == {"GITHUB_RUN_ID": "5", "GITHUB_SHA": "abc"}
+
+
+@pytest.mark.parametrize(
+    ("path", "size", "mode"),
+    [
+        ("app/x.py", 10, 0o644),
+        ("a" * 100, 0, 0o755),
+        ("c/big.bin", 8**11 - 1, 0o644),
+        ("é/unicode", 1, 0o644),
+        ("long/" * 30 + "name", 5, 0o755),
+    ],
+)
+def test_fast_tar_header_is_what_tarfile_writes(path: str, size: int, mode: int) -> None:
+    from dml.package import pax_header, tar_header
+
+    assert tar_header(path, size, mode) == pax_header(path, size, mode)
