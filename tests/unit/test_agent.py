@@ -1,0 +1,118 @@
+"""The host agent, run as the host runs it (python3, stdlib only), on a local directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from orchestrator import agent
+from orchestrator.agent import ferry_agent
+
+KEY = Ed25519PrivateKey.generate()
+PUB = KEY.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def package(files: dict[str, bytes]) -> tuple[bytes, bytes, dict]:
+    entries = [
+        {"path": p, "size": len(d), "mode": 0o644, "sha256": hashlib.sha256(d).hexdigest()}
+        for p, d in sorted(files.items())
+    ]
+    content = {
+        "format": "ferry-package/1",
+        "name": "app",
+        "version": "1",
+        "release": "app@1",
+        "units": ["u"],
+        "files": entries,
+    }
+    digest = "sha256:" + hashlib.sha256(ferry_agent.canonical(content)).hexdigest()
+    raw = json.dumps({"digest": digest, "content": content}).encode()
+    return raw, KEY.sign(raw), content
+
+
+def run(root: Path, op: str, *args: str, stdin: bytes = b"") -> tuple[int, dict]:
+    proc = subprocess.run(
+        [sys.executable, "-I", str(agent.SOURCE_PATH), op, "--root", str(root), *args],
+        input=stdin,
+        capture_output=True,
+    )
+    line = [ln for ln in proc.stdout.decode().splitlines() if ln.startswith("RESULT ")][-1]
+    return proc.returncode, json.loads(line[7:])
+
+
+def receive_stream(raw: bytes, sig: bytes, objects: dict[str, bytes]) -> bytes:
+    frames = b"".join(f"{s} {len(d)}\n".encode() + d for s, d in objects.items())
+    return (
+        json.dumps({"manifest_len": len(raw), "sig_len": len(sig)}).encode()
+        + b"\n"
+        + raw
+        + sig
+        + frames
+        + b"END\n"
+    )
+
+
+def test_pure_python_ed25519_agrees_with_cryptography():
+    msg = b"ferry" * 100
+    sig = KEY.sign(msg)
+    assert ferry_agent.ed25519_verify(PUB, msg, sig)
+    assert not ferry_agent.ed25519_verify(PUB, msg + b"!", sig)
+    bad = bytearray(sig)
+    bad[5] ^= 1
+    assert not ferry_agent.ed25519_verify(PUB, msg, bytes(bad))
+    other = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    assert not ferry_agent.ed25519_verify(other, msg, sig)
+
+
+def test_receive_verify_switch_and_readback_on_a_real_directory(tmp_path):
+    files = {"u/a.txt": b"alpha", "u/sub/b.bin": b"\x00" * 1000}
+    raw, sig, content = package(files)
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    objects = {hashlib.sha256(d).hexdigest(): d for d in files.values()}
+    rc, res = run(tmp_path, "receive", "--id", "app-1", stdin=receive_stream(raw, sig, objects))
+    assert rc == 0 and res["received"] == 2, res
+    assert run(tmp_path, "verify", "--id", "app-1")[0] == 0
+    assert run(tmp_path, "switch", "--id", "app-1")[1]["current"] == "app-1"
+    assert (tmp_path / "current").resolve() == tmp_path / "releases" / "app-1"
+    rc, back = run(tmp_path, "readback", "--id", "app-1", "--full")
+    assert rc == 0 and back["ok"]
+    (tmp_path / "releases/app-1/u/a.txt").write_bytes(b"alphA")  # same size, other bytes
+    assert not run(tmp_path, "readback", "--id", "app-1", "--full")[1]["ok"]
+
+
+def test_a_manifest_not_signed_by_the_pinned_key_is_refused_before_any_data(tmp_path):
+    raw, _sig, _ = package({"u/a": b"x"})
+    forged = Ed25519PrivateKey.generate().sign(raw)
+    run(tmp_path, "pin", "--key", PUB.hex())
+    rc, res = run(tmp_path, "receive", "--id", "r", stdin=receive_stream(raw, forged, {}))
+    assert rc == ferry_agent.EXIT_INTEGRITY and "signature" in res["message"]
+
+
+def test_a_corrupted_object_is_refused_and_not_kept(tmp_path):
+    raw, sig, _ = package({"u/a": b"good"})
+    run(tmp_path, "pin", "--key", PUB.hex())
+    sha = hashlib.sha256(b"good").hexdigest()
+    rc, res = run(tmp_path, "receive", "--id", "r", stdin=receive_stream(raw, sig, {sha: b"evil"}))
+    assert rc == ferry_agent.EXIT_INTEGRITY
+    assert not (tmp_path / ".ferry/incoming" / sha).exists()
+
+
+@pytest.mark.parametrize("path", ["../escape", "/etc/passwd", "u/../../x", "u//a", "./a"])
+def test_manifest_paths_outside_the_release_are_refused(tmp_path, path):
+    raw, sig, _ = package({path: b"x"})
+    run(tmp_path, "pin", "--key", PUB.hex())
+    rc, res = run(tmp_path, "receive", "--id", "r", stdin=receive_stream(raw, sig, {}))
+    assert rc == ferry_agent.EXIT_INTEGRITY and "unsafe path" in res["message"]
+
+
+def test_another_pinned_key_is_never_replaced_silently(tmp_path):
+    run(tmp_path, "pin", "--key", PUB.hex())
+    rc, res = run(tmp_path, "pin", "--key", "11" * 32)
+    assert rc == ferry_agent.EXIT_INTEGRITY and "another DML key" in res["message"]
