@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     ssh_timeout: float = Field(10.0, gt=0, description="SSH connect timeout, seconds")
     command_timeout: float = Field(300.0, gt=0, description="default remote step timeout")
     retention: int = Field(3, ge=1, description="releases kept per host (baseline always kept)")
+    change_models: Path | None = Field(None, description="change models YAML (docs/change.md)")
+    calendar: Path | None = Field(None, description="change calendar YAML (docs/change.md)")
 
     @classmethod
     def settings_customise_sources(

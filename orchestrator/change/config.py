@@ -2,8 +2,8 @@
 
 Lookup, first found wins (documented in docs/change.md):
 
-1. `FERRY_CHANGE_MODELS` / `FERRY_CALENDAR` (or `change_models` / `calendar` in settings,
-   once ferry.toml grows those keys), a path relative to the working directory;
+1. `FERRY_CHANGE_MODELS` / `FERRY_CALENDAR` (or `change_models` / `calendar` in
+   ferry.toml), a path relative to the working directory;
 2. `deploy_plans/change_models.yaml` / `deploy_plans/calendar.yaml` in the working
    directory (where ferry.toml lives): the organisation's own copy;
 3. the examples shipped in the repository's `deploy_plans/`.
