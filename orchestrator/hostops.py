@@ -152,7 +152,8 @@ class HostOps:
             url = render(check.http, context, f"check {check.label}")
             cmd = _PY_HTTP.format(url=shlex.quote(url), t=check.timeout)
         else:
-            cmd = _PY_TCP.format(addr=shlex.quote(check.address), port=check.tcp, t=check.timeout)
+            addr = render(check.address, context, f"check {check.label}")
+            cmd = _PY_TCP.format(addr=shlex.quote(addr), port=check.tcp, t=check.timeout)
         res = self.conn.run(cmd, timeout=check.timeout + 5)
         if check.http is not None:
             got = res.output.strip().splitlines()[-1:] or ["no answer"]

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     ForeignKey,
     Integer,
@@ -99,7 +100,7 @@ class Package(Base):
     digest: Mapped[str] = mapped_column(String(80), unique=True)
     archive_digest: Mapped[str] = mapped_column(String(80))
     manifest_digest: Mapped[str] = mapped_column(String(80))
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInteger)
     file_count: Mapped[int] = mapped_column(Integer)
     units: Mapped[list[Any]] = mapped_column(default=list)
     provenance: Mapped[dict[str, Any]] = mapped_column(default=dict)

@@ -174,7 +174,7 @@ def upgrade() -> None:
         sa.Column("digest", sa.String(length=80), nullable=False),
         sa.Column("archive_digest", sa.String(length=80), nullable=False),
         sa.Column("manifest_digest", sa.String(length=80), nullable=False),
-        sa.Column("size", sa.Integer(), nullable=False),
+        sa.Column("size", sa.BigInteger(), nullable=False),
         sa.Column("file_count", sa.Integer(), nullable=False),
         sa.Column("units", sa.JSON(), nullable=False),
         sa.Column("provenance", sa.JSON(), nullable=False),
