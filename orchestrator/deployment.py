@@ -11,6 +11,8 @@ Statuses: planned → running → succeeded | backed-out | failed | refused.
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -128,6 +130,9 @@ class DeploymentRun:
                 status="planned",
                 rollout=ro.to_dict(),
                 actor=self.req.actor,
+                # who runs it: `ferry status` and `ferry remediate recover` tell a live run
+                # from an interrupted one by this process id on this machine
+                evidence={"runner": {"pid": os.getpid(), "host": socket.gethostname()}},
             )
             s.add(dep)
             s.flush()

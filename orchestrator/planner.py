@@ -104,6 +104,8 @@ class Rollout:
             "waves": [w.names for w in self.waves],
             "steps": {h.host: list(h.steps) for h in self.hosts()},
             "prior": {h.host: (h.prior.release if h.prior else None) for h in self.hosts()},
+            # the digest too: a manual backout or `recover` rebuilds each host's prior from here
+            "prior_digest": {h.host: (h.prior.digest if h.prior else None) for h in self.hosts()},
             "notes": list(self.notes),
         }
 

@@ -1,0 +1,94 @@
+"""What remediation does to each host (pure): journal + prior + what the host says now.
+
+The journal tells what a deployment may have done; the host's own `current` tells what is
+true now. Together they decide, per host:
+
+    unreachable   the host did not answer: nothing done, it needs remediation
+    at-prior      `current` is its prior baseline and no data is left to restore: done
+    data-only     `current` is its prior, but its data was touched and never restored:
+                  restore (the plan's hook, from this deployment's snapshot) and recheck
+    back-out      `current` is this deployment's release: revert → reactivate → restore
+                  → recheck, as `orchestrator.backout.backout_actions` decides
+    elsewhere     `current` is neither (a later deployment, or a hand): left alone, named
+
+Running it again after it finished finds every host `at-prior`: remediation is idempotent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from orchestrator.backout import BackoutAction, backout_actions
+from orchestrator.planner import Baseline
+
+NEEDS_WORK = ("back-out", "data-only")
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    host: str
+    prior: Baseline | None
+    current: str | None
+    verdict: str
+    steps: tuple[str, ...] = ()
+    note: str = ""
+
+    @property
+    def prior_id(self) -> str | None:
+        return self.prior.release_id if self.prior else None
+
+    def action(self) -> BackoutAction:
+        return BackoutAction(self.host, self.prior, self.steps)
+
+
+def plan_host(
+    host: str,
+    journal: Mapping[str, str],
+    prior: Baseline | None,
+    current: str | None | Exception,
+    release_id: str,
+    *,
+    keep_data: bool = False,
+) -> HostPlan:
+    if isinstance(current, Exception):
+        return HostPlan(host, prior, None, "unreachable", note=str(current))
+    prior_id = prior.release_id if prior else None
+    steps = backout_actions({host: journal}, {host: prior})[0].steps
+    if keep_data:
+        steps = tuple(s for s in steps if s != "restore")
+    if current == prior_id:
+        owed = "restore" in steps and journal.get("restore") != "succeeded"
+        if owed:
+            return HostPlan(host, prior, current, "data-only", ("restore", "recheck"))
+        return HostPlan(host, prior, current, "at-prior")
+    if current == release_id:
+        if "revert" not in steps:  # on this release although the journal never saw a switch
+            forced = {**journal, "activate": "succeeded"}
+            steps = backout_actions({host: forced}, {host: prior})[0].steps
+            if keep_data:
+                steps = tuple(s for s in steps if s != "restore")
+        return HostPlan(host, prior, current, "back-out", steps)
+    shown = current or "no release"
+    return HostPlan(
+        host,
+        prior,
+        current,
+        "elsewhere",
+        note=f"runs {shown}, neither this deployment's release nor its prior "
+        f"{prior_id or '(none)'}: left alone",
+    )
+
+
+def plan_hosts(
+    journal: Mapping[str, Mapping[str, str]],
+    priors: Mapping[str, Baseline | None],
+    currents: Mapping[str, str | None | Exception],
+    release_id: str,
+    *,
+    keep_data: bool = False,
+) -> list[HostPlan]:
+    return [
+        plan_host(h, steps, priors.get(h), currents.get(h), release_id, keep_data=keep_data)
+        for h, steps in journal.items()
+    ]

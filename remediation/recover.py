@@ -1,0 +1,182 @@
+"""Crash recovery: finish a deployment whose process died (SIGKILL, power, OOM) mid-run.
+
+Such a deployment is `planned`/`running` with no finish. Recovery completes its authorized
+change's remediation plan, so it needs no RFC of its own (it records audit events):
+
+    1. read the journal (`journal.steps_by_host`): which hosts it touched, how far
+    2. ask every touched host its `current` over SSH (the host, not the journal, is truth)
+    3. back out every host not on its own prior baseline (`remediation.hosts` decides,
+       with `backout_actions`), running the plan's hooks, journaled under the deployment
+    4. mark the deployment `backed-out`, or `failed` with `needs_remediation` naming the
+       hosts it could not restore; its RFC follows; waves left running become `interrupted`
+
+Idempotent: a second run finds the deployment finished and changes nothing (exit 0).
+A deployment whose process is still alive on this machine is refused (stop it first).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from orchestrator.change import lifecycle
+from orchestrator.cms import audit
+from orchestrator.cms.db import session_scope
+from orchestrator.cms.models import RFC, Deployment, Wave, utcnow
+from orchestrator.errors import BadInput, ExitCode
+from orchestrator.journal import steps_by_host
+from orchestrator.settings import Settings
+from remediation import recorded
+from remediation.restore import HostResult, Progress, carry_out, needs_remediation, survey
+
+
+@dataclass
+class RecoverRequest:
+    deployment_id: str
+    actor: str
+    inventory: Path | None = None
+    plan: Path | None = None
+    force: bool = False
+
+
+@dataclass
+class RecoverOutcome:
+    exit_code: int
+    data: dict[str, Any]
+
+
+def recover(req: RecoverRequest, settings: Settings, progress: Progress) -> RecoverOutcome:
+    url = settings.cms_url
+    rec = recorded.load(url, req.deployment_id)
+    if not rec.open:
+        progress(
+            f"deployment {rec.id} already finished ({rec.status}"
+            + (f", {rec.finished_at:%Y-%m-%d %H:%M:%S} UTC" if rec.finished_at else "")
+            + "): nothing to recover, nothing changed"
+        )
+        return RecoverOutcome(0, _report(rec, "already-finished", rec.status, []))
+    alive = recorded.runner_alive(rec.evidence)
+    if alive and not req.force:
+        pid = rec.evidence["runner"]["pid"]
+        raise BadInput(
+            f"deployment {rec.id} is still running (process {pid} on this machine): stop it "
+            f"with `kill -TERM {pid}` (it backs out by itself), or pass --force if that "
+            "process is not Ferry"
+        )
+    journal = steps_by_host(url, rec.id)
+    if rec.strategy == "backout":
+        return _close_backout(url, rec, req, journal, progress)
+    progress(
+        f"recovering deployment {rec.id} ({rec.release} to {rec.environment}, {rec.status}, "
+        f"started {rec.started_at:%Y-%m-%d %H:%M:%S} UTC): {len(journal)} host(s) in its journal"
+    )
+    results: list[HostResult] = []
+    if journal:
+        priors = recorded.priors(url, rec)
+        plan, _ = recorded.resolve_plan(rec, req.plan)
+        inventory = recorded.resolve_inventory(settings, req.inventory, plan)
+        rollout = recorded.rebuild_rollout(url, rec, plan, inventory, priors)
+        executor = recorded.backout_executor(
+            settings=settings,
+            rec=rec,
+            rollout=rollout,
+            plan=plan,
+            inventory=inventory,
+            journal_deployment=rec.id,
+            progress=progress,
+        )
+        try:
+            plans = survey(executor, rollout, journal, priors)
+            results = carry_out(executor, rollout, plans, progress)
+        finally:
+            executor.close()
+    status = _record(url, rec, req, results)
+    code = ExitCode.OK if status == "backed-out" else ExitCode.BACKOUT_INCOMPLETE
+    return RecoverOutcome(int(code), _report(rec, "recovered", status, results))
+
+
+def _record(
+    url: str, rec: recorded.RecordedDeployment, req: RecoverRequest, results: list[HostResult]
+) -> str:
+    stuck = needs_remediation(results)
+    status = "failed" if stuck else "backed-out"
+    reason = "interrupted (the deploying process died); finished by `ferry remediate recover`"
+    with session_scope(url) as s:
+        dep = s.get(Deployment, rec.id)
+        assert dep is not None
+        if dep.finished_at is not None:  # a concurrent recover got here first
+            return dep.status
+        dep.status, dep.finished_at = status, utcnow()
+        evidence = {
+            "reason": (dep.evidence or {}).get("reason") or reason,
+            "recovered": {
+                "by": req.actor,
+                "at": utcnow().isoformat(),
+                "status_before": rec.status,
+                "hosts": [r.to_dict() for r in results],
+            },
+            "needs_remediation": stuck,
+        }
+        dep.evidence = {**(dep.evidence or {}), **evidence}
+        for wave in s.scalars(select(Wave).where(Wave.deployment_id == rec.id)):
+            if wave.status == "running":
+                wave.status, wave.finished_at = "interrupted", utcnow()
+        audit.append(
+            s,
+            actor=req.actor,
+            action=f"deploy.{status}",
+            subject_type="deployment",
+            subject_id=rec.id,
+            data={"release": rec.release, "rfc": rec.rfc_id, "recovered": True, "stuck": stuck},
+        )
+        rfc = s.get(RFC, rec.rfc_id) if rec.rfc_id is not None else None
+        if rfc is not None and lifecycle.can_move(rfc.status, status):
+            lifecycle.transition(
+                s, rfc.id, status, actor=req.actor, note=reason, data={"deployment": rec.id}
+            )
+    return status
+
+
+def _close_backout(
+    url: str,
+    rec: recorded.RecordedDeployment,
+    req: RecoverRequest,
+    journal: dict[str, dict[str, str]],
+    progress: Progress,
+) -> RecoverOutcome:
+    """An interrupted manual backout is closed as failed: re-running the backout finishes it."""
+    original = rec.evidence.get("backs_out")
+    with session_scope(url) as s:
+        dep = s.get(Deployment, rec.id)
+        assert dep is not None
+        dep.status, dep.finished_at = "failed", utcnow()
+        note = f"interrupted; run `ferry remediate backout {original}` again to finish it"
+        dep.evidence = {**(dep.evidence or {}), "reason": note}
+        audit.append(
+            s,
+            actor=req.actor,
+            action="remediate.backout.failed",
+            subject_type="deployment",
+            subject_id=rec.id,
+            data={"backs_out": original, "reason": note, "hosts": sorted(journal)},
+        )
+    progress(f"deployment {rec.id} was a manual backout of {original}: {note}")
+    return RecoverOutcome(int(ExitCode.OK), _report(rec, "closed", "failed", []))
+
+
+def _report(
+    rec: recorded.RecordedDeployment, action: str, status: str, results: list[HostResult]
+) -> dict[str, Any]:
+    return {
+        "id": rec.id,
+        "action": action,
+        "status": status,
+        "status_before": rec.status,
+        "release": rec.release,
+        "environment": rec.environment,
+        "hosts": {r.host: r.to_dict() for r in results},
+        "needs_remediation": [r.host for r in results if not r.restored],
+    }

@@ -1,0 +1,200 @@
+"""Status: what the CMS knows right now, and what needs an on-call's hands. Read-only.
+
+It reads records only (no host is contacted; `ferry remediate drift` asks the hosts):
+environment baselines, host baselines, recent deployments with their failing milestone,
+and the hosts needing remediation:
+
+    failed        a deployment whose backout could not restore some hosts (its evidence
+                  names them): `ferry remediate backout ID` once the cause is fixed
+    interrupted   a deployment `planned`/`running` with no finish whose process is not
+                  alive on this machine ("possibly interrupted" when Ferry cannot tell, e.g.
+                  it ran elsewhere): `ferry remediate recover ID`
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from sqlalchemy import desc, select
+
+from orchestrator.cms.db import session_scope
+from orchestrator.cms.models import Deployment, EnvironmentBaseline, HostBaseline, HostStep
+from orchestrator.errors import NotFound
+from remediation import recorded
+from remediation.recorded import RecordedDeployment
+
+
+def reason_of(rec: RecordedDeployment) -> str | None:
+    ev = rec.evidence
+    milestone = ev.get("failed_milestone") or {}
+    if milestone.get("reason"):
+        return f"milestone {milestone.get('wave')}: {milestone['reason']}"
+    if ev.get("reason"):
+        return str(ev["reason"])
+    if ev.get("reasons"):
+        return "; ".join(map(str, ev["reasons"]))
+    if ev.get("backs_out"):
+        return f"manual backout of deployment {ev['backs_out']}"
+    if ev.get("manual_backout"):
+        return f"backed out by hand (deployment {ev['manual_backout'].get('deployment')})"
+    return None
+
+
+def liveness(rec: RecordedDeployment) -> str | None:
+    """None for a finished deployment; else running, interrupted or possibly interrupted."""
+    if not rec.open:
+        return None
+    alive = recorded.runner_alive(rec.evidence)
+    if alive is None:
+        return "possibly interrupted"
+    return "running" if alive else "interrupted"
+
+
+def summary(rec: RecordedDeployment) -> dict[str, Any]:
+    return {
+        "id": rec.id,
+        "status": rec.status,
+        "liveness": liveness(rec),
+        "release": rec.release,
+        "environment": rec.environment,
+        "strategy": rec.strategy,
+        "rfc": f"RFC-{rec.rfc_id}" if rec.rfc_id is not None else None,
+        "actor": rec.actor,
+        "started_at": rec.started_at,
+        "finished_at": rec.finished_at,
+        "reason": reason_of(rec),
+        "waves": {str(i): s for i, s in sorted(rec.wave_status.items())},
+    }
+
+
+def remediation_needed(rec: RecordedDeployment, journal_hosts: list[str]) -> list[dict[str, Any]]:
+    state = liveness(rec)
+    if state in ("interrupted", "possibly interrupted"):
+        what = "recover" if rec.strategy != "backout" else "backout"
+        target = rec.id if rec.strategy != "backout" else rec.evidence.get("backs_out")
+        return [
+            {
+                "deployment": rec.id,
+                "host": h,
+                "state": state,
+                "reason": f"deployment {rec.id} is {rec.status} with no finish and no live process",
+                "next": f"ferry remediate {what} {target}",
+            }
+            for h in journal_hosts or ["(no host touched)"]
+        ]
+    out = []
+    for item in rec.evidence.get("needs_remediation") or []:
+        out.append(
+            {
+                "deployment": rec.id,
+                "host": item.get("host"),
+                "state": f"current: {item.get('current') or 'unknown'}",
+                "reason": item.get("error") or rec.status,
+                "next": f"ferry remediate backout {rec.evidence.get('backs_out') or rec.id} "
+                "--rfc ID",
+            }
+        )
+    return out
+
+
+def gather(
+    url: str,
+    *,
+    environment: str | None = None,
+    deployment: str | None = None,
+    host: str | None = None,
+    limit: int = 10,
+) -> dict[str, Any]:
+    if deployment is not None:
+        return {"deployment": detail(url, deployment)}
+    with session_scope(url) as s:
+        envs = select(EnvironmentBaseline).order_by(EnvironmentBaseline.environment)
+        hosts = select(HostBaseline).order_by(HostBaseline.host)
+        deps = select(Deployment).order_by(desc(Deployment.id))
+        if environment:
+            envs = envs.where(EnvironmentBaseline.environment == environment)
+            hosts = hosts.where(HostBaseline.environment == environment)
+            deps = deps.where(Deployment.environment == environment)
+        if host:
+            hosts = hosts.where(HostBaseline.host == host)
+            touched = select(HostStep.deployment_id).where(HostStep.host == host).distinct()
+            deps = deps.where(Deployment.id.in_(touched))
+        env_rows = [_baseline(e, "environment") for e in s.scalars(envs)]
+        host_rows = [_baseline(h, "host") for h in s.scalars(hosts)]
+        recent = [recorded.snapshot(d) for d in s.scalars(deps.limit(limit))]
+        # anything unfinished or failed needs looking at, however old
+        open_q = deps.where(Deployment.status.in_(("planned", "running", "failed")))
+        older = [recorded.snapshot(d) for d in s.scalars(open_q.limit(200))]
+        candidates = {r.id: r for r in [*recent, *older]}
+        journal = _journal_hosts(s, list(candidates))
+        # a host a later deployment has verified since no longer needs this one's remediation
+        verified = {b.host: b.deployment_id or 0 for b in s.scalars(select(HostBaseline))}
+    needs = []
+    for rec in sorted(candidates.values(), key=lambda r: r.id, reverse=True):
+        for item in remediation_needed(rec, journal.get(rec.id, [])):
+            if host is not None and item["host"] not in (host, "(no host touched)"):
+                continue
+            if rec.status == "failed" and verified.get(item["host"], 0) > rec.id:
+                continue
+            needs.append(item)
+    if host and not host_rows and not recent:
+        raise NotFound(f"host {host} has no baseline and no deployment in the CMS")
+    return {
+        "environments": env_rows,
+        "hosts": host_rows,
+        "deployments": [summary(r) for r in recent],
+        "needs_remediation": needs,
+    }
+
+
+def detail(url: str, deployment: str) -> dict[str, Any]:
+    rec = recorded.load(url, deployment)
+    with session_scope(url) as s:
+        rows = s.scalars(
+            select(HostStep).where(HostStep.deployment_id == rec.id).order_by(HostStep.id)
+        )
+        steps: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in rows:
+            steps[r.host].append(
+                {
+                    "step": r.step,
+                    "status": r.status,
+                    "wave": r.wave_index,
+                    "finished_at": r.finished_at,
+                    **({"error": r.detail["error"]} if (r.detail or {}).get("error") else {}),
+                }
+            )
+    return {
+        **summary(rec),
+        "digest": rec.digest,
+        "plan_file": rec.plan_file,
+        "evidence": {k: v for k, v in rec.evidence.items() if k != "runner"},
+        "hosts": dict(steps),
+        "needs_remediation": remediation_needed(rec, list(steps)),
+    }
+
+
+def _baseline(row: EnvironmentBaseline | HostBaseline, key: str) -> dict[str, Any]:
+    name = row.environment if isinstance(row, EnvironmentBaseline) else row.host
+    out: dict[str, Any] = {
+        key: name,
+        "release": row.release,
+        "digest": row.package_digest,
+        "deployment": row.deployment_id,
+        "recorded_at": row.recorded_at,
+    }
+    if isinstance(row, HostBaseline):
+        out["environment"] = row.environment
+    return out
+
+
+def _journal_hosts(s: Any, ids: list[int]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = defaultdict(list)
+    if not ids:
+        return out
+    q = select(HostStep.deployment_id, HostStep.host).where(HostStep.deployment_id.in_(ids))
+    for did, h in s.execute(q.distinct()):
+        if h not in out[did]:
+            out[did].append(h)
+    return out
