@@ -187,7 +187,7 @@ class DeploymentRun:
             public_key_hex=self.dml.public_key_bytes().hex(),
             journal=Journal(self.url, self.deployment_id),
             deployment_id=self.deployment_id,
-            cache_root=self.settings.home / "cache" / "objects",
+            cache_root=self.settings.home / "cache" / f"deployment-{self.deployment_id}",
             progress=self.progress,
             stop=self.stop,
         )

@@ -8,6 +8,7 @@ point: between steps, never inside one (every remote step has a timeout).
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -57,7 +58,7 @@ class ObjectCache:
 
     def __init__(self, package: Any, cache_root: Path) -> None:
         self.package = package
-        self.dir = cache_root / package.digest.removeprefix("sha256:")
+        self.dir = cache_root  # one per deployment: removed when the deployment ends
         self.sizes = {f.sha256: f.size for f in package.files}
         self._lock = threading.Lock()
         self._ready = False
@@ -136,6 +137,7 @@ class Executor:
     def close(self) -> None:
         for ops in self.ops.values():
             ops.conn.close()
+        shutil.rmtree(self.objects.dir, ignore_errors=True)
 
     # -- context for hooks and checks ------------------------------------------------------
     def context(self, action: HostAction, release: str, rid: str | None) -> dict[str, Any]:

@@ -27,6 +27,11 @@ The dry run (--dry-run) prints the exact waves, steps and prior baselines and to
 nothing: no host, no CMS record. Without --dry-run every step is journaled in the CMS.
 Ctrl-C / SIGTERM stops at the next safe point and backs out.
 \b
+\b
+Examples:
+  ferry deploy deploy_plans/shop.yaml -r shop@1.4.0 --dry-run
+  ferry deploy deploy_plans/shop.yaml -r shop@1.4.0 --rfc 12 -o json
+\b
 Exit codes: 0 succeeded, 2 bad input, 3 refused by the change gate, 4 milestone failed and
 backed out, 5 backout incomplete (hosts need remediation), 6 integrity failure.
 """
