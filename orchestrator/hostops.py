@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,11 @@ from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
 
 from orchestrator import agent
-from orchestrator.errors import PlanError, StepFailed
+from orchestrator.errors import PlanError, StepFailed, TransportError
 from orchestrator.plan import Check
-from orchestrator.transport.ssh import SSHHost, read_all, read_line, wait_exit
+from orchestrator.transport import openssh
+from orchestrator.transport.openssh import OpenSSHStream
+from orchestrator.transport.ssh import ChannelStream, SSHHost, Stream
 
 _JINJA = SandboxedEnvironment(
     undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True
@@ -91,29 +92,37 @@ class HostOps:
     ) -> dict[str, Any]:
         """One session: send the signed manifest, learn what is missing, send only that."""
         self.ensure_agent()
-        deadline = time.monotonic() + self.timeout
-        chan = self.conn.open(self._agent_cmd("receive", "--id", rid), self.timeout)
+        command = self._agent_cmd("receive", "--id", rid)
+        header = json.dumps({"manifest_len": len(manifest), "sig_len": len(signature)})
+        first = header.encode() + b"\n" + manifest + signature
+        if self.conn.ssh.bulk == "openssh" and openssh.available():
+            stream: Stream = OpenSSHStream(
+                self.conn.host,
+                self.conn.ssh,
+                command,
+                connect_timeout=self.conn.connect_timeout,
+                timeout=self.timeout,
+            )
+        else:
+            stream = ChannelStream(self.conn, command, self.timeout)
+        sent = 0
         try:
-            header = json.dumps({"manifest_len": len(manifest), "sig_len": len(signature)})
-            chan.sendall(header.encode() + b"\n" + manifest + signature)
-            line = read_line(chan, deadline, self.name).decode()
-            if not line.startswith("NEED "):
-                rest = line + read_all(chan, deadline, self.name).decode(errors="replace")
-                return parse_result(self.name, "stage", wait_exit(chan, deadline, self.name), rest)
-            need = json.loads(line[5:])
-            sent = 0
-            for chunk in objects(need):
-                chan.sendall(chunk)
-                sent += len(chunk)
-            chan.sendall(b"END\n")
-            chan.shutdown_write()
-            out = read_all(chan, deadline, self.name).decode(errors="replace")
-            rc = wait_exit(chan, deadline, self.name)
+            stream.sendall(first)
+            line = stream.read_line().decode(errors="replace")
+            if line.startswith("NEED "):
+                for chunk in objects(json.loads(line[5:])):
+                    stream.sendall(chunk)
+                    sent += len(chunk)
+                stream.sendall(b"END\n")
+                line = ""
+            rc, rest = stream.finish()
         except OSError as exc:
             raise StepFailed(self.name, "stage", f"transfer failed: {exc}") from None
         finally:
-            chan.close()
-        result = parse_result(self.name, "stage", rc, out)
+            stream.close()
+        if rc == 255 and isinstance(stream, OpenSSHStream):
+            raise TransportError(self.name, "ssh: " + rest.decode(errors="replace").strip()[-300:])
+        result = parse_result(self.name, "stage", rc, line + rest.decode(errors="replace"))
         result["bytes_sent"] = sent
         return result
 
@@ -166,7 +175,7 @@ _PY_HTTP = (
     "python3 -c 'import sys,urllib.request,urllib.error\n"
     "try:\n r=urllib.request.urlopen(sys.argv[1],timeout={t}); print(r.status)\n"
     "except urllib.error.HTTPError as e: print(e.code)\n"
-    "except Exception as e: print(\"error\", e); sys.exit(1)' {url}"
+    'except Exception as e: print("error", e); sys.exit(1)\' {url}'
 )
 _PY_TCP = (
     "python3 -c 'import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), "

@@ -7,6 +7,7 @@ ssh:                          # how to reach every host (strict host keys, alway
   known_hosts: known_hosts
   port: 22
   connect_timeout: 10
+  bulk: openssh               # package transfer: openssh (fast) or paramiko
 deploy_root: /srv/app         # default for every host
 hosts:
   h1: {address: 198.18.0.11, groups: [canary, web]}
@@ -20,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -36,6 +38,8 @@ class SSHSettings(BaseModel):
     known_hosts: Path
     port: int = Field(22, ge=1, le=65535)
     connect_timeout: float = Field(10.0, gt=0)
+    # package bytes go through the OpenSSH client when installed (~2.7x paramiko's speed)
+    bulk: Literal["openssh", "paramiko"] = "openssh"
 
     @field_validator("identity_file", "known_hosts")
     @classmethod

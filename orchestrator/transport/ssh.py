@@ -16,8 +16,8 @@ import shlex
 import socket
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import paramiko
 
@@ -203,9 +203,33 @@ def wait_exit(chan: paramiko.Channel, deadline: float, name: str) -> int:
     return chan.recv_exit_status()
 
 
-def send_chunks(chan: paramiko.Channel, chunks: Iterable[bytes]) -> int:
-    sent = 0
-    for chunk in chunks:
-        chan.sendall(chunk)
-        sent += len(chunk)
-    return sent
+class Stream(Protocol):
+    """A remote command's byte streams: what `stage` needs from either transport."""
+
+    def sendall(self, data: bytes) -> None: ...
+    def read_line(self) -> bytes: ...
+    def finish(self) -> tuple[int, bytes]: ...
+    def close(self) -> None: ...
+
+
+class ChannelStream:
+    """Stream over a paramiko channel of an open connection."""
+
+    def __init__(self, conn: SSHHost, command: str, timeout: float) -> None:
+        self.name = conn.name
+        self.deadline = time.monotonic() + timeout
+        self.chan = conn.open(command, timeout)
+
+    def sendall(self, data: bytes) -> None:
+        self.chan.sendall(data)
+
+    def read_line(self) -> bytes:
+        return read_line(self.chan, self.deadline, self.name)
+
+    def finish(self) -> tuple[int, bytes]:
+        self.chan.shutdown_write()
+        rest = read_all(self.chan, self.deadline, self.name)
+        return wait_exit(self.chan, self.deadline, self.name), rest
+
+    def close(self) -> None:
+        self.chan.close()

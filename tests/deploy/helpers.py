@@ -119,3 +119,15 @@ def cms(query: Any) -> Any:
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=1, sort_keys=True)
+
+
+def inventory_variant(fleet: Fleet, work: Path, name: str, **ssh: Any) -> Path:
+    """A copy of the fleet's inventory with other ssh settings (paths made absolute)."""
+    doc = yaml.safe_load(fleet.inventory_path.read_text())
+    base = fleet.inventory_path.parent
+    for key in ("identity_file", "known_hosts"):
+        doc["ssh"][key] = str((base / doc["ssh"][key]).resolve())
+    doc["ssh"].update(ssh)
+    path = work / name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path

@@ -21,6 +21,7 @@ from tests.deploy.helpers import (
     deploy,
     files_match,
     host_release,
+    inventory_variant,
     plan,
     rfc,
     rid,
@@ -212,3 +213,39 @@ def test_second_deploy_of_the_same_release_transfers_no_package_bytes(clean_smal
     assert again.returncode == 0, again.stderr
     assert again.json()["bytes_sent"] == 0
     assert all(host_release(fleet, h) == rid("shop@1.0") for h in fleet.hosts)
+
+
+def test_the_paramiko_transfer_path_deploys_the_same_files(clean_small, run_ferry):
+    fleet, work = clean_small, Path.cwd()
+    inventory = inventory_variant(fleet, work, "inv-paramiko.yaml", bulk="paramiko")
+    build(work, "1.0")
+    p = plan(work, fleet, inventory=str(inventory), targets="h1,h2,h3")
+    res = deploy(run_ferry, p, "shop@1.0", rfc(run_ferry, "shop@1.0"))
+    assert res.returncode == 0, res.stderr
+    assert res.json()["bytes_sent"] > 0
+    for host in ["h1", "h2", "h3"]:
+        assert files_match(fleet, host, "shop@1.0")
+
+
+def test_a_host_whose_key_is_not_the_known_one_is_refused_and_never_written(
+    clean_small, run_ferry
+):
+    fleet, work = clean_small, Path.cwd()
+    # known_hosts where h1's address carries h2's host key: a man in the middle, as SSH sees it
+    lines = [ln.split(None, 1) for ln in fleet.known_hosts_path.read_text().splitlines() if ln]
+    h2_key = next(key for names, key in lines if fleet.address("h2") in names.split(","))
+    forged = work / "known_hosts.forged"
+    forged.write_text(
+        "".join(
+            f"{names} {h2_key if fleet.address('h1') in names.split(',') else key}\n"
+            for names, key in lines
+        )
+    )
+    inventory = inventory_variant(fleet, work, "inv-forged.yaml", known_hosts=str(forged))
+    build(work, "1.0")
+    p = plan(work, fleet, inventory=str(inventory), targets="h1,h2")
+    res = deploy(run_ferry, p, "shop@1.0", rfc(run_ferry, "shop@1.0"))
+    assert res.returncode == 4, res.stdout + res.stderr
+    failure = res.json()["hosts"]["h1"]["failure"]
+    assert "host key" in failure["reason"]
+    assert list(fleet.root_dir("h1").iterdir()) == []
