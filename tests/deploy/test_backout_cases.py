@@ -11,13 +11,6 @@ from tests.deploy.helpers import BROKEN_CHECK, HOOKS, build, deploy, host_releas
 pytestmark = pytest.mark.fleet
 
 
-@pytest.fixture
-def clean_small(small_fleet, prefect_api, ferry_home):
-    small_fleet.wipe()
-    yield small_fleet
-    small_fleet.wipe()
-
-
 def test_each_host_backs_out_to_its_own_prior_baseline_on_an_uneven_fleet(clean_small, run_ferry):
     fleet, work = clean_small, Path.cwd()
     build(work, "1.0")

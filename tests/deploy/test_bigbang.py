@@ -18,13 +18,6 @@ from tests.deploy.helpers import BROKEN_CHECK, build, cms, deploy, host_release,
 pytestmark = pytest.mark.fleet
 
 
-@pytest.fixture
-def clean_fleet(fleet, prefect_api, ferry_home):
-    fleet.wipe()
-    yield fleet
-    fleet.wipe()
-
-
 def test_big_bang_to_50_hosts_succeeds_then_a_failing_milestone_backs_all_50_out(
     clean_fleet, run_ferry
 ):

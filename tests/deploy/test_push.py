@@ -34,13 +34,6 @@ WAVE_1, WAVE_2 = ["h1"], ["h2", "h3"]
 WAVE_3 = [f"h{i}" for i in range(4, 13)]
 
 
-@pytest.fixture
-def clean_small(small_fleet, prefect_api, ferry_home):
-    small_fleet.wipe()
-    yield small_fleet
-    small_fleet.wipe()
-
-
 def _deploy_v1(run_ferry, fleet, work):
     build(work, "1.0")
     res = deploy(run_ferry, plan(work, fleet), "shop@1.0", rfc(run_ferry, "shop@1.0"))
@@ -227,9 +220,7 @@ def test_the_paramiko_transfer_path_deploys_the_same_files(clean_small, run_ferr
         assert files_match(fleet, host, "shop@1.0")
 
 
-def test_a_host_whose_key_is_not_the_known_one_is_refused_and_never_written(
-    clean_small, run_ferry
-):
+def test_a_host_whose_key_is_not_the_known_one_is_refused_and_never_written(clean_small, run_ferry):
     fleet, work = clean_small, Path.cwd()
     # known_hosts where h1's address carries h2's host key: a man in the middle, as SSH sees it
     lines = [ln.split(None, 1) for ln in fleet.known_hosts_path.read_text().splitlines() if ln]
