@@ -1,0 +1,236 @@
+"""Ferry under test: its own home per cell, the real `ferry` CLI, a standing Prefect server,
+and the CMS journal read back for the timings the CLI does not print."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks.common import FERRY_BIN, PREFECT_BIN, clean_env, log, timed
+from dml.store import DML
+from orchestrator.planner import release_id
+
+QUIET = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "PREFECT_LOGGING_TO_API_ENABLED": "false",
+    "PREFECT_UI_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+}
+
+
+class PrefectServer:
+    """`prefect server start` on a free port with its own home; stopped by its PID group."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self) -> str:
+        shutil.rmtree(self.home, ignore_errors=True)
+        self.home.mkdir(parents=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = clean_env(**QUIET, PREFECT_HOME=str(self.home))
+        self.log = open(self.home / "server.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [str(PREFECT_BIN), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        self.url = f"http://127.0.0.1:{port}/api"
+        deadline = time.monotonic() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    "prefect server exited: " + (self.home / "server.log").read_text()
+                )
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self.url
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("prefect server not healthy within 120 s")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if self.proc is not None:
+            self.log.close()
+
+
+@dataclass
+class Deployed:
+    wall: float
+    cpu: float
+    rc: int
+    report: dict[str, Any]
+
+
+@dataclass
+class Package:
+    release: str
+    digest: str
+    rid: str
+    archive: Path
+    manifest: dict[str, str]
+    size: int  # sum of file sizes
+    archive_size: int
+
+
+class FerryHome:
+    """One FERRY_HOME (CMS, DML, object cache) in a fresh working directory."""
+
+    def __init__(self, path: Path, prefect_url: str | None) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        self.dir = path
+        self.home = path / ".ferry"
+        extra = {"FERRY_HOME": str(self.home), "FERRY_USER": "alice", **QUIET}
+        if prefect_url:
+            extra["PREFECT_API_URL"] = prefect_url
+        self.env = clean_env(**extra)
+
+    def cli(
+        self, *args: str, check: bool = True
+    ) -> tuple[float, subprocess.CompletedProcess[bytes], float]:
+        return timed([str(FERRY_BIN), *args], env=self.env, cwd=self.dir, check=check)
+
+    def build(self, spec: Path) -> Package:
+        _, proc, _ = self.cli("release", "build", str(spec), "-o", "json")
+        release = json.loads(proc.stdout)["release"]
+        return self.package(release)
+
+    def package(self, release: str) -> Package:
+        pkg = DML(self.home / "dml").open(release)
+        return Package(
+            release=release,
+            digest=pkg.digest,
+            rid=release_id(release, pkg.digest),
+            archive=Path(pkg.archive_path),
+            manifest={f.path: f.sha256 for f in pkg.files},
+            size=sum(f.size for f in pkg.files),
+            archive_size=Path(pkg.archive_path).stat().st_size,
+        )
+
+    def rfc(self, release: str) -> str:
+        _, proc, _ = self.cli(
+            "rfc", "new", "--release", release, "--env", "dev", "--model", "standard",
+            "--template", "any-to-staging", "-o", "json",
+        )  # fmt: skip
+        data = json.loads(proc.stdout)
+        assert data["status"] in ("authorized", "scheduled"), data
+        return str(data["id"])
+
+    def deploy(self, plan: Path, release: str, *, expect: int = 0) -> Deployed:
+        rfc = self.rfc(release)
+        wall, proc, cpu = self.cli(
+            "deploy", str(plan), "--release", release, "--rfc", rfc, "-o", "json", check=False
+        )
+        try:
+            report = json.loads(proc.stdout)
+        except ValueError:
+            report = {}
+        if proc.returncode != expect:
+            raise RuntimeError(
+                f"ferry deploy {release}: exit {proc.returncode} (expected {expect})\n"
+                + proc.stdout.decode(errors="replace")[-3000:]
+                + proc.stderr.decode(errors="replace")[-3000:]
+            )
+        return Deployed(wall, cpu, proc.returncode, report)
+
+    # -- the CMS journal -------------------------------------------------------------------
+    def _db(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.home / "cms.db")
+
+    def flow_seconds(self, deployment: int) -> float:
+        """From the deployment record's start to its finish (inside the process)."""
+        with self._db() as db:
+            a, b = db.execute(
+                "select started_at, finished_at from deployments where id = ?", (deployment,)
+            ).fetchone()
+        return (_ts(b) - _ts(a)).total_seconds()
+
+    def steps_span(self, deployment: int) -> float:
+        """From the first host step's start to the last one's finish."""
+        with self._db() as db:
+            a, b = db.execute(
+                "select min(started_at), max(finished_at) from host_steps where deployment_id = ?",
+                (deployment,),
+            ).fetchone()
+        return (_ts(b) - _ts(a)).total_seconds()
+
+    def backout_seconds(self, deployment: int) -> tuple[float, int]:
+        """(seconds from the failed milestone's verdict to the last host's backout step
+        finished, hosts backed out)."""
+        with self._db() as db:
+            (verdict,) = db.execute(
+                "select max(finished_at) from waves where deployment_id = ? and status = 'failed'",
+                (deployment,),
+            ).fetchone()
+            last, hosts = db.execute(
+                "select max(finished_at), count(distinct host) from host_steps "
+                "where deployment_id = ? and wave_index = -1",
+                (deployment,),
+            ).fetchone()
+        return (_ts(last) - _ts(verdict)).total_seconds(), hosts
+
+
+def _ts(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+def write_plan(
+    path: Path,
+    inventory: Path,
+    *,
+    concurrency: int,
+    checks: list[dict[str, str]] | None = None,
+    readback: str = "full",
+) -> Path:
+    doc = {
+        "environment": "dev",
+        "inventory": str(inventory),
+        "targets": "all",
+        "strategy": "big-bang",
+        "method": "push",
+        "concurrency": concurrency,
+        "hooks": {"activate": "true"},
+        "milestone": {
+            "max_failed": 0,
+            "deadline": "900s",
+            "soak": "0s",
+            "checks": checks or [{"command": "test -f {{ release_path }}/app/VERSION"}],
+        },
+        "timeouts": {"step": "900s", "connect": "30s"},
+        "readback": readback,
+    }
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def announce(what: str, d: Deployed) -> None:
+    log(f"  ferry {what}: {d.wall:.1f} s wall, {d.cpu:.1f} s CPU, status {d.report.get('status')}")

@@ -1,0 +1,113 @@
+"""Run Ferry's benchmarks against Ansible, pyinfra and raw OpenSSH; write results.md + PNG.
+
+    .venv/bin/python -m benchmarks.run                 # everything (≈ 35 min on 2 cores)
+    .venv/bin/python -m benchmarks.run --quick         # small sizes, 1 repetition
+    .venv/bin/python -m benchmarks.run --only push     # re-measure some scenarios only
+
+Scenarios (--only, comma-separated): push (cold push, incremental release, backout),
+noop (no-op redeploy, orchestration overhead, fixed cost), embedded (one deploy with
+embedded Prefect), dml (build + check-in of 1 GiB), profile (py-spy over one cold push).
+A full run writes benchmarks/results.json, results.md and results.png; --only re-measures
+its scenarios and keeps the other cells of results.json; --quick writes under
+benchmarks/work/quick/ and leaves the committed results alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+
+from benchmarks import peers, report, scenarios
+from benchmarks.common import BENCH, WORK, log
+from benchmarks.ferry_side import PrefectServer
+from orchestrator.lab.fleet import Fleet
+
+ALL = ["push", "noop", "embedded", "dml"]
+ALIASES = {"cold": "push", "incremental": "push", "backout": "push", "overhead": "noop"}
+CELLS = {  # which results.json scenarios each --only name re-measures
+    "push": {"cold", "incremental", "backout"},
+    "noop": {"noop", "tiny", "overhead", "fixed"},
+    "embedded": {"embedded"},
+    "dml": {"dml"},
+    "profile": set(),
+}
+
+
+def parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument("--quick", action="store_true", help="small sizes, 1 repetition")
+    ap.add_argument("--only", default="", help="comma-separated: " + ", ".join([*ALL, "profile"]))
+    ap.add_argument("--reps", type=int, default=None, help="repetitions per cell (default 3)")
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse()
+    chosen = [ALIASES.get(x, x) for x in args.only.split(",") if x] or ALL
+    unknown = set(chosen) - set(CELLS)
+    if unknown:
+        raise SystemExit(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    sizes = scenarios.Sizes.quick() if args.quick else scenarios.Sizes()
+    if args.reps:
+        sizes.reps = args.reps
+    out_dir = WORK / "quick" if args.quick else BENCH
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res_path = out_dir / "results.json"
+    results = scenarios.Results.load(res_path) if args.only else scenarios.Results(res_path)
+    if args.only:
+        drop = set().union(*(CELLS[c] for c in chosen))
+        for key in [k for k, v in results.cells.items() if v.get("scenario") in drop]:
+            del results.cells[key]
+    results.note("started", time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    results.note("reps", sizes.reps)
+    results.note("quick", args.quick)
+
+    peers.ensure_venv()
+    results.note("machine", report.machine_facts())
+    work = WORK / "run"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    need = 1
+    if "push" in chosen or "profile" in chosen:
+        need = max(need, *sizes.cold_hosts)
+    if "noop" in chosen:
+        need = max(need, sizes.noop_hosts)
+    fleet: Fleet | None = None
+    server = PrefectServer(work / "prefect")
+    started = time.monotonic()
+    try:
+        url = server.start() if set(chosen) - {"dml"} else ""
+        log(f"Prefect server at {url}" if url else "no Prefect server needed")
+        if set(chosen) - {"dml"}:
+            fleet = Fleet.up(work / "fleet", need)
+            log(f"fleet of {need} hosts up in {fleet.up_seconds or 0:.1f} s")
+        bench = scenarios.Bench(fleet, work, url, sizes, results)  # type: ignore[arg-type]
+        if "push" in chosen or "profile" in chosen:
+            spec1, spec2, changed = scenarios.releases(bench)
+            results.note("incremental_files_changed", changed)
+        if "push" in chosen:
+            for n in sizes.cold_hosts:
+                scenarios.push_scenarios(bench, n, spec1, spec2)
+        if "noop" in chosen:
+            scenarios.noop_and_overhead(bench)
+        if "embedded" in chosen:
+            scenarios.embedded(bench)
+        if "dml" in chosen:
+            scenarios.dml(bench)
+        if "profile" in chosen:
+            scenarios.profile_cold(bench, sizes.cold_hosts[0], spec1, out_dir / "profile-cold.txt")
+    finally:
+        if fleet is not None:
+            fleet.down()
+        server.stop()
+        results.note("run_minutes", round((time.monotonic() - started) / 60, 1))
+    report.write(results, out_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    log(f"wrote {out_dir / 'results.md'} and {out_dir / 'results.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,367 @@
+"""The issue's scenarios, each tool on the same hosts in the same run (issue 7).
+
+Cold push, incremental release and backout share their set-up: a repetition at 20 hosts
+deploys v1 cold and then v2 (1% of files changed); one at 50 hosts deploys v1 cold and then
+a v2 whose milestone fails on one host, so Ferry backs all 50 out. The peers' v2 for the
+backout is laid down from the root namespace (exactly the files their own deploy leaves),
+and what is timed is their rollback run. The order of the tools rotates per repetition.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import content, peers, verify
+from benchmarks.common import FERRY_BIN, MB, PEERS_VENV, log, median, timed
+from benchmarks.ferry_side import FerryHome, Package, announce, write_plan
+from orchestrator.lab.fleet import Fleet
+
+BROKEN = {"command": "test ! -e {{ shared }}/broken-{{ version }}"}
+HAS_VERSION = {"command": "test -f {{ release_path }}/app/VERSION"}
+
+
+@dataclass
+class Sizes:
+    cold_bytes: int = 100 * MB
+    cold_files: int = 1000
+    cold_hosts: tuple[int, ...] = (20, 50)
+    incremental_hosts: int = 20
+    backout_hosts: int = 50
+    noop_hosts: int = 200
+    tiny_bytes: int = 200_000
+    tiny_files: int = 20
+    dml_gib: float = 1.0
+    reps: int = 3
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(
+            cold_bytes=10 * MB, cold_files=200, cold_hosts=(5, 10), incremental_hosts=5,
+            backout_hosts=10, noop_hosts=20, dml_gib=0.1, reps=1,
+        )  # fmt: skip
+
+
+@dataclass
+class Results:
+    """cells[(scenario, tool, hosts)][metric] = [values]; saved after every value."""
+
+    path: Path
+    cells: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, scenario: str, tool: str, hosts: int, metric: str, value: Any) -> None:
+        key = f"{scenario}|{tool}|{hosts}"
+        cell = self.cells.setdefault(key, {"scenario": scenario, "tool": tool, "hosts": hosts})
+        cell.setdefault(metric, []).append(value)
+        self.save()
+
+    def note(self, key: str, value: Any) -> None:
+        self.cells.setdefault("_notes", {})[key] = value
+        self.save()
+
+    def get(self, scenario: str, tool: str, hosts: int, metric: str) -> list[Any]:
+        return self.cells.get(f"{scenario}|{tool}|{hosts}", {}).get(metric, [])
+
+    def med(self, scenario: str, tool: str, hosts: int, metric: str = "seconds") -> float:
+        return median(self.get(scenario, tool, hosts, metric))
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.cells, indent=1, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: Path) -> Results:
+        return cls(path, json.loads(path.read_text()) if path.exists() else {})
+
+
+@dataclass
+class Bench:
+    fleet: Fleet
+    work: Path
+    prefect_url: str
+    sizes: Sizes
+    results: Results
+
+    def home(self, tag: str, prefect: bool = True) -> FerryHome:
+        return FerryHome(self.work / "ferry" / tag, self.prefect_url if prefect else None)
+
+    def inventory(self, hosts: list[str]) -> Path:
+        return self.fleet.write_inventory(self.work / f"inventory-{len(hosts)}.yaml", hosts)
+
+
+def rotate(tools: list[str], rep: int) -> list[str]:
+    k = rep % len(tools)
+    return tools[k:] + tools[:k]
+
+
+def seed_peer_release(
+    bench: Bench, hosts: list[str], pkg: Package, version: str, flip: bool
+) -> None:
+    """Lay down exactly what the peers' deploy leaves (packages/, releases/<v>, current)
+    straight through each host's deploy root; hard links from one unpacked template."""
+    tpl = bench.work / "templates" / pkg.rid
+    if not tpl.exists():
+        tmp = tpl.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        subprocess.run(["tar", "--zstd", "-xf", str(pkg.archive), "-C", str(tmp)], check=True)
+        tmp.rename(tpl)
+    for h in hosts:
+        root = bench.fleet.root_dir(h)
+        (root / "packages").mkdir(exist_ok=True)
+        (root / "releases").mkdir(exist_ok=True)
+        dest = root / "packages" / f"{version}.tar.zst"
+        if not dest.exists():
+            os.link(pkg.archive, dest)
+        rel = root / "releases" / version
+        if not rel.exists():
+            subprocess.run(["cp", "-al", str(tpl), str(rel)], check=True)
+        if flip:
+            tmp_link = root / "current.tmp"
+            tmp_link.unlink(missing_ok=True)
+            tmp_link.symlink_to(f"releases/{version}")
+            tmp_link.replace(root / "current")
+
+
+# -- 1, 2, 4: cold push, incremental, backout ----------------------------------------------
+def releases(bench: Bench) -> tuple[Path, Path, int]:
+    """Source trees of v1 (cold) and v2 (1% of the files changed)."""
+    s = bench.sizes
+    spec1 = content.make_tree(bench.work / "src-1.0", "1.0", s.cold_bytes, s.cold_files)
+    spec2, changed = content.next_version(spec1.parent, bench.work / "src-2.0", "2.0", 0.01)
+    return spec1, spec2, changed
+
+
+def push_scenarios(bench: Bench, n: int, spec1: Path, spec2: Path) -> None:
+    """Cold push to n hosts; then at incremental_hosts the v2 release, at backout_hosts the
+    failing v2 and its backout."""
+    s, fleet, res = bench.sizes, bench.fleet, bench.results
+    hosts = fleet.hosts[:n]
+    incremental = n == s.incremental_hosts
+    backout = n == s.backout_hosts
+    inv = bench.inventory(hosts)
+    plan = write_plan(
+        bench.work / f"plan-{n}.yaml", inv, concurrency=n, checks=[HAS_VERSION, BROKEN]
+    )
+    # the packages both sides deploy (bit-identical archives from a deterministic build)
+    ref = bench.home(f"ref-{n}")
+    p1, p2 = ref.build(spec1), ref.build(spec2)
+    res.note("package_bytes", p1.size)
+    res.note("archive_bytes", p1.archive_size)
+    res.note("package_files", len(p1.manifest))
+    for rep in range(s.reps):
+        for tool in rotate(["raw", "ferry", "pyinfra", "ansible"], rep):
+            fleet.wipe(hosts)
+            log(f"cold push {n} hosts, rep {rep + 1}/{s.reps}: {tool}")
+            if tool == "raw":
+                t = peers.raw_push(fleet, hosts, p1.archive, "/srv/app/package.tar.zst")
+                verify.file_on(fleet, hosts, "package.tar.zst", verify.sha256_file(p1.archive))
+                res.add("cold", "raw", n, "seconds", t)
+                log(f"  raw ssh: {t:.1f} s (verified)")
+            elif tool == "ferry":
+                ferry_push(bench, n, hosts, plan, spec1, spec2, p1, p2, rep, incremental, backout)
+            else:
+                peer_push(bench, tool, n, hosts, p1, p2, incremental, backout)
+
+
+def ferry_push(
+    bench: Bench, n: int, hosts: list[str], plan: Path, spec1: Path, spec2: Path,
+    p1: Package, p2: Package, rep: int, incremental: bool, backout: bool,
+) -> None:  # fmt: skip
+    res, fleet = bench.results, bench.fleet
+    fh = bench.home(f"push-{n}-{rep}")
+    assert fh.build(spec1).digest == p1.digest
+    d = fh.deploy(plan, p1.release)
+    announce(f"cold {n}", d)
+    verify.release_on(fleet, hosts, p1.rid, p1.manifest)
+    dep = d.report["id"]
+    res.add("cold", "ferry", n, "seconds", d.wall)
+    res.add("cold", "ferry", n, "flow_seconds", fh.flow_seconds(dep))
+    res.add("cold", "ferry", n, "steps_seconds", fh.steps_span(dep))
+    res.add("cold", "ferry", n, "cpu_seconds", d.cpu)
+    res.add("cold", "ferry", n, "bytes_sent", d.report["bytes_sent"])
+    if not (incremental or backout):
+        return
+    assert fh.build(spec2).digest == p2.digest
+    if incremental:
+        d2 = fh.deploy(plan, p2.release)
+        announce(f"incremental {n}", d2)
+        verify.release_on(fleet, hosts, p2.rid, p2.manifest)
+        dep2 = d2.report["id"]
+        res.add("incremental", "ferry", n, "seconds", d2.wall)
+        res.add("incremental", "ferry", n, "flow_seconds", fh.flow_seconds(dep2))
+        res.add("incremental", "ferry", n, "bytes_sent", d2.report["bytes_sent"])
+        res.add("incremental", "ferry", n, "bytes_share", d2.report["bytes_sent"] / (n * p2.size))
+    if backout:
+        broken = fleet.root_dir(hosts[-1]) / "shared" / f"broken-{p2.release.split('@')[1]}"
+        broken.parent.mkdir(parents=True, exist_ok=True)
+        broken.write_text("x")
+        try:
+            d3 = fh.deploy(plan, p2.release, expect=4)
+        finally:
+            broken.unlink()
+        announce(f"backout {n}", d3)
+        assert d3.report["status"] == "backed-out", d3.report["status"]
+        assert all(r["restored"] for r in d3.report["backout"]), d3.report["backout"]
+        verify.release_on(fleet, hosts, p1.rid, p1.manifest)
+        secs, count = fh.backout_seconds(d3.report["id"])
+        assert count == n, f"{count} hosts backed out, expected {n}"
+        log(f"  ferry backout: {secs:.2f} s from verdict to the last host restored")
+        res.add("backout", "ferry", n, "seconds", secs)
+        res.add("backout", "ferry", n, "deploy_wall", d3.wall)
+
+
+def peer_push(
+    bench: Bench, tool: str, n: int, hosts: list[str], p1: Package, p2: Package,
+    incremental: bool, backout: bool,
+) -> None:  # fmt: skip
+    res, fleet = bench.results, bench.fleet
+    cls = peers.Ansible if tool == "ansible" else peers.Pyinfra
+    peer = cls(fleet, hosts, bench.work / tool / str(n))
+    t = peer.deploy(p1.archive, "bench-1.0")
+    verify.release_on(fleet, hosts, "bench-1.0", p1.manifest)
+    res.add("cold", tool, n, "seconds", t)
+    log(f"  {tool}: {t:.1f} s (verified)")
+    if incremental:
+        t2 = peer.deploy(p2.archive, "bench-2.0")
+        verify.release_on(fleet, hosts, "bench-2.0", p2.manifest)
+        res.add("incremental", tool, n, "seconds", t2)
+        res.add("incremental", tool, n, "bytes_share", 1.0)
+        log(f"  {tool} incremental: {t2:.1f} s (verified)")
+    if backout:
+        seed_peer_release(bench, hosts, p2, "bench-2.0", flip=True)
+        verify.release_on(fleet, hosts, "bench-2.0", p2.manifest, files=False)
+        t3 = peer.rollback("bench-1.0")
+        verify.release_on(fleet, hosts, "bench-1.0", p1.manifest)
+        res.add("backout", tool, n, "seconds", t3)
+        log(f"  {tool} rollback: {t3:.1f} s (verified)")
+
+
+# -- 3, 6: no-op redeploy and orchestration overhead ----------------------------------------
+def noop_and_overhead(bench: Bench) -> None:
+    s, fleet, res = bench.sizes, bench.fleet, bench.results
+    n = s.noop_hosts
+    hosts = fleet.hosts[:n]
+    spec = content.make_tree(bench.work / "src-tiny", "1.0", s.tiny_bytes, s.tiny_files)
+    plan_all = write_plan(bench.work / f"plan-noop-{n}.yaml", bench.inventory(hosts), concurrency=n)
+    plan_one = write_plan(bench.work / "plan-one.yaml", bench.inventory(hosts[:1]), concurrency=1)
+    pkg = None
+    for rep in range(s.reps):
+        fleet.wipe(hosts)
+        log(f"no-op / overhead, {n} hosts, rep {rep + 1}/{s.reps}: ferry")
+        fh = bench.home(f"noop-{rep}")
+        pkg = fh.build(spec)
+        one = fh.deploy(plan_one, pkg.release)
+        announce("1 host (fixed cost)", one)
+        res.add("fixed", "ferry", 1, "seconds", one.wall)
+        res.add("fixed", "ferry", 1, "cpu_seconds", one.cpu)
+        res.add("fixed", "ferry", 1, "flow_seconds", fh.flow_seconds(one.report["id"]))
+        fresh = fh.deploy(plan_all, pkg.release)
+        announce(f"fresh tiny package to {n}", fresh)
+        verify.release_on(fleet, hosts, pkg.rid, pkg.manifest)
+        res.add("tiny", "ferry", n, "seconds", fresh.wall)
+        res.add("tiny", "ferry", n, "cpu_seconds", fresh.cpu)
+        res.add("overhead", "ferry", n, "cpu_ms_per_host", 1000 * (fresh.cpu - one.cpu) / (n - 1))
+        noop = fh.deploy(plan_all, pkg.release)
+        announce(f"no-op redeploy to {n}", noop)
+        verify.release_on(fleet, hosts, pkg.rid, pkg.manifest)
+        res.add("noop", "ferry", n, "seconds", noop.wall)
+        res.add("noop", "ferry", n, "cpu_seconds", noop.cpu)
+        res.add("noop", "ferry", n, "bytes_sent", noop.report["bytes_sent"])
+        res.add("noop", "ferry", n, "flow_seconds", fh.flow_seconds(noop.report["id"]))
+        res.add("noop", "ferry", n, "cpu_ms_per_host", 1000 * (noop.cpu - one.cpu) / n)
+    assert pkg is not None
+    # the peers' no-op: their deploy again over a fleet that already has the release
+    fleet.wipe(hosts)
+    seed_peer_release(bench, hosts, pkg, "bench-1.0", flip=True)
+    verify.release_on(fleet, hosts, "bench-1.0", pkg.manifest)
+    for rep in range(s.reps):
+        for tool in rotate(["pyinfra", "ansible"], rep):
+            log(f"no-op {n} hosts, rep {rep + 1}/{s.reps}: {tool}")
+            cls = peers.Ansible if tool == "ansible" else peers.Pyinfra
+            peer = cls(fleet, hosts, bench.work / tool / f"noop-{n}")
+            t = peer.deploy(pkg.archive, "bench-1.0")
+            verify.release_on(fleet, hosts, "bench-1.0", pkg.manifest)
+            res.add("noop", tool, n, "seconds", t)
+            res.add("noop", tool, n, "cpu_seconds", peer.last_cpu)
+            log(f"  {tool}: {t:.1f} s, {peer.last_cpu:.1f} s CPU (verified)")
+
+
+def embedded(bench: Bench) -> None:
+    """One deploy to one host with Prefect embedded (fresh home: its first start)."""
+    hosts = bench.fleet.hosts[:1]
+    bench.fleet.wipe(hosts)
+    spec = content.make_tree(bench.work / "src-tiny", "1.0", bench.sizes.tiny_bytes, 20)
+    fh = bench.home("embedded", prefect=False)
+    pkg = fh.build(spec)
+    plan = write_plan(bench.work / "plan-one.yaml", bench.inventory(hosts), concurrency=1)
+    d = fh.deploy(plan, pkg.release)
+    announce("1 host, embedded Prefect (fresh)", d)
+    verify.release_on(bench.fleet, hosts, pkg.rid, pkg.manifest)
+    bench.results.add("embedded", "ferry", 1, "seconds", d.wall)
+    d = fh.deploy(plan, pkg.release)
+    announce("1 host, embedded Prefect (existing DB)", d)
+    bench.results.add("embedded", "ferry-warm", 1, "seconds", d.wall)
+
+
+# -- 5: DML ------------------------------------------------------------------------------
+def dml(bench: Bench) -> None:
+    """benchmarks/dml_bench.py's measurements, medians over reps, data deleted after."""
+    from benchmarks import dml_bench
+
+    s, res = bench.sizes, bench.results
+    work = bench.work / "dml"
+    shutil.rmtree(work, ignore_errors=True)
+    src = work / "src"
+    try:
+        size = dml_bench.make_tree(src, int(s.dml_gib * (1 << 30)))
+        res.note("dml_bytes", size)
+        res.note("dml_files", sum(1 for p in (src / "app").rglob("*") if p.is_file()))
+        subprocess.run(["sync"], check=True)
+        subprocess.run(f"find {src} -type f -print0 | xargs -0 cat > /dev/null", shell=True)
+        spec = src / "release.yaml"
+        for rep in range(s.reps):
+            log(f"DML {size / (1 << 30):.2f} GiB, rep {rep + 1}/{s.reps}")
+            t, _, _ = timed(f"find {src}/app -type f -print0 | xargs -0 sha256sum", shell=True)
+            res.add("dml", "sha256sum", 0, "seconds", t)
+            t, _, _ = timed(f"tar -C {src} -cf - app | zstd -T0 -3 -q -c > /dev/null", shell=True)
+            res.add("dml", "tar|zstd -T0", 0, "seconds", t)
+            b, total, _ = dml_bench.ferry_cli(work, spec, f"cli{rep}")
+            res.add("dml", "ferry build", 0, "seconds", b)
+            res.add("dml", "ferry build+checkin", 0, "seconds", total)
+            res.add(
+                "dml",
+                "ferry API build+checkin",
+                0,
+                "seconds",
+                dml_bench.ferry_api(work, spec, f"api{rep}"),
+            )
+            log(
+                f"  sha256sum {res.get('dml', 'sha256sum', 0, 'seconds')[-1]:.1f} s, "
+                f"tar|zstd {res.get('dml', 'tar|zstd -T0', 0, 'seconds')[-1]:.1f} s, "
+                f"ferry build {b:.1f} s, build+checkin {total:.1f} s"
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def profile_cold(bench: Bench, n: int, spec1: Path, out: Path) -> None:
+    """py-spy (from the peers venv) over one Ferry cold push: where the time goes."""
+    hosts = bench.fleet.hosts[:n]
+    bench.fleet.wipe(hosts)
+    fh = bench.home("profile")
+    pkg = fh.build(spec1)
+    plan = write_plan(bench.work / "plan-profile.yaml", bench.inventory(hosts), concurrency=n)
+    rfc = fh.rfc(pkg.release)
+    spy = PEERS_VENV / "bin" / "py-spy"
+    cmd = [
+        str(spy), "record", "-o", str(out), "-f", "raw", "-r", "50", "--threads", "--",
+        str(FERRY_BIN),
+        "deploy", str(plan), "--release", pkg.release, "--rfc", rfc, "-o", "json",
+    ]  # fmt: skip
+    timed(cmd, env=fh.env, cwd=fh.dir)
+    log(f"profile written to {out}")
