@@ -240,3 +240,19 @@ def test_a_host_whose_key_is_not_the_known_one_is_refused_and_never_written(clea
     failure = res.json()["hosts"]["h1"]["failure"]
     assert "host key" in failure["reason"]
     assert list(fleet.root_dir("h1").iterdir()) == []
+
+
+def test_a_hung_host_times_out_counts_as_failed_and_never_hangs_the_rollout(clean_small, run_ferry):
+    fleet, work = clean_small, Path.cwd()
+    build(work, "1.0")
+    p = plan(work, fleet, targets="h1,h2", waves=[1, "100%"])
+    with fleet.faulted("h2", "hang"):  # sshd stopped: TCP connects, no banner ever comes
+        started = time.monotonic()
+        res = deploy(run_ferry, p, "shop@1.0", rfc(run_ferry, "shop@1.0"))
+        took = time.monotonic() - started
+    assert res.returncode == 4, res.stdout + res.stderr
+    out = res.json()
+    assert out["milestones"][-1]["failed"] == ["h2"]
+    assert out["hosts"]["h1"]["status"] == "backed-out"
+    assert host_release(fleet, "h1") is None  # no prior baseline: current removed
+    assert took < 60, f"the rollout took {took:.0f}s with a 3s connect timeout"

@@ -116,3 +116,17 @@ def test_another_pinned_key_is_never_replaced_silently(tmp_path):
     run(tmp_path, "pin", "--key", PUB.hex())
     rc, res = run(tmp_path, "pin", "--key", "11" * 32)
     assert rc == ferry_agent.EXIT_INTEGRITY and "another DML key" in res["message"]
+
+
+def test_prune_keeps_the_newest_releases_and_every_protected_one(tmp_path):
+    run(tmp_path, "pin", "--key", PUB.hex())
+    for i in range(5):
+        raw, sig, _ = package({f"u/{i}": str(i).encode()})
+        objects = {hashlib.sha256(str(i).encode()).hexdigest(): str(i).encode()}
+        run(tmp_path, "receive", "--id", f"r{i}", stdin=receive_stream(raw, sig, objects))
+        assert run(tmp_path, "verify", "--id", f"r{i}")[0] == 0
+        run(tmp_path, "switch", "--id", f"r{i}")
+    rc, res = run(tmp_path, "prune", "--keep", "2", "--protect", "r0")
+    assert rc == 0
+    assert sorted(res["removed"]) == ["r1", "r2"]
+    assert sorted(p.name for p in (tmp_path / "releases").iterdir()) == ["r0", "r3", "r4"]
