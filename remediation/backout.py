@@ -26,7 +26,6 @@ from orchestrator.cms import audit
 from orchestrator.cms.db import session_scope
 from orchestrator.cms.models import RFC, Deployment, EnvironmentBaseline, HostBaseline, utcnow
 from orchestrator.errors import AuthorizationRefused, BadInput, ExitCode
-from orchestrator.journal import steps_by_host
 from orchestrator.planner import Baseline
 from orchestrator.settings import Settings
 from remediation import recorded
@@ -53,7 +52,7 @@ def back_out(req: BackoutRequest, settings: Settings, progress: Progress) -> Bac
     url = settings.cms_url
     rec = recorded.load(url, req.deployment_id)
     _refuse_unsafe(rec)
-    journal = steps_by_host(url, rec.id)
+    journal = recorded.journal(url, rec)
     if not journal:
         progress(f"deployment {rec.id} ({rec.status}) never touched a host: nothing to back out")
         return BackoutOutcome(0, _report(rec, None, "nothing-to-do", []))

@@ -81,7 +81,7 @@ def judge(host: str, expected: str, release: str, back: dict[str, Any]) -> HostD
             expected,
             release,
             current,
-            f"current is {current or 'unset'}, the CMS baseline is {expected}",
+            f"current is {current or 'unset'}, the CMS baseline is {expected} ({release})",
         )
     if not back.get("ok"):
         bad = back.get("mismatches", [])
@@ -123,9 +123,10 @@ def audit_drift(
         conn = SSHHost(host, inventory.ssh, connect_timeout=inventory.ssh.connect_timeout)
         try:
             ops = HostOps(conn, roots.get(name) or host.deploy_root, settings.command_timeout)
-            return judge(name, expected, release, ops.readback(None, full))
+            return judge(name, expected, release, ops.readback(expected, full))
         except TransportError as exc:
-            return HostDrift(name, "unreachable", expected, release, None, exc.message)
+            why = exc.message.removeprefix(f"{name}: ")
+            return HostDrift(name, "unreachable", expected, release, None, why)
         except StepFailed as exc:
             return HostDrift(name, "unreachable", expected, release, None, f"agent: {exc.message}")
         finally:

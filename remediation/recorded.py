@@ -107,6 +107,27 @@ def load(url: str, deployment_id: str | int) -> RecordedDeployment:
         return snapshot(dep)
 
 
+def journal(url: str, rec: RecordedDeployment) -> dict[str, dict[str, str]]:
+    """host → {step: last status}: the deployment's journal, with the backout steps of every
+    earlier manual backout of it laid over (so a restore already done is not done twice)."""
+    from orchestrator.journal import steps_by_host
+    from orchestrator.planner import BACKOUT_STEPS
+
+    merged = steps_by_host(url, rec.id)
+    with session_scope(url) as s:
+        rows = s.scalars(
+            select(Deployment)
+            .where(Deployment.strategy == "backout", Deployment.environment == rec.environment)
+            .order_by(Deployment.id)
+        )
+        earlier = [r.id for r in rows if (r.evidence or {}).get("backs_out") == rec.id]
+    for bid in earlier:
+        for host, steps in steps_by_host(url, bid).items():
+            if host in merged:
+                merged[host].update({k: v for k, v in steps.items() if k in BACKOUT_STEPS})
+    return merged
+
+
 # -- is anybody still running it? ------------------------------------------------------------
 def runner_alive(evidence: dict[str, Any]) -> bool | None:
     """True/False when the deploying process was on this machine; None when we cannot tell."""
@@ -254,7 +275,8 @@ def backout_executor(
         public_key_hex="",
         journal=Journal(settings.cms_url, journal_deployment),
         deployment_id=rec.id,
-        cache_root=settings.home / "cache" / "objects",
+        # never filled (a backout transfers nothing); Executor.close() removes it
+        cache_root=settings.home / "cache" / f"remediation-{journal_deployment}",
         progress=progress,
         stop=threading.Event(),
     )

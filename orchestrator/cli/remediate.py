@@ -165,21 +165,31 @@ def _p(text: str) -> None:
 
 
 def _print_hosts(data: dict[str, Any], what: str) -> None:
-    head = f"{what} of deployment {data.get('backs_out', data['id'])}: {data['status']}"
+    """Restored hosts grouped by the release they are on; every other host by name."""
     if data.get("action") == "already-finished":
-        head = f"deployment {data['id']} already finished ({data['status']}): nothing changed"
-    _p(head)
+        _p(f"deployment {data['id']} already finished ({data['status']}): nothing changed")
+        return
+    _p(f"{what} of deployment {data.get('backs_out', data['id'])}: {data['status']}")
+    on: dict[str, list[str]] = {}
     for host, h in data["hosts"].items():
         if h["restored"]:
-            _p(f"  {host}: on {h['prior'] or 'no release'} ({h['verdict']})")
-        else:
-            _p(f"  {host}: NOT restored: {h['verdict']}: {h['error']} (current: {h['current']})")
+            on.setdefault(h["prior"] or "no release (current removed)", []).append(host)
+    for release, names in on.items():
+        _p(f"  on {release} ({len(names)}): {', '.join(names)}")
+    for host, h in data["hosts"].items():
+        if not h["restored"]:
+            _p(f"  ✗ {host}: NOT restored: {h['verdict']}: {h['error']} (current: {h['current']})")
     if data["needs_remediation"]:
         _p("hosts needing remediation: " + ", ".join(data["needs_remediation"]))
 
 
 def _print_drift(data: dict[str, Any]) -> None:
+    """Hosts grouped by state; the detail of every host that is not ok."""
     counts = ", ".join(f"{n} {state}" for state, n in data["counts"].items() if n)
     _p(f"drift audit{' (' + data['environment'] + ')' if data['environment'] else ''}: {counts}")
+    ok = [h for h, d in data["hosts"].items() if d["state"] == "ok"]
+    if ok:
+        _p(f"  ok ({len(ok)}): {', '.join(ok)}")
     for host, h in data["hosts"].items():
-        _p(f"  {host}: {h['state']}  {h['detail']}")
+        if h["state"] != "ok":
+            _p(f"  {h['state']}: {host}: {h['detail']}")

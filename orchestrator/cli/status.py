@@ -79,10 +79,12 @@ def print_status(data: dict[str, Any]) -> None:
     _p("Recent deployments:")
     for d in data["deployments"]:
         live = f" [{d['liveness']}]" if d["liveness"] else ""
+        what = f"{d['release']} → {d['environment']}  {d['strategy']}"
+        if d["strategy"] == "backout":
+            what = f"backout of {d['release']} in {d['environment']}"
         _p(
-            f"  {d['id']:>4}  {d['status']}{live}  {d['release']} → {d['environment']}  "
-            f"{d['strategy']}  {d['rfc'] or 'no RFC'}  {_t(d['started_at'])} … "
-            f"{_t(d['finished_at'])}"
+            f"  {d['id']:>4}  {d['status']}{live}  {what}  {d['rfc'] or 'no RFC'}  "
+            f"{_t(d['started_at'])} … {_t(d['finished_at'])}"
         )
         if d["reason"]:
             _p(f"        {d['reason']}")
