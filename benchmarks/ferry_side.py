@@ -183,6 +183,38 @@ class FerryHome:
             ).fetchone()
         return (_ts(b) - _ts(a)).total_seconds()
 
+    def timeline(self, deployment: int) -> dict[str, float]:
+        """Where a deployment's time went, from the journal: seconds per phase, and per step
+        the median and the longest host."""
+        with self._db() as db:
+            d0, d1 = db.execute(
+                "select started_at, finished_at from deployments where id = ?", (deployment,)
+            ).fetchone()
+            w = db.execute(
+                "select min(started_at), max(finished_at) from waves where deployment_id = ?",
+                (deployment,),
+            ).fetchone()
+            rows = db.execute(
+                "select step, started_at, finished_at from host_steps "
+                "where deployment_id = ? and wave_index >= 0",
+                (deployment,),
+            ).fetchall()
+        out: dict[str, float] = {}
+        first = min(_ts(r[1]) for r in rows)
+        last = max(_ts(r[2]) for r in rows)
+        out["before first step (gate, check-in, object cache)"] = (first - _ts(d0)).total_seconds()
+        out["host steps, first start to last end"] = (last - first).total_seconds()
+        out["after last step to verdict (read-back + checks)"] = (_ts(w[1]) - last).total_seconds()
+        out["verdict to deployment finished"] = (_ts(d1) - _ts(w[1])).total_seconds()
+        steps: dict[str, list[float]] = {}
+        for step, a, b in rows:
+            steps.setdefault(step, []).append((_ts(b) - _ts(a)).total_seconds())
+        for step, ds in steps.items():
+            ds.sort()
+            out[f"step {step}: median host"] = ds[len(ds) // 2]
+            out[f"step {step}: slowest host"] = ds[-1]
+        return out
+
     def backout_seconds(self, deployment: int) -> tuple[float, int]:
         """(seconds from the failed milestone's verdict to the last host's backout step
         finished, hosts backed out)."""

@@ -40,6 +40,12 @@ def machine_facts() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             facts[dist] = "?"
     facts |= peers.versions()
+    head = run(["git", "-C", str(BENCH.parent), "rev-parse", "--short", "HEAD"], check=False)
+    dirty = run(
+        ["git", "-C", str(BENCH.parent), "status", "--porcelain", "orchestrator", "dml"],
+        check=False,
+    )
+    facts["commit"] = head.stdout.decode().strip() + (" (+ local changes)" if dirty.stdout else "")
     facts["zstd"] = run(["zstd", "--version"], check=False).stdout.decode().strip().split(",")[0]
     return facts
 
@@ -106,6 +112,7 @@ def write(r: Results, out: Path) -> None:
         lines += ["**QUICK RUN (small sizes, 1 repetition): not the reference numbers.**", ""]
     lines += _main_table(r, notes)
     lines += _targets(r)
+    lines += _where(notes)
     lines += _details(r, notes)
     lines += _machine(m, notes)
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -206,6 +213,41 @@ def _targets(r: Results) -> list[str]:
     return [*lines, ""]
 
 
+def _where(notes: dict[str, Any]) -> list[str]:
+    """The profile run (--only profile): the journal's timeline and py-spy's buckets."""
+    lines: list[str] = []
+    for key, line in sorted(notes.items(), key=lambda kv: kv[0].startswith("profile")):
+        if key.startswith("timeline_cold_"):
+            n = key.rsplit("_", 1)[1]
+            lines += [
+                f"## Where Ferry's cold push goes ({n} hosts, one run, CMS journal)",
+                "",
+                "| phase | seconds |",
+                "|---|---:|",
+            ]
+            lines += [f"| {k} | {v:.2f} |" for k, v in line.items()]
+            if "cli_start_seconds" in notes:
+                lines.append(
+                    f"| `ferry --help` (CLI start-up alone) | {notes['cli_start_seconds']:.2f} |"
+                )
+                lines.append(
+                    f"| `python -c 'import prefect'` | {notes['import_prefect_seconds']:.2f} |"
+                )
+            lines.append("")
+        if key.startswith("profile_cold_"):
+            n = key.rsplit("_", 1)[1]
+            lines += [
+                f"py-spy over one `ferry deploy` ({n} hosts, 100 Hz, all threads, non-idle "
+                f"samples: {line.get('samples', 0):.0f}); share of samples whose stack is in:",
+                "",
+                "| bucket | share |",
+                "|---|---:|",
+            ]
+            lines += [f"| {k} | {v:.0%} |" for k, v in line.items() if k != "samples"]
+            lines.append("")
+    return lines
+
+
 def _details(r: Results, notes: dict[str, Any]) -> list[str]:
     lines = [
         "## Every cell",
@@ -248,7 +290,7 @@ def _details(r: Results, notes: dict[str, Any]) -> list[str]:
 
 def _machine(m: dict[str, Any], notes: dict[str, Any]) -> list[str]:
     keys = [
-        "date", "cores", "cpu", "ram_gib", "kernel", "os", "python", "ferry", "paramiko",
+        "date", "commit", "cores", "cpu", "ram_gib", "kernel", "os", "python", "ferry", "paramiko",
         "prefect", "ansible-core", "pyinfra", "OpenSSH", "zstd", "load_at_start",
     ]  # fmt: skip
     lines = ["## Machine", "", "| | |", "|---|---|"]

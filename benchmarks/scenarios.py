@@ -350,18 +350,61 @@ def dml(bench: Bench) -> None:
 
 
 def profile_cold(bench: Bench, n: int, spec1: Path, out: Path) -> None:
-    """py-spy (from the peers venv) over one Ferry cold push: where the time goes."""
+    """Where Ferry's cold push spends its time: the journal's timeline of one plain run, the
+    CLI's start-up, then py-spy (from the peers venv) over a second run."""
     hosts = bench.fleet.hosts[:n]
+    plan = write_plan(bench.work / "plan-profile.yaml", bench.inventory(hosts), concurrency=n)
+    res = bench.results
+    bench.fleet.wipe(hosts)
+    fh = bench.home("timeline")
+    pkg = fh.build(spec1)
+    d = fh.deploy(plan, pkg.release)
+    announce(f"cold {n} (timeline)", d)
+    verify.release_on(bench.fleet, hosts, pkg.rid, pkg.manifest)
+    line = {
+        "wall clock of `ferry deploy`": d.wall,
+        "deployment record": fh.flow_seconds(d.report["id"]),
+    }
+    line |= fh.timeline(d.report["id"])
+    res.note(f"timeline_cold_{n}", line)
+    start = [timed([str(FERRY_BIN), "--help"], env=fh.env)[0] for _ in range(3)]
+    imp = [
+        timed([str(FERRY_BIN.with_name("python")), "-c", "import prefect"], env=fh.env)[0]
+        for _ in range(3)
+    ]
+    res.note("cli_start_seconds", median(start))
+    res.note("import_prefect_seconds", median(imp))
     bench.fleet.wipe(hosts)
     fh = bench.home("profile")
     pkg = fh.build(spec1)
-    plan = write_plan(bench.work / "plan-profile.yaml", bench.inventory(hosts), concurrency=n)
     rfc = fh.rfc(pkg.release)
-    spy = PEERS_VENV / "bin" / "py-spy"
     cmd = [
-        str(spy), "record", "-o", str(out), "-f", "raw", "-r", "50", "--threads", "--",
-        str(FERRY_BIN),
+        str(PEERS_VENV / "bin" / "py-spy"), "record", "-o", str(out), "-f", "raw", "-r", "100",
+        "--threads", "--", str(FERRY_BIN),
         "deploy", str(plan), "--release", pkg.release, "--rfc", rfc, "-o", "json",
     ]  # fmt: skip
     timed(cmd, env=fh.env, cwd=fh.dir)
+    res.note(f"profile_cold_{n}", summarize_profile(out))
     log(f"profile written to {out}")
+
+
+def summarize_profile(path: Path) -> dict[str, float]:
+    """Share of py-spy's (non-idle) samples in a few buckets that matter for the owner."""
+    buckets = {
+        "imports (CLI and Prefect start-up)": "_find_and_load",
+        "Prefect flow engine": "prefect/flow_engine.py",
+        "paramiko (commands, hooks, checks)": "paramiko/",
+        "OpenSSH bulk stream (feeding ssh)": "transport/openssh.py",
+        "object cache (extract from the DML archive)": "ObjectCache.ensure",
+        "journal / CMS (SQLAlchemy)": "sqlalchemy/",
+        "DML open + verify": "dml/store.py",
+    }
+    total = 0
+    counts = dict.fromkeys(buckets, 0)
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        total += int(n)
+        for name, needle in buckets.items():
+            if needle in stack:
+                counts[name] += int(n)
+    return {k: v / total for k, v in counts.items()} | {"samples": total}
