@@ -125,7 +125,7 @@ def audit_drift(
             ops = HostOps(conn, roots.get(name) or host.deploy_root, settings.command_timeout)
             return judge(name, expected, release, ops.readback(expected, full))
         except TransportError as exc:
-            why = exc.message.removeprefix(f"{name}: ")
+            why = exc.message.removeprefix(f"{name}: ").removeprefix("unreachable: ")
             return HostDrift(name, "unreachable", expected, release, None, why)
         except StepFailed as exc:
             return HostDrift(name, "unreachable", expected, release, None, f"agent: {exc.message}")
