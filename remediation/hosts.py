@@ -60,7 +60,8 @@ def plan_host(
     if current == prior_id:
         owed = "restore" in steps and journal.get("restore") != "succeeded"
         if owed:
-            return HostPlan(host, prior, current, "data-only", ("restore", "recheck"))
+            data = ("restore", "recheck") if prior is not None else ("restore",)
+            return HostPlan(host, prior, current, "data-only", data)
         return HostPlan(host, prior, current, "at-prior")
     if current == release_id:
         if "revert" not in steps:  # on this release although the journal never saw a switch

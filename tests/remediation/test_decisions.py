@@ -45,7 +45,9 @@ def test_a_host_on_a_third_release_is_left_alone_and_named():
 
 def test_a_host_without_prior_loses_current_and_an_unreachable_one_is_named():
     assert plan_host("h1", FULL, None, NEW, NEW).steps == ("revert", "restore")
-    assert plan_host("h1", FULL, None, None, NEW).verdict == "at-prior"
+    # already reverted to no release, data not yet restored: restore (no prior to recheck)
+    assert plan_host("h1", FULL, None, None, NEW).steps == ("restore",)
+    assert plan_host("h1", {**FULL, "restore": "succeeded"}, None, None, NEW).steps == ()
     down = plan_host("h1", FULL, PRIOR, TransportError("h1", "unreachable"), NEW)
     assert down.verdict == "unreachable" and "h1" in down.note
 
