@@ -58,7 +58,7 @@ class ObjectCache:
 
     def __init__(self, package: Any, cache_root: Path) -> None:
         self.package = package
-        self.dir = cache_root  # one per deployment: removed when the deployment ends
+        self.dir = cache_root / "objects"  # its own directory: removed when the run ends
         self.sizes = {f.sha256: f.size for f in package.files}
         self._lock = threading.Lock()
         self._ready = False
@@ -223,7 +223,11 @@ class Executor:
     def _stage(self, ops: HostOps, rid: str) -> dict[str, Any]:
         state = ops.state()
         if state.get("digests", {}).get(rid) == self.package.digest:
-            return {"bytes_sent": 0, "already": True}
+            # the host holds this release: trust it only after checking its files again
+            check = ops.check_release(rid, self.plan.readback == "full")
+            if check["ok"]:
+                return {"bytes_sent": 0, "already": True}
+            self.progress(f"  {ops.name}: its copy of {rid} was altered; staging it afresh")
         ops.pin(self.key_hex)
         result = ops.stage(
             rid, self.package.manifest_bytes, self.package.signature, self.objects.stream()

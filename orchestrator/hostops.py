@@ -135,6 +135,10 @@ class HostOps:
     def switch(self, rid: str | None, step: str = "activate") -> dict[str, Any]:
         return self.call(step, "switch", *(["--id", rid] if rid else ["--none"]))
 
+    def check_release(self, rid: str, full: bool) -> dict[str, Any]:
+        """Is releases/<rid> intact? A tampered copy is set aside by the agent."""
+        return self.call("stage", "check", "--id", rid, *(["--full"] if full else []))
+
     def readback(self, rid: str | None, full: bool) -> dict[str, Any]:
         args = (["--id", rid] if rid else []) + (["--full"] if full else [])
         return self.call("readback", "readback", *args)

@@ -420,6 +420,23 @@ def op_switch(host, args):
     return {"current": target, "before": before}
 
 
+def _mismatches(host, rid, full):
+    """Files of releases/<rid> that differ from its signed manifest (sizes; sha256 if full)."""
+    manifest = host.load_manifest(rid)
+    base = os.path.join(host.releases, rid)
+    out = []
+    for e in manifest["content"]["files"]:
+        path = os.path.join(base, safe_relpath(e["path"]))
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            out.append("%s: missing" % e["path"])
+            continue
+        if st.st_size != e["size"] or (full and sha256_file(path) != e["sha256"]):
+            out.append("%s: content differs" % e["path"])
+    return manifest, out
+
+
 def op_readback(host, args):
     """What `current` points at, and whether every file matches the signed manifest."""
     cur = host.current()
@@ -430,21 +447,35 @@ def op_readback(host, args):
     if args.id and cur != args.id:
         result["mismatches"].append("current is %s, expected %s" % (cur, args.id))
         return result
-    manifest = host.load_manifest(cur)
-    base = os.path.join(host.releases, cur)
-    for e in manifest["content"]["files"]:
-        path = os.path.join(base, safe_relpath(e["path"]))
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            result["mismatches"].append("%s: missing" % e["path"])
-            continue
-        if st.st_size != e["size"] or (args.full and sha256_file(path) != e["sha256"]):
-            result["mismatches"].append("%s: content differs" % e["path"])
+    manifest, result["mismatches"] = _mismatches(host, cur, args.full)
     result["ok"] = not result["mismatches"]
     result["digest"] = manifest["digest"]
     result["files"] = len(manifest["content"]["files"])
     return result
+
+
+def op_check(host, args):
+    """Is a published release intact? If not, set it aside so that it is staged afresh.
+
+    A release whose files were changed on the host is never trusted again: it is renamed to
+    releases/.broken-<id>-<time> (kept for forensics, pruned by hand) and its metadata
+    removed, so the next stage re-sends what is needed and verify publishes a clean copy.
+    """
+    rid = safe_id(args.id)
+    if rid not in host.verified_ids():
+        return {"release": rid, "present": False, "ok": False, "mismatches": []}
+    _manifest, bad = _mismatches(host, rid, args.full)
+    if bad:
+        aside = os.path.join(host.releases, ".broken-%s-%d" % (rid, int(time.time())))
+        os.rename(os.path.join(host.releases, rid), aside)
+        for suffix in (".json", ".sig"):
+            try:
+                os.unlink(os.path.join(host.meta, rid + suffix))
+            except FileNotFoundError:
+                pass
+        return {"release": rid, "present": True, "ok": False, "mismatches": bad[:20],
+                "set_aside": aside}
+    return {"release": rid, "present": True, "ok": True, "mismatches": []}
 
 
 def op_prune(host, args):
@@ -474,6 +505,7 @@ OPS = {
     "config": op_config,
     "switch": op_switch,
     "readback": op_readback,
+    "check": op_check,
     "prune": op_prune,
 }
 

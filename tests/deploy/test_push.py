@@ -256,3 +256,18 @@ def test_a_hung_host_times_out_counts_as_failed_and_never_hangs_the_rollout(clea
     assert out["hosts"]["h1"]["status"] == "backed-out"
     assert host_release(fleet, "h1") is None  # no prior baseline: current removed
     assert took < 60, f"the rollout took {took:.0f}s with a 3s connect timeout"
+
+
+def test_a_release_altered_on_a_host_is_staged_afresh_when_deployed_again(clean_small, run_ferry):
+    fleet, work = clean_small, Path.cwd()
+    build(work, "1.0")
+    p = plan(work, fleet, targets="h1,h2", waves=[1, "100%"])
+    first = deploy(run_ferry, p, "shop@1.0", rfc(run_ferry, "shop@1.0"))
+    assert first.returncode == 0
+    version = fleet.root_dir("h1") / "releases" / rid("shop@1.0") / "app" / "VERSION"
+    version.write_text("6.6\n")  # same size, other bytes
+    res = deploy(run_ferry, p, "shop@1.0", rfc(run_ferry, "shop@1.0"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    # the altered copy is never a source again: h1 gets the release anew, h2 nothing
+    assert res.json()["bytes_sent"] == first.json()["bytes_sent"] // 2
+    assert files_match(fleet, "h1", "shop@1.0") and files_match(fleet, "h2", "shop@1.0")

@@ -130,3 +130,22 @@ def test_prune_keeps_the_newest_releases_and_every_protected_one(tmp_path):
     assert rc == 0
     assert sorted(res["removed"]) == ["r1", "r2"]
     assert sorted(p.name for p in (tmp_path / "releases").iterdir()) == ["r0", "r3", "r4"]
+
+
+def test_a_release_altered_on_the_host_is_set_aside_and_never_trusted_again(tmp_path):
+    files = {"u/a.txt": b"alpha"}
+    raw, sig, _ = package(files)
+    run(tmp_path, "pin", "--key", PUB.hex())
+    objects = {hashlib.sha256(b"alpha").hexdigest(): b"alpha"}
+    run(tmp_path, "receive", "--id", "r", stdin=receive_stream(raw, sig, objects))
+    run(tmp_path, "verify", "--id", "r")
+    assert run(tmp_path, "check", "--id", "r", "--full")[1]["ok"]
+    (tmp_path / "releases/r/u/a.txt").write_bytes(b"alphA")
+    rc, res = run(tmp_path, "check", "--id", "r", "--full")
+    assert rc == 0 and not res["ok"] and res["set_aside"]
+    assert run(tmp_path, "state")[1]["digests"] == {}  # the host no longer claims it
+    # staged afresh: the altered copy is not a source; the object must be sent again
+    rc, res = run(tmp_path, "receive", "--id", "r", stdin=receive_stream(raw, sig, objects))
+    assert rc == 0 and res["needed"] == 1
+    assert run(tmp_path, "verify", "--id", "r")[0] == 0
+    assert (tmp_path / "releases/r/u/a.txt").read_bytes() == b"alpha"
