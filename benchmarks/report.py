@@ -108,6 +108,8 @@ def write(r: Results, out: Path) -> None:
         "(sha256 of every file and `current`) after each run. Method: docs/benchmarks.md.",
         "",
     ]
+    for remark in notes.get("remarks", []):
+        lines += [f"> {remark}", ""]
     if notes.get("quick"):
         lines += ["**QUICK RUN (small sizes, 1 repetition): not the reference numbers.**", ""]
     lines += _main_table(r, notes)
@@ -217,10 +219,10 @@ def _where(notes: dict[str, Any]) -> list[str]:
     """The profile run (--only profile): the journal's timeline and py-spy's buckets."""
     lines: list[str] = []
     for key, line in sorted(notes.items(), key=lambda kv: kv[0].startswith("profile")):
-        if key.startswith("timeline_cold_"):
-            n = key.rsplit("_", 1)[1]
+        if key.startswith("timeline_"):
+            _, kind, n = key.split("_")
             lines += [
-                f"## Where Ferry's cold push goes ({n} hosts, one run, CMS journal)",
+                f"## Where Ferry's {kind} push goes ({n} hosts, CMS journal, median of runs)",
                 "",
                 "| phase | seconds |",
                 "|---|---:|",

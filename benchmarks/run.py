@@ -24,6 +24,7 @@ from benchmarks.ferry_side import PrefectServer
 from orchestrator.lab.fleet import Fleet
 
 ALL = ["push", "noop", "embedded", "dml"]
+# push at one size only (keeps the other size's cells): push20, push50 (quick: push5, push10)
 ALIASES = {"cold": "push", "incremental": "push", "backout": "push", "overhead": "noop"}
 CELLS = {  # which results.json scenarios each --only name re-measures
     "push": {"cold", "incremental", "backout"},
@@ -41,18 +42,30 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="small sizes, 1 repetition")
     ap.add_argument("--only", default="", help="comma-separated: " + ", ".join([*ALL, "profile"]))
     ap.add_argument("--reps", type=int, default=None, help="repetitions per cell (default 3)")
+    ap.add_argument(
+        "--big-peer-reps",
+        type=int,
+        default=None,
+        help="repetitions of the peers' cold push at the backout size (default: --reps)",
+    )
     return ap.parse_args()
 
 
 def main() -> None:
     args = parse()
     chosen = [ALIASES.get(x, x) for x in args.only.split(",") if x] or ALL
+    sizes_only = {int(x[4:]) for x in chosen if x.startswith("push") and x[4:].isdigit()}
+    chosen = ["push" if x.startswith("push") else x for x in chosen]
     unknown = set(chosen) - set(CELLS)
     if unknown:
         raise SystemExit(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     sizes = scenarios.Sizes.quick() if args.quick else scenarios.Sizes()
     if args.reps:
         sizes.reps = args.reps
+    if args.big_peer_reps is not None:
+        sizes.big_peer_reps = args.big_peer_reps
+    if sizes_only:
+        sizes.cold_hosts = tuple(n for n in sizes.cold_hosts if n in sizes_only)
     out_dir = WORK / "quick" if args.quick else BENCH
     out_dir.mkdir(parents=True, exist_ok=True)
     res_path = out_dir / "results.json"
@@ -60,7 +73,8 @@ def main() -> None:
     if args.only:
         drop = set().union(*(CELLS[c] for c in chosen))
         for key in [k for k, v in results.cells.items() if v.get("scenario") in drop]:
-            del results.cells[key]
+            if not sizes_only or results.cells[key]["hosts"] in sizes_only:
+                del results.cells[key]
     results.note("started", time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     results.note("reps", sizes.reps)
     results.note("quick", args.quick)
