@@ -69,14 +69,12 @@ def _down(fleet: Fleet, host: str) -> str:
 
 
 def _up(fleet: Fleet, host: str) -> str:
-    from orchestrator.lab.fleet import ssh_banner  # fleet imports this module
-
     _link(fleet, host, "up")
     # the link comes back at once, but a loaded machine may take a moment to pass traffic
     # again: return when the host answers, so that "up" means reachable
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        if ssh_banner(fleet.address(host), fleet.port(host), 1.0):
+        if build.ssh_banner(fleet.address(host), fleet.port(host), 1.0):
             return "link up"
         time.sleep(0.1)
     return "link up (the host did not answer within 15 s)"
