@@ -103,9 +103,11 @@ def run_demo() -> None:
     print(f"   RFC-{rfc2['id']} is {show['status']}, {len(show['history'])} events in its history")
     audit = ferry("cms", "verify-audit")
     print(f"   audit log: {audit['events']} events, chain intact: {audit['ok']}")
-    print(textwrap.dedent(f"""
+    print(
+        textwrap.dedent(f"""
         Done. Explore: FERRY_HOME={HOME} .venv/bin/ferry status
-                       FERRY_HOME={HOME} .venv/bin/ferry rfc list"""))
+                       FERRY_HOME={HOME} .venv/bin/ferry rfc list""")
+    )
 
 
 if __name__ == "__main__":

@@ -297,11 +297,10 @@ class DeploymentRun:
         ok_hosts = [
             a for a in ro.hosts() if self.outcomes.get(a.host, HostOutcome(a.host, False)).ok
         ]
-        current = self.executor.current_of(ok_hosts)
+        current = self.executor.prune(ok_hosts)  # retention, and `current` read back
         wrong = {h: c for h, c in current.items() if c != ro.release_id}
         if wrong:
             raise FerryError(f"read-back found hosts not on {ro.release_id}: {wrong}")
-        self.executor.prune(ok_hosts)
         with session_scope(self.url) as s:
             for a in ok_hosts:
                 row = s.get(HostBaseline, a.host) or HostBaseline(host=a.host)

@@ -8,6 +8,7 @@ point: between steps, never inside one (every remote step has a timeout).
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import threading
 import time
@@ -20,7 +21,7 @@ from typing import Any
 
 from orchestrator.backout import BackoutAction
 from orchestrator.errors import FerryError, StepFailed, TransportError
-from orchestrator.hostops import HostOps, object_stream, render
+from orchestrator.hostops import HostOps, render
 from orchestrator.inventory import SSHSettings
 from orchestrator.journal import Journal
 from orchestrator.milestone import HostOutcome
@@ -58,9 +59,11 @@ class ObjectCache:
 
     def __init__(self, package: Any, cache_root: Path) -> None:
         self.package = package
-        self.dir = cache_root / "objects"  # its own directory: removed when the run ends
+        self.root = cache_root
+        self.dir = cache_root / "objects"
         self.sizes = {f.sha256: f.size for f in package.files}
         self._lock = threading.Lock()
+        self._frame_locks: dict[str, threading.Lock] = {}
         self._ready = False
 
     def ensure(self) -> None:
@@ -80,9 +83,30 @@ class ObjectCache:
                     tmp.replace(self.dir / entry.sha256)
             self._ready = True
 
-    def stream(self) -> Callable[[list[str]], Any]:
+    def frames(self, need: list[str]) -> Path:
+        """One file of `<sha256> <size>\\n<bytes>` frames and `END`, per distinct need.
+
+        Hosts that need the same objects (every host of a cold push) share one file, which
+        the transport hands to the kernel (sendfile): no Python loop per byte or per host.
+        """
         self.ensure()
-        return object_stream(self.dir, self.sizes)
+        wanted = sorted(need)
+        key = hashlib.sha256("\n".join(wanted).encode()).hexdigest()[:24]
+        path = self.dir.parent / "frames" / key
+        with self._lock:
+            lock = self._frame_locks.setdefault(key, threading.Lock())
+        with lock:
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                with open(tmp, "wb") as out:
+                    for sha in wanted:
+                        out.write(f"{sha} {self.sizes[sha]}\n".encode())
+                        with open(self.dir / sha, "rb") as f:
+                            shutil.copyfileobj(f, out, 1 << 20)
+                    out.write(b"END\n")
+                tmp.replace(path)
+        return path
 
 
 class Executor:
@@ -111,6 +135,7 @@ class Executor:
         self.ops: dict[str, HostOps] = {}
         self.touched: dict[str, dict[str, str]] = {}  # host → {step: status}
         self.bytes_sent: dict[str, int] = {}
+        self.already: set[str] = set()  # hosts that hold the release intact already
         self._lock = threading.Lock()
         self.templates = {t.dest: t.src.read_text() for t in plan.config}
 
@@ -137,7 +162,8 @@ class Executor:
     def close(self) -> None:
         for ops in self.ops.values():
             ops.conn.close()
-        shutil.rmtree(self.objects.dir, ignore_errors=True)
+        for sub in ("objects", "frames"):  # only what this run made
+            shutil.rmtree(self.objects.root / sub, ignore_errors=True)
 
     # -- context for hooks and checks ------------------------------------------------------
     def context(self, action: HostAction, release: str, rid: str | None) -> dict[str, Any]:
@@ -205,6 +231,8 @@ class Executor:
         if step == "stage":
             return self._stage(ops, rid)
         if step == "verify":
+            if ops.name in self.already:  # inspected intact in this very run
+                return {"release": rid, "already": True}
             return ops.verify(rid)
         if step == "snapshot":
             cmd = f"mkdir -p {ctx['snapshot_dir']} && " + self._render(hooks.snapshot, ctx, step)
@@ -221,17 +249,21 @@ class Executor:
         return render(template or "true", ctx, f"hooks.{step}")
 
     def _stage(self, ops: HostOps, rid: str) -> dict[str, Any]:
-        state = ops.state()
-        if state.get("digests", {}).get(rid) == self.package.digest:
-            # the host holds this release: trust it only after checking its files again
-            check = ops.check_release(rid, self.plan.readback == "full")
-            if check["ok"]:
-                return {"bytes_sent": 0, "already": True}
+        # one call: pin the key; a copy already on the host is trusted only once re-checked
+        started = time.monotonic()
+        info = ops.inspect(rid, self.key_hex, self.plan.readback == "full")
+        inspected = time.monotonic() - started
+        if info["have"]:
+            with self._lock:
+                self.already.add(ops.name)
+            return {"bytes_sent": 0, "already": True, "inspect_s": round(inspected, 3)}
+        if info["check"].get("set_aside"):
             self.progress(f"  {ops.name}: its copy of {rid} was altered; staging it afresh")
-        ops.pin(self.key_hex)
         result = ops.stage(
-            rid, self.package.manifest_bytes, self.package.signature, self.objects.stream()
+            rid, self.package.manifest_bytes, self.package.signature, self.objects.frames
         )
+        result["inspect_s"] = round(inspected, 3)
+        result["transfer_s"] = round(time.monotonic() - started - inspected, 3)
         with self._lock:
             self.bytes_sent[ops.name] = self.bytes_sent.get(ops.name, 0) + result["bytes_sent"]
         return result
@@ -358,28 +390,20 @@ class Executor:
         return {"checks": evidence}
 
     # -- the end ---------------------------------------------------------------------------
-    def current_of(self, hosts: list[HostAction]) -> dict[str, str | None]:
-        """Read every host's `current` (quick read-back) in parallel; None if unreachable."""
+    def prune(self, hosts: list[HostAction]) -> dict[str, str | None]:
+        """Retention on every host (the new release and each prior are kept); returns what
+        `current` points at on each, read back by the same call (None: unreachable)."""
 
         def one(a: HostAction) -> tuple[str, str | None]:
+            protect = [self.rollout.release_id, a.prior.release_id if a.prior else ""]
             try:
-                return a.host, self.host_ops(a).readback(None, False).get("current")
-            except (StepFailed, TransportError):
+                return a.host, self.host_ops(a).prune(self.plan.retention, protect)["current"]
+            except (StepFailed, TransportError) as exc:
+                self.progress(f"  {a.host}: not read back: {exc.message}")
                 return a.host, None
 
         with ThreadPoolExecutor(max_workers=min(self.plan.concurrency, len(hosts))) as pool:
             return dict(pool.map(one, hosts))
-
-    def prune(self, hosts: list[HostAction]) -> None:
-        def one(a: HostAction) -> None:
-            protect = [self.rollout.release_id, a.prior.release_id if a.prior else ""]
-            try:
-                self.host_ops(a).prune(self.plan.retention, protect)
-            except (StepFailed, TransportError) as exc:
-                self.progress(f"  {a.host}: retention prune skipped: {exc.message}")
-
-        with ThreadPoolExecutor(max_workers=min(self.plan.concurrency, len(hosts))) as pool:
-            list(pool.map(one, hosts))
 
 
 def elapsed_since(start: float) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import shlex
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,42 +56,44 @@ class HostOps:
         parts = ["python3", self.agent_path, op, "--root", self.root, *args]
         return " ".join(shlex.quote(p) for p in parts)
 
-    def ensure_agent(self) -> None:
-        if self._agent_ready:
-            return
-        probe = self.conn.run(f"test -f {shlex.quote(self.agent_path)}", timeout=self.timeout)
-        if not probe.ok:
-            ferry_dir = shlex.quote(f"{self.root}/.ferry")
-            dest = shlex.quote(self.agent_path)
-            up = self.conn.run(
-                f"mkdir -p {ferry_dir} && cat > {dest}.tmp && mv {dest}.tmp {dest}",
-                timeout=self.timeout,
-                stdin=agent.source(),
-            )
-            if not up.ok:
-                raise StepFailed(self.name, "stage", "cannot install the Ferry agent", up.output)
-        self._agent_ready = True
+    def install_agent(self) -> None:
+        ferry_dir = shlex.quote(f"{self.root}/.ferry")
+        dest = shlex.quote(self.agent_path)
+        up = self.conn.run(
+            f"mkdir -p {ferry_dir} && cat > {dest}.tmp && mv {dest}.tmp {dest}",
+            timeout=self.timeout,
+            stdin=agent.source(),
+        )
+        if not up.ok:
+            raise StepFailed(self.name, "stage", "cannot install the Ferry agent", up.output)
 
     def call(self, step: str, op: str, *args: str, stdin: bytes | None = None) -> dict[str, Any]:
-        self.ensure_agent()
+        """Run an agent operation; a host without this agent version gets it, once."""
         res = self.conn.run(self._agent_cmd(op, *args), timeout=self.timeout, stdin=stdin)
+        if res.rc == 2 and "can't open file" in res.output and not self._agent_ready:
+            self.install_agent()
+            res = self.conn.run(self._agent_cmd(op, *args), timeout=self.timeout, stdin=stdin)
+        self._agent_ready = True
         return parse_result(self.name, step, res.rc, res.output)
 
     def state(self) -> dict[str, Any]:
         return self.call("stage", "state")
 
-    def pin(self, key_hex: str) -> dict[str, Any]:
-        return self.call("stage", "pin", "--key", key_hex)
+    def inspect(self, rid: str, key_hex: str, full: bool) -> dict[str, Any]:
+        """Pin the DML key; does the host hold releases/<rid> intact? What runs now?"""
+        args = ["--id", rid, "--key", key_hex] + (["--full"] if full else [])
+        return self.call("stage", "inspect", *args)
 
     def stage(
         self,
         rid: str,
         manifest: bytes,
         signature: bytes,
-        objects: Callable[[list[str]], Iterator[bytes]],
+        frames: Callable[[list[str]], Path],
     ) -> dict[str, Any]:
-        """One session: send the signed manifest, learn what is missing, send only that."""
-        self.ensure_agent()
+        """One session: send the signed manifest, learn what is missing, send only that.
+
+        Call after `inspect` (which installs the agent and pins the key)."""
         command = self._agent_cmd("receive", "--id", rid)
         header = json.dumps({"manifest_len": len(manifest), "sig_len": len(signature)})
         first = header.encode() + b"\n" + manifest + signature
@@ -110,10 +112,8 @@ class HostOps:
             stream.sendall(first)
             line = stream.read_line().decode(errors="replace")
             if line.startswith("NEED "):
-                for chunk in objects(json.loads(line[5:])):
-                    stream.sendall(chunk)
-                    sent += len(chunk)
-                stream.sendall(b"END\n")
+                # the objects in frames, then END (bytes_sent counts the whole frames file)
+                sent = stream.sendfile(frames(json.loads(line[5:])))
                 line = ""
             rc, rest = stream.finish()
         except OSError as exc:
@@ -134,10 +134,6 @@ class HostOps:
 
     def switch(self, rid: str | None, step: str = "activate") -> dict[str, Any]:
         return self.call(step, "switch", *(["--id", rid] if rid else ["--none"]))
-
-    def check_release(self, rid: str, full: bool) -> dict[str, Any]:
-        """Is releases/<rid> intact? A tampered copy is set aside by the agent."""
-        return self.call("stage", "check", "--id", rid, *(["--full"] if full else []))
 
     def readback(self, rid: str | None, full: bool) -> dict[str, Any]:
         args = (["--id", rid] if rid else []) + (["--full"] if full else [])
@@ -207,17 +203,3 @@ def parse_result(host: str, step: str, rc: int, output: str) -> dict[str, Any]:
     if kind:
         message = f"{kind}: {message}"
     raise StepFailed(host, step, message, output)
-
-
-def object_stream(files_dir: Path, sizes: dict[str, int]) -> Callable[[list[str]], Iterator[bytes]]:
-    """Frames `<sha256> <size>\\n<bytes>` for each needed object, read from the local cache."""
-
-    def gen(need: list[str]) -> Iterator[bytes]:
-        for sha in need:
-            size = sizes[sha]
-            yield f"{sha} {size}\n".encode()
-            with open(files_dir / sha, "rb") as f:
-                while chunk := f.read(CHUNK):
-                    yield chunk
-
-    return gen

@@ -271,6 +271,15 @@ def op_pin(host, args):
     return {"pinned": "new"}
 
 
+def op_inspect(host, args):
+    """First contact of a deployment, in one call: pin the DML key, say whether this host
+    already holds the release intact (a copy altered on the host is set aside), and what it
+    runs now."""
+    pinned = op_pin(host, args)["pinned"]
+    check = op_check(host, args)
+    return {"pinned": pinned, "have": check["ok"], "check": check, "current": host.current()}
+
+
 def _read_exact(stream, n):
     buf = bytearray()
     while len(buf) < n:
@@ -300,6 +309,7 @@ def op_receive(host, args):
     out.write("NEED " + json.dumps(sorted(wanted)) + "\n")
     out.flush()
     received = nbytes = 0
+    view = memoryview(bytearray(CHUNK))
     while True:
         line = inp.readline().decode().strip()
         if line == "END":
@@ -312,14 +322,19 @@ def op_receive(host, args):
             raise integrity("object %s was not asked for" % sha)
         part = os.path.join(host.incoming, sha + ".part")
         h, left = hashlib.sha256(), size
-        with open(part, "wb") as f:
-            while left:
-                chunk = inp.read(min(CHUNK, left))
-                if not chunk:
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            while left:  # one reused buffer: no allocation or copy per chunk
+                n = inp.readinto(view[: min(CHUNK, left)])
+                if not n:
                     raise bad_input("stream ended inside object %s" % sha)
-                h.update(chunk)
-                f.write(chunk)
-                left -= len(chunk)
+                h.update(view[:n])
+                written = 0
+                while written < n:
+                    written += os.write(fd, view[written:n])
+                left -= n
+        finally:
+            os.close(fd)
         if h.hexdigest() != sha:
             os.unlink(part)
             raise integrity("object %s arrived corrupted" % sha)
@@ -473,8 +488,13 @@ def op_check(host, args):
                 os.unlink(os.path.join(host.meta, rid + suffix))
             except FileNotFoundError:
                 pass
-        return {"release": rid, "present": True, "ok": False, "mismatches": bad[:20],
-                "set_aside": aside}
+        return {
+            "release": rid,
+            "present": True,
+            "ok": False,
+            "mismatches": bad[:20],
+            "set_aside": aside,
+        }
     return {"release": rid, "present": True, "ok": True, "mismatches": []}
 
 
@@ -494,11 +514,12 @@ def op_prune(host, args):
                 except FileNotFoundError:
                     pass
             removed.append(rid)
-    return {"removed": removed, "kept": sorted(k for k in keep if k)}
+    return {"removed": removed, "kept": sorted(k for k in keep if k), "current": host.current()}
 
 
 OPS = {
     "state": op_state,
+    "inspect": op_inspect,
     "pin": op_pin,
     "receive": op_receive,
     "verify": op_verify,

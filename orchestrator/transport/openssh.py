@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 from orchestrator.inventory import Host, SSHSettings
 from orchestrator.transport.ssh import StepTimeout
@@ -79,6 +80,24 @@ class OpenSSHStream:
             self.proc.stdin.write(data)
         except BrokenPipeError:
             raise OSError(f"the remote side closed the stream: {self._stderr()}") from None
+
+    def sendfile(self, path: Path) -> int:
+        """The whole file into the remote stdin, by the kernel (no copy through Python)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.flush()
+        out = self.proc.stdin.fileno()
+        sent = 0
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            try:
+                while sent < size:
+                    n = os.sendfile(out, f.fileno(), sent, size - sent)
+                    if n == 0:
+                        break
+                    sent += n
+            except BrokenPipeError:
+                raise OSError(f"the remote side closed the stream: {self._stderr()}") from None
+        return sent
 
     def read_line(self) -> bytes:
         assert self.proc.stdout is not None

@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import paramiko
@@ -207,6 +208,7 @@ class Stream(Protocol):
     """A remote command's byte streams: what `stage` needs from either transport."""
 
     def sendall(self, data: bytes) -> None: ...
+    def sendfile(self, path: Path) -> int: ...
     def read_line(self) -> bytes: ...
     def finish(self) -> tuple[int, bytes]: ...
     def close(self) -> None: ...
@@ -222,6 +224,14 @@ class ChannelStream:
 
     def sendall(self, data: bytes) -> None:
         self.chan.sendall(data)
+
+    def sendfile(self, path: Path) -> int:
+        sent = 0
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                self.chan.sendall(chunk)
+                sent += len(chunk)
+        return sent
 
     def read_line(self) -> bytes:
         return read_line(self.chan, self.deadline, self.name)
