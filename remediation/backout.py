@@ -29,7 +29,7 @@ from orchestrator.errors import AuthorizationRefused, BadInput, ExitCode
 from orchestrator.planner import Baseline
 from orchestrator.settings import Settings
 from remediation import recorded
-from remediation.restore import HostResult, Progress, carry_out, needs_remediation, survey
+from remediation.restore import HostResult, Outcome, Progress, carry_out, needs_remediation, survey
 
 
 @dataclass
@@ -42,20 +42,14 @@ class BackoutRequest:
     keep_data: bool = False
 
 
-@dataclass
-class BackoutOutcome:
-    exit_code: int
-    data: dict[str, Any]
-
-
-def back_out(req: BackoutRequest, settings: Settings, progress: Progress) -> BackoutOutcome:
+def back_out(req: BackoutRequest, settings: Settings, progress: Progress) -> Outcome:
     url = settings.cms_url
     rec = recorded.load(url, req.deployment_id)
     _refuse_unsafe(rec)
     journal = recorded.journal(url, rec)
     if not journal:
         progress(f"deployment {rec.id} ({rec.status}) never touched a host: nothing to back out")
-        return BackoutOutcome(0, _report(rec, None, "nothing-to-do", []))
+        return Outcome(0, _report(rec, None, "nothing-to-do", []))
     priors = recorded.priors(url, rec)
     plan, plan_path = recorded.resolve_plan(rec, req.plan)
     inventory = recorded.resolve_inventory(settings, req.inventory, plan)
@@ -87,9 +81,7 @@ def back_out(req: BackoutRequest, settings: Settings, progress: Progress) -> Bac
         executor.close()
     status = _record(url, rec, req, backout_id, results)
     data = _report(rec, backout_id, status, results)
-    return BackoutOutcome(
-        int(ExitCode.OK if status == "succeeded" else ExitCode.BACKOUT_INCOMPLETE), data
-    )
+    return Outcome(int(ExitCode.OK if status == "succeeded" else ExitCode.BACKOUT_INCOMPLETE), data)
 
 
 def _refuse_unsafe(rec: recorded.RecordedDeployment) -> None:

@@ -30,7 +30,7 @@ from orchestrator.errors import BadInput, ExitCode
 from orchestrator.journal import steps_by_host
 from orchestrator.settings import Settings
 from remediation import recorded
-from remediation.restore import HostResult, Progress, carry_out, needs_remediation, survey
+from remediation.restore import HostResult, Outcome, Progress, carry_out, needs_remediation, survey
 
 
 @dataclass
@@ -42,13 +42,7 @@ class RecoverRequest:
     force: bool = False
 
 
-@dataclass
-class RecoverOutcome:
-    exit_code: int
-    data: dict[str, Any]
-
-
-def recover(req: RecoverRequest, settings: Settings, progress: Progress) -> RecoverOutcome:
+def recover(req: RecoverRequest, settings: Settings, progress: Progress) -> Outcome:
     url = settings.cms_url
     rec = recorded.load(url, req.deployment_id)
     if not rec.open:
@@ -57,7 +51,7 @@ def recover(req: RecoverRequest, settings: Settings, progress: Progress) -> Reco
             + (f", {rec.finished_at:%Y-%m-%d %H:%M:%S} UTC" if rec.finished_at else "")
             + "): nothing to recover, nothing changed"
         )
-        return RecoverOutcome(0, _report(rec, "already-finished", rec.status, []))
+        return Outcome(0, _report(rec, "already-finished", rec.status, []))
     alive = recorded.runner_alive(rec.evidence)
     if alive and not req.force:
         pid = rec.evidence["runner"]["pid"]
@@ -95,7 +89,7 @@ def recover(req: RecoverRequest, settings: Settings, progress: Progress) -> Reco
             executor.close()
     status = _record(url, rec, req, results)
     code = ExitCode.OK if status == "backed-out" else ExitCode.BACKOUT_INCOMPLETE
-    return RecoverOutcome(int(code), _report(rec, "recovered", status, results))
+    return Outcome(int(code), _report(rec, "recovered", status, results))
 
 
 def _record(
@@ -146,7 +140,7 @@ def _close_backout(
     req: RecoverRequest,
     journal: dict[str, dict[str, str]],
     progress: Progress,
-) -> RecoverOutcome:
+) -> Outcome:
     """An interrupted manual backout is closed as failed: re-running the backout finishes it."""
     original = rec.evidence.get("backs_out")
     with session_scope(url) as s:
@@ -164,7 +158,7 @@ def _close_backout(
             data={"backs_out": original, "reason": note, "hosts": sorted(journal)},
         )
     progress(f"deployment {rec.id} was a manual backout of {original}: {note}")
-    return RecoverOutcome(int(ExitCode.OK), _report(rec, "closed", "failed", []))
+    return Outcome(int(ExitCode.OK), _report(rec, "closed", "failed", []))
 
 
 def _report(

@@ -20,6 +20,14 @@ Progress = Callable[[str], None]
 
 
 @dataclass
+class Outcome:
+    """What a remediation command reports: its exit code and its JSON object."""
+
+    exit_code: int
+    data: dict[str, Any]
+
+
+@dataclass
 class HostResult:
     host: str
     verdict: str

@@ -6,8 +6,8 @@ aes128-gcm@openssh.com: on this machine paramiko moves ~100 MB/s with it against
 with its default aes128-ctr (../shared/notes/fleet.md). Unknown host keys are refused
 (RejectPolicy); there is no way to turn that off.
 
-fabric's Connection is not used: it installs AutoAddPolicy by default and starts threads
-for every command; Ferry needs neither.
+fabric's Connection is not used: by default it accepts unknown host keys, and it starts
+threads for every command; Ferry wants neither.
 """
 
 from __future__ import annotations
