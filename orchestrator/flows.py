@@ -72,27 +72,29 @@ def deploy_release(token: str, release: str, plan: str, rfc: str | None) -> str:
     run = _RUNS[token]
     install_stop_handlers(run.stop, run.progress)
     preflight(token)
-    status = "succeeded"
-    for index in range(1, len(run.rollout.waves) + 1):
-        if run.stop.is_set():
-            status = back_out(token, "interrupted by a signal before the next wave")
-            break
-        try:
-            verdict = run_wave.with_options(name=f"wave-{index}")(token, index)
-        except AuthorizationRefused as exc:
-            if index == 1:
-                raise
-            run.progress(f"the change gate refused wave {index}: {exc.message}")
-            run.halt(exc)
-            status = "refused"
-            break
-        if not verdict["passed"]:
-            status = back_out(token, f"milestone {index} failed: {verdict['reason']}")
-            break
-    else:
-        finalize(token)
+    try:
+        status = run_waves(token, run)
+    except Exception as exc:  # noqa: BLE001 - never leave hosts half-way: back out, then tell
+        run.progress(f"unexpected error during the rollout: {exc}; backing out")
+        status = back_out(token, f"internal error: {type(exc).__name__}: {exc}")
     publish(run, status)
     return status
+
+
+def run_waves(token: str, run: DeploymentRun) -> str:
+    for index in range(1, len(run.rollout.waves) + 1):
+        if run.stop.is_set():
+            return back_out(token, "interrupted by a signal before the next wave")
+        try:
+            verdict = run_wave.with_options(name=f"wave-{index}")(token, index)
+        except AuthorizationRefused as exc:  # e.g. the window closed: stop at this boundary
+            run.progress(f"the change gate refused wave {index}: {exc.message}")
+            run.halt(exc)
+            return "refused"
+        if not verdict["passed"]:
+            return back_out(token, f"milestone {index} failed: {verdict['reason']}")
+    finalize(token)
+    return "succeeded"
 
 
 def publish(run: DeploymentRun, status: str) -> None:

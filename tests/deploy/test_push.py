@@ -271,3 +271,26 @@ def test_a_release_altered_on_a_host_is_staged_afresh_when_deployed_again(clean_
     # the altered copy is never a source again: h1 gets the release anew, h2 nothing
     assert res.json()["bytes_sent"] == first.json()["bytes_sent"] // 2
     assert files_match(fleet, "h1", "shop@1.0") and files_match(fleet, "h2", "shop@1.0")
+
+
+def test_a_window_closing_mid_rollout_stops_at_the_next_wave_boundary(clean_small, run_ferry):
+    fleet, work = clean_small, Path.cwd()
+    build(work, "1.0")
+    # the RFC's own window closes while wave 1 soaks; wave 2 must not start
+    start = datetime.now(UTC) - timedelta(minutes=1)
+    end = datetime.now(UTC) + timedelta(seconds=25)
+    window = f"{start:%Y-%m-%dT%H:%M:%S}/{end:%Y-%m-%dT%H:%M:%S}"
+    rfc_id = rfc(run_ferry, "shop@1.0", "dev", "--window", window)
+    milestone = {"max_failed": 0, "deadline": "120s", "soak": "30s", "checks": [BROKEN_CHECK]}
+    p = plan(work, fleet, milestone=milestone)
+    res = deploy(run_ferry, p, "shop@1.0", rfc_id)
+    assert res.returncode == 3, res.stdout + res.stderr
+    out = res.json()
+    assert out["status"] == "refused"
+    assert "window" in res.stderr
+    assert host_release(fleet, "h1") == rid("shop@1.0")  # wave 1 passed its milestone: kept
+    assert out["hosts"]["h1"]["status"] == "deployed"
+    for host in WAVE_2 + WAVE_3:
+        assert list(fleet.root_dir(host).iterdir()) == [], f"{host} was touched"
+    rows = cms(lambda s: {b.host: b.release for b in s.scalars(select(HostBaseline))})
+    assert rows == {"h1": "shop@1.0"}
