@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +52,6 @@ class DeployRequest:
     release: str
     rfc: str | None
     actor: str
-
-
-@dataclass
-class Outcome:
-    """What the CLI prints (the documented shape) and the exit code it maps to."""
-
-    status: str
-    exit_code: int
-    data: dict[str, Any] = field(default_factory=dict)
 
 
 class DeploymentRun:

@@ -28,7 +28,6 @@ from orchestrator.transport.ssh import ChannelStream, SSHHost, Stream
 _JINJA = SandboxedEnvironment(
     undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True
 )
-CHUNK = 1 << 20
 
 
 def render(template: str, context: dict[str, Any], what: str) -> str:
