@@ -235,18 +235,23 @@ class Executor:
                 return {"release": rid, "already": True}
             return ops.verify(rid)
         if step == "snapshot":
-            cmd = f"mkdir -p {ctx['snapshot_dir']} && " + self._render(hooks.snapshot, ctx, step)
-            return {"output": ops.hook(step, cmd, ctx)[-500:]}
+            return self._hook(ops, step, hooks.snapshot, ctx, f"mkdir -p {ctx['snapshot_dir']} && ")
         if step == "install":
             return self._install(ops, rid, ctx)
         if step == "activate":
             return self._activate(ops, rid, ctx)
         if step == "check":
-            return {"output": ops.hook(step, self._render(hooks.verify, ctx, step), ctx)[-500:]}
+            return self._hook(ops, step, hooks.verify, ctx)
         raise ValueError(f"unknown step {step}")
 
     def _render(self, template: str | None, ctx: dict[str, Any], step: str) -> str:
         return render(template or "true", ctx, f"hooks.{step}")
+
+    def _hook(
+        self, ops: HostOps, step: str, template: str | None, ctx: dict[str, Any], prefix: str = ""
+    ) -> dict[str, Any]:
+        """Render a plan hook for this host and run it; the tail of its output is evidence."""
+        return {"output": ops.hook(step, prefix + self._render(template, ctx, step), ctx)[-500:]}
 
     def _stage(self, ops: HostOps, rid: str) -> dict[str, Any]:
         # one call: pin the key; a copy already on the host is trusted only once re-checked
@@ -274,16 +279,13 @@ class Executor:
             files = {d: render(t, ctx, f"config {d}") for d, t in self.templates.items()}
             detail["config"] = ops.write_config(rid, files)["written"]
         if self.plan.hooks.install:
-            detail["output"] = ops.hook(
-                "install", self._render(self.plan.hooks.install, ctx, "install"), ctx
-            )[-500:]
+            detail.update(self._hook(ops, "install", self.plan.hooks.install, ctx))
         return detail
 
     def _activate(self, ops: HostOps, rid: str, ctx: dict[str, Any]) -> dict[str, Any]:
         detail = ops.switch(rid)
         if self.plan.hooks.activate:
-            cmd = self._render(self.plan.hooks.activate, ctx, "activate")
-            detail["output"] = ops.hook("activate", cmd, ctx)[-500:]
+            detail.update(self._hook(ops, "activate", self.plan.hooks.activate, ctx))
         return detail
 
     # -- milestone checks ------------------------------------------------------------------
@@ -346,17 +348,9 @@ class Executor:
                     if step == "revert":
                         detail = ops.switch(prior_id, step="revert")
                     elif step == "reactivate" and self.plan.hooks.activate:
-                        detail = {
-                            "output": ops.hook(
-                                step, self._render(self.plan.hooks.activate, ctx, step), ctx
-                            )[-500:]
-                        }
+                        detail = self._hook(ops, step, self.plan.hooks.activate, ctx)
                     elif step == "restore" and self.plan.hooks.restore:
-                        detail = {
-                            "output": ops.hook(
-                                step, self._render(self.plan.hooks.restore, ctx, step), ctx
-                            )[-500:]
-                        }
+                        detail = self._hook(ops, step, self.plan.hooks.restore, ctx)
                     elif step == "recheck":
                         detail = self._recheck(ops, ctx)
                     self.journal.end(sid, "succeeded", detail)
@@ -380,7 +374,7 @@ class Executor:
     def _recheck(self, ops: HostOps, ctx: dict[str, Any]) -> dict[str, Any]:
         evidence = []
         if self.plan.hooks.verify:
-            ops.hook("recheck", self._render(self.plan.hooks.verify, ctx, "recheck"), ctx)
+            self._hook(ops, "recheck", self.plan.hooks.verify, ctx)
             evidence.append("verify hook passed")
         for check in self.plan.milestone.checks:
             ok, ev = ops.check(check, ctx)
