@@ -39,12 +39,7 @@ def ensure_keys(keys_dir: Path) -> tuple[Ed25519PrivateKey, bool]:
 
 def load_private(keys_dir: Path) -> Ed25519PrivateKey:
     path = keys_dir / PRIVATE
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise NotFound(f"no DML signing key at {path} (run `ferry dml keygen`)") from None
-    if len(raw) != 32:
-        raise IntegrityError(f"DML signing key {path} is not a raw 32-byte ed25519 key")
+    raw = _read_raw_key(path, "signing key")
     key = Ed25519PrivateKey.from_private_bytes(raw)
     if (keys_dir / PUBLIC).exists() and load_public(
         keys_dir
@@ -54,13 +49,17 @@ def load_private(keys_dir: Path) -> Ed25519PrivateKey:
 
 
 def load_public(keys_dir: Path) -> bytes:
-    path = keys_dir / PUBLIC
+    return _read_raw_key(keys_dir / PUBLIC, "public key")
+
+
+def _read_raw_key(path: Path, what: str) -> bytes:
+    """A raw 32-byte ed25519 key file, or an error naming it and the fix."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise NotFound(f"no DML public key at {path} (run `ferry dml keygen`)") from None
+        raise NotFound(f"no DML {what} at {path} (run `ferry dml keygen`)") from None
     if len(raw) != 32:
-        raise IntegrityError(f"DML public key {path} is not a raw 32-byte ed25519 key")
+        raise IntegrityError(f"DML {what} {path} is not a raw 32-byte ed25519 key")
     return raw
 
 
