@@ -31,11 +31,10 @@ from pydantic import (
 )
 
 from dml.globs import Glob, GlobError, compile_glob
-from orchestrator.errors import BadInput, SpecError
+from dml.ref import NAME_RE, VERSION_RE
+from orchestrator.errors import SpecError
 from orchestrator.yamlfile import load_yaml, parse_model
 
-NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
-VERSION_RE = r"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,99}$"
 UnitName = Annotated[str, StringConstraints(pattern=NAME_RE)]
 
 
@@ -150,7 +149,7 @@ def load_spec(path: Path, version: str | None = None) -> ReleaseSpec:
     if node is not None and (dup := _duplicate_keys(node)):
         raise SpecError(str(path), dup[0], dup[1], "give each key once, or rename one")
     if version is not None and isinstance(data, dict):
-        if not re.match(VERSION_RE, version):
+        if not re.fullmatch(VERSION_RE, version):
             raise SpecError(
                 str(path),
                 "--version",
@@ -159,14 +158,6 @@ def load_spec(path: Path, version: str | None = None) -> ReleaseSpec:
             )
         data = {**data, "version": version}
     return parse_model(ReleaseSpec, path, data)
-
-
-def parse_release(ref: str) -> tuple[str, str]:
-    """'shop@1.4.0' → ('shop', '1.4.0'); refuses anything else (it also names files)."""
-    name, at, version = str(ref).partition("@")
-    if not at or not re.match(NAME_RE, name) or not re.match(VERSION_RE, version):
-        raise BadInput(f"{ref!r} is not a release: expected NAME@VERSION, e.g. shop@1.4.0")
-    return name, version
 
 
 def without_units(spec: ReleaseSpec, path: Path, without: list[str]) -> dict[str, Unit]:

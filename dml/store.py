@@ -28,7 +28,7 @@ from dml import signing
 from dml.digest import bytes_digest, content_digest, hash_file, hex_of
 from dml.fsutil import atomic_write, locked, move_into_place
 from dml.package import ARCHIVE_FORMAT, BuiltArchive
-from dml.spec import parse_release
+from dml.ref import ReleaseRef
 from dml.verified import FileEntry, VerifiedPackage
 from orchestrator.errors import BadInput, IntegrityError, NotFound
 
@@ -108,8 +108,8 @@ class DML:
         return self.blobs / h[:2] / h[2:]
 
     def index_path(self, release: str) -> Path:
-        name, version = parse_release(release)
-        return self.releases_dir / name / f"{version}.json"
+        ref = ReleaseRef.parse(release)  # refused before it names a path
+        return self.releases_dir / ref.name / f"{ref.version}.json"
 
     def releases(self) -> list[str]:
         if not self.releases_dir.is_dir():

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from fnmatch import fnmatchcase
 from typing import Any
 
+from dml.ref import ReleaseRef
 from orchestrator.change.calendar import Calendar, Interval
 from orchestrator.change.models import DEFAULT_STAGES, ApprovalRule, ChangeModels
 
@@ -94,7 +95,7 @@ def missing_authorization(rfc: RfcView, models: ChangeModels) -> list[str]:
         template = models.models.standard.template(rfc.template)
         if template is None:
             return [f"standard template {rfc.template!r} is not in the change models"]
-        name = rfc.release.split("@", 1)[0]
+        name = ReleaseRef.parse(rfc.release).name
         return [
             f"template {template.name}: {why}"
             for why in template.mismatches(name, rfc.environment, rfc.risk, list(rfc.stages))

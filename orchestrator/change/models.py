@@ -15,6 +15,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dml.ref import ReleaseRef
+from orchestrator.errors import BadInput
+
 Role = Literal["cab", "ecab", "change-manager", "peer"]
 ModelName = Literal["standard", "normal", "emergency"]
 RiskLevel = Literal["low", "medium", "high"]
@@ -25,7 +28,6 @@ RISK_ORDER: dict[str, int] = {"low": 0, "medium": 1, "high": 2}
 DEFAULT_STAGES: tuple[str, ...] = ("checkin", "deploy")
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
-_RELEASE_REF = re.compile(rf"^(?P<name>{_NAME})@(?P<version>[A-Za-z0-9][A-Za-z0-9.+_-]*)$")
 _HOST_PATTERN = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]+$")
 
 
@@ -157,14 +159,6 @@ class ChangeModels(_Strict):
         return role in self.roles.get(user, [])
 
 
-def parse_release_ref(ref: str) -> tuple[str, str]:
-    """`name@version` → (name, version); ValueError says what a good one looks like."""
-    m = _RELEASE_REF.match(ref.strip())
-    if not m:
-        raise ValueError(f"{ref!r} is not NAME@VERSION (e.g. shop@1.4.2)")
-    return m["name"], m["version"]
-
-
 def parse_instant(text: str) -> datetime:
     """ISO 8601; a time without offset is taken as UTC (documented in docs/change.md)."""
     value = text.strip()
@@ -209,8 +203,10 @@ class RfcRequest(_Strict):
     @field_validator("release")
     @classmethod
     def _release(cls, v: str) -> str:
-        parse_release_ref(v)
-        return v.strip()
+        try:
+            return str(ReleaseRef.parse(v.strip()))
+        except BadInput as exc:  # a ValueError is what pydantic reports as this field's problem
+            raise ValueError(exc.message) from None
 
     @field_validator("windows", mode="before")
     @classmethod
@@ -256,4 +252,4 @@ class RfcRequest(_Strict):
 
     @property
     def release_name(self) -> str:
-        return parse_release_ref(self.release)[0]
+        return ReleaseRef.parse(self.release).name

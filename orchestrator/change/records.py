@@ -11,9 +11,10 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from dml.ref import ReleaseRef
 from orchestrator.change.authorize import ApprovalView, RfcView, missing_authorization
 from orchestrator.change.calendar import Calendar
-from orchestrator.change.models import ChangeModels, parse_release_ref
+from orchestrator.change.models import ChangeModels
 from orchestrator.change.risk import RiskAssessment, RiskInputs, assess
 from orchestrator.cms.models import RFC, Deployment, Host, Package, Release
 
@@ -109,11 +110,11 @@ def assess_risk(
         has_pattern = any(ch in p for p in hosts for ch in "*?[")
         count = None if has_pattern else len(hosts)
     if release_size is None:
-        name, version = parse_release_ref(release)
+        ref = ReleaseRef.parse(release)
         release_size = session.scalar(
             select(Package.size)
             .join(Release, Package.release_id == Release.id)
-            .where(Release.name == name, Release.version == version)
+            .where(Release.name == ref.name, Release.version == ref.version)
         )
     failures = session.scalar(
         select(func.count(Deployment.id)).where(

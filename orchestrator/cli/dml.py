@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from dml import catalog
 from dml.store import DML
+from orchestrator import catalog
 from orchestrator.cli import output as out
 from orchestrator.cli.output import OutputOpt
 from orchestrator.cms import db

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from orchestrator.change import config
 from orchestrator.change.calendar import Booking, Calendar, RecurringWindow, conflicts
-from orchestrator.change.models import ChangeModels, parse_window
+from orchestrator.change.models import ChangeModels, RfcRequest, parse_window
 from orchestrator.change.risk import RiskInputs, assess, override
 from orchestrator.errors import SpecError
 
@@ -124,6 +125,14 @@ def test_rfc_windows_parse_iso_8601_and_naive_times_are_utc():
     for bad in ("2030-06-04", "tomorrow/later", "2030-06-04T22:00Z/2030-06-04T21:00Z"):
         with pytest.raises(ValueError):
             parse_window(bad)
+
+
+def test_an_rfc_names_its_release_as_the_dml_does():
+    fields = {"environment": "dev", "model": "normal"}
+    req = RfcRequest.model_validate({**fields, "release": " shop@1.4.0~rc1 "})
+    assert (req.release, req.release_name) == ("shop@1.4.0~rc1", "shop")
+    with pytest.raises(ValidationError, match="'shop' is not a release: it has no '@'"):
+        RfcRequest.model_validate({**fields, "release": "shop"})
 
 
 def test_conflicts_need_the_same_environment_overlapping_hosts_and_windows():

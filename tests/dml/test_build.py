@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from dml import catalog
 from dml.digest import canonical, content_digest
 from dml.store import DML
+from orchestrator import catalog
 from tests.dml.conftest import make_tree, write
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dml import catalog
+from orchestrator import catalog
 from orchestrator.cms import audit, db
 from orchestrator.errors import BadInput
 from tests.dml.conftest import add_rfc

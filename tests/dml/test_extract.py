@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from dml import catalog
 from dml.extract import UnsafeArchive, check_member, safe_extract
 from dml.store import DML
+from orchestrator import catalog
 
 
 def _tar(*members: tuple[str, str, bytes | str], zstd: bool = False) -> bytes:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from dml import catalog
 from dml.package import build_archive
 from dml.sources import collect
 from dml.spec import load_spec
 from dml.store import DML, WriteOnceRefused
+from orchestrator import catalog
 from orchestrator.errors import IntegrityError, NotFound
 from tests.dml.conftest import dml_files, make_tree
 

@@ -1,6 +1,8 @@
-"""Releases in the CMS, and the DML behind them: build, check in, deploy, withdraw.
+"""The release catalog: releases in the CMS, and the DML behind them.
 
-Status accounting follows ITIL, one audit event per change:
+Build, check in (under an RFC), mark deployed, withdraw. It lives in the orchestrator, not in
+`dml/`, because it joins three parts that the DML must not depend on: the DML itself, the
+CMS records and the change gate. Status accounting follows ITIL, one audit event per change:
 
     registered ──checkin (RFC)──▶ checked-in ──mark_deployed──▶ deployed ──▶ withdrawn
          └──────────────────────────────────────────────────────────────────▲
@@ -21,8 +23,9 @@ from sqlalchemy.orm import Session
 
 from dml.package import build_archive
 from dml.provenance import build_provenance
+from dml.ref import ReleaseRef
 from dml.sources import collect
-from dml.spec import load_spec, parse_release, without_units
+from dml.spec import load_spec, without_units
 from dml.store import DML, WriteOnceRefused
 from dml.verified import VerifiedPackage
 from orchestrator.change import gate
@@ -127,9 +130,9 @@ def _size(n: int) -> str:
 
 
 def get(session: Session, release: str) -> Release:
-    name, version = parse_release(release)
+    ref = ReleaseRef.parse(release)
     rel = session.scalars(
-        select(Release).where(Release.name == name, Release.version == version)
+        select(Release).where(Release.name == ref.name, Release.version == ref.version)
     ).one_or_none()
     if rel is None:
         raise NotFound(f"release {release} is not registered (build it: ferry release build)")
