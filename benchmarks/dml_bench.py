@@ -66,7 +66,7 @@ def timed(cmd: str | list[str], **kw) -> float:  # type: ignore[no-untyped-def]
 API_RUN = """
 import sys, time
 from datetime import UTC, datetime
-from dml import catalog
+from orchestrator import catalog
 from orchestrator.cms import db
 from orchestrator.cms.models import RFC
 with db.session_scope() as s:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from orchestrator.planner import Baseline
+from orchestrator.steps import STEPS, owed
 
 DONE = ("succeeded", "started", "failed")  # a started or failed step may have had effects
 
@@ -39,17 +40,13 @@ def backout_actions(
     actions = []
     for host, steps in journal.items():
         prior = priors.get(host)
-        touched_current = steps.get("activate") in DONE
-        touched_data = steps.get("install") in DONE
+        started = {name for name, status in steps.items() if status in DONE}
         snapshotted = steps.get("snapshot") == "succeeded"
-        plan: list[str] = []
-        if touched_current:
-            plan.append("revert")
-            if prior is not None:
-                plan.append("reactivate")
-        if (touched_current or touched_data) and snapshotted:
-            plan.append("restore")
-        if (touched_current or touched_data) and prior is not None:
-            plan.append("recheck")
+        plan = [
+            name
+            for name in owed(started)
+            if not (STEPS[name].needs_prior and prior is None)
+            and not (STEPS[name].needs_snapshot and not snapshotted)
+        ]
         actions.append(BackoutAction(host, prior, tuple(plan)))
     return actions

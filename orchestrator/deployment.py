@@ -1,241 +1,178 @@
-"""One deployment, start to end: the records around the executor (Orchestrate layer).
+"""One deployment's run, from its record to its end (Orchestrate layer).
 
-`DeploymentRun` wires Model (plan, inventory, package), Decide (planner, gate, milestone,
-backout) and Act (executor) and writes the CMS records: the deployment, its waves, the
-journal, baselines, the RFC's lifecycle and the audit trail. The Prefect flow calls its
-methods as tasks and holds no rules of its own.
+`DeploymentRun` is built from a deployment id alone: the recorded Rollout (hosts, how to
+reach them, every rendered command), the package from the DML by digest, the RFC. It moves
+the deployment through `orchestrator.lifecycle` and writes only through the deployment
+record; the Prefect flow calls its methods and holds no rules of its own.
 
-Statuses: planned → running → succeeded | backed-out | failed | refused.
-`failed` with `needs_remediation` means the backout could not restore some hosts.
+    start        gate (RFC, approvals, window, blackout) → check-in → RFC implementing
+    run_wave     gate again → stage … check on the wave's hosts → milestone verdict
+    succeed      prune + read-back every host → baselines → RFC implemented
+    fail         back out every touched host → backed-out | integrity-failed | failed
+    halt         the gate refused a later wave: earlier waves stay, RFC failed
+    abort        an unexpected error: back out first, crash log, aborted (exit 1)
+
+What an unreachable host means, step by step: during a wave it is a failed host (the
+milestone's tolerance decides); during a backout it needs remediation (exit 5); at the
+final prune, after every milestone passed, the deployment still succeeds, with a warning,
+its baseline recorded and the host flagged for remediation (it is not read back).
 """
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
+from orchestrator import catalog
 from orchestrator.backout import backout_actions
-from orchestrator.change import gate, lifecycle
-from orchestrator.cms import audit
+from orchestrator.backout_runner import BackoutResult, BackoutRunner
+from orchestrator.change import gate
+from orchestrator.change import lifecycle as rfc_lifecycle
+from orchestrator.cms import deployments
 from orchestrator.cms.db import session_scope
-from orchestrator.cms.models import (
-    Deployment,
-    EnvironmentBaseline,
-    HostBaseline,
-    Wave,
-    utcnow,
-)
-from orchestrator.cms.models import Host as HostCI
-from orchestrator.errors import AuthorizationRefused, FerryError
-from orchestrator.executor import BackoutResult, Executor, elapsed_since
-from orchestrator.inventory import Inventory, load_inventory
-from orchestrator.journal import Journal
+from orchestrator.cms.deployments import DeploymentRecord
+from orchestrator.cms.models import RFC, utcnow
+from orchestrator.errors import AuthorizationRefused, IntegrityError
+from orchestrator.executor import Executor
+from orchestrator.lifecycle import RFC_AFTER, Status, WaveStatus
 from orchestrator.milestone import HostOutcome, Verdict, milestone_verdict
-from orchestrator.plan import DeployPlan, inventory_path, load_plan
-from orchestrator.planner import Baseline, Rollout, plan_rollout
+from orchestrator.objects import ObjectCache
+from orchestrator.rollout import Baseline
+from orchestrator.sessions import HostSessions
 from orchestrator.settings import Settings
 
 Progress = Callable[[str], None]
 
 
-@dataclass
-class DeployRequest:
-    plan_path: Path
-    release: str
-    rfc: str | None
-    actor: str
-
-
 class DeploymentRun:
     def __init__(
         self,
-        request: DeployRequest,
+        deployment_id: int,
         settings: Settings,
         progress: Progress,
         stop: threading.Event | None = None,
     ) -> None:
-        self.req = request
         self.settings = settings
         self.url = settings.cms_url
+        rec = deployments.load(self.url, deployment_id)
+        self.id = rec.id
+        self.rfc_id = rec.rfc_id
+        self.actor = rec.actor
+        self.rollout = rec.plan()
+        self.record = DeploymentRecord(self.url, rec.id, rec.actor)
         self.progress = progress
         self.stop = stop or threading.Event()
-        self.plan: DeployPlan
-        self.inventory: Inventory
-        self.rollout: Rollout
-        self.package: Any = None
-        self.dml: Any = None
-        self.deployment_id: int | None = None
-        self.executor: Executor | None = None
-        self.verdicts: list[Verdict] = []
-        self.outcomes: dict[str, HostOutcome] = {}
-        self.backout: list[BackoutResult] = []
+        self.sessions = HostSessions(self.rollout)
+        self._executor: Executor | None = None
+        self._dml: Any = None
         self.done_waves: list[int] = []
+        self.last_verdict: Verdict | None = None
 
-    # -- Model + Decide (the dry run stops here) -------------------------------------------
-    def prepare(self) -> Rollout:
-        from dml.store import DML
+    @property
+    def status(self) -> str:
+        return self.record.load().status
 
-        self.plan = load_plan(self.req.plan_path)
-        self.inventory = load_inventory(inventory_path(self.plan, self.req.plan_path))
-        hosts = self.inventory.select(self.plan.targets)
-        self.dml = DML.from_settings()
-        self.package = self.dml.open(self.req.release)  # signature + every checksum
-        with session_scope(self.url) as s:
-            rows = s.scalars(
-                select(HostBaseline).where(HostBaseline.host.in_([h.name for h in hosts]))
+    # -- the package and the executor (opened on first use) --------------------------------
+    def _open_dml(self) -> Any:
+        if self._dml is None:
+            from dml.store import DML
+
+            self._dml = DML.from_settings()
+        return self._dml
+
+    @property
+    def executor(self) -> Executor:
+        if self._executor is None:
+            dml = self._open_dml()
+            package = dml.open(self.rollout.release)  # signature + every checksum
+            if package.digest != self.rollout.digest:
+                raise IntegrityError(
+                    f"deployment {self.id}: the DML's {self.rollout.release} is "
+                    f"{package.digest}, the record says {self.rollout.digest}"
+                )
+            self._executor = Executor(
+                rollout=self.rollout,
+                sessions=self.sessions,
+                record=self.record,
+                package=package,
+                public_key_hex=dml.public_key_bytes().hex(),
+                objects=ObjectCache(
+                    package, self.settings.home / "cache" / f"deployment-{self.id}"
+                ),
+                progress=self.progress,
+                stop=self.stop,
             )
-            baselines = {r.host: Baseline(r.release, r.package_digest) for r in rows}
-        self.rollout = plan_rollout(
-            self.plan,
-            hosts,
-            self.inventory.groups(),
-            baselines,
-            self.req.release,
-            self.package.digest,
-        )
-        return self.rollout
+        return self._executor
 
-    # -- records + gate --------------------------------------------------------------------
-    def open(self) -> int:
-        """Record the deployment, then authorize it; nothing has touched a host yet."""
-        from dml import catalog
-
+    # -- start -----------------------------------------------------------------------------
+    def start(self) -> bool:
+        """Authorize, check the release in, RFC implementing; False when the gate refused."""
         ro = self.rollout
-        with session_scope(self.url) as s:
-            dep = Deployment(
-                rfc_id=gate.parse_rfc_id(self.req.rfc) if self.req.rfc else None,
-                release=ro.release,
-                package_digest=ro.digest,
-                environment=ro.environment,
-                plan_file=str(self.req.plan_path),
-                strategy=ro.strategy,
-                method=ro.method,
-                status="planned",
-                rollout=ro.to_dict(),
-                actor=self.req.actor,
-                # who runs it: `ferry status` and `ferry remediate recover` tell a live run
-                # from an interrupted one by this process id on this machine
-                evidence={"runner": {"pid": os.getpid(), "host": socket.gethostname()}},
-            )
-            s.add(dep)
-            s.flush()
-            self.deployment_id = dep.id
-            for i, wave in enumerate(ro.waves, start=1):
-                s.add(Wave(deployment_id=dep.id, index=i, hosts=wave.names))
-            self._upsert_hosts(s)
-            audit.append(
-                s,
-                actor=self.req.actor,
-                action="deploy.planned",
-                subject_type="deployment",
-                subject_id=dep.id,
-                data={"release": ro.release, "rfc": self.req.rfc, "waves": ro.to_dict()["waves"]},
-            )
         try:
-            if not self.req.rfc:
+            if self.rfc_id is None:
                 raise AuthorizationRefused(
                     "no RFC given: every deployment needs an authorized change (--rfc ID)",
                     reasons=["no RFC"],
                 )
+            self._gate([h.host for h in ro.hosts()])
             with session_scope(self.url) as s:
-                names = [h.host for h in ro.hosts()]
-                gate.require(
-                    s,
-                    rfc_id=self.req.rfc,
-                    stage="deploy",
-                    release=ro.release,
-                    environment=ro.environment,
-                    hosts=names,
-                    now=utcnow(),
-                    actor=self.req.actor,
-                )
-            with session_scope(self.url) as s:
-                catalog.checkin(s, ro.release, self.req.rfc, self.req.actor, dml=self.dml)
-                lifecycle.transition(
-                    s,
-                    gate.parse_rfc_id(self.req.rfc),
-                    "implementing",
-                    actor=self.req.actor,
-                    data={"deployment": self.deployment_id},
+                catalog.checkin(s, ro.release, self.rfc_id, self.actor, dml=self._open_dml())
+                rfc_lifecycle.transition(
+                    s, self.rfc_id, "implementing", actor=self.actor, data={"deployment": self.id}
                 )
         except AuthorizationRefused as exc:
-            self._finish("refused", {"reasons": exc.reasons, "message": exc.message})
-            raise
-        self._set_status("running")
-        self.executor = Executor(
-            rollout=ro,
-            plan=self.plan,
-            ssh=self.inventory.ssh,
-            package=self.package,
-            public_key_hex=self.dml.public_key_bytes().hex(),
-            journal=Journal(self.url, self.deployment_id),
-            deployment_id=self.deployment_id,
-            cache_root=self.settings.home / "cache" / f"deployment-{self.deployment_id}",
-            progress=self.progress,
-            stop=self.stop,
-        )
-        return self.deployment_id
+            self.record.move(
+                Status.REFUSED, evidence={"reasons": exc.reasons, "message": exc.message}
+            )
+            return False
+        self.record.move(Status.RUNNING)
+        return True
 
-    def _upsert_hosts(self, s: Any) -> None:
-        for action in self.rollout.hosts():
-            ci = s.scalar(select(HostCI).where(HostCI.name == action.host))
-            if ci is None:
-                ci = HostCI(name=action.host, address=action.address, deploy_root="")
-                s.add(ci)
-            ci.address = action.address
-            ci.environment = self.rollout.environment
-            ci.deploy_root = action.deploy_root
-            ci.groups = list(self.inventory.hosts[action.host].groups)
+    def _gate(self, hosts: list[str]) -> None:
+        with session_scope(self.url) as s:
+            gate.require(
+                s,
+                rfc_id=self.rfc_id,
+                stage="deploy",
+                release=self.rollout.release,
+                environment=self.rollout.environment,
+                hosts=hosts,
+                now=utcnow(),
+                actor=self.actor,
+            )
 
     # -- waves -----------------------------------------------------------------------------
     def gate_wave(self, index: int) -> None:
         """Before every wave: does the change authorization still hold (window, blackout)?"""
-        wave = self.rollout.waves[index - 1]
-        with session_scope(self.url) as s:
-            gate.require(
-                s,
-                rfc_id=self.req.rfc,
-                stage="deploy",
-                release=self.rollout.release,
-                environment=self.rollout.environment,
-                hosts=wave.names,
-                now=utcnow(),
-                actor=self.req.actor,
-            )
+        self._gate(self.rollout.waves[index - 1].names)
 
     def run_wave(self, index: int) -> Verdict:
-        assert self.executor is not None
         wave = self.rollout.waves[index - 1]
         start = time.monotonic()
-        self._wave_status(index, "running", started=True)
+        executor = self.executor
+        self.record.wave(index, WaveStatus.RUNNING)
         self.progress(
             f"wave {index}/{len(self.rollout.waves)}: {len(wave.hosts)} host(s): "
             f"{_names(wave.names)}"
         )
-        outcomes = self.executor.run_wave(wave)
+        outcomes = executor.run_wave(wave)
         self._tell(outcomes, "deployed")
         if not self.stop.is_set():
-            self.executor.soak(self.plan.milestone.soak)
-            outcomes = self.executor.run_checks(wave, outcomes)
+            executor.soak(self.rollout.milestone.soak)
+            outcomes = executor.run_checks(wave, outcomes)
         verdict = milestone_verdict(
             index,
             outcomes,
-            self.plan.milestone,
-            elapsed=elapsed_since(start),
+            self.rollout.milestone,
+            elapsed=time.monotonic() - start,
             interrupted=self.stop.is_set(),
         )
-        for o in outcomes:
-            self.outcomes[o.host] = o
-        self.verdicts.append(verdict)
-        self._wave_status(index, "passed" if verdict.passed else "failed", verdict=verdict)
+        self.last_verdict = verdict
+        self.record.append_evidence("outcomes", [o.to_dict() for o in outcomes])
+        status = WaveStatus.PASSED if verdict.passed else WaveStatus.FAILED
+        self.record.wave(index, status, verdict.to_dict())
         word = "passed" if verdict.passed else "FAILED"
         self.progress(f"  milestone {index} {word}: {verdict.reason}")
         if verdict.passed:
@@ -255,186 +192,160 @@ class DeploymentRun:
 
     # -- backout ---------------------------------------------------------------------------
     def back_out(self, only: list[str] | None = None) -> list[BackoutResult]:
-        """Return every touched host (or `only` these) to its own prior baseline."""
-        assert self.executor is not None
-        touched = {h: s for h, s in self.executor.touched.items() if only is None or h in only}
-        by_host = {a.host: a for a in self.rollout.hosts()}
-        priors = {h: by_host[h].prior for h in touched}
-        actions = backout_actions(touched, priors)
+        """Return every touched host (or `only` these) to its own prior baseline; what was
+        touched is read from the journal, the one holder of each host's step state."""
+        journal = self.record.steps_by_host()
+        restored = {
+            r["host"] for r in self.record.load().evidence.get("backout", []) if r.get("restored")
+        }
+        hosts = [h for h in (only or list(journal)) if h in journal and h not in restored]
+        priors = {h: self.rollout.host(h).prior for h in hosts}
+        actions = backout_actions({h: journal[h] for h in hosts}, priors)
         needed = [a for a in actions if a.needed]
         if only is None:
+            untouched = len(actions) - len(needed)
             self.progress(
                 f"backing out {len(needed)} host(s) to their prior baselines"
-                + (
-                    f" ({len(actions) - len(needed)} never switched)"
-                    if len(actions) > len(needed)
-                    else ""
-                )
+                + (f" ({untouched} never switched)" if untouched else "")
             )
-        results = self.executor.back_out(needed, by_host)
-        for r in results:
-            mark = "↩" if r.restored else "✗"
-            extra = f" (warnings: {'; '.join(r.warnings)})" if r.warnings else ""
-            what = f"restored to {r.current}" if r.restored else f"NOT restored: {r.error}"
-            self.progress(f"  {mark} {r.host}: {what}{extra}")
-        self.backout.extend(results)
+        results = BackoutRunner(self.rollout, self.sessions, self.record, self.progress).run(needed)
+        if results:
+            self.record.append_evidence("backout", [r.to_dict() for r in results])
         return results
 
-    # -- the end ---------------------------------------------------------------------------
-    def succeed(self) -> None:
-        """Read every host back before declaring success; then record the new baselines."""
-        assert self.executor is not None
-        ro = self.rollout
-        ok_hosts = [
-            a for a in ro.hosts() if self.outcomes.get(a.host, HostOutcome(a.host, False)).ok
+    def _stuck(self) -> list[dict[str, Any]]:
+        latest: dict[str, dict[str, Any]] = {}
+        for r in self.record.load().evidence.get("backout", []):
+            latest[r["host"]] = r
+        return [
+            {"host": h, "current": r.get("current"), "error": r.get("error")}
+            for h, r in latest.items()
+            if not r.get("restored")
         ]
+
+    # -- the ends --------------------------------------------------------------------------
+    def succeed(self) -> Status:
+        """Read every host back before declaring success; then record the new baselines."""
+        ro = self.rollout
+        outcomes = self._outcomes()
+        ok_hosts = [a for a in ro.hosts() if outcomes.get(a.host, {}).get("ok")]
         current = self.executor.prune(ok_hosts)  # retention, and `current` read back
-        wrong = {h: c for h, c in current.items() if c != ro.release_id}
-        if wrong:
-            raise FerryError(f"read-back found hosts not on {ro.release_id}: {wrong}")
+        flagged: list[dict[str, Any]] = []
+        for host, got in current.items():
+            if isinstance(got, Exception):
+                why = f"not read back after its milestone passed: {got}"
+                self.progress(f"  warning: {host}: {why}")
+                flagged.append({"host": host, "current": None, "error": why})
+            elif got != ro.release_id:
+                why = f"read back on {got or 'no release'}, not {ro.release_id}"
+                self.progress(f"  warning: {host}: {why}")
+                flagged.append({"host": host, "current": got, "error": why})
+        wrong = {f["host"] for f in flagged if f["current"] is not None}
+        new = Baseline(ro.release, ro.digest)
+        on_new = {a.host: new for a in ok_hosts if a.host not in wrong}
+        everyone = len(on_new) == len(ro.hosts())
+        self.record.set_baselines(
+            ro.environment, on_new, environment_baseline=new if everyone else None
+        )
         with session_scope(self.url) as s:
-            for a in ok_hosts:
-                row = s.get(HostBaseline, a.host) or HostBaseline(host=a.host)
-                row.environment, row.release = ro.environment, ro.release
-                row.package_digest, row.deployment_id = ro.digest, self.deployment_id
-                row.recorded_at = utcnow()
-                s.merge(row)
-            if len(ok_hosts) == len(ro.hosts()):
-                env = s.get(EnvironmentBaseline, ro.environment) or EnvironmentBaseline(
-                    environment=ro.environment
-                )
-                env.release, env.package_digest = ro.release, ro.digest
-                env.deployment_id, env.recorded_at = self.deployment_id, utcnow()
-                s.merge(env)
-            from dml import catalog
+            catalog.mark_deployed(s, ro.release, ro.environment, actor=self.actor)
+        self._rfc(Status.SUCCEEDED, "")
+        self.record.move(
+            Status.SUCCEEDED,
+            evidence={
+                "verdicts": [w["verdict"] for w in self.record.load().waves if w["verdict"]],
+                "needs_remediation": flagged,
+            },
+            audit_data={"needs_remediation": [f["host"] for f in flagged]},
+        )
+        return Status.SUCCEEDED
 
-            catalog.mark_deployed(s, ro.release, ro.environment, actor=self.req.actor)
-            lifecycle.transition(
-                s,
-                gate.parse_rfc_id(self.req.rfc or ""),
-                "implemented",
-                actor=self.req.actor,
-                data={"deployment": self.deployment_id},
-            )
-        self._finish("succeeded", {"verdicts": [v.to_dict() for v in self.verdicts]})
-
-    def fail(self, verdict: Verdict | None, reason: str) -> str:
-        """After a failed milestone: back out, record the evidence, tell the RFC."""
-        results = self.back_out()
-        stuck = [r for r in results if not r.restored]
-        status = "failed" if stuck else "backed-out"
-        evidence = {
-            "reason": reason,
-            "failed_milestone": verdict.to_dict() if verdict else None,
-            "backout": [r.to_dict() for r in results],
-            "needs_remediation": [
-                {"host": r.host, "current": r.current, "error": r.error} for r in stuck
-            ],
-        }
-        with session_scope(self.url) as s:
-            lifecycle.transition(
-                s,
-                gate.parse_rfc_id(self.req.rfc or ""),
-                status,
-                actor=self.req.actor,
-                note=reason,
-                data={"deployment": self.deployment_id},
-            )
-        self._finish(status, evidence)
+    def fail(self, verdict: Verdict | None, reason: str) -> Status:
+        """After a failed milestone (or a stop): back out, record the evidence, tell the RFC."""
+        self.record.move(
+            Status.BACKING_OUT,
+            evidence={
+                "reason": reason,
+                "failed_milestone": verdict.to_dict() if verdict else None,
+            },
+        )
+        self.back_out()
+        stuck = self._stuck()
+        if stuck:
+            status = Status.FAILED
+        elif verdict is not None and verdict.integrity:
+            status = Status.INTEGRITY_FAILED
+        else:
+            status = Status.BACKED_OUT
+        self._rfc(status, reason)
+        self.record.move(
+            status,
+            evidence={"needs_remediation": stuck},
+            audit_data={"reason": reason, "stuck": [s["host"] for s in stuck]},
+        )
         return status
 
-    def halt(self, exc: AuthorizationRefused) -> None:
+    def halt(self, exc: AuthorizationRefused) -> Status:
         """The gate refused a later wave: stop at this boundary; earlier waves stay."""
-        assert self.executor is not None
-        done = [a for i in self.done_waves for a in self.rollout.waves[i - 1].hosts]
-        with session_scope(self.url) as s:
-            for a in done:
-                if self.outcomes.get(a.host) and self.outcomes[a.host].ok:
-                    row = s.get(HostBaseline, a.host) or HostBaseline(host=a.host)
-                    row.environment, row.release = self.rollout.environment, self.rollout.release
-                    row.package_digest, row.deployment_id = self.rollout.digest, self.deployment_id
-                    row.recorded_at = utcnow()
-                    s.merge(row)
-        self._finish(
-            "refused", {"reasons": exc.reasons, "halted_before_wave": len(self.done_waves) + 1}
+        ro = self.rollout
+        outcomes = self._outcomes()
+        done = {
+            a.host: Baseline(ro.release, ro.digest)
+            for i in self.done_waves
+            for a in ro.waves[i - 1].hosts
+            if outcomes.get(a.host, {}).get("ok")
+        }
+        self.record.set_baselines(ro.environment, done)
+        before = len(self.done_waves) + 1
+        note = f"halted before wave {before}: {exc.message}"
+        self._rfc(Status.HALTED, note)
+        self.record.move(
+            Status.HALTED,
+            evidence={"reasons": exc.reasons, "message": exc.message, "halted_before_wave": before},
         )
+        return Status.HALTED
 
-    def _set_status(self, status: str) -> None:
-        with session_scope(self.url) as s:
-            dep = s.get(Deployment, self.deployment_id)
-            assert dep is not None
-            dep.status = status
+    def abort(self, exc: BaseException, crash_log: str) -> Status:
+        """An unexpected error: never leave hosts half-way. Back out, then end as aborted."""
+        reason = f"internal error: {type(exc).__name__}: {exc}"
+        self.progress(f"unexpected error during the rollout: {exc}; backing out")
+        if self.record.load().status == Status.RUNNING:
+            self.record.move(Status.BACKING_OUT, evidence={"reason": reason})
+        if self.record.load().status == Status.BACKING_OUT:
+            try:
+                self.back_out()
+            except Exception as again:  # noqa: BLE001 - record what we can; recover finishes
+                self.progress(f"the backout failed too: {again}; run `ferry remediate recover`")
+        stuck = self._stuck()
+        self._rfc(Status.ABORTED, reason)
+        self.record.move(
+            Status.ABORTED,
+            evidence={"reason": reason, "crash_log": crash_log, "needs_remediation": stuck},
+        )
+        return Status.ABORTED
 
-    def _finish(self, status: str, evidence: dict[str, Any]) -> None:
+    def _outcomes(self) -> dict[str, dict[str, Any]]:
+        latest: dict[str, dict[str, Any]] = {}
+        for o in self.record.load().evidence.get("outcomes", []):
+            latest[o["host"]] = o
+        return latest
+
+    def _rfc(self, status: Status, note: str) -> None:
+        to = RFC_AFTER.get(status)
+        if to is None or self.rfc_id is None:
+            return
         with session_scope(self.url) as s:
-            dep = s.get(Deployment, self.deployment_id)
-            assert dep is not None
-            dep.status, dep.finished_at = status, utcnow()
-            dep.evidence = {**(dep.evidence or {}), **evidence}
-            audit.append(
-                s,
-                actor=self.req.actor,
-                action=f"deploy.{status}",
-                subject_type="deployment",
-                subject_id=dep.id,
-                data={"release": dep.release, "rfc": dep.rfc_id, **evidence},
+            rfc = s.get(RFC, self.rfc_id)
+            if rfc is None or rfc.status != "implementing":
+                return
+            rfc_lifecycle.transition(
+                s, self.rfc_id, to, actor=self.actor, note=note, data={"deployment": self.id}
             )
-
-    def _wave_status(
-        self, index: int, status: str, *, started: bool = False, verdict: Verdict | None = None
-    ) -> None:
-        with session_scope(self.url) as s:
-            w = s.scalar(
-                select(Wave).where(Wave.deployment_id == self.deployment_id, Wave.index == index)
-            )
-            assert w is not None
-            w.status = status
-            if started:
-                w.started_at = utcnow()
-            if verdict is not None:
-                w.verdict, w.finished_at = verdict.to_dict(), utcnow()
 
     def close(self) -> None:
-        if self.executor is not None:
-            self.executor.close()
-
-    # -- the report ------------------------------------------------------------------------
-    def report(self, status: str) -> dict[str, Any]:
-        ro = self.rollout
-        restored = {r.host: r for r in self.backout}
-        hosts: dict[str, Any] = {}
-        for a in ro.hosts():
-            o = self.outcomes.get(a.host)
-            prior = a.prior.release if a.prior else None
-            if a.host in restored:
-                r = restored[a.host]
-                state = "backed-out" if r.restored else "needs-remediation"
-                release = prior if r.restored else None
-            elif o is None:
-                state, release = "untouched", prior
-            elif o.ok:
-                state, release = "deployed", ro.release
-            else:
-                state, release = "failed", prior
-            hosts[a.host] = {"release": release, "status": state}
-            if o is not None and not o.ok:
-                hosts[a.host]["failure"] = {"step": o.failed_step, "reason": o.reason}
-        ex = self.executor
-        return {
-            "id": self.deployment_id,
-            "status": status,
-            "release": ro.release,
-            "digest": ro.digest,
-            "rfc": self.req.rfc,
-            "environment": ro.environment,
-            "strategy": ro.strategy,
-            "waves": [w.names for w in ro.waves],
-            "hosts": hosts,
-            "milestones": [v.to_dict() for v in self.verdicts],
-            "backout": [r.to_dict() for r in self.backout],
-            "needs_remediation": [r.host for r in self.backout if not r.restored],
-            "bytes_sent": sum(ex.bytes_sent.values()) if ex else 0,
-        }
+        self.sessions.close()
+        if self._executor is not None:
+            self._executor.objects.close()
 
 
 def _names(names: list[str], limit: int = 8) -> str:

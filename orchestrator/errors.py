@@ -10,9 +10,12 @@
     ├── BackoutIncomplete           exit 5  some hosts could not be restored; they need remediation
     ├── IntegrityError              exit 6  a checksum or signature did not verify
     ├── TransportError              exit 1  SSH failure, translated from paramiko at the boundary
-    └── StepFailed                  exit 1  a host step failed (inside a wave it becomes data)
+    └── StepFailed                  exit 1  a host step failed (inside a wave it becomes data);
+                                            `kind` is the agent's: integrity, input, os, disk-full
 
-The table of exit codes is documented in README.md and `ferry --help`; every command keeps it.
+Each class's `exit_code` is the one table: the CLI maps a raised error by it, and a
+deployment's final status by the error class that ends it (`orchestrator.lifecycle`).
+The table is documented in README.md and `ferry --help`; every command keeps it.
 """
 
 from __future__ import annotations
@@ -112,9 +115,16 @@ class TransportError(FerryError):
 
 
 class StepFailed(FerryError):
-    def __init__(self, host: str, step: str, message: str, output: str = "") -> None:
+    def __init__(
+        self, host: str, step: str, message: str, output: str = "", kind: str | None = None
+    ) -> None:
         super().__init__(
             f"{host}: step {step} failed: {message}",
-            details={"host": host, "step": step, "output": output[-2000:]},
+            details={"host": host, "step": step, "kind": kind, "output": output[-2000:]},
         )
-        self.host, self.step, self.output = host, step, output
+        self.host, self.step, self.output, self.kind = host, step, output, kind
+
+    @property
+    def integrity(self) -> bool:
+        """The host refused what it was sent (signature, checksum, pinned key)."""
+        return self.kind == "integrity"

@@ -1,26 +1,34 @@
-"""Prefect flows: `deploy_release` runs a DeploymentRun's steps as tasks you see in the UI.
+"""Prefect flows: `deploy_release(deployment_id)` runs a recorded deployment.
 
-One task per stage and per wave (not per host: Prefect costs 20–160 ms per task here, and
-its embedded mode drops task records at exit, so Ferry's own journal lives in the CMS).
-The flow holds no business rules; it sequences DeploymentRun's methods and publishes a
-result artifact (a table per wave: host, steps, checks, time).
+The flow's one parameter is the deployment id, a plain value: everything else — the
+rollout with every rendered command, the hosts and how to reach them, the RFC — is loaded
+from the CMS, and the package from the DML, so the same flow runs in this process (the
+embedded default) or on a Prefect worker on another machine. One task per stage and per
+wave (not per host: Prefect costs 20–160 ms per task here, and its embedded mode drops task
+records at exit, so Ferry's own journal lives in the CMS). The flow holds no business
+rules; it sequences DeploymentRun's methods and publishes a result artifact.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
-import uuid
 from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from orchestrator import crashlog
 from orchestrator.deployment import DeploymentRun
 from orchestrator.errors import AuthorizationRefused
+from orchestrator.lifecycle import Status
 
-_RUNS: dict[str, DeploymentRun] = {}  # flow parameters must be plain values: pass a token
+
+def say(message: str) -> None:
+    """Progress for people: stderr, so `--output json` stays parseable on stdout."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def install_stop_handlers(stop: threading.Event, progress: Any) -> None:
@@ -42,63 +50,78 @@ def install_stop_handlers(stop: threading.Event, progress: Any) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+# Tasks take the run object (a live handle inside this flow run); the flow's own parameter
+# stays a plain deployment id.
 @task(name="preflight", cache_policy=NO_CACHE)
-def preflight(token: str) -> int:
-    """Record the deployment, authorize it, check the release in."""
-    return _RUNS[token].open()
+def preflight(run: DeploymentRun) -> bool:
+    """Authorize the deployment and check the release in; nothing has touched a host yet."""
+    return run.start()
 
 
 @task(name="wave", cache_policy=NO_CACHE)
-def run_wave(token: str, index: int) -> dict[str, Any]:
-    run = _RUNS[token]
+def run_wave(run: DeploymentRun, index: int) -> dict[str, Any]:
     run.gate_wave(index)
     return run.run_wave(index).to_dict()
 
 
 @task(name="backout", cache_policy=NO_CACHE)
-def back_out(token: str, reason: str) -> str:
-    run = _RUNS[token]
-    return run.fail(run.verdicts[-1] if run.verdicts else None, reason)
+def back_out(run: DeploymentRun, reason: str) -> str:
+    return run.fail(run.last_verdict, reason)
 
 
 @task(name="finalize", cache_policy=NO_CACHE)
-def finalize(token: str) -> None:
-    _RUNS[token].succeed()
+def finalize(run: DeploymentRun) -> str:
+    return run.succeed()
 
 
-@flow(name="deploy_release", log_prints=False, validate_parameters=False)
-def deploy_release(token: str, release: str, plan: str, rfc: str | None) -> str:
-    """Deploy `release` by `plan` under `rfc`; returns the deployment's final status."""
-    run = _RUNS[token]
+def flow_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return f"deployment #{flow_run.parameters.get('deployment_id')}"
+
+
+@flow(name="deploy_release", flow_run_name=flow_run_name, validate_parameters=False)
+def deploy_release(deployment_id: int) -> str:
+    """Run recorded deployment `deployment_id` to its end; returns its final status."""
+    from orchestrator.preparation import runner
+    from orchestrator.settings import get_settings
+
+    run = DeploymentRun(int(deployment_id), get_settings(), progress=say)
+    run.record.add_evidence(runner=runner())  # this process runs it now
     install_stop_handlers(run.stop, run.progress)
-    preflight(token)
     try:
-        status = run_waves(token, run)
+        if not preflight(run):
+            status: str = Status.REFUSED
+        else:
+            status = run_waves(run)
     except Exception as exc:  # noqa: BLE001 - never leave hosts half-way: back out, then tell
-        run.progress(f"unexpected error during the rollout: {exc}; backing out")
-        status = back_out(token, f"internal error: {type(exc).__name__}: {exc}")
+        status = run.abort(exc, crashlog.write(exc))
+    finally:
+        run.close()
     publish(run, status)
-    return status
+    return str(status)
 
 
-def run_waves(token: str, run: DeploymentRun) -> str:
+def run_waves(run: DeploymentRun) -> str:
     for index in range(1, len(run.rollout.waves) + 1):
         if run.stop.is_set():
-            return back_out(token, "interrupted by a signal before the next wave")
+            return back_out(run, "interrupted by a signal before the next wave")
         try:
-            verdict = run_wave.with_options(name=f"wave-{index}")(token, index)
+            verdict = run_wave.with_options(name=f"wave-{index}")(run, index)
         except AuthorizationRefused as exc:  # e.g. the window closed: stop at this boundary
             run.progress(f"the change gate refused wave {index}: {exc.message}")
-            run.halt(exc)
-            return "refused"
+            return run.halt(exc)
         if not verdict["passed"]:
-            return back_out(token, f"milestone {index} failed: {verdict['reason']}")
-    finalize(token)
-    return "succeeded"
+            return back_out(run, f"milestone {index} failed: {verdict['reason']}")
+    return finalize(run)
 
 
 def publish(run: DeploymentRun, status: str) -> None:
-    report = run.report(status)
+    from orchestrator.cms import deployments
+    from orchestrator.report import deployment_report
+
+    rec = deployments.load(run.url, run.id)
+    report = deployment_report(rec, deployments.journal_rows(run.url, run.id))
     rows = []
     for i, wave in enumerate(report["waves"], start=1):
         for host in wave:
@@ -120,15 +143,3 @@ def publish(run: DeploymentRun, status: str) -> None:
         for m in report["milestones"]
     ]
     create_markdown_artifact(markdown="\n".join(lines), key=f"{key}-summary")
-
-
-def run_deploy_flow(run: DeploymentRun) -> str:
-    token = uuid.uuid4().hex
-    _RUNS[token] = run
-    try:
-        return deploy_release(
-            token=token, release=run.req.release, plan=str(run.req.plan_path), rfc=run.req.rfc
-        )
-    finally:
-        _RUNS.pop(token, None)
-        run.close()

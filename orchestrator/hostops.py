@@ -2,9 +2,9 @@
 
 Every operation is idempotent: staging skips objects the host holds, verify is a no-op for
 a published release, switch to the current release changes nothing. Failures raise
-StepFailed (the host's step failed; the output is kept as evidence) or TransportError (the
-host cannot be reached). Hooks and checks are rendered with sandboxed Jinja2 and
-StrictUndefined, so a typo in a plan fails loudly instead of running a half-empty command.
+StepFailed (the host's step failed; the output is kept as evidence; `kind` is the agent's
+error kind) or TransportError (the host cannot be reached). Hooks and checks arrive
+rendered by the planner (orchestrator.context): this module renders nothing.
 """
 
 from __future__ import annotations
@@ -15,26 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError
-from jinja2.sandbox import SandboxedEnvironment
-
 from orchestrator import agent
-from orchestrator.errors import PlanError, StepFailed, TransportError
-from orchestrator.plan import Check
+from orchestrator.context import hook_env
+from orchestrator.errors import StepFailed, TransportError
+from orchestrator.rollout import RenderedCheck
 from orchestrator.transport import openssh
 from orchestrator.transport.openssh import OpenSSHStream
 from orchestrator.transport.ssh import ChannelStream, SSHHost, Stream
-
-_JINJA = SandboxedEnvironment(
-    undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True
-)
-
-
-def render(template: str, context: dict[str, Any], what: str) -> str:
-    try:
-        return _JINJA.from_string(template).render(context)
-    except TemplateError as exc:
-        raise PlanError(f"{what}: template error: {exc}") from None
 
 
 class HostOps:
@@ -142,28 +129,25 @@ class HostOps:
         args = [f"--keep={keep}"] + [f"--protect={p}" for p in protect if p]
         return self.call("prune", "prune", *args)
 
-    def hook(self, step: str, command: str, context: dict[str, Any]) -> str:
-        """Run a plan hook (already rendered) in the release directory, with FERRY_* env."""
-        env = {f"FERRY_{k.upper()}": str(v) for k, v in context.items() if _scalar(v)}
+    def hook(self, step: str, command: str, context: dict[str, str]) -> str:
+        """Run a rendered plan hook in the release directory, with FERRY_* env."""
         cwd = context.get("release_path") or self.root
         script = f"cd {shlex.quote(str(cwd))} 2>/dev/null || cd {shlex.quote(self.root)}; {command}"
-        res = self.conn.run(script, timeout=self.timeout, env=env)
+        res = self.conn.run(script, timeout=self.timeout, env=hook_env(context))
         if not res.ok:
             raise StepFailed(self.name, step, f"hook exited {res.rc}", res.output)
         return res.output
 
-    def check(self, check: Check, context: dict[str, Any]) -> tuple[bool, str]:
-        """Run one health check on the host; (passed, evidence)."""
-        if check.command is not None:
-            cmd = render(check.command, context, f"check {check.label}")
-        elif check.http is not None:
-            url = render(check.http, context, f"check {check.label}")
-            cmd = _PY_HTTP.format(url=shlex.quote(url), t=check.timeout)
+    def check(self, check: RenderedCheck) -> tuple[bool, str]:
+        """Run one rendered health check on the host; (passed, evidence)."""
+        if check.kind == "command":
+            cmd = check.target
+        elif check.kind == "http":
+            cmd = _PY_HTTP.format(url=shlex.quote(check.target), t=check.timeout)
         else:
-            addr = render(check.address, context, f"check {check.label}")
-            cmd = _PY_TCP.format(addr=shlex.quote(addr), port=check.tcp, t=check.timeout)
+            cmd = _PY_TCP.format(addr=shlex.quote(check.target), port=check.port, t=check.timeout)
         res = self.conn.run(cmd, timeout=check.timeout + 5)
-        if check.http is not None:
+        if check.kind == "http":
             got = res.output.strip().splitlines()[-1:] or ["no answer"]
             ok = res.ok and got[0] == str(check.status)
             return ok, f"{check.label}: HTTP {got[0]}"
@@ -182,10 +166,6 @@ _PY_TCP = (
 )
 
 
-def _scalar(v: Any) -> bool:
-    return isinstance(v, str | int | float) and not isinstance(v, bool)
-
-
 def parse_result(host: str, step: str, rc: int, output: str) -> dict[str, Any]:
     """The agent's last line is `RESULT {json}`; anything else is evidence of a failure."""
     line = next((ln for ln in reversed(output.splitlines()) if ln.startswith("RESULT ")), None)
@@ -201,4 +181,4 @@ def parse_result(host: str, step: str, rc: int, output: str) -> dict[str, Any]:
     kind = data.get("error")
     if kind:
         message = f"{kind}: {message}"
-    raise StepFailed(host, step, message, output)
+    raise StepFailed(host, step, message, output, kind=kind)

@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from orchestrator.errors import PlanError
+from orchestrator.errors import PlanError, SpecError
 from orchestrator.yamlfile import parse_model
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -126,4 +126,35 @@ class Inventory(BaseModel):
 
 
 def load_inventory(path: Path) -> Inventory:
-    return parse_model(Inventory, path)
+    inventory = parse_model(Inventory, path)
+    require_files(inventory.ssh, str(path))
+    return inventory
+
+
+def inventory_path(
+    *, override: Path | None, plan_inventory: Path | None, default: Path | None, plan_file: str
+) -> Path:
+    """The one order, for deploy and drift alike: `--inventory`, then the plan's
+    `inventory:`, then the settings' (FERRY_INVENTORY or ferry.toml)."""
+    path = override or plan_inventory or default
+    if path is None:
+        raise SpecError(
+            plan_file,
+            "inventory",
+            "no inventory given",
+            "set inventory: in the plan, FERRY_INVENTORY, or pass --inventory",
+        )
+    return Path(path)
+
+
+def require_files(ssh: SSHSettings, where: str) -> None:
+    """The identity and known_hosts files must be there before anything is recorded."""
+    for field in ("identity_file", "known_hosts"):
+        path = Path(getattr(ssh, field))
+        if not path.is_file():
+            raise SpecError(
+                where,
+                f"ssh.{field}",
+                f"{path} does not exist",
+                "fix the path (relative paths are relative to the inventory file)",
+            )

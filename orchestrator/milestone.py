@@ -4,7 +4,8 @@ One documented meaning of "tolerated failures": `max_failed: N` lets a wave pass
 to N failed hosts; the milestone fails when failures EXCEED N (N+1 fails, N passes).
 A percentage is of the wave's hosts, rounded down (`10%` of 12 hosts tolerates 1).
 A host fails when any step or check fails, or when it cannot be reached. A missed deadline
-fails the milestone whatever the counts.
+fails the milestone whatever the counts, and so does an integrity failure on any host (it
+refused the signature, the pinned key or a checksum): that is never tolerated.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ class HostOutcome:
     reason: str = ""
     output: str = ""
     activated: bool = False
+    kind: str | None = None  # the error's kind: integrity, unreachable, disk-full, …
+
+    @property
+    def integrity(self) -> bool:
+        return not self.ok and self.kind == "integrity"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -30,6 +36,7 @@ class HostOutcome:
             "ok": self.ok,
             "failed_step": self.failed_step,
             "reason": self.reason,
+            "kind": self.kind,
             "output": self.output[-1000:],
         }
 
@@ -42,6 +49,7 @@ class Verdict:
     allowed: int
     reason: str
     evidence: tuple[dict[str, Any], ...] = field(default=())
+    integrity: bool = False  # some host refused what it was sent
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -50,6 +58,7 @@ class Verdict:
             "failed": list(self.failed),
             "allowed_failures": self.allowed,
             "reason": self.reason,
+            "integrity": self.integrity,
             "evidence": list(self.evidence),
         }
 
@@ -68,6 +77,14 @@ def milestone_verdict(
     names = tuple(o.host for o in failed)
     if interrupted:
         return Verdict(False, wave, names, allowed, "interrupted by a signal", evidence)
+    refused = [o for o in failed if o.integrity]
+    if refused:
+        first = refused[0]
+        reason = (
+            f"integrity failure on {len(refused)} host(s), never tolerated; first: "
+            f"{first.host} at {first.failed_step}: {first.reason}"
+        )
+        return Verdict(False, wave, names, allowed, reason, evidence, integrity=True)
     if elapsed > criteria.deadline:
         reason = f"deadline of {criteria.deadline:.0f}s passed ({elapsed:.1f}s)"
         return Verdict(False, wave, names, allowed, reason, evidence)

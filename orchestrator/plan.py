@@ -13,7 +13,7 @@ hooks:                             # shell, Jinja2-rendered per host (sandboxed,
   snapshot: "cp -a {{ shared }}/data {{ snapshot_dir }}/"
   install: "..."
   activate: "true"
-  verify: "test -f {{ release_path }}/app/health.ok"
+  check: "test -f {{ release_path }}/app/health.ok"   # the `check` step's health hook
   restore: "rm -rf {{ shared }}/data && cp -a {{ snapshot_dir }}/data {{ shared }}/"
 config:                            # rendered per host into <release>/.rendered/<dest>
   - {src: templates/app.toml.j2, dest: app.toml}
@@ -36,7 +36,6 @@ remaining hosts. The last wave must reach every target.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -51,6 +50,7 @@ from pydantic import (
     model_validator,
 )
 
+from orchestrator.context import RESERVED
 from orchestrator.errors import SpecError
 from orchestrator.yamlfile import parse_model
 
@@ -74,6 +74,7 @@ def parse_duration(value: Any) -> float:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 _PERCENT = re.compile(r"^(\d+(?:\.\d+)?)%$")
+_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _tolerance(value: Any) -> int | str:
@@ -134,12 +135,25 @@ class Milestone(BaseModel):
 
 
 class Hooks(BaseModel):
+    """Shell run per host by the step of the same name (see orchestrator.steps)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     snapshot: str | None = None
     install: str | None = None
     activate: str | None = None
-    verify: str | None = None
+    check: str | None = None
     restore: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "verify" in data:
+            # `verify` is the agent's signature and checksum step; the hook is the check's
+            raise ValueError(
+                "hooks.verify is now hooks.check (the hook runs in the `check` step; "
+                "`verify` is the agent's own signature and checksum step): rename the key"
+            )
+        return data
 
     @model_validator(mode="after")
     def _paired(self) -> Hooks:
@@ -206,6 +220,22 @@ class DeployPlan(BaseModel):
             return (Path(base) / value).resolve()
         return value
 
+    @field_validator("vars")
+    @classmethod
+    def _var_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            # keys become template names and FERRY_<KEY> environment variables of hooks
+            if not isinstance(key, str) or not _VAR_NAME.match(key):
+                raise ValueError(
+                    f"var {key!r}: a var name is letters, digits and '_', not starting with a digit"
+                )
+            if key in RESERVED:
+                raise ValueError(
+                    f"var {key!r} is a name Ferry sets for every host "
+                    f"({', '.join(sorted(RESERVED))}); rename the var"
+                )
+        return value
+
     @field_validator("waves")
     @classmethod
     def _waves(cls, value: tuple[WaveEntry, ...] | None) -> tuple[WaveEntry, ...] | None:
@@ -236,14 +266,3 @@ def load_plan(path: Path) -> DeployPlan:
             str(path), "method", "the pull method is not available yet", "use method: push"
         )
     return plan
-
-
-def inventory_path(plan: DeployPlan, plan_path: Path) -> Path:
-    if plan.inventory is not None:
-        return plan.inventory
-    env = os.environ.get("FERRY_INVENTORY")
-    if env:
-        return Path(env)
-    raise SpecError(
-        str(plan_path), "inventory", "no inventory given", "set inventory: or FERRY_INVENTORY"
-    )

@@ -1,16 +1,18 @@
 """The planner (pure): plan + inventory hosts + CMS baselines → a Rollout.
 
 The dry run prints this very object and the executor runs this very object, so what the
-dry run shows is what happens. No I/O here (a test enforces the imports).
+dry run shows is what happens. No I/O here (a test enforces the imports): the caller
+reads the config templates and passes their text.
 
-Each host goes through the same short, ordered steps, shown identically in the dry run,
-the journal and the report:
+Every hook, config template and check is rendered here for every host, forward (the new
+release) and backout (each host's own prior), so a typo is a PlanError (exit 2) before
+anything is recorded or touched. The steps come from `orchestrator.steps`:
 
     stage → verify → snapshot → install → activate → check       (forward)
     revert → reactivate → restore → recheck                      (backout)
 
 `snapshot`/`restore` appear only when the plan has those hooks, `install` when it has an
-install hook or config templates, `check` when it has a verify hook.
+install hook or config templates, `check` when it has a check hook.
 """
 
 from __future__ import annotations
@@ -18,108 +20,36 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import replace
+from fractions import Fraction
 from typing import Any
 
+from orchestrator import steps as step_table
+from orchestrator.context import Renderer, host_context, scalars
 from orchestrator.errors import PlanError
-from orchestrator.inventory import Host
-from orchestrator.plan import DeployPlan
+from orchestrator.inventory import Host, SSHSettings
+from orchestrator.plan import Check, DeployPlan
+from orchestrator.rollout import (
+    Baseline,
+    HostAction,
+    RenderedCheck,
+    Rollout,
+    StepCommand,
+    WavePlan,
+    release_id,
+)
 
-FORWARD_STEPS = ("stage", "verify", "snapshot", "install", "activate", "check")
-BACKOUT_STEPS = ("revert", "reactivate", "restore", "recheck")
+__all__ = ["Baseline", "HostAction", "Rollout", "WavePlan", "plan_rollout", "release_id"]
 _PERCENT = re.compile(r"^(\d+(?:\.\d+)?)%$")
 
 
-def release_id(release: str, digest: str) -> str:
-    """The directory name of a release on a host: name-version-<12 hex of the digest>."""
-    name, _, version = release.partition("@")
-    return f"{name}-{version}-{digest.removeprefix('sha256:')[:12]}"
-
-
-@dataclass(frozen=True)
-class Baseline:
-    """What the CMS records a host (or environment) as running."""
-
-    release: str
-    digest: str
-
-    @property
-    def release_id(self) -> str:
-        return release_id(self.release, self.digest)
-
-
-@dataclass(frozen=True)
-class HostAction:
-    host: str
-    address: str
-    port: int
-    deploy_root: str
-    steps: tuple[str, ...]
-    prior: Baseline | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "host": self.host,
-            "address": self.address,
-            "deploy_root": self.deploy_root,
-            "steps": list(self.steps),
-            "prior": asdict(self.prior) if self.prior else None,
-        }
-
-
-@dataclass(frozen=True)
-class WavePlan:
-    index: int
-    hosts: tuple[HostAction, ...]
-
-    @property
-    def names(self) -> list[str]:
-        return [h.host for h in self.hosts]
-
-
-@dataclass(frozen=True)
-class Rollout:
-    release: str
-    digest: str
-    release_id: str
-    environment: str
-    strategy: str
-    method: str
-    concurrency: int
-    waves: tuple[WavePlan, ...]
-    notes: tuple[str, ...] = field(default=())
-
-    def hosts(self) -> list[HostAction]:
-        return [h for w in self.waves for h in w.hosts]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "release": self.release,
-            "digest": self.digest,
-            "release_id": self.release_id,
-            "environment": self.environment,
-            "strategy": self.strategy,
-            "method": self.method,
-            "concurrency": self.concurrency,
-            "waves": [w.names for w in self.waves],
-            "steps": {h.host: list(h.steps) for h in self.hosts()},
-            "prior": {h.host: (h.prior.release if h.prior else None) for h in self.hosts()},
-            # the digest too: a manual backout or `recover` rebuilds each host's prior from here
-            "prior_digest": {h.host: (h.prior.digest if h.prior else None) for h in self.hosts()},
-            "notes": list(self.notes),
-        }
-
-
 def forward_steps(plan: DeployPlan) -> tuple[str, ...]:
-    wanted = {
-        "stage": True,
-        "verify": True,
-        "snapshot": plan.hooks.snapshot is not None,
-        "install": plan.hooks.install is not None or bool(plan.config),
-        "activate": True,
-        "check": plan.hooks.verify is not None,
-    }
-    return tuple(s for s in FORWARD_STEPS if wanted[s])
+    hooks = plan.hooks
+    return tuple(
+        s.name
+        for s in step_table.FORWARD
+        if step_table.wanted(s, lambda h: getattr(hooks, h) is not None, bool(plan.config))
+    )
 
 
 def split_waves(
@@ -137,7 +67,8 @@ def split_waves(
         if isinstance(entry, int):
             wave = remaining[: max(0, min(entry, n) - len(done))]
         elif m := _PERCENT.match(entry):
-            target = math.ceil(n * float(m.group(1)) / 100)
+            # exact arithmetic: 64.4% of 250 hosts is 161 hosts, not float's 161.00000000000003
+            target = math.ceil(Fraction(m.group(1)) * n / 100)
             wave = remaining[: max(0, target - len(done))]
         elif entry in groups:
             members = set(groups[entry])
@@ -168,23 +99,28 @@ def plan_rollout(
     baselines: Mapping[str, Baseline],
     release: str,
     digest: str,
+    *,
+    ssh: SSHSettings | None = None,
+    templates: Mapping[str, str] | None = None,
+    plan_file: str = "plan",
+    plan_hash: str = "",
 ) -> Rollout:
-    """Decide the whole rollout before touching anything."""
+    """Decide the whole rollout before touching anything; `templates`: dest → text."""
     if not hosts:
-        raise PlanError("targets select no host")
+        raise PlanError(f"{plan_file}: targets select no host")
     by_name = {h.name: h for h in hosts}
     waves, notes = split_waves(plan, [h.name for h in hosts], groups)
     steps = forward_steps(plan)
+    rid = release_id(release, digest)
+    render = _HostRenderer(plan, templates or {}, plan_file, release, rid)
     wave_plans = []
     for i, wave in enumerate(waves, start=1):
         actions = tuple(
-            HostAction(
-                host=name,
-                address=by_name[name].address,
-                port=by_name[name].port,
-                deploy_root=plan.deploy_root or by_name[name].deploy_root,
-                steps=steps,
-                prior=baselines.get(name),
+            render.host(
+                by_name[name],
+                (plan.deploy_root or by_name[name].deploy_root).rstrip("/") or "/",
+                steps,
+                baselines.get(name),
             )
             for name in wave
         )
@@ -195,11 +131,137 @@ def plan_rollout(
     return Rollout(
         release=release,
         digest=digest,
-        release_id=release_id(release, digest),
+        release_id=rid,
         environment=plan.environment,
         strategy=plan.strategy,
         method=plan.method,
         concurrency=plan.concurrency,
         waves=tuple(wave_plans),
         notes=tuple(notes),
+        ssh=ssh,
+        milestone=plan.milestone,
+        timeouts=plan.timeouts,
+        retention=plan.retention,
+        readback=plan.readback,
+        plan_file=plan_file,
+        plan_hash=plan_hash,
     )
+
+
+def rerender_backout(
+    plan: DeployPlan,
+    rollout: Rollout,
+    *,
+    templates: Mapping[str, str],
+    plan_file: str,
+    plan_hash: str,
+) -> Rollout:
+    """The recorded rollout with every host's backout commands rendered from `plan`
+    (an on-call person's explicit `--plan FILE`); hosts, priors and steps stay recorded."""
+    render = _HostRenderer(plan, templates, plan_file, rollout.release, rollout.release_id)
+    waves = []
+    for w in rollout.waves:
+        hosts = []
+        for a in w.hosts:
+            fresh = render.host(a.as_host(), a.deploy_root, a.steps, a.prior)
+            hosts.append(replace(a, backout=fresh.backout, backout_context=fresh.backout_context))
+        waves.append(WavePlan(w.index, tuple(hosts)))
+    return replace(rollout, waves=tuple(waves), plan_file=plan_file, plan_hash=plan_hash)
+
+
+class _HostRenderer:
+    """Renders one plan's hooks, templates and checks for each host (compiled once)."""
+
+    def __init__(
+        self,
+        plan: DeployPlan,
+        templates: Mapping[str, str],
+        plan_file: str,
+        release: str,
+        rid: str,
+    ) -> None:
+        self.plan, self.templates = plan, templates
+        self.r = Renderer(plan_file)
+        self.release, self.rid = release, rid
+
+    def context(self, host: Host, root: str, release: str, rid: str | None) -> dict[str, Any]:
+        return host_context(
+            plan_vars=dict(self.plan.vars),
+            host=host.name,
+            address=host.address,
+            environment=self.plan.environment,
+            release=release,
+            release_id=rid,
+            deploy_root=root,
+        )
+
+    def template(self, dest: str) -> str:
+        if dest not in self.templates:
+            raise PlanError(f"{self.r.where}: config {dest}: the template's text was not read")
+        return self.templates[dest]
+
+    def hook(self, name: str, ctx: dict[str, Any], host: str) -> str | None:
+        template = getattr(self.plan.hooks, name)
+        return None if template is None else self.r.render(template, ctx, f"hooks.{name}", host)
+
+    def checks(self, ctx: dict[str, Any], host: str) -> tuple[RenderedCheck, ...]:
+        return tuple(
+            self.check(c, ctx, f"milestone.checks[{i}]", host)
+            for i, c in enumerate(self.plan.milestone.checks)
+        )
+
+    def check(self, c: Check, ctx: dict[str, Any], field: str, host: str) -> RenderedCheck:
+        if c.command is not None:
+            return RenderedCheck(
+                c.label, "command", self.r.render(c.command, ctx, field, host), None,
+                c.status, c.timeout,
+            )  # fmt: skip
+        if c.http is not None:
+            url = self.r.render(c.http, ctx, field, host)
+            return RenderedCheck(c.label, "http", url, None, c.status, c.timeout)
+        address = self.r.render(c.address, ctx, field, host)
+        return RenderedCheck(c.label, "tcp", address, c.tcp, c.status, c.timeout)
+
+    def host(
+        self, host: Host, root: str, steps: tuple[str, ...], prior: Baseline | None
+    ) -> HostAction:
+        name = host.name
+        ctx = self.context(host, root, self.release, self.rid)
+        forward: dict[str, StepCommand] = {}
+        for step in steps:
+            spec = step_table.STEPS[step]
+            config: tuple[tuple[str, str], ...] = ()
+            if spec.config:
+                config = tuple(
+                    (t.dest, self.r.render(self.template(t.dest), ctx, f"config {t.dest}", name))
+                    for t in self.plan.config
+                )
+            command = self.hook(spec.hook, ctx, name) if spec.hook else None
+            if step == "snapshot" and command is not None:
+                command = f"mkdir -p {ctx['snapshot_dir']} && {command}"
+            forward[step] = StepCommand(command, config)
+        # backout: each host returns to ITS prior, so its commands see the prior release
+        prior_rid = prior.release_id if prior else None
+        bctx = self.context(host, root, prior.release if prior else self.release, prior_rid)
+        backout: dict[str, StepCommand] = {}
+        for spec in step_table.BACKOUT:
+            if spec.needs_prior and prior is None:
+                continue
+            if spec.name == "restore" and self.plan.hooks.restore is None:
+                continue  # nothing was snapshotted, nothing to put back
+            command = self.hook(spec.hook, bctx, name) if spec.hook else None
+            checks = self.checks(bctx, name) if spec.name == "recheck" else ()
+            backout[spec.name] = StepCommand(command, (), checks)
+        return HostAction(
+            host=name,
+            address=host.address,
+            port=host.port,
+            deploy_root=root,
+            steps=steps,
+            prior=prior,
+            forward=forward,
+            backout=backout,
+            checks=self.checks(ctx, name),
+            context=scalars(ctx),
+            backout_context=scalars(bctx),
+        )

@@ -13,23 +13,26 @@ failed). Exit 0 when every host is restored, 5 when some are not (named with the
 
 from __future__ import annotations
 
-import os
-import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
+from orchestrator.backout_runner import BackoutRunner
 from orchestrator.change import gate, lifecycle
-from orchestrator.cms import audit
+from orchestrator.cms import deployments
 from orchestrator.cms.db import session_scope
-from orchestrator.cms.models import RFC, Deployment, EnvironmentBaseline, HostBaseline, utcnow
+from orchestrator.cms.deployments import DeploymentRecord, RecordedDeployment
+from orchestrator.cms.models import RFC, utcnow
 from orchestrator.errors import AuthorizationRefused, BadInput, ExitCode
-from orchestrator.planner import Baseline
+from orchestrator.lifecycle import Status
+from orchestrator.preparation import runner
+from orchestrator.rollout import Baseline, Rollout, WavePlan
+from orchestrator.sessions import HostSessions
 from orchestrator.settings import Settings
 from remediation import recorded
-from remediation.restore import HostResult, Outcome, Progress, carry_out, needs_remediation, survey
+from remediation.survey import HostResult, Outcome, Progress, carry_out, needs_remediation, survey
 
 
 @dataclass
@@ -37,54 +40,45 @@ class BackoutRequest:
     deployment_id: str
     rfcs: list[str]
     actor: str
-    inventory: Path | None = None
     plan: Path | None = None
     keep_data: bool = False
 
 
 def back_out(req: BackoutRequest, settings: Settings, progress: Progress) -> Outcome:
     url = settings.cms_url
-    rec = recorded.load(url, req.deployment_id)
+    rec = deployments.load(url, req.deployment_id)
+    rfc_ids = [gate.parse_rfc_id(r) for r in req.rfcs]
     _refuse_unsafe(rec)
     journal = recorded.journal(url, rec)
     if not journal:
         progress(f"deployment {rec.id} ({rec.status}) never touched a host: nothing to back out")
         return Outcome(0, _report(rec, None, "nothing-to-do", []))
-    priors = recorded.priors(url, rec)
-    plan, plan_path = recorded.resolve_plan(rec, req.plan)
-    inventory = recorded.resolve_inventory(settings, req.inventory, plan)
-    rollout = recorded.rebuild_rollout(url, rec, plan, inventory, priors)
-    hosts = list(journal)
-    backout_id = _open(url, rec, req, plan_path, {h: priors.get(h) for h in hosts})
+    rollout = recorded.rollout_for(rec, req.plan, progress)
+    touched = [a for a in rollout.hosts() if a.host in journal]
+    priors = {a.host: a.prior for a in touched}
+    record = _open(url, rec, req, rfc_ids, replace(rollout, waves=(WavePlan(1, tuple(touched)),)))
     try:
-        _authorize(url, rec, req, backout_id, {h: priors.get(h) for h in hosts})
+        _authorize(url, rec, req, rfc_ids, record.id, priors)
     except AuthorizationRefused as exc:
-        _finish_backout(url, backout_id, "refused", {"reasons": exc.reasons}, req.actor)
+        record.move(Status.REFUSED, evidence={"reasons": exc.reasons, "message": exc.message})
         raise
+    record.move(Status.RUNNING)
     progress(
-        f"manual backout {backout_id} of deployment {rec.id} ({rec.release}, {rec.status}): "
-        f"asking {len(hosts)} host(s) what they run"
+        f"manual backout {record.id} of deployment {rec.id} ({rec.release}, {rec.status}): "
+        f"asking {len(touched)} host(s) what they run"
     )
-    executor = recorded.backout_executor(
-        settings=settings,
-        rec=rec,
-        rollout=rollout,
-        plan=plan,
-        inventory=inventory,
-        journal_deployment=backout_id,
-        progress=progress,
-    )
+    sessions = HostSessions(rollout)
     try:
-        plans = survey(executor, rollout, journal, priors, keep_data=req.keep_data)
-        results = carry_out(executor, rollout, plans, progress)
+        plans = survey(sessions, rollout, journal, keep_data=req.keep_data)
+        results = carry_out(BackoutRunner(rollout, sessions, record, progress), plans, progress)
     finally:
-        executor.close()
-    status = _record(url, rec, req, backout_id, results)
-    data = _report(rec, backout_id, status, results)
+        sessions.close()
+    status = _record(url, rec, req, rfc_ids, record, rollout, results)
+    data = _report(rec, record.id, status, results)
     return Outcome(int(ExitCode.OK if status == "succeeded" else ExitCode.BACKOUT_INCOMPLETE), data)
 
 
-def _refuse_unsafe(rec: recorded.RecordedDeployment) -> None:
+def _refuse_unsafe(rec: RecordedDeployment) -> None:
     if rec.strategy == "backout":
         raise BadInput(
             f"deployment {rec.id} is itself a manual backout (of deployment "
@@ -100,51 +94,30 @@ def _refuse_unsafe(rec: recorded.RecordedDeployment) -> None:
 
 def _open(
     url: str,
-    rec: recorded.RecordedDeployment,
+    rec: RecordedDeployment,
     req: BackoutRequest,
-    plan_path: Path,
-    priors: dict[str, Baseline | None],
-) -> int:
-    with session_scope(url) as s:
-        row = Deployment(
-            rfc_id=gate.parse_rfc_id(req.rfcs[0]),
-            release=rec.release,
-            package_digest=rec.digest,
-            environment=rec.environment,
-            plan_file=str(plan_path),
-            strategy="backout",
-            method="push",
-            status="running",
-            rollout={
-                "backs_out": rec.id,
-                "waves": [list(priors)],
-                "prior": {h: (p.release if p else None) for h, p in priors.items()},
-                "prior_digest": {h: (p.digest if p else None) for h, p in priors.items()},
-            },
-            evidence={
-                "backs_out": rec.id,
-                "rfcs": list(req.rfcs),
-                "runner": {"pid": os.getpid(), "host": socket.gethostname()},
-            },
-            actor=req.actor,
-        )
-        s.add(row)
-        s.flush()
-        audit.append(
-            s,
-            actor=req.actor,
-            action="remediate.backout.started",
-            subject_type="deployment",
-            subject_id=rec.id,
-            data={"backout": row.id, "rfcs": list(req.rfcs), "hosts": list(priors)},
-        )
-        return row.id
+    rfc_ids: list[int],
+    rollout: Rollout,
+) -> DeploymentRecord:
+    hosts = [a.host for a in rollout.hosts()]
+    record, _ = DeploymentRecord.open(
+        url,
+        rollout,
+        actor=req.actor,
+        rfc_id=rfc_ids[0],
+        strategy="backout",
+        evidence={"backs_out": rec.id, "rfcs": list(req.rfcs), "runner": runner()},
+        audit_action="remediate.backout.started",
+        audit_data={"backs_out": rec.id, "rfcs": list(req.rfcs), "hosts": hosts},
+    )
+    return record
 
 
 def _authorize(
     url: str,
-    rec: recorded.RecordedDeployment,
+    rec: RecordedDeployment,
     req: BackoutRequest,
+    rfc_ids: list[int],
     backout_id: int,
     priors: dict[str, Baseline | None],
 ) -> None:
@@ -156,10 +129,9 @@ def _authorize(
     for host, prior in priors.items():
         wanted.setdefault(prior.release if prior else rec.release, []).append(host)
     with session_scope(url) as s:
-        ids = [gate.parse_rfc_id(r) for r in req.rfcs]
-        by_release = {r.release: r.id for r in s.scalars(select(RFC).where(RFC.id.in_(ids)))}
+        by_release = {r.release: r.id for r in s.scalars(select(RFC).where(RFC.id.in_(rfc_ids)))}
     for release, hosts in wanted.items():
-        rfc_id = by_release.get(release, ids[0])
+        rfc_id = by_release.get(release, rfc_ids[0])
         with session_scope(url) as s:
             gate.require(
                 s,
@@ -180,96 +152,58 @@ def _authorize(
 
 def _record(
     url: str,
-    rec: recorded.RecordedDeployment,
+    rec: RecordedDeployment,
     req: BackoutRequest,
-    backout_id: int,
+    rfc_ids: list[int],
+    record: DeploymentRecord,
+    rollout: Rollout,
     results: list[HostResult],
 ) -> str:
     stuck = needs_remediation(results)
-    status = "failed" if stuck else "succeeded"
     restored = [r for r in results if r.restored]
-    with session_scope(url) as s:
-        for r in restored:
-            row = s.get(HostBaseline, r.host)
-            if r.prior is None:
-                if row is not None:
-                    s.delete(row)
-                continue
-            row = row or HostBaseline(host=r.host)
-            row.environment, row.release = rec.environment, r.prior.release
-            row.package_digest, row.deployment_id = r.prior.digest, backout_id
-            row.recorded_at = utcnow()
-            s.merge(row)
-        env = s.get(EnvironmentBaseline, rec.environment)
-        priors = {r.prior for r in results}
-        if env is not None and env.deployment_id == rec.id and not stuck and len(priors) == 1:
-            (prior,) = priors
-            if prior is not None:
-                env.release, env.package_digest = prior.release, prior.digest
-                env.deployment_id, env.recorded_at = backout_id, utcnow()
-        dep = s.get(Deployment, rec.id)
-        assert dep is not None
-        evidence = {
+    priors = {r.prior for r in results}
+    only = next(iter(priors)) if len(priors) == 1 and not stuck else None
+    record.set_baselines(
+        rec.environment,
+        {r.host: r.prior for r in restored},
+        environment_baseline=only,
+        only_if_environment_was=rec.id,
+    )
+    DeploymentRecord(url, rec.id, req.actor).move(
+        Status.FAILED if stuck else Status.BACKED_OUT,
+        evidence={
             "manual_backout": {
-                "deployment": backout_id,
+                "deployment": record.id,
                 "by": req.actor,
                 "at": utcnow().isoformat(),
                 "status_before": rec.status,
                 "restored": [r.host for r in restored],
+                "plan_hash": rollout.plan_hash,
             },
             "needs_remediation": stuck,
-        }
-        dep.evidence = {**(dep.evidence or {}), **evidence}
-        dep.status = "failed" if stuck else "backed-out"
-        dep.finished_at = dep.finished_at or utcnow()
-        audit.append(
-            s,
-            actor=req.actor,
-            action=f"deploy.{dep.status}",
-            subject_type="deployment",
-            subject_id=rec.id,
-            data={"release": rec.release, "manual_backout": backout_id, "stuck": stuck},
-        )
-        ids = {gate.parse_rfc_id(r) for r in req.rfcs}
-        for rfc in s.scalars(select(RFC).where(RFC.id.in_(ids))):
+        },
+        audit_data={"manual_backout": record.id, "stuck": stuck},
+    )
+    with session_scope(url) as s:
+        for rfc in s.scalars(select(RFC).where(RFC.id.in_(rfc_ids))):
             if rfc.status == "implementing":
                 lifecycle.transition(
                     s,
                     rfc.id,
                     "failed" if stuck else "implemented",
                     actor=req.actor,
-                    data={"deployment": backout_id},
+                    data={"deployment": record.id},
                 )
-    _finish_backout(
-        url,
-        backout_id,
+    status = Status.FAILED if stuck else Status.SUCCEEDED
+    record.move(
         status,
-        {"hosts": [r.to_dict() for r in results], "needs_remediation": stuck},
-        req.actor,
+        evidence={"hosts": [r.to_dict() for r in results], "needs_remediation": stuck},
     )
-    return status
-
-
-def _finish_backout(
-    url: str, backout_id: int, status: str, evidence: dict[str, Any], actor: str
-) -> None:
-    with session_scope(url) as s:
-        row = s.get(Deployment, backout_id)
-        assert row is not None
-        row.status, row.finished_at = status, utcnow()
-        row.evidence = {**(row.evidence or {}), **evidence}
-        audit.append(
-            s,
-            actor=actor,
-            action=f"remediate.backout.{status}",
-            subject_type="deployment",
-            subject_id=backout_id,
-            data={"backs_out": (row.evidence or {}).get("backs_out"), **evidence},
-        )
+    return str(status)
 
 
 def _report(
-    rec: recorded.RecordedDeployment,
+    rec: RecordedDeployment,
     backout_id: int | None,
     status: str,
     results: list[HostResult],

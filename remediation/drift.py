@@ -28,15 +28,15 @@ from sqlalchemy import desc, select
 
 from orchestrator.cms import audit
 from orchestrator.cms.db import session_scope
+from orchestrator.cms.deployments import deploy_roots
 from orchestrator.cms.models import Deployment, HostBaseline
 from orchestrator.errors import ExitCode, StepFailed, TransportError
 from orchestrator.hostops import HostOps
-from orchestrator.inventory import Inventory
+from orchestrator.inventory import Inventory, inventory_path, load_inventory
 from orchestrator.plan import load_plan
 from orchestrator.planner import release_id
 from orchestrator.settings import Settings
 from orchestrator.transport.ssh import SSHHost
-from remediation import recorded
 
 Progress = Callable[[str], None]
 STATES = ("ok", "drifted", "tampered", "unreachable", "unmanaged")
@@ -109,7 +109,7 @@ def audit_drift(
             b.host: (b.release, release_id(b.release, b.package_digest)) for b in s.scalars(q)
         }
     inventory = _inventory(settings, url, inventory_path, environment)
-    roots = recorded.deploy_roots(url, list(baselines))
+    roots = deploy_roots(url, list(baselines))
     managed = [h for h in baselines if h in inventory.hosts]
     progress(
         f"auditing {len(managed)} host(s) against the CMS"
@@ -187,18 +187,25 @@ def environment_hosts(inventory: Inventory, url: str, environment: str | None) -
 def _inventory(
     settings: Settings, url: str, override: Path | None, environment: str | None
 ) -> Inventory:
-    """--inventory, FERRY_INVENTORY, else the newest deployment's plan that still exists."""
-    if override or settings.inventory:
-        return recorded.resolve_inventory(settings, override, None)
-    with session_scope(url) as s:
-        q = select(Deployment.plan_file).order_by(desc(Deployment.id)).limit(50)
-        if environment:
-            q = q.where(Deployment.environment == environment)
-        plan_files = list(s.scalars(q))
-    for plan_file in plan_files:
-        path = Path(plan_file)
-        if path.is_file():
-            plan = load_plan(path)
-            if plan.inventory is not None:
-                return recorded.resolve_inventory(settings, None, plan)
-    return recorded.resolve_inventory(settings, None, None)
+    """The one order (`orchestrator.inventory.inventory_path`): --inventory, the plan's
+    `inventory:` (the newest deployment's plan that still exists), then FERRY_INVENTORY."""
+    plan_inventory = None
+    if override is None:
+        with session_scope(url) as s:
+            q = select(Deployment.plan_file).order_by(desc(Deployment.id)).limit(50)
+            if environment:
+                q = q.where(Deployment.environment == environment)
+            plan_files = list(s.scalars(q))
+        for plan_file in plan_files:
+            path = Path(plan_file)
+            if path.is_file():
+                plan_inventory = load_plan(path).inventory
+                if plan_inventory is not None:
+                    break
+    path = inventory_path(
+        override=override,
+        plan_inventory=plan_inventory,
+        default=settings.inventory,
+        plan_file="drift audit",
+    )
+    return load_inventory(path)

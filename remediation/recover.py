@@ -3,10 +3,11 @@
 Such a deployment is `planned`/`running` with no finish. Recovery completes its authorized
 change's remediation plan, so it needs no RFC of its own (it records audit events):
 
-    1. read the journal (`journal.steps_by_host`): which hosts it touched, how far
+    1. read the journal: which hosts it touched, how far
     2. ask every touched host its `current` over SSH (the host, not the journal, is truth)
-    3. back out every host not on its own prior baseline (`remediation.hosts` decides,
-       with `backout_actions`), running the plan's hooks, journaled under the deployment
+    3. back out every host not on its own prior baseline (`remediation.decisions` decides,
+       with `backout_actions`), running the recorded backout commands, journaled under the
+       deployment
     4. mark the deployment `backed-out`, or `failed` with `needs_remediation` naming the
        hosts it could not restore; its RFC follows; waves left running become `interrupted`
 
@@ -20,31 +21,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
+from orchestrator.backout_runner import BackoutRunner
 from orchestrator.change import lifecycle
-from orchestrator.cms import audit
+from orchestrator.cms import deployments
 from orchestrator.cms.db import session_scope
-from orchestrator.cms.models import RFC, Deployment, Wave, utcnow
+from orchestrator.cms.deployments import DeploymentRecord, RecordedDeployment
+from orchestrator.cms.models import RFC, utcnow
 from orchestrator.errors import BadInput, ExitCode
-from orchestrator.journal import steps_by_host
+from orchestrator.lifecycle import BadTransition, Status
+from orchestrator.sessions import HostSessions
 from orchestrator.settings import Settings
 from remediation import recorded
-from remediation.restore import HostResult, Outcome, Progress, carry_out, needs_remediation, survey
+from remediation.survey import HostResult, Outcome, Progress, carry_out, needs_remediation, survey
 
 
 @dataclass
 class RecoverRequest:
     deployment_id: str
     actor: str
-    inventory: Path | None = None
     plan: Path | None = None
     force: bool = False
 
 
 def recover(req: RecoverRequest, settings: Settings, progress: Progress) -> Outcome:
     url = settings.cms_url
-    rec = recorded.load(url, req.deployment_id)
+    rec = deployments.load(url, req.deployment_id)
     if not rec.open:
         progress(
             f"deployment {rec.id} already finished ({rec.status}"
@@ -60,109 +61,86 @@ def recover(req: RecoverRequest, settings: Settings, progress: Progress) -> Outc
             f"with `kill -TERM {pid}` (it backs out by itself), or pass --force if that "
             "process is not Ferry"
         )
-    journal = steps_by_host(url, rec.id)
+    journal = deployments.steps_by_host(url, rec.id)
+    record = DeploymentRecord(url, rec.id, req.actor)
     if rec.strategy == "backout":
-        return _close_backout(url, rec, req, journal, progress)
+        return _close_backout(rec, record, journal, progress)
     progress(
         f"recovering deployment {rec.id} ({rec.release} to {rec.environment}, {rec.status}, "
         f"started {rec.started_at:%Y-%m-%d %H:%M:%S} UTC): {len(journal)} host(s) in its journal"
     )
     results: list[HostResult] = []
     if journal:
-        priors = recorded.priors(url, rec)
-        plan, _ = recorded.resolve_plan(rec, req.plan)
-        inventory = recorded.resolve_inventory(settings, req.inventory, plan)
-        rollout = recorded.rebuild_rollout(url, rec, plan, inventory, priors)
-        executor = recorded.backout_executor(
-            settings=settings,
-            rec=rec,
-            rollout=rollout,
-            plan=plan,
-            inventory=inventory,
-            journal_deployment=rec.id,
-            progress=progress,
-        )
+        rollout = recorded.rollout_for(rec, req.plan, progress)
+        sessions = HostSessions(rollout)
         try:
-            plans = survey(executor, rollout, journal, priors)
-            results = carry_out(executor, rollout, plans, progress)
+            plans = survey(sessions, rollout, journal)
+            runner = BackoutRunner(rollout, sessions, record, progress)
+            results = carry_out(runner, plans, progress)
         finally:
-            executor.close()
-    status = _record(url, rec, req, results)
+            sessions.close()
+    status = _record(url, rec, req, record, results)
     code = ExitCode.OK if status == "backed-out" else ExitCode.BACKOUT_INCOMPLETE
     return Outcome(int(code), _report(rec, "recovered", status, results))
 
 
 def _record(
-    url: str, rec: recorded.RecordedDeployment, req: RecoverRequest, results: list[HostResult]
+    url: str,
+    rec: RecordedDeployment,
+    req: RecoverRequest,
+    record: DeploymentRecord,
+    results: list[HostResult],
 ) -> str:
     stuck = needs_remediation(results)
-    status = "failed" if stuck else "backed-out"
+    status = Status.FAILED if stuck else Status.BACKED_OUT
     reason = "interrupted (the deploying process died); finished by `ferry remediate recover`"
-    with session_scope(url) as s:
-        dep = s.get(Deployment, rec.id)
-        assert dep is not None
-        if dep.finished_at is not None:  # a concurrent recover got here first
-            return dep.status
-        dep.status, dep.finished_at = status, utcnow()
-        evidence = {
-            "reason": (dep.evidence or {}).get("reason") or reason,
-            "recovered": {
-                "by": req.actor,
-                "at": utcnow().isoformat(),
-                "status_before": rec.status,
-                "hosts": [r.to_dict() for r in results],
+    try:
+        record.move(
+            status,
+            evidence={
+                "reason": rec.evidence.get("reason") or reason,
+                "recovered": {
+                    "by": req.actor,
+                    "at": utcnow().isoformat(),
+                    "status_before": rec.status,
+                    "hosts": [r.to_dict() for r in results],
+                },
+                "needs_remediation": stuck,
             },
-            "needs_remediation": stuck,
-        }
-        dep.evidence = {**(dep.evidence or {}), **evidence}
-        for wave in s.scalars(select(Wave).where(Wave.deployment_id == rec.id)):
-            if wave.status == "running":
-                wave.status, wave.finished_at = "interrupted", utcnow()
-        audit.append(
-            s,
-            actor=req.actor,
-            action=f"deploy.{status}",
-            subject_type="deployment",
-            subject_id=rec.id,
-            data={"release": rec.release, "rfc": rec.rfc_id, "recovered": True, "stuck": stuck},
+            audit_data={"recovered": True, "stuck": stuck},
         )
+    except BadTransition:  # a concurrent recover got here first
+        return record.load().status
+    with session_scope(url) as s:
         rfc = s.get(RFC, rec.rfc_id) if rec.rfc_id is not None else None
         if rfc is not None and lifecycle.can_move(rfc.status, status):
             lifecycle.transition(
                 s, rfc.id, status, actor=req.actor, note=reason, data={"deployment": rec.id}
             )
-    return status
+    return str(status)
 
 
 def _close_backout(
-    url: str,
-    rec: recorded.RecordedDeployment,
-    req: RecoverRequest,
+    rec: RecordedDeployment,
+    record: DeploymentRecord,
     journal: dict[str, dict[str, str]],
     progress: Progress,
 ) -> Outcome:
     """An interrupted manual backout is closed as failed: re-running the backout finishes it."""
     original = rec.evidence.get("backs_out")
-    with session_scope(url) as s:
-        dep = s.get(Deployment, rec.id)
-        assert dep is not None
-        dep.status, dep.finished_at = "failed", utcnow()
-        note = f"interrupted; run `ferry remediate backout {original}` again to finish it"
-        dep.evidence = {**(dep.evidence or {}), "reason": note}
-        audit.append(
-            s,
-            actor=req.actor,
-            action="remediate.backout.failed",
-            subject_type="deployment",
-            subject_id=rec.id,
-            data={"backs_out": original, "reason": note, "hosts": sorted(journal)},
-        )
+    note = f"interrupted; run `ferry remediate backout {original}` again to finish it"
+    record.move(
+        Status.FAILED,
+        evidence={"reason": note},
+        audit_action="remediate.backout.failed",
+        audit_data={"backs_out": original, "reason": note, "hosts": sorted(journal)},
+    )
     progress(f"deployment {rec.id} was a manual backout of {original}: {note}")
     return Outcome(int(ExitCode.OK), _report(rec, "closed", "failed", []))
 
 
 def _report(
-    rec: recorded.RecordedDeployment, action: str, status: str, results: list[HostResult]
+    rec: RecordedDeployment, action: str, status: str, results: list[HostResult]
 ) -> dict[str, Any]:
     return {
         "id": rec.id,

@@ -6,6 +6,8 @@ and the hosts needing remediation:
 
     failed        a deployment whose backout could not restore some hosts (its evidence
                   names them): `ferry remediate backout ID` once the cause is fixed
+    not read back a succeeded deployment's host that did not answer the final read-back
+                  (its milestone had passed): `ferry remediate drift` once it answers
     interrupted   a deployment `planned`/`running` with no finish whose process is not
                   alive on this machine ("possibly interrupted" when Ferry cannot tell, e.g.
                   it ran elsewhere): `ferry remediate recover ID`
@@ -18,11 +20,13 @@ from typing import Any
 
 from sqlalchemy import desc, select
 
+from orchestrator import lifecycle
+from orchestrator.cms import deployments
 from orchestrator.cms.db import session_scope
+from orchestrator.cms.deployments import RecordedDeployment
 from orchestrator.cms.models import Deployment, EnvironmentBaseline, HostBaseline, HostStep
 from orchestrator.errors import NotFound
 from remediation import recorded
-from remediation.recorded import RecordedDeployment
 
 
 def reason_of(rec: RecordedDeployment) -> str | None:
@@ -85,6 +89,17 @@ def remediation_needed(rec: RecordedDeployment, journal_hosts: list[str]) -> lis
         ]
     out = []
     for item in rec.evidence.get("needs_remediation") or []:
+        if rec.status == lifecycle.Status.SUCCEEDED:  # passed its milestone, not read back
+            out.append(
+                {
+                    "deployment": rec.id,
+                    "host": item.get("host"),
+                    "state": "not read back",
+                    "reason": item.get("error"),
+                    "next": f"ferry remediate drift --env {rec.environment}",
+                }
+            )
+            continue
         out.append(
             {
                 "deployment": rec.id,
@@ -122,10 +137,10 @@ def gather(
             deps = deps.where(Deployment.id.in_(touched))
         env_rows = [_baseline(e, "environment") for e in s.scalars(envs)]
         host_rows = [_baseline(h, "host") for h in s.scalars(hosts)]
-        recent = [recorded.snapshot(d) for d in s.scalars(deps.limit(limit))]
+        recent = [deployments.detach(d) for d in s.scalars(deps.limit(limit))]
         # anything unfinished or failed needs looking at, however old
-        open_q = deps.where(Deployment.status.in_(("planned", "running", "failed")))
-        older = [recorded.snapshot(d) for d in s.scalars(open_q.limit(200))]
+        open_q = deps.where(Deployment.status.in_((*lifecycle.OPEN, "failed", "aborted")))
+        older = [deployments.detach(d) for d in s.scalars(open_q.limit(200))]
         candidates = {r.id: r for r in [*recent, *older]}
         journal = _journal_hosts(s, list(candidates))
         # a host a later deployment has verified since no longer needs this one's remediation
@@ -149,7 +164,7 @@ def gather(
 
 
 def detail(url: str, deployment: str) -> dict[str, Any]:
-    rec = recorded.load(url, deployment)
+    rec = deployments.load(url, deployment)
     with session_scope(url) as s:
         rows = s.scalars(
             select(HostStep).where(HostStep.deployment_id == rec.id).order_by(HostStep.id)

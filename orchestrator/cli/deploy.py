@@ -9,13 +9,6 @@ import typer
 
 from orchestrator.cli import output as out
 from orchestrator.cli.output import OutputOpt
-from orchestrator.errors import AuthorizationRefused, ExitCode
-
-STATUS_EXIT = {
-    "succeeded": ExitCode.OK,
-    "refused": ExitCode.REFUSED,
-    "backed-out": ExitCode.BACKED_OUT,
-}
 
 HELP = """Deploy RELEASE (name@version, from the DML) by the deploy PLAN, under an authorized RFC.
 
@@ -23,17 +16,22 @@ HELP = """Deploy RELEASE (name@version, from the DML) by the deploy PLAN, under 
 Steps per host:  stage → verify → snapshot → install → activate → check
 Backout per host: revert → reactivate → restore → recheck
 \b
-The dry run (--dry-run) prints the exact waves, steps and prior baselines and touches
-nothing: no host, no CMS record. Without --dry-run every step is journaled in the CMS.
-Ctrl-C / SIGTERM stops at the next safe point and backs out.
+Every hook, config template and check is rendered for every host before anything is
+recorded: a template typo is exit 2, and the dry run shows each host's exact commands
+(`--dry-run -o json`; secret-looking vars redacted) and touches nothing: no host, no CMS
+record. Without --dry-run the deployment is recorded, then run from that record, every
+step journaled. Ctrl-C / SIGTERM stops at the next safe point and backs out.
 \b
+Inventory, in this order: --inventory, the plan's `inventory:`, FERRY_INVENTORY/ferry.toml.
 \b
 Examples:
   ferry deploy deploy_plans/shop.yaml -r shop@1.4.0 --dry-run
   ferry deploy deploy_plans/shop.yaml -r shop@1.4.0 --rfc 12 -o json
 \b
-Exit codes: 0 succeeded, 2 bad input, 3 refused by the change gate, 4 milestone failed and
-backed out, 5 backout incomplete (hosts need remediation), 6 integrity failure.
+Exit codes: 0 succeeded, 1 internal error (backed out first; crash log named), 2 bad
+input, 3 refused or halted by the change gate, 4 milestone failed and backed out,
+5 backout incomplete (hosts need remediation), 6 integrity failure (a host refused the
+package: signature, pinned key or checksum; backed out).
 """
 
 
@@ -45,48 +43,73 @@ def deploy(
     plan: Annotated[Path, typer.Argument(help="deploy plan (YAML), e.g. deploy_plans/…")],
     release: Annotated[str, typer.Option("--release", "-r", help="NAME@VERSION in the DML")],
     rfc: Annotated[str | None, typer.Option("--rfc", help="the authorizing RFC (id)")] = None,
+    inventory: Annotated[
+        Path | None, typer.Option("--inventory", "-i", help="inventory file (beats the plan's)")
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the rollout only")] = False,
     fmt: OutputOpt = out.Format.text,
 ) -> None:
     out.use(fmt)
-    from orchestrator.deployment import DeploymentRun, DeployRequest
+    from orchestrator.preparation import DeployRequest, open_deployment, prepare
     from orchestrator.settings import get_settings
 
     settings = get_settings()
-    request = DeployRequest(plan_path=plan, release=release, rfc=rfc, actor=settings.actor)
-    run = DeploymentRun(request, settings, progress=out.progress)
-    rollout = run.prepare()
+    request = DeployRequest(
+        plan_path=plan, release=release, rfc=rfc, actor=settings.actor, inventory=inventory
+    )
+    prepared = prepare(request, settings)  # every bad input is exit 2 here; nothing recorded
+    rollout = prepared.rollout
     if dry_run:
         data = dry_run_report(rollout)
         out.result(data, lambda: print_rollout(data))
         return
+    record = open_deployment(prepared, settings)
     out.progress(
-        f"deploying {rollout.release} to {len(rollout.hosts())} host(s) of "
+        f"deployment {record.id}: {rollout.release} to {len(rollout.hosts())} host(s) of "
         f"{rollout.environment} in {len(rollout.waves)} wave(s) under RFC {rfc}"
     )
     from orchestrator.prefect_env import configure_prefect
 
     out.progress(f"starting the flow (Prefect {configure_prefect()})")
-    from orchestrator.flows import run_deploy_flow
+    from orchestrator.flows import deploy_release
 
     try:
-        status = run_deploy_flow(run)
-    except AuthorizationRefused as exc:
-        if run.deployment_id is None:
-            raise
-        report = run.report("refused") | {"reasons": exc.reasons}
-        out.error(report, exc.message)
-        raise typer.Exit(int(ExitCode.REFUSED)) from None
-    report = run.report(status)
-    out.result(report, lambda: print_report(report))
-    code = STATUS_EXIT.get(status)
-    if code is None:
-        code = ExitCode.BACKOUT_INCOMPLETE if report["needs_remediation"] else ExitCode.INTERNAL
+        deploy_release(deployment_id=record.id)
+    except Exception:
+        # the flow never got to run it (it ends its own errors): nothing touched a host
+        from orchestrator.lifecycle import Status
+
+        if record.load().status == Status.PLANNED:
+            record.move(Status.ABORTED, evidence={"reason": "the flow could not start"})
+        raise
+    finish(record.id, settings)
+
+
+def finish(deployment_id: int, settings: object) -> None:
+    """Print the recorded outcome and exit with its status's code."""
+    from orchestrator import lifecycle
+    from orchestrator.cms import deployments
+    from orchestrator.report import deployment_report
+
+    url = settings.cms_url  # type: ignore[attr-defined]
+    rec = deployments.load(url, deployment_id)
+    report = deployment_report(rec, deployments.journal_rows(url, deployment_id))
+    code = lifecycle.exit_code(rec.status)
+    if rec.status in (lifecycle.Status.REFUSED, lifecycle.Status.HALTED):
+        out.error(report, report.get("message") or f"deployment {rec.id}: {rec.status}")
+    elif rec.status == lifecycle.Status.ABORTED:
+        out.error(
+            report,
+            f"internal error: {report.get('reason')} — every touched host was backed out first "
+            f"(traceback: {report.get('crash_log')})",
+        )
+    else:
+        out.result(report, lambda: print_report(report))
     raise typer.Exit(int(code))
 
 
 def dry_run_report(rollout: object) -> dict:
-    from orchestrator.planner import Rollout
+    from orchestrator.rollout import Rollout
 
     assert isinstance(rollout, Rollout)
     d = rollout.to_dict()
@@ -97,17 +120,48 @@ def dry_run_report(rollout: object) -> dict:
         "digest": d["digest"],
         "environment": d["environment"],
         "strategy": d["strategy"],
+        "plan_hash": d["plan_hash"],
         "waves": d["waves"],
         "hosts": {
-            h.host: {
+            name: {
                 "release": rollout.release,
-                "prior": h.prior.release if h.prior else None,
-                "steps": list(h.steps),
+                "prior": (h["prior"] or {}).get("release"),
+                "steps": h["steps"],
+                "address": h["address"],
+                "port": h["port"],
+                "deploy_root": h["deploy_root"],
+                "commands": {
+                    "forward": _with_agent(h["forward"], d["release_id"]),
+                    "checks": h["checks"],
+                    "backout": _with_agent(
+                        h["backout"], (h["prior"] or {}) and _rid(rollout, name)
+                    ),
+                },
             }
-            for h in rollout.hosts()
+            for name, h in d["hosts"].items()
         },
         "notes": d["notes"],
     }
+
+
+def _rid(rollout: object, host: str) -> str | None:
+    prior = rollout.host(host).prior  # type: ignore[attr-defined]
+    return prior.release_id if prior else None
+
+
+def _with_agent(commands: dict, release_id: str | None) -> dict:
+    """Each step's command, and the host agent's operation it calls (with what id)."""
+    from orchestrator.steps import STEPS
+
+    out = {}
+    for step, cmd in commands.items():
+        op = STEPS[step].agent
+        if op is None or (op == "config" and not cmd.get("config")):
+            out[step] = cmd
+            continue
+        target = f"--id {release_id}" if release_id else "--none"
+        out[step] = {"agent": f"{op} {target}", **cmd}
+    return out
 
 
 def print_rollout(data: dict) -> None:

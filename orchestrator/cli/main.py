@@ -7,12 +7,11 @@ anything unexpected writes its traceback to `.ferry/logs/` and exits 1, saying w
 from __future__ import annotations
 
 import sys
-import traceback
-from datetime import UTC, datetime
 
 import typer
 from typer._click.exceptions import ClickException  # typer vendors click
 
+from orchestrator import crashlog
 from orchestrator.cli import output
 from orchestrator.errors import EXIT_CODE_TABLE, ExitCode, FerryError
 
@@ -65,19 +64,6 @@ def _register() -> None:
 _register()
 
 
-def _log_crash() -> str:
-    from orchestrator.settings import get_settings
-
-    try:
-        log_dir = get_settings().log_dir
-        log_dir.mkdir(parents=True, exist_ok=True)
-        path = log_dir / f"crash-{datetime.now(UTC):%Y%m%dT%H%M%S}.log"
-        path.write_text(traceback.format_exc())
-        return str(path)
-    except Exception:  # noqa: BLE001 - the crash report must not crash
-        return "(could not write a log; traceback follows)\n" + traceback.format_exc()
-
-
 def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
@@ -98,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         output.stderr.print("interrupted")
         code = 130
     except Exception as exc:  # noqa: BLE001
-        where = _log_crash()
+        where = crashlog.write()
         output.error(
             {"error": type(exc).__name__, "message": str(exc), "exit_code": 1, "log": where},
             f"internal error: {type(exc).__name__}: {exc} (traceback: {where})",

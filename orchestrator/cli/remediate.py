@@ -22,13 +22,14 @@ InventoryOpt = Annotated[
     typer.Option(
         "--inventory",
         "-i",
-        help="inventory file (default: FERRY_INVENTORY, else the one the deployment's plan names)",
+        help="inventory file (default: the newest deployment's plan's, then FERRY_INVENTORY)",
     ),
 ]
 PlanOpt = Annotated[
     Path | None,
     typer.Option(
-        "--plan", help="the deployment's plan, when the recorded plan file moved (for its hooks)"
+        "--plan",
+        help="run this plan's backout hooks instead of the ones recorded with the deployment",
     ),
 ]
 
@@ -39,9 +40,12 @@ or was interrupted.
 \b
 It is a change: --rfc names an RFC authorizing deploy of the PRIOR release in that
 environment (or an emergency RFC); repeat --rfc when hosts had different priors.
-Per host: revert → reactivate → restore → recheck (the plan's own hooks), then a
-read-back of `current` and every file. Hosts already on their prior are left as they are;
-a host now on a third release (a later deployment) is left alone and named.
+Per host: revert → reactivate → restore → recheck, then a read-back of `current` and
+every file. It runs what the deployment recorded: the same hosts, reached the same way,
+the backout commands rendered for each host's prior when it was planned (an edited plan
+changes nothing; --plan FILE runs that file's hooks instead). Hosts already on their
+prior are left as they are; a host now on a third release (a later deployment) is left
+alone and named.
 \b
 Records: a new deployment (strategy backout) journals every step; host baselines follow
 the restored hosts; the original deployment becomes backed-out (or failed, naming the
@@ -56,7 +60,8 @@ Example:
 
 RECOVER_HELP = """Finish DEPLOYMENT_ID after its process died (SIGKILL, crash, power): it is
 planned/running with no finish. Reads the journal, asks every touched host what `current`
-is, backs out each host not on its own prior baseline, and marks the deployment backed-out
+is, backs out each host not on its own prior baseline (with the recorded backout
+commands, on the recorded hosts), and marks the deployment backed-out
 (or failed, naming the hosts that need remediation). Its RFC follows.
 
 \b
@@ -102,7 +107,6 @@ def backout(
         list[str],
         typer.Option("--rfc", help="RFC authorizing deploy of the prior release (repeatable)"),
     ],
-    inventory: InventoryOpt = None,
     plan: PlanOpt = None,
     keep_data: Annotated[
         bool,
@@ -114,7 +118,7 @@ def backout(
     from orchestrator.settings import get_settings
     from remediation.backout import BackoutRequest, back_out
 
-    req = BackoutRequest(deployment_id, rfc, _actor(), inventory, plan, keep_data)
+    req = BackoutRequest(deployment_id, rfc, _actor(), plan, keep_data)
     outcome = back_out(req, get_settings(), out.progress)
     out.result(outcome.data, lambda: _print_hosts(outcome.data, "manual backout"))
     raise typer.Exit(outcome.exit_code)
@@ -123,7 +127,6 @@ def backout(
 @app.command("recover", help=RECOVER_HELP)
 def recover(
     deployment_id: Annotated[str, typer.Argument(help="the interrupted deployment (ferry status)")],
-    inventory: InventoryOpt = None,
     plan: PlanOpt = None,
     force: Annotated[
         bool, typer.Option("--force", help="recover although its process seems alive")
@@ -134,7 +137,7 @@ def recover(
     from orchestrator.settings import get_settings
     from remediation.recover import RecoverRequest, recover
 
-    req = RecoverRequest(deployment_id, _actor(), inventory, plan, force)
+    req = RecoverRequest(deployment_id, _actor(), plan, force)
     outcome = recover(req, get_settings(), out.progress)
     out.result(outcome.data, lambda: _print_hosts(outcome.data, "recover"))
     raise typer.Exit(outcome.exit_code)

@@ -10,8 +10,8 @@ from typing import Any
 
 import yaml
 
-from dml import catalog
 from dml.store import DML
+from orchestrator import catalog
 from orchestrator.cms.db import session_scope
 from orchestrator.lab.fleet import Fleet
 from orchestrator.planner import release_id
@@ -22,7 +22,7 @@ HOOKS = {
     "install": "mkdir -p {{ shared }}/data && cp {{ release_path }}/app/VERSION "
     "{{ shared }}/data/schema",
     "activate": "true",
-    "verify": "test -f {{ release_path }}/app/health.ok",
+    "check": "test -f {{ release_path }}/app/health.ok",
     "restore": "rm -rf {{ shared }}/data && mkdir -p {{ shared }}/data && "
     "cp -a {{ snapshot_dir }}/. {{ shared }}/data/",
 }

@@ -286,8 +286,12 @@ def test_a_window_closing_mid_rollout_stops_at_the_next_wave_boundary(clean_smal
     res = deploy(run_ferry, p, "shop@1.0", rfc_id)
     assert res.returncode == 3, res.stdout + res.stderr
     out = res.json()
-    assert out["status"] == "refused"
+    assert out["status"] == "halted"
+    assert out["halted_before_wave"] == 2
     assert "window" in res.stderr
+    # the change did not complete within its authorization: the RFC moves on (a new RFC
+    # continues it), it does not stay `implementing`
+    assert cms(lambda s: s.get(RFC, int(rfc_id)).status) == "failed"
     assert host_release(fleet, "h1") == rid("shop@1.0")  # wave 1 passed its milestone: kept
     assert out["hosts"]["h1"]["status"] == "deployed"
     for host in WAVE_2 + WAVE_3:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from orchestrator.errors import TransportError
 from orchestrator.planner import Baseline, release_id
+from remediation.decisions import plan_host
 from remediation.drift import exit_code, judge
-from remediation.hosts import plan_host
 
 PRIOR = Baseline("shop@1.0", "sha256:" + "a" * 64)
 NEW = release_id("shop@2.0", "sha256:" + "b" * 64)

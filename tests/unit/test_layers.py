@@ -32,6 +32,11 @@ DECIDE_MODULES = (
     "orchestrator/change/models.py",
     "orchestrator/milestone.py",
     "orchestrator/backout.py",
+    "orchestrator/steps.py",
+    "orchestrator/context.py",
+    "orchestrator/rollout.py",
+    "orchestrator/planner.py",
+    "orchestrator/lifecycle.py",
     "remediation/decisions.py",
     "dml/ref.py",  # Model, but as pure as a Decide module: change/models.py uses it
 )
@@ -44,9 +49,11 @@ PURE_STDLIB = (
     "datetime",
     "enum",
     "fnmatch",
+    "fractions",
     "functools",
     "hashlib",
     "itertools",
+    "json",  # text to values and back: no file, no socket
     "math",
     "re",
     "typing",
@@ -64,9 +71,13 @@ PROJECT_PURE = (
     "orchestrator.change.calendar",
     "orchestrator.change.models",
     "orchestrator.change.risk",
+    "orchestrator.context",
+    "orchestrator.rollout",
+    "orchestrator.lifecycle",
     "dml.ref",
 )
-DECIDE_MAY_USE = (*PURE_STDLIB, "pydantic", *PROJECT_PURE)
+# jinja2's sandbox renders strings to strings; Ferry never gives it a loader
+DECIDE_MAY_USE = (*PURE_STDLIB, "pydantic", "jinja2", *PROJECT_PURE)
 IO_BUILTINS = {"open", "print", "input", "__import__"}
 
 

@@ -1,8 +1,8 @@
-"""Carry out per-host remediation plans (Act): ask the hosts, back out, read back.
+"""Survey the hosts a deployment touched and carry out their remediation (Act).
 
 Shared by `ferry remediate backout` and `ferry remediate recover`: both ask every host the
-deployment touched what `current` is, decide with `remediation.hosts`, and run the
-Executor's own backout (journaled, the plan's hooks) on the hosts that need it.
+deployment touched what `current` is, decide with `remediation.decisions`, and run the one
+backout runner (journaled, the recorded backout commands) on the hosts that need it.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.executor import Executor
-from orchestrator.planner import Baseline, Rollout
+from orchestrator.backout_runner import BackoutRunner
+from orchestrator.rollout import Baseline, Rollout
+from orchestrator.sessions import HostSessions
 from remediation import recorded
-from remediation.hosts import NEEDS_WORK, HostPlan, plan_hosts
+from remediation.decisions import NEEDS_WORK, HostPlan, plan_hosts
 
 Progress = Callable[[str], None]
 
@@ -52,24 +53,22 @@ class HostResult:
 
 
 def survey(
-    executor: Executor,
+    sessions: HostSessions,
     rollout: Rollout,
     journal: Mapping[str, Mapping[str, str]],
-    priors: Mapping[str, Baseline | None],
     *,
     keep_data: bool = False,
 ) -> list[HostPlan]:
     """Ask every journaled host its `current` and decide what each one needs."""
     by_host = {a.host: a for a in rollout.hosts()}
     actions = [by_host[h] for h in journal if h in by_host]
-    currents = recorded.current_of(executor, actions)
-    return plan_hosts(journal, priors, currents, rollout.release_id, keep_data=keep_data)
+    currents = recorded.current_of(sessions, actions, rollout.concurrency)
+    priors = {h: by_host[h].prior for h in journal if h in by_host}
+    known = {h: s for h, s in journal.items() if h in by_host}
+    return plan_hosts(known, priors, currents, rollout.release_id, keep_data=keep_data)
 
 
-def carry_out(
-    executor: Executor, rollout: Rollout, plans: list[HostPlan], progress: Progress
-) -> list[HostResult]:
-    by_host = {a.host: a for a in rollout.hosts()}
+def carry_out(runner: BackoutRunner, plans: list[HostPlan], progress: Progress) -> list[HostResult]:
     work = [p for p in plans if p.verdict in NEEDS_WORK]
     if work:
         progress(
@@ -77,7 +76,7 @@ def carry_out(
             + ", ".join(p.host for p in work[:10])
             + (" …" if len(work) > 10 else "")
         )
-    done = {r.host: r for r in executor.back_out([p.action() for p in work], by_host)}
+    done = {r.host: r for r in runner.run([p.action() for p in work])}
     results = []
     for p in plans:
         if p.verdict in NEEDS_WORK:
@@ -90,8 +89,8 @@ def carry_out(
             res = HostResult(
                 p.host, p.verdict, ok, p.prior, p.current, error=None if ok else p.note
             )
+            tell(res, progress)
         results.append(res)
-        tell(res, progress)
     return results
 
 

@@ -1,0 +1,389 @@
+"""The one writer of deployment records: the deployment, its waves, the host-step journal,
+the baselines and the host CIs (a test fails if another module writes these tables).
+
+A live run, a manual backout and `recover` all write through `DeploymentRecord`; status,
+reports and remediation read `load()`'s detached `RecordedDeployment`. Every status move is
+checked against `orchestrator.lifecycle`. The journal row of a host step is written before
+the step acts (`begin`) and after (`end`), so a crash at any point leaves `started` rows
+that `ferry remediate recover` reads back.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from orchestrator import lifecycle
+from orchestrator.cms import audit
+from orchestrator.cms.db import session_scope
+from orchestrator.cms.models import (
+    Deployment,
+    EnvironmentBaseline,
+    HostBaseline,
+    HostStep,
+    Wave,
+    utcnow,
+)
+from orchestrator.cms.models import Host as HostCI
+from orchestrator.errors import BadInput, NotFound
+from orchestrator.rollout import Baseline, Rollout, release_id
+
+
+@dataclass(frozen=True)
+class RecordedDeployment:
+    """A detached copy of one deployment row and its waves (safe after the session closed)."""
+
+    id: int
+    status: str
+    release: str
+    digest: str
+    environment: str
+    strategy: str
+    method: str
+    plan_file: str
+    rfc_id: int | None
+    rollout: dict[str, Any]
+    evidence: dict[str, Any]
+    actor: str
+    started_at: datetime
+    finished_at: datetime | None
+    waves: tuple[dict[str, Any], ...] = field(default=())
+
+    @property
+    def release_id(self) -> str:
+        return release_id(self.release, self.digest)
+
+    @property
+    def open(self) -> bool:
+        """Never finished: running now, or interrupted (see remediation's `runner_alive`)."""
+        return self.finished_at is None and self.status in lifecycle.OPEN
+
+    @property
+    def hosts(self) -> list[str]:
+        return [h for wave in self.rollout.get("waves", []) for h in wave]
+
+    @property
+    def wave_status(self) -> dict[int, str]:
+        return {w["index"]: w["status"] for w in self.waves}
+
+    def plan(self) -> Rollout:
+        """The recorded Rollout: hosts, how to reach them, every rendered command."""
+        return Rollout.from_record(self.rollout, where=f"deployment {self.id}")
+
+
+def parse_deployment_id(value: str | int) -> int:
+    text = str(value).strip().removeprefix("#")
+    if not text.isdigit():
+        raise BadInput(f"DEPLOYMENT_ID: {value!r} is not a deployment id (a number, e.g. 7)")
+    return int(text)
+
+
+def detach(dep: Deployment) -> RecordedDeployment:
+    return RecordedDeployment(
+        id=dep.id,
+        status=dep.status,
+        release=dep.release,
+        digest=dep.package_digest,
+        environment=dep.environment,
+        strategy=dep.strategy,
+        method=dep.method,
+        plan_file=dep.plan_file,
+        rfc_id=dep.rfc_id,
+        rollout=dict(dep.rollout or {}),
+        evidence=dict(dep.evidence or {}),
+        actor=dep.actor,
+        started_at=dep.started_at,
+        finished_at=dep.finished_at,
+        waves=tuple(
+            {
+                "index": w.index,
+                "hosts": list(w.hosts),
+                "status": w.status,
+                "verdict": dict(w.verdict or {}),
+                "started_at": w.started_at,
+                "finished_at": w.finished_at,
+            }
+            for w in sorted(dep.waves, key=lambda w: w.index)
+        ),
+    )
+
+
+def load(url: str, deployment_id: str | int) -> RecordedDeployment:
+    did = parse_deployment_id(deployment_id)
+    with session_scope(url) as s:
+        dep = s.get(Deployment, did)
+        if dep is None:
+            raise NotFound(
+                f"deployment {did} does not exist (`ferry status` lists recent deployments)"
+            )
+        return detach(dep)
+
+
+def recent(url: str, limit: int, environment: str | None = None) -> list[RecordedDeployment]:
+    with session_scope(url) as s:
+        q = select(Deployment).order_by(Deployment.id.desc()).limit(limit)
+        if environment:
+            q = q.where(Deployment.environment == environment)
+        return [detach(d) for d in s.scalars(q)]
+
+
+def backouts_of(url: str, deployment_id: int) -> list[int]:
+    """The manual backouts recorded against a deployment, oldest first."""
+    with session_scope(url) as s:
+        rows = s.scalars(
+            select(Deployment).where(Deployment.strategy == "backout").order_by(Deployment.id)
+        )
+        return [r.id for r in rows if (r.evidence or {}).get("backs_out") == deployment_id]
+
+
+def steps_by_host(url: str, deployment_id: int) -> dict[str, dict[str, str]]:
+    """host → {step: last status} for a deployment (`started` means it may have run)."""
+    out: dict[str, dict[str, str]] = defaultdict(dict)
+    with session_scope(url) as s:
+        rows = s.scalars(
+            select(HostStep).where(HostStep.deployment_id == deployment_id).order_by(HostStep.id)
+        )
+        for row in rows:
+            out[row.host][row.step] = row.status
+    return dict(out)
+
+
+def journal_rows(url: str, deployment_id: int) -> list[dict[str, Any]]:
+    with session_scope(url) as s:
+        rows = s.scalars(
+            select(HostStep).where(HostStep.deployment_id == deployment_id).order_by(HostStep.id)
+        )
+        return [
+            {
+                "host": r.host,
+                "wave": r.wave_index,
+                "step": r.step,
+                "status": r.status,
+                "detail": dict(r.detail or {}),
+                "started_at": r.started_at,
+                "finished_at": r.finished_at,
+            }
+            for r in rows
+        ]
+
+
+def host_baselines(url: str, names: list[str] | None = None) -> dict[str, Baseline]:
+    with session_scope(url) as s:
+        q = select(HostBaseline)
+        if names is not None:
+            q = q.where(HostBaseline.host.in_(names))
+        return {r.host: Baseline(r.release, r.package_digest) for r in s.scalars(q)}
+
+
+def deploy_roots(url: str, names: list[str]) -> dict[str, str]:
+    """The deploy root each host CI was last deployed under (plan overrides included)."""
+    with session_scope(url) as s:
+        rows = s.scalars(select(HostCI).where(HostCI.name.in_(names)))
+        return {r.name: r.deploy_root for r in rows if r.deploy_root}
+
+
+class DeploymentRecord:
+    """Writes one deployment's records; each method is one transaction."""
+
+    def __init__(self, url: str, deployment_id: int, actor: str) -> None:
+        self.url = url
+        self.id = deployment_id
+        self.actor = actor
+        self._lock = threading.Lock()  # SQLite serialises writers anyway; this keeps it orderly
+
+    # -- opening ---------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        rollout: Rollout,
+        *,
+        actor: str,
+        rfc_id: int | None,
+        evidence: dict[str, Any],
+        groups: dict[str, list[str]] | None = None,
+        strategy: str | None = None,
+        audit_action: str = "deploy.planned",
+        audit_data: dict[str, Any] | None = None,
+    ) -> tuple[DeploymentRecord, Rollout]:
+        """Record a planned deployment; returns it and the rollout bound to its id."""
+        with session_scope(url) as s:
+            dep = Deployment(
+                rfc_id=rfc_id,
+                release=rollout.release,
+                package_digest=rollout.digest,
+                environment=rollout.environment,
+                plan_file=rollout.plan_file,
+                strategy=strategy or rollout.strategy,
+                method=rollout.method,
+                status=lifecycle.Status.PLANNED,
+                rollout={},
+                evidence=evidence,
+                actor=actor,
+            )
+            s.add(dep)
+            s.flush()
+            bound = rollout.bind(dep.id)
+            dep.rollout = bound.to_record()
+            for i, wave in enumerate(bound.waves, start=1):
+                s.add(Wave(deployment_id=dep.id, index=i, hosts=wave.names))
+            if groups is not None:
+                _upsert_hosts(s, bound, groups)
+            audit.append(
+                s,
+                actor=actor,
+                action=audit_action,
+                subject_type="deployment",
+                subject_id=dep.id,
+                data=audit_data or {"release": rollout.release, "rfc": rfc_id},
+            )
+            return cls(url, dep.id, actor), bound
+
+    def load(self) -> RecordedDeployment:
+        return load(self.url, self.id)
+
+    # -- status ----------------------------------------------------------------------------
+    def move(
+        self,
+        to: lifecycle.Status,
+        *,
+        evidence: dict[str, Any] | None = None,
+        audit_data: dict[str, Any] | None = None,
+        audit_action: str | None = None,
+    ) -> None:
+        """Move the deployment on (checked by the lifecycle); a final status finishes it
+        and is audited, with the evidence merged into the record."""
+        with self._lock, session_scope(self.url) as s:
+            dep = s.get(Deployment, self.id)
+            assert dep is not None
+            lifecycle.check_move(self.id, dep.status, to)
+            dep.status = to
+            if evidence:
+                dep.evidence = {**(dep.evidence or {}), **evidence}
+            if lifecycle.is_final(to):
+                dep.finished_at = dep.finished_at or utcnow()
+                for w in dep.waves:
+                    if w.status == lifecycle.WaveStatus.RUNNING:
+                        w.status, w.finished_at = lifecycle.WaveStatus.INTERRUPTED, utcnow()
+            if lifecycle.is_final(to) or audit_action:
+                audit.append(
+                    s,
+                    actor=self.actor,
+                    action=audit_action or f"deploy.{to}",
+                    subject_type="deployment",
+                    subject_id=self.id,
+                    data={"release": dep.release, "rfc": dep.rfc_id, **(audit_data or {})},
+                )
+
+    def add_evidence(self, **evidence: Any) -> None:
+        with self._lock, session_scope(self.url) as s:
+            dep = s.get(Deployment, self.id)
+            assert dep is not None
+            dep.evidence = {**(dep.evidence or {}), **evidence}
+
+    def append_evidence(self, key: str, items: list[Any]) -> None:
+        """Add to a list in the evidence (host outcomes, backout results) without losing any."""
+        with self._lock, session_scope(self.url) as s:
+            dep = s.get(Deployment, self.id)
+            assert dep is not None
+            ev = dict(dep.evidence or {})
+            ev[key] = list(ev.get(key, [])) + list(items)
+            dep.evidence = ev
+
+    # -- waves -----------------------------------------------------------------------------
+    def wave(
+        self,
+        index: int,
+        status: lifecycle.WaveStatus,
+        verdict: dict[str, Any] | None = None,
+    ) -> None:
+        with self._lock, session_scope(self.url) as s:
+            w = s.scalar(select(Wave).where(Wave.deployment_id == self.id, Wave.index == index))
+            assert w is not None
+            w.status = status
+            if status == lifecycle.WaveStatus.RUNNING:
+                w.started_at = utcnow()
+            if verdict is not None:
+                w.verdict, w.finished_at = verdict, utcnow()
+
+    # -- the journal -----------------------------------------------------------------------
+    def begin(self, wave: int, host: str, step: str, detail: dict[str, Any] | None = None) -> int:
+        with self._lock, session_scope(self.url) as s:
+            row = HostStep(
+                deployment_id=self.id,
+                wave_index=wave,
+                host=host,
+                step=step,
+                status="started",
+                detail=detail or {},
+            )
+            s.add(row)
+            s.flush()
+            return row.id
+
+    def end(self, step_id: int, status: str, detail: dict[str, Any] | None = None) -> None:
+        with self._lock, session_scope(self.url) as s:
+            row = s.get(HostStep, step_id)
+            assert row is not None
+            row.status = status
+            row.finished_at = utcnow()
+            if detail:
+                row.detail = {**(row.detail or {}), **detail}
+
+    def steps_by_host(self) -> dict[str, dict[str, str]]:
+        return steps_by_host(self.url, self.id)
+
+    # -- baselines -------------------------------------------------------------------------
+    def set_baselines(
+        self,
+        environment: str,
+        hosts: dict[str, Baseline | None],
+        *,
+        environment_baseline: Baseline | None = None,
+        only_if_environment_was: int | None = None,
+    ) -> None:
+        """Each host's baseline (None: the host runs nothing of ours any more); the
+        environment's too when given (with `only_if_environment_was`: only when the
+        environment's baseline was recorded by that deployment)."""
+        with self._lock, session_scope(self.url) as s:
+            for host, baseline in hosts.items():
+                row = s.get(HostBaseline, host)
+                if baseline is None:
+                    if row is not None:
+                        s.delete(row)
+                    continue
+                row = row or HostBaseline(host=host)
+                row.environment, row.release = environment, baseline.release
+                row.package_digest, row.deployment_id = baseline.digest, self.id
+                row.recorded_at = utcnow()
+                s.merge(row)
+            if environment_baseline is not None:
+                env = s.get(EnvironmentBaseline, environment)
+                if only_if_environment_was is not None and (
+                    env is None or env.deployment_id != only_if_environment_was
+                ):
+                    return
+                env = env or EnvironmentBaseline(environment=environment)
+                env.release, env.package_digest = (
+                    environment_baseline.release,
+                    environment_baseline.digest,
+                )
+                env.deployment_id, env.recorded_at = self.id, utcnow()
+                s.merge(env)
+
+
+def _upsert_hosts(s: Any, rollout: Rollout, groups: dict[str, list[str]]) -> None:
+    for action in rollout.hosts():
+        ci = s.scalar(select(HostCI).where(HostCI.name == action.host))
+        if ci is None:
+            ci = HostCI(name=action.host, address=action.address, deploy_root="")
+            s.add(ci)
+        ci.address = action.address
+        ci.environment = rollout.environment
+        ci.deploy_root = action.deploy_root
+        ci.groups = list(groups.get(action.host, ()))

@@ -1,0 +1,108 @@
+"""From a deploy request to a recorded, planned deployment (Model + Decide, then one record).
+
+`prepare` reads every user file and decides the whole Rollout — the plan, the one
+inventory resolution, the SSH files, the package (signature and every checksum), the CMS
+baselines, every rendered command — and touches nothing: a bad input is an exit 2 here,
+before any record is written or any host is dialled, and the dry run stops here too.
+`open_deployment` then writes the deployment record that the flow runs from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator.change import gate
+from orchestrator.cms.deployments import DeploymentRecord, host_baselines
+from orchestrator.inventory import inventory_path, load_inventory
+from orchestrator.plan import load_plan
+from orchestrator.planner import plan_rollout
+from orchestrator.rollout import Rollout
+from orchestrator.settings import Settings
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    plan_path: Path
+    release: str
+    rfc: str | None
+    actor: str
+    inventory: Path | None = None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    request: DeployRequest
+    rollout: Rollout
+    rfc_id: int | None
+    groups: dict[str, list[str]]  # host → its inventory groups (for the host CIs)
+
+
+def prepare(request: DeployRequest, settings: Settings) -> Prepared:
+    from dml.store import DML
+
+    plan_file = str(request.plan_path)
+    rfc_id = gate.parse_rfc_id(request.rfc) if request.rfc else None
+    plan = load_plan(request.plan_path)
+    inventory = load_inventory(
+        inventory_path(
+            override=request.inventory,
+            plan_inventory=plan.inventory,
+            default=settings.inventory,
+            plan_file=plan_file,
+        )
+    )
+    hosts = inventory.select(plan.targets)
+    package = DML.from_settings().open(request.release)  # signature + every checksum
+    templates = {t.dest: t.src.read_text() for t in plan.config}
+    rollout = plan_rollout(
+        plan,
+        hosts,
+        inventory.groups(),
+        host_baselines(settings.cms_url, [h.name for h in hosts]),
+        request.release,
+        package.digest,
+        ssh=inventory.ssh,
+        templates=templates,
+        plan_file=plan_file,
+        plan_hash=plan_hash(request.plan_path, templates),
+    )
+    groups = {h.name: list(h.groups) for h in hosts}
+    return Prepared(request, rollout, rfc_id, groups)
+
+
+def plan_hash(path: Path, templates: dict[str, str]) -> str:
+    """The plan as it was deployed: its bytes and its config templates'."""
+    h = hashlib.sha256(path.read_bytes())
+    for dest in sorted(templates):
+        h.update(f"\0{dest}\0".encode() + templates[dest].encode())
+    return "sha256:" + h.hexdigest()
+
+
+def open_deployment(prepared: Prepared, settings: Settings) -> DeploymentRecord:
+    """Record the deployment (planned); nothing has touched a host yet."""
+    ro = prepared.rollout
+    record, _ = DeploymentRecord.open(
+        settings.cms_url,
+        ro,
+        actor=prepared.request.actor,
+        rfc_id=prepared.rfc_id,
+        # who runs it: `ferry status` and `ferry remediate recover` tell a live run from an
+        # interrupted one by this process id on this machine (the flow updates it)
+        evidence={"runner": runner()},
+        groups=prepared.groups,
+        audit_data={
+            "release": ro.release,
+            "rfc": prepared.rfc_id,
+            "waves": [w.names for w in ro.waves],
+            "plan_hash": ro.plan_hash,
+        },
+    )
+    return record
+
+
+def runner() -> dict[str, object]:
+    return {"pid": os.getpid(), "host": socket.gethostname()}
