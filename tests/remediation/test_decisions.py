@@ -19,12 +19,13 @@ def test_a_host_on_the_new_release_is_backed_out_with_every_step():
 
 def test_keep_data_skips_only_the_restore_hook():
     p = plan_host("h1", FULL, PRIOR, NEW, NEW, keep_data=True)
-    assert p.steps == ("revert", "reactivate", "recheck")
+    assert (p.verdict, p.steps) == ("back-out", ("revert", "reactivate", "recheck"))
 
 
 def test_a_host_already_on_its_prior_with_data_restored_needs_nothing():
     journal = {**FULL, "revert": "succeeded", "restore": "succeeded"}
-    assert plan_host("h1", journal, PRIOR, PRIOR.release_id, NEW).verdict == "at-prior"
+    p = plan_host("h1", journal, PRIOR, PRIOR.release_id, NEW)
+    assert (p.verdict, p.steps) == ("at-prior", ())
 
 
 def test_a_host_killed_after_install_but_before_activate_gets_its_data_restored():
@@ -35,7 +36,8 @@ def test_a_host_killed_after_install_but_before_activate_gets_its_data_restored(
 
 def test_a_host_that_never_got_past_staging_is_left_as_it_is():
     journal = {"stage": "succeeded", "verify": "started"}
-    assert plan_host("h1", journal, PRIOR, PRIOR.release_id, NEW).verdict == "at-prior"
+    p = plan_host("h1", journal, PRIOR, PRIOR.release_id, NEW)
+    assert (p.verdict, p.steps) == ("at-prior", ())
 
 
 def test_a_host_on_a_third_release_is_left_alone_and_named():
@@ -44,12 +46,17 @@ def test_a_host_on_a_third_release_is_left_alone_and_named():
 
 
 def test_a_host_without_prior_loses_current_and_an_unreachable_one_is_named():
-    assert plan_host("h1", FULL, None, NEW, NEW).steps == ("revert", "restore")
+    p = plan_host("h1", FULL, None, NEW, NEW)
+    assert (p.verdict, p.steps) == ("back-out", ("revert", "restore"))
     # already reverted to no release, data not yet restored: restore (no prior to recheck)
-    assert plan_host("h1", FULL, None, None, NEW).steps == ("restore",)
-    assert plan_host("h1", {**FULL, "restore": "succeeded"}, None, None, NEW).steps == ()
-    down = plan_host("h1", FULL, PRIOR, TransportError("h1", "unreachable"), NEW)
-    assert down.verdict == "unreachable" and "h1" in down.note
+    p = plan_host("h1", FULL, None, None, NEW)
+    assert (p.verdict, p.steps) == ("data-only", ("restore",))
+    p = plan_host("h1", {**FULL, "restore": "succeeded"}, None, None, NEW)
+    assert (p.verdict, p.steps) == ("at-prior", ())
+    down = plan_host("h1", FULL, PRIOR, TransportError("h1", "connection refused"), NEW)
+    assert (down.verdict, down.steps, down.current) == ("unreachable", (), None)
+    assert "connection refused" in down.note  # the reason the transport gave
+    assert down.note == "h1: connection refused"
 
 
 def test_drift_judgement_and_exit_codes():

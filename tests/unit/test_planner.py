@@ -13,7 +13,7 @@ from orchestrator.backout import backout_actions
 from orchestrator.errors import PlanError
 from orchestrator.inventory import Host
 from orchestrator.milestone import HostOutcome, milestone_verdict
-from orchestrator.plan import DeployPlan, Milestone, parse_duration
+from orchestrator.plan import DeployPlan, Hooks, Milestone, parse_duration
 from orchestrator.planner import Baseline, plan_rollout, release_id, split_waves
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,13 +35,20 @@ def test_waves_are_cumulative_counts_and_percentages_rounded_up():
     waves, notes = split_waves(phased(1, 3, "100%"), names, {})
     assert waves == [["h1"], ["h2", "h3"], names[3:]]
     waves, _ = split_waves(phased(1, "10%", "50%", "100%"), names, {})
-    assert [len(w) for w in waves] == [1, 1, 4, 6]  # ceil(1.2)=2 total, 6, 12
+    # cumulative: 1, ceil(1.2)=2, 6, 12 hosts in all
+    assert waves == [
+        ["h1"],
+        ["h2"],
+        ["h3", "h4", "h5", "h6"],
+        ["h7", "h8", "h9", "h10", "h11", "h12"],
+    ]
 
 
 def test_a_wave_that_adds_no_host_is_dropped_with_a_note():
     waves, notes = split_waves(phased(2, "10%", "100%"), ["a", "b", "c", "d", "e"], {})
     assert waves == [["a", "b"], ["c", "d", "e"]]
-    assert "adds no host" in notes[0]
+    # 10% of 5 is ceil(0.5)=1 host in all, and 2 are already in: that entry alone adds none
+    assert notes == ["wave entry '10%' adds no host (2 of 5 already)"]
 
 
 def test_group_waves_take_the_groups_remaining_hosts():
@@ -76,8 +83,13 @@ def test_each_host_returns_to_its_own_prior_baseline():
         "h1": Baseline("shop@1.0", "sha256:" + "a" * 64),
         "h2": Baseline("shop@0.9", "sha256:" + "b" * 64),
     }
+    hooks = Hooks(
+        snapshot="snap {{ version }} {{ release_path }}",
+        activate="act {{ version }} {{ release_path }}",
+        restore="rest {{ version }} {{ release_path }}",
+    )
     ro = plan_rollout(
-        DeployPlan(environment="dev", strategy="big-bang"),
+        DeployPlan(environment="dev", strategy="big-bang", hooks=hooks),
         hosts(3),
         {},
         b,
@@ -87,7 +99,24 @@ def test_each_host_returns_to_its_own_prior_baseline():
     prior = {h.host: h.prior for h in ro.hosts()}
     assert prior == {"h1": b["h1"], "h2": b["h2"], "h3": None}
     assert ro.release_id == "shop-2.0-cccccccccccc"
-    assert release_id("shop@1.0", b["h1"].digest) == b["h1"].release_id
+    # name-version-<12 hex of the digest>
+    assert release_id("shop@1.0", b["h1"].digest) == "shop-1.0-aaaaaaaaaaaa"
+    assert b["h1"].release_id == "shop-1.0-aaaaaaaaaaaa"
+    assert b["h2"].release_id == "shop-0.9-bbbbbbbbbbbb"
+    # forward: every host renders the new release
+    for name in ("h1", "h2", "h3"):
+        fwd = ro.host(name).forward["activate"].command
+        assert fwd == "act 2.0 /srv/app/releases/shop-2.0-cccccccccccc"
+    # backout: each host's commands render ITS prior, not the new release nor another's
+    h1, h2, h3 = ro.host("h1").backout, ro.host("h2").backout, ro.host("h3").backout
+    assert list(h1) == ["revert", "reactivate", "restore", "recheck"]
+    assert h1["reactivate"].command == "act 1.0 /srv/app/releases/shop-1.0-aaaaaaaaaaaa"
+    assert h1["restore"].command == "rest 1.0 /srv/app/releases/shop-1.0-aaaaaaaaaaaa"
+    assert list(h2) == ["revert", "reactivate", "restore", "recheck"]
+    assert h2["reactivate"].command == "act 0.9 /srv/app/releases/shop-0.9-bbbbbbbbbbbb"
+    assert h2["restore"].command == "rest 0.9 /srv/app/releases/shop-0.9-bbbbbbbbbbbb"
+    # no prior: nothing to reactivate or recheck, only revert (current removed) and restore
+    assert list(h3) == ["revert", "restore"]
 
 
 def test_tolerated_failures_fail_the_milestone_only_when_exceeded():
