@@ -157,11 +157,16 @@ class DeploymentRun:
             f"wave {index}/{len(self.rollout.waves)}: {len(wave.hosts)} host(s): "
             f"{_names(wave.names)}"
         )
-        outcomes = executor.run_wave(wave)
+        soak = self.rollout.milestone.soak
+        last = index == len(self.rollout.waves)  # its sessions stay for the final prune
+        outcomes = executor.run_wave(wave, check=soak == 0, keep_open=last and soak == 0)
         self._tell(outcomes, "deployed")
-        if not self.stop.is_set():
-            executor.soak(self.rollout.milestone.soak)
+        if soak > 0 and not self.stop.is_set():
+            executor.soak(soak)
             outcomes = executor.run_checks(wave, outcomes)
+            if not last:
+                for a in wave.hosts:
+                    self.sessions.release(a.host)
         verdict = milestone_verdict(
             index,
             outcomes,

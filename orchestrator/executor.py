@@ -54,6 +54,7 @@ class Executor:
         self.progress = progress
         self.stop = stop
         self.already: set[str] = set()  # hosts inspected intact in this very run
+        self.current: set[str] = set()  # …and already running it, as the CMS records: no-ops
         self._lock = threading.Lock()
         self._forward: dict[str, Callable[[HostOps, HostAction, StepCommand], dict[str, Any]]]
         self._forward = {
@@ -70,16 +71,32 @@ class Executor:
         return ThreadPoolExecutor(max_workers=max(1, min(self.rollout.concurrency, n)))
 
     # -- forward ---------------------------------------------------------------------------
-    def run_wave(self, wave: WavePlan) -> list[HostOutcome]:
+    def run_wave(
+        self, wave: WavePlan, *, check: bool = False, keep_open: bool = True
+    ) -> list[HostOutcome]:
+        """Every host's forward steps; with `check` (no soak), its milestone checks right
+        after on the same session. Without `keep_open` each host's session ends when its
+        work does, so sessions never outnumber the hosts being worked on."""
         self.objects.ensure()
+
+        def one(a: HostAction) -> HostOutcome:
+            outcome = self._deploy_host(wave.index, a)
+            if check and not self.stop.is_set():
+                outcome = self._check_host(a, outcome)
+            if not keep_open or a.host in self.current or not outcome.ok:
+                self.sessions.release(a.host)
+            return outcome
+
         with self._pool(len(wave.hosts)) as pool:
-            return list(pool.map(lambda a: self._deploy_host(wave.index, a), wave.hosts))
+            return list(pool.map(one, wave.hosts))
 
     def _deploy_host(self, wave: int, action: HostAction) -> HostOutcome:
         current, activated = "", False
         try:
             ops = self.sessions.ops(action)
             for step in action.steps:
+                if action.host in self.current:
+                    break  # the cheapest no-op: one login, one request (see _stage)
                 current = step
                 if self.stop.is_set():
                     raise Interrupted(f"{action.host}: stopped before {step}")
@@ -113,9 +130,23 @@ class Executor:
         info = ops.inspect(rid, self.key_hex, self.rollout.full_readback)
         inspected = time.monotonic() - started
         if info["have"]:
+            # already running it, intact, and so recorded: nothing to send, verify, publish,
+            # switch or hook; the milestone's own checks still run
+            running = (
+                info.get("current") == rid
+                and action.prior is not None
+                and action.prior.digest == self.rollout.digest
+            )
             with self._lock:
                 self.already.add(ops.name)
-            return {"bytes_sent": 0, "already": True, "inspect_s": round(inspected, 3)}
+                if running:
+                    self.current.add(ops.name)
+            return {
+                "bytes_sent": 0,
+                "already": True,
+                "already_current": running,
+                "inspect_s": round(inspected, 3),
+            }
         if info["check"].get("set_aside"):
             self.progress(f"  {ops.name}: its copy of {rid} was altered; staging it afresh")
         result = ops.stage(
@@ -155,31 +186,33 @@ class Executor:
     def run_checks(self, wave: WavePlan, outcomes: list[HostOutcome]) -> list[HostOutcome]:
         """After the soak: each healthy host's milestone checks and a read-back of its files."""
         by_host = {a.host: a for a in wave.hosts}
-
-        def one(o: HostOutcome) -> HostOutcome:
-            if not o.ok:
-                return o
-            action = by_host[o.host]
-            try:
-                ops = self.sessions.ops(action)
-                back = ops.readback(self.rollout.release_id, self.rollout.full_readback)
-                if not back.get("ok"):
-                    why = "; ".join(back["mismatches"][:3])
-                    return HostOutcome(o.host, False, "readback", why, "", True, "integrity")
-                for check in action.checks:
-                    ok, evidence = ops.check(check)
-                    if not ok:
-                        return HostOutcome(o.host, False, "milestone", check.label, evidence, True)
-            except (StepFailed, TransportError) as exc:
-                return HostOutcome(
-                    o.host, False, "milestone", exc.message, getattr(exc, "output", ""), True
-                )
-            return o
-
         if not outcomes:
             return []
         with self._pool(len(outcomes)) as pool:
-            return list(pool.map(one, outcomes))
+            return list(pool.map(lambda o: self._check_host(by_host[o.host], o), outcomes))
+
+    def _check_host(self, action: HostAction, o: HostOutcome) -> HostOutcome:
+        """One healthy host: read its files back, then the milestone's checks."""
+        if not o.ok:
+            return o
+        try:
+            ops = self.sessions.ops(action)
+            if o.host in self.current:  # `inspect` read it back a moment ago
+                back: dict[str, Any] = {"ok": True}
+            else:
+                back = ops.readback(self.rollout.release_id, self.rollout.full_readback)
+            if not back.get("ok"):
+                why = "; ".join(back["mismatches"][:3])
+                return HostOutcome(o.host, False, "readback", why, "", True, "integrity")
+            for check in action.checks:
+                ok, evidence = ops.check(check)
+                if not ok:
+                    return HostOutcome(o.host, False, "milestone", check.label, evidence, True)
+        except (StepFailed, TransportError) as exc:
+            return HostOutcome(
+                o.host, False, "milestone", exc.message, getattr(exc, "output", ""), True
+            )
+        return o
 
     def soak(self, seconds: float) -> None:
         if seconds > 0:
@@ -192,6 +225,8 @@ class Executor:
         `current` points at on each, read back by the same call (the error: unreachable)."""
 
         def one(a: HostAction) -> tuple[str, str | Exception]:
+            if a.host in self.current:  # nothing changed there: nothing to prune
+                return a.host, self.rollout.release_id
             protect = [self.rollout.release_id, a.prior.release_id if a.prior else ""]
             try:
                 ops = self.sessions.ops(a)

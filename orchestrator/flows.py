@@ -98,6 +98,7 @@ def deploy_release(deployment_id: int) -> str:
         status = run.abort(exc, crashlog.write(exc))
     finally:
         run.close()
+        run.record.add_evidence(logins=run.sessions.logins)
     publish(run, status)
     return str(status)
 

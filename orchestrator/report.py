@@ -59,7 +59,7 @@ def deployment_report(rec: RecordedDeployment, journal: list[dict[str, Any]]) ->
         ),
         "plan_hash": ro.get("plan_hash"),
     }
-    for key in ("reason", "reasons", "message", "crash_log", "halted_before_wave"):
+    for key in ("reason", "reasons", "message", "crash_log", "halted_before_wave", "logins"):
         if ev.get(key) is not None:
             report[key] = ev[key]
     return report

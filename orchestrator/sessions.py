@@ -1,5 +1,7 @@
-"""Host sessions of one deployment: one SSH connection per host, opened on first use and
-reused by every step (Act). How to reach a host comes from the recorded rollout."""
+"""Host sessions of one deployment: one agent session (one SSH connection, one agent
+process) per host, opened on first use and reused by every step (Act). How to reach a
+host comes from the recorded rollout. `release(host)` ends a host's session once its wave
+work is done, so a large fleet never holds more sessions than it is working on."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import threading
 from orchestrator.errors import BadInput
 from orchestrator.hostops import HostOps
 from orchestrator.rollout import HostAction, Rollout
-from orchestrator.transport.ssh import SSHHost
 
 
 class HostSessions:
@@ -19,21 +20,38 @@ class HostSessions:
         self.ssh = rollout.ssh
         self._ops: dict[str, HostOps] = {}
         self._lock = threading.Lock()
+        self._ended_logins = 0  # logins of sessions already released
 
     def ops(self, action: HostAction) -> HostOps:
         with self._lock:
             ops = self._ops.get(action.host)
             if ops is None:
-                conn = SSHHost(
-                    action.as_host(), self.ssh, connect_timeout=self.rollout.timeouts.connect
-                )
-                ops = self._ops[action.host] = HostOps(
-                    conn, action.deploy_root, self.rollout.timeouts.step
+                ops = self._ops[action.host] = HostOps.open(
+                    action.as_host(),
+                    self.ssh,
+                    action.deploy_root,
+                    timeout=self.rollout.timeouts.step,
+                    connect_timeout=self.rollout.timeouts.connect,
                 )
             return ops
 
+    def release(self, host: str) -> None:
+        with self._lock:
+            ops = self._ops.pop(host, None)
+            if ops is not None:
+                self._ended_logins += ops.session.logins
+        if ops is not None:
+            ops.close()
+
+    @property
+    def logins(self) -> int:
+        """SSH logins this deployment made so far (a session each, plus any restarts)."""
+        with self._lock:
+            return self._ended_logins + sum(o.session.logins for o in self._ops.values())
+
     def close(self) -> None:
         with self._lock:
-            for ops in self._ops.values():
-                ops.conn.close()
-            self._ops.clear()
+            ops, self._ops = list(self._ops.values()), {}
+            self._ended_logins += sum(o.session.logins for o in ops)
+        for o in ops:
+            o.close()

@@ -36,7 +36,6 @@ from orchestrator.inventory import Inventory, inventory_path, load_inventory
 from orchestrator.plan import load_plan
 from orchestrator.planner import release_id
 from orchestrator.settings import Settings
-from orchestrator.transport.ssh import SSHHost
 
 Progress = Callable[[str], None]
 STATES = ("ok", "drifted", "tampered", "unreachable", "unmanaged")
@@ -120,17 +119,22 @@ def audit_drift(
     def one(name: str) -> HostDrift:
         release, expected = baselines[name]
         host = inventory.host(name)
-        conn = SSHHost(host, inventory.ssh, connect_timeout=inventory.ssh.connect_timeout)
+        ops = HostOps.open(
+            host,
+            inventory.ssh,
+            roots.get(name) or host.deploy_root,
+            timeout=settings.command_timeout,
+            connect_timeout=inventory.ssh.connect_timeout,
+        )
         try:
-            ops = HostOps(conn, roots.get(name) or host.deploy_root, settings.command_timeout)
-            return judge(name, expected, release, ops.readback(expected, full))
+            return judge(name, expected, release, ops.readback(expected, full, rehash=full))
         except TransportError as exc:
             why = exc.message.removeprefix(f"{name}: ").removeprefix("unreachable: ")
             return HostDrift(name, "unreachable", expected, release, None, why)
         except StepFailed as exc:
             return HostDrift(name, "unreachable", expected, release, None, f"agent: {exc.message}")
         finally:
-            conn.close()
+            ops.close()
 
     results: list[HostDrift] = []
     if managed:

@@ -2,8 +2,15 @@
 """Ferry's host agent. Standard library only: it runs with the host's own python3.
 
     python3 ferry_agent.py OP --root DEPLOY_ROOT [args]      (prints one JSON object)
+    python3 ferry_agent.py serve --root DEPLOY_ROOT          (one session, many requests)
 
-OPs: state, pin, receive, verify, config, switch, readback, prune.
+OPs: state, pin, inspect, receive, verify, config, switch, readback, check, prune, run,
+probe. In `serve` mode the agent reads one request per line on stdin, `{"op": OP, "args":
+{...}, "payload": N}` followed by N payload bytes, and answers each with one `RESULT
+{json}` line (its `_code` is the exit code the one-shot form would have had); `receive`
+also writes its `NEED [...]` line and then reads the objects from the same stream. Ferry
+starts it by sending this very source over the SSH session (`python3 -c BOOT`), so the code
+that runs is the code Ferry holds, never a file on the host that someone could have edited.
 Exit codes: 0 ok, 10 integrity (signature/checksum/pinned key), 11 bad input, 12 OS error
 (e.g. ENOSPC). Host layout:
     ROOT/releases/<id>/        unpacked package, never modified after verify
@@ -21,6 +28,8 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import time
 
@@ -143,6 +152,23 @@ def write_atomic(path, data, mode=0o644):
     os.replace(tmp, path)
 
 
+def identity(path):
+    """What a file is on this host, short of its bytes: inode, size, mtime and ctime (ns).
+
+    Editing a file changes its mtime and ctime; restoring the mtime by hand changes the
+    ctime again, and ctime cannot be set without changing the clock. So a file whose
+    identity is the one recorded when Ferry verified it has not been written since."""
+    st = os.stat(path)
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def unchanged(path, recorded):
+    try:
+        return recorded is not None and identity(path) == list(recorded)
+    except OSError:
+        return False
+
+
 def sha256_file(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -218,6 +244,32 @@ class Host:
             safe_relpath(entry["path"])
         return manifest
 
+    def identities(self, rid):
+        """path → [inode, size, mtime_ns, ctime_ns] of each file as published (or {})."""
+        try:
+            with open(os.path.join(self.meta, rid + ".ids")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def record_identities(self, rid, manifest):
+        base = os.path.join(self.releases, rid)
+        files = manifest["content"]["files"]
+        ids = {e["path"]: identity(os.path.join(base, e["path"])) for e in files}
+        write_atomic(os.path.join(self.meta, rid + ".ids"), json.dumps(ids).encode())
+
+    def refresh_identities(self, rid, paths):
+        """Re-record files of `rid` that were intact and are now shared with a new release."""
+        ids = self.identities(rid)
+        base = os.path.join(self.releases, rid)
+        for rel in paths:
+            if rel in ids:
+                try:
+                    ids[rel] = identity(os.path.join(base, rel))
+                except OSError:
+                    ids.pop(rel, None)
+        write_atomic(os.path.join(self.meta, rid + ".ids"), json.dumps(ids).encode())
+
     def known_objects(self):
         """sha256 -> an existing file with that content (incoming first, then releases)."""
         found = {}
@@ -227,11 +279,17 @@ class Host:
             except (AgentError, OSError, ValueError, KeyError):
                 continue
             base = os.path.join(self.releases, rid)
+            ids = self.identities(rid)
             for e in manifest["content"]["files"]:
-                found.setdefault(e["sha256"], (os.path.join(base, e["path"]), False))
+                path = os.path.join(base, e["path"])
+                seen = found.get(e["sha256"])
+                # prefer a copy still as verified: it is reused without reading it again
+                if seen is None or (not seen[2] and unchanged(path, ids.get(e["path"]))):
+                    intact = unchanged(path, ids.get(e["path"]))
+                    found[e["sha256"]] = (path, False, intact, rid, e["path"])
         for name in os.listdir(self.incoming) if os.path.isdir(self.incoming) else []:
             if len(name) == 64:
-                found[name] = (os.path.join(self.incoming, name), True)
+                found[name] = (os.path.join(self.incoming, name), True, True, None, None)
         return found
 
 
@@ -358,6 +416,7 @@ def op_verify(host, args):
         sig = f.read()
     manifest = host.check_manifest(raw, sig)
     known = host.known_objects()
+    reused, rehashed = {}, 0  # release → its files this one now shares; files read again
     tmp = os.path.join(host.releases, ".tmp-" + rid)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -365,16 +424,23 @@ def op_verify(host, args):
         rel = safe_relpath(e["path"])
         dest = os.path.join(tmp, rel)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-        src, fresh = known.get(e["sha256"], (None, False))
+        src, fresh, intact, src_rid, src_rel = known.get(
+            e["sha256"], (None, False, False, None, None)
+        )
         if src is None:
             raise integrity("%s: no verified copy of its content on this host" % rel)
-        if not fresh and sha256_file(src) != e["sha256"]:
-            raise integrity("%s: local copy %s no longer matches its checksum" % (rel, src))
+        if not fresh and not intact:
+            if sha256_file(src) != e["sha256"]:
+                raise integrity("%s: local copy %s no longer matches its checksum" % (rel, src))
+            rehashed += 1
         try:
             os.link(src, dest)
         except OSError:
             shutil.copyfile(src, dest)
         os.chmod(dest, 0o755 if e["mode"] & 0o111 else 0o644)
+        if src_rid is not None:
+            reused.setdefault(src_rid, set()).add(src_rel)
+    _sync_tree(tmp)  # durability once per release, not once per file
     os.replace(tmp, final)
     write_atomic(os.path.join(host.meta, rid + ".json"), raw)
     write_atomic(os.path.join(host.meta, rid + ".sig"), sig)
@@ -388,14 +454,41 @@ def op_verify(host, args):
             os.unlink(os.path.join(host.incoming, rid + suffix))
         except FileNotFoundError:
             pass
-    return {"release": rid, "placed": len(manifest["content"]["files"]), "already": False}
+    # identities last: linking and unlinking above changed the inodes' ctime. The releases
+    # the reused files came from share those inodes, so their records follow.
+    host.record_identities(rid, manifest)
+    for src_rid, paths in reused.items():
+        host.refresh_identities(src_rid, paths)
+    return {
+        "release": rid,
+        "placed": len(manifest["content"]["files"]),
+        "already": False,
+        "rehashed": rehashed,
+    }
+
+
+def _sync_tree(top):
+    """fsync every file and directory of a freshly placed release, once, before publishing."""
+    for dirpath, _dirs, files in os.walk(top):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def op_config(host, args):
     """Write rendered config files under releases/<id>/.rendered/ (JSON {dest: text} on stdin)."""
     rid = safe_id(args.id)
     base = os.path.join(host.releases, rid, ".rendered")
-    files = json.loads(sys.stdin.buffer.read().decode())
+    raw = args.payload if getattr(args, "payload", None) is not None else sys.stdin.buffer.read()
+    files = json.loads(raw.decode())
     for dest, text in sorted(files.items()):
         path = os.path.join(base, safe_relpath(dest))
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -435,10 +528,13 @@ def op_switch(host, args):
     return {"current": target, "before": before}
 
 
-def _mismatches(host, rid, full):
-    """Files of releases/<rid> that differ from its signed manifest (sizes; sha256 if full)."""
+def _mismatches(host, rid, full, rehash=False):
+    """Files of releases/<rid> that differ from its signed manifest: sizes always; with
+    `full`, the sha256 of every file whose identity changed since it was verified; with
+    `rehash` (the drift audit), the sha256 of every file whatever its identity."""
     manifest = host.load_manifest(rid)
     base = os.path.join(host.releases, rid)
+    ids = {} if rehash else host.identities(rid)
     out = []
     for e in manifest["content"]["files"]:
         path = os.path.join(base, safe_relpath(e["path"]))
@@ -447,8 +543,11 @@ def _mismatches(host, rid, full):
         except FileNotFoundError:
             out.append("%s: missing" % e["path"])
             continue
-        if st.st_size != e["size"] or (full and sha256_file(path) != e["sha256"]):
+        if st.st_size != e["size"]:
             out.append("%s: content differs" % e["path"])
+        elif full and not unchanged(path, ids.get(e["path"])):
+            if sha256_file(path) != e["sha256"]:
+                out.append("%s: content differs" % e["path"])
     return manifest, out
 
 
@@ -462,7 +561,7 @@ def op_readback(host, args):
     if args.id and cur != args.id:
         result["mismatches"].append("current is %s, expected %s" % (cur, args.id))
         return result
-    manifest, result["mismatches"] = _mismatches(host, cur, args.full)
+    manifest, result["mismatches"] = _mismatches(host, cur, args.full, args.rehash)
     result["ok"] = not result["mismatches"]
     result["digest"] = manifest["digest"]
     result["files"] = len(manifest["content"]["files"])
@@ -483,7 +582,7 @@ def op_check(host, args):
     if bad:
         aside = os.path.join(host.releases, ".broken-%s-%d" % (rid, int(time.time())))
         os.rename(os.path.join(host.releases, rid), aside)
-        for suffix in (".json", ".sig"):
+        for suffix in (".json", ".sig", ".ids"):
             try:
                 os.unlink(os.path.join(host.meta, rid + suffix))
             except FileNotFoundError:
@@ -508,13 +607,66 @@ def op_prune(host, args):
     for rid in host.verified_ids():
         if rid not in keep:
             shutil.rmtree(os.path.join(host.releases, rid), ignore_errors=True)
-            for suffix in (".json", ".sig"):
+            for suffix in (".json", ".sig", ".ids"):
                 try:
                     os.unlink(os.path.join(host.meta, rid + suffix))
                 except FileNotFoundError:
                     pass
             removed.append(rid)
     return {"removed": removed, "kept": sorted(k for k in keep if k), "current": host.current()}
+
+
+def op_run(host, args):
+    """Run a (rendered) hook or check command under /bin/sh, in its directory, with a
+    timeout; its own process group is killed when the timeout passes. Its exit code is data."""
+    cwd = args.cwd if args.cwd and os.path.isdir(args.cwd) else host.root
+    env = dict(os.environ)
+    env.update({str(k): str(v) for k, v in (args.env or {}).items()})
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", args.command],
+        cwd=cwd if os.path.isdir(cwd) else "/",
+        env=env,
+        stdin=subprocess.DEVNULL,  # never the session's own stream
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=args.timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        out, _ = proc.communicate()
+        rc = 124
+        out = (out or b"") + (b"\n(timed out after %ss)" % str(args.timeout).encode())
+    text = (out or b"").decode(errors="replace")
+    return {"rc": rc, "output": text[-4000:], "seconds": round(time.monotonic() - started, 3)}
+
+
+def op_probe(host, args):
+    """An HTTP status or a TCP connect, from this host, without starting another program."""
+    if args.kind == "http":
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(args.target, timeout=args.timeout) as r:
+                return {"ok": r.status == args.status, "got": str(r.status)}
+        except urllib.error.HTTPError as e:
+            return {"ok": e.code == args.status, "got": str(e.code)}
+        except Exception as e:  # any failure to get an answer is the evidence
+            return {"ok": False, "got": "error %s" % (e,)}
+    import socket
+
+    try:
+        socket.create_connection((args.target, int(args.port)), timeout=args.timeout).close()
+        return {"ok": True, "got": "connected"}
+    except OSError as e:
+        return {"ok": False, "got": "error %s" % (e,)}
 
 
 OPS = {
@@ -528,32 +680,79 @@ OPS = {
     "readback": op_readback,
     "check": op_check,
     "prune": op_prune,
+    "run": op_run,
+    "probe": op_probe,
 }
+DEFAULTS = {
+    "id": None, "key": None, "none": False, "full": False, "keep": 3, "protect": None,
+    "payload": None, "command": None, "env": None, "cwd": None, "timeout": None,
+    "kind": None, "target": None, "port": None, "status": 200, "rehash": False,
+}  # fmt: skip
+
+
+def dispatch(host, op, args):
+    """One operation → (result, exit code); every failure is a result, never a traceback."""
+    try:
+        return OPS[op](host, args), 0
+    except AgentError as exc:
+        return {"error": exc.kind, "message": exc.message}, exc.code
+    except OSError as exc:
+        kind = "disk-full" if exc.errno == errno.ENOSPC else "os"
+        return {"error": kind, "message": str(exc)}, EXIT_OS
+    except (ValueError, KeyError, TypeError) as exc:
+        return {"error": "input", "message": "%s: %s" % (type(exc).__name__, exc)}, EXIT_INPUT
+
+
+def reply(result):
+    sys.stdout.write("RESULT " + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def serve(root):
+    """Answer requests on stdin until it closes: one process for a whole deployment."""
+    inp = sys.stdin.buffer
+    host = Host(root)
+    while True:
+        line = inp.readline()
+        if not line:
+            return 0
+        try:
+            req = json.loads(line.decode())
+            op = req["op"]
+            if op not in OPS:
+                raise KeyError("no operation %r" % (op,))
+            args = argparse.Namespace(**dict(DEFAULTS, **(req.get("args") or {})))
+            if req.get("payload"):
+                args.payload = _read_exact(inp, int(req["payload"]))
+        except (ValueError, KeyError, TypeError, AgentError) as exc:
+            reply({"error": "input", "message": "bad request: %s" % (exc,), "_code": EXIT_INPUT})
+            return EXIT_INPUT  # the stream cannot be trusted to be in step any more
+        result, code = dispatch(host, op, args)
+        result["_code"] = code
+        reply(result)
+        if op == "receive" and code:
+            return code  # objects may still be on the wire: the stream is out of step
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="ferry-agent")
-    p.add_argument("op", choices=sorted(OPS))
+    p.add_argument("op", choices=sorted(OPS) + ["serve"])
     p.add_argument("--root", required=True)
     p.add_argument("--id")
     p.add_argument("--key")
     p.add_argument("--none", action="store_true")
     p.add_argument("--full", action="store_true")
+    p.add_argument("--rehash", action="store_true")
     p.add_argument("--keep", type=int, default=3)
     p.add_argument("--protect", action="append")
     args = p.parse_args(argv)
-    try:
-        result = OPS[args.op](Host(args.root), args)
-        code = 0
-    except AgentError as exc:
-        result, code = {"error": exc.kind, "message": exc.message}, exc.code
-    except OSError as exc:
-        kind = "disk-full" if exc.errno == errno.ENOSPC else "os"
-        result, code = {"error": kind, "message": str(exc)}, EXIT_OS
-    except (ValueError, KeyError) as exc:
-        result, code = {"error": "input", "message": "%s: %s" % (type(exc).__name__, exc)}, 11
-    sys.stdout.write("RESULT " + json.dumps(result) + "\n")
-    sys.stdout.flush()
+    if args.op == "serve":
+        return serve(args.root)
+    for key, value in DEFAULTS.items():
+        if not hasattr(args, key):
+            setattr(args, key, value)
+    result, code = dispatch(Host(args.root), args.op, args)
+    reply(result)
     return code
 
 

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 _engines: dict[str, Engine] = {}
+_factories: dict[Engine, sessionmaker[Session]] = {}
 _migrated: set[str] = set()
 _lock = threading.Lock()
 
@@ -99,6 +100,7 @@ def dispose_all() -> None:
     for engine in _engines.values():
         engine.dispose()
     _engines.clear()
+    _factories.clear()
     _migrated.clear()
 
 
@@ -109,7 +111,10 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         from orchestrator.settings import get_settings
 
         url = get_settings().cms_url
-    factory = sessionmaker(get_engine(url), expire_on_commit=False)
+    engine = get_engine(url)
+    factory = _factories.get(engine)
+    if factory is None:  # one per engine: making a sessionmaker costs more than a commit
+        factory = _factories[engine] = sessionmaker(engine, expire_on_commit=False)
     with factory() as session:
         try:
             yield session

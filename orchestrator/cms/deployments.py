@@ -10,13 +10,14 @@ that `ferry remediate recover` reads back.
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select, update
 
 from orchestrator import lifecycle
 from orchestrator.cms import audit
@@ -187,14 +188,71 @@ def deploy_roots(url: str, names: list[str]) -> dict[str, str]:
         return {r.name: r.deploy_root for r in rows if r.deploy_root}
 
 
+class _GroupCommit:
+    """Journal writes of many hosts at once share one transaction (group commit).
+
+    A caller's write is durable when its call returns — the journal row of a step is
+    committed before the step acts — but the hosts of a wave that write at the same
+    moment pay for one commit together instead of one each."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._queue: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn: Any) -> Any:
+        item: list[Any] = [fn, threading.Event(), None, None]  # fn, done, result, error
+        self._queue.put(item)
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, daemon=True)
+                self._thread.start()
+        item[1].wait()
+        if item[3] is not None:
+            raise item[3]
+        return item[2]
+
+    def _run(self) -> None:
+        while True:
+            try:
+                items = [self._queue.get(timeout=0.5)]
+            except queue.Empty:
+                with self._lock:
+                    if self._queue.empty():
+                        self._thread = None
+                        return
+                continue
+            while len(items) < 500:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                with session_scope(self.url) as s:
+                    for item in items:
+                        try:
+                            with s.begin_nested():  # one bad write fails only its caller
+                                item[2] = item[0](s)
+                        except Exception as exc:  # noqa: BLE001 - handed to its caller
+                            item[3] = exc
+            except Exception as exc:  # noqa: BLE001 - the commit itself failed: tell everyone
+                for item in items:
+                    item[3] = item[3] or exc
+            for item in items:
+                item[1].set()
+
+
 class DeploymentRecord:
-    """Writes one deployment's records; each method is one transaction."""
+    """Writes one deployment's records; each method is one transaction (journal writes of
+    concurrent hosts share one, see _GroupCommit)."""
 
     def __init__(self, url: str, deployment_id: int, actor: str) -> None:
         self.url = url
         self.id = deployment_id
         self.actor = actor
         self._lock = threading.Lock()  # SQLite serialises writers anyway; this keeps it orderly
+        self._journal = _GroupCommit(url)
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -313,27 +371,39 @@ class DeploymentRecord:
 
     # -- the journal -----------------------------------------------------------------------
     def begin(self, wave: int, host: str, step: str, detail: dict[str, Any] | None = None) -> int:
-        with self._lock, session_scope(self.url) as s:
-            row = HostStep(
-                deployment_id=self.id,
-                wave_index=wave,
-                host=host,
-                step=step,
-                status="started",
-                detail=detail or {},
+        """The step's row, committed before it acts; returns its id for `end`."""
+
+        def write(s: Any) -> int:
+            # Core, not the ORM: a journal row is written twice per step per host
+            return int(
+                s.execute(
+                    insert(HostStep)
+                    .values(
+                        deployment_id=self.id,
+                        wave_index=wave,
+                        host=host,
+                        step=step,
+                        status="started",
+                        detail=detail or {},
+                        started_at=utcnow(),
+                    )
+                    .returning(HostStep.id)
+                ).scalar_one()
             )
-            s.add(row)
-            s.flush()
-            return row.id
+
+        return int(self._journal.submit(write))
 
     def end(self, step_id: int, status: str, detail: dict[str, Any] | None = None) -> None:
-        with self._lock, session_scope(self.url) as s:
-            row = s.get(HostStep, step_id)
-            assert row is not None
-            row.status = status
-            row.finished_at = utcnow()
+        def write(s: Any) -> None:
+            values: dict[str, Any] = {"status": status, "finished_at": utcnow()}
             if detail:
-                row.detail = {**(row.detail or {}), **detail}
+                before = s.execute(
+                    select(HostStep.detail).where(HostStep.id == step_id)
+                ).scalar_one()
+                values["detail"] = {**(before or {}), **detail}
+            s.execute(update(HostStep).where(HostStep.id == step_id).values(**values))
+
+        self._journal.submit(write)
 
     def steps_by_host(self) -> dict[str, dict[str, str]]:
         return steps_by_host(self.url, self.id)

@@ -149,3 +149,84 @@ def test_a_release_altered_on_the_host_is_set_aside_and_never_trusted_again(tmp_
     assert rc == 0 and res["needed"] == 1
     assert run(tmp_path, "verify", "--id", "r")[0] == 0
     assert (tmp_path / "releases/r/u/a.txt").read_bytes() == b"alpha"
+
+
+def _release(files: dict[str, bytes], version: str) -> tuple[bytes, bytes]:
+    entries = [
+        {"path": p, "size": len(d), "mode": 0o644, "sha256": hashlib.sha256(d).hexdigest()}
+        for p, d in sorted(files.items())
+    ]
+    content = {"format": "ferry-package/1", "name": "app", "version": version,
+               "release": f"app@{version}", "units": ["u"], "files": entries}  # fmt: skip
+    digest = "sha256:" + hashlib.sha256(ferry_agent.canonical(content)).hexdigest()
+    raw = json.dumps({"digest": digest, "content": content}).encode()
+    return raw, KEY.sign(raw)
+
+
+def _publish(
+    root: Path, rid: str, files: dict[str, bytes], version: str, send: list[str]
+) -> tuple[int, dict]:
+    """Receive (sending only the files named in `send`: the rest is on the host) and verify."""
+    raw, sig = _release(files, version)
+    objects = {hashlib.sha256(files[p]).hexdigest(): files[p] for p in send}
+    rc, res = run(root, "receive", "--id", rid, stdin=receive_stream(raw, sig, objects))
+    assert rc == 0, res
+    return run(root, "verify", "--id", rid)
+
+
+def test_a_new_release_reuses_intact_files_unread_and_rereads_any_that_changed(tmp_path):
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    a, b, c = b"A" * 4096, b"B" * 100, b"C" * 100
+    assert _publish(tmp_path, "app-1", {"u/a": a, "u/b": b}, "1", ["u/a", "u/b"])[0] == 0
+    # app-2 shares u/a with app-1: placed from the verified copy without hashing it again
+    rc, res = _publish(tmp_path, "app-2", {"u/a": a, "u/c": c}, "2", ["u/c"])
+    assert rc == 0 and res["rehashed"] == 0 and res["placed"] == 2, res
+    assert run(tmp_path, "readback", "--id", "app-2", "--full")[1]["ok"] is False  # not current
+    assert run(tmp_path, "switch", "--id", "app-2")[0] == 0
+    rc, back = run(tmp_path, "readback", "--id", "app-2", "--full")
+    assert rc == 0 and back["ok"] and back["mismatches"] == []
+    # the same bytes' size, other bytes, edited in place: its identity changed, so a full
+    # read-back hashes it again and finds it (sizes alone would not)
+    (tmp_path / "releases" / "app-2" / "u" / "a").write_bytes(b"X" * 4096)
+    back = run(tmp_path, "readback", "--id", "app-2")[1]
+    assert back["ok"], "a quick read-back compares sizes only"
+    back = run(tmp_path, "readback", "--id", "app-2", "--full")[1]
+    assert back["mismatches"] == ["u/a: content differs"]
+    # and a later release that would reuse it rereads it and refuses the altered copy
+    raw, sig = _release({"u/a": a}, "3")
+    rc, res = run(tmp_path, "receive", "--id", "app-3", stdin=receive_stream(raw, sig, {}))
+    assert rc == 0 and res["needed"] == 0
+    rc, res = run(tmp_path, "verify", "--id", "app-3")
+    assert rc == 10 and "no longer matches its checksum" in res["message"]
+
+
+def test_serve_answers_many_requests_in_one_process_started_from_the_source_it_is_sent(
+    tmp_path,
+):
+    from orchestrator.transport.session import BOOT
+
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-c", BOOT, "serve", "--root", str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    source = agent.source()
+    requests = [
+        {"op": "pin", "args": {"key": PUB.hex()}},
+        {"op": "run", "args": {"command": "echo $FERRY_X; exit 3", "env": {"FERRY_X": "hi"},
+                               "timeout": 5}},
+        {"op": "run", "args": {"command": "sleep 5", "timeout": 0.5}},
+        {"op": "switch", "args": {"id": "nope"}},
+        {"op": "state"},
+    ]  # fmt: skip
+    feed = str(len(source)).encode() + b"\n" + source
+    feed += b"".join(json.dumps(r).encode() + b"\n" for r in requests)
+    out, _ = proc.communicate(feed, timeout=30)
+    assert proc.returncode == 0  # stdin closed: the session ends cleanly
+    results = [json.loads(ln[7:]) for ln in out.decode().splitlines() if ln.startswith("RESULT ")]
+    assert [r["_code"] for r in results] == [0, 0, 0, 11, 0]
+    assert results[0]["pinned"] == "new"
+    assert results[1]["rc"] == 3 and results[1]["output"].strip() == "hi"
+    assert results[2]["rc"] == 124 and "timed out" in results[2]["output"]
+    assert results[3]["error"] == "input" and "not verified" in results[3]["message"]
+    assert results[4]["pinned"] is True and results[4]["current"] is None

@@ -1,0 +1,363 @@
+"""One agent session per host: one SSH connection, one agent process, many requests (Act).
+
+Ferry starts the host agent once per host and deployment — `python3 -c BOOT serve` over a
+single SSH connection, the agent's source sent on stdin (so the code that runs on the host
+is exactly the code Ferry holds; no file on the host is trusted) — and then sends every
+step as a request on the same stream: inspect, the package's objects, verify, config,
+switch, hooks and checks (run by the agent as subprocesses with timeouts), read-back,
+prune. One login and one interpreter start per host instead of one per step, the way
+Mitogen and pyinfra get their speed.
+
+The stream is the OpenSSH client when installed (fast ciphers, kernel sendfile for the
+bulk bytes) and a paramiko channel otherwise; both are strict about host keys. Every
+request has a deadline; a request that misses it, or a session whose agent dies, kills
+the session: that host's step fails (StepTimeout / StepFailed) and its next request starts
+a fresh session. Errors are translated here, once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import select
+import shlex
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from orchestrator import agent
+from orchestrator.errors import StepFailed, TransportError
+from orchestrator.inventory import Host, SSHSettings
+from orchestrator.transport import openssh
+from orchestrator.transport.ssh import SSHHost, StepTimeout
+
+# logins in flight at once, whatever the concurrency: sshd's MaxStartups refuses a burst
+# (10:30:100 by default), and Kamal caps its starts at 30 for the same reason
+MAX_STARTS = int(os.environ.get("FERRY_SSH_STARTS", "24"))
+_STARTS = threading.BoundedSemaphore(MAX_STARTS)
+
+# what ssh says when the connection itself went away (vs. the agent dying on the host)
+_CONNECTION_LOST = ("closed by remote host", "not responding", "Broken pipe", "reset by peer",
+                    "Connection to", "timed out")  # fmt: skip
+
+# reads `<length>\n<source>` from stdin and runs it as the agent's __main__
+BOOT = (
+    "import sys;b=sys.stdin.buffer;n=int(b.readline());"
+    "exec(compile(b.read(n),'ferry-agent','exec'),{'__name__':'__main__'})"
+)
+
+
+class _Pipe(Protocol):
+    def write(self, data: bytes, deadline: float) -> None: ...
+    def sendfile(self, path: Path, deadline: float) -> int: ...
+    def read_some(self, deadline: float) -> bytes: ...
+    def why_closed(self) -> tuple[bool, str]: ...  # (ssh itself failed?, its words)
+    def close(self) -> None: ...
+
+
+class _OpenSSHPipe:
+    def __init__(self, host: Host, ssh: SSHSettings, command: str, connect_timeout: float):
+        self.proc = subprocess.Popen(
+            openssh.argv(host, ssh, connect_timeout, command),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,
+        )
+        assert self.proc.stdin and self.proc.stdout
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        self.expired = False
+
+    def _watch(self, deadline: float) -> threading.Timer:
+        # a blocked write (the host stopped reading) is ended by killing ssh at the deadline
+        timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._expire)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    def _expire(self) -> None:
+        self.expired = True
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+    def write(self, data: bytes, deadline: float) -> None:
+        timer = self._watch(deadline)
+        try:
+            self.stdin.write(data)
+        finally:
+            timer.cancel()
+
+    def sendfile(self, path: Path, deadline: float) -> int:
+        timer = self._watch(deadline)
+        sent = 0
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                while sent < size:
+                    n = os.sendfile(self.stdin.fileno(), f.fileno(), sent, size - sent)
+                    if n == 0:
+                        break
+                    sent += n
+        finally:
+            timer.cancel()
+        return sent
+
+    def read_some(self, deadline: float) -> bytes:
+        fd = self.stdout.fileno()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                return os.read(fd, 1 << 16)
+
+    def why_closed(self) -> tuple[bool, str]:
+        try:
+            rc = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return False, "the agent stopped answering"
+        err = self.proc.stderr.read() if self.proc.stderr else b""
+        text = err.decode(errors="replace").strip()[-400:]
+        return rc == 255, text or f"the agent exited {rc}"
+
+    def close(self) -> None:
+        for f in (self.stdin,):
+            try:
+                f.close()  # EOF: the agent's serve loop ends by itself
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for f in (self.stdout, self.proc.stderr):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+
+
+class _ChannelPipe:
+    """The same over a paramiko channel (hosts where the OpenSSH client is missing)."""
+
+    def __init__(self, host: Host, ssh: SSHSettings, command: str, connect_timeout: float):
+        self.conn = SSHHost(host, ssh, connect_timeout=connect_timeout)
+        self.chan = self.conn.open(command, connect_timeout)
+
+    def write(self, data: bytes, deadline: float) -> None:
+        self.chan.settimeout(max(0.01, deadline - time.monotonic()))
+        self.chan.sendall(data)
+
+    def sendfile(self, path: Path, deadline: float) -> int:
+        sent = 0
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                self.write(chunk, deadline)
+                sent += len(chunk)
+        return sent
+
+    def read_some(self, deadline: float) -> bytes:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        self.chan.settimeout(left)
+        return self.chan.recv(1 << 16)
+
+    def why_closed(self) -> tuple[bool, str]:
+        rc = self.chan.recv_exit_status() if self.chan.exit_status_ready() else -1
+        return False, f"the agent exited {rc}"
+
+    def close(self) -> None:
+        try:
+            self.chan.shutdown_write()
+        except OSError:
+            pass
+        self.chan.close()
+        self.conn.close()
+
+
+class AgentSession:
+    """Requests to one host's agent over one connection, opened on first use."""
+
+    def __init__(
+        self,
+        host: Host,
+        ssh: SSHSettings,
+        root: str,
+        *,
+        connect_timeout: float,
+        bulk: str | None = None,
+    ) -> None:
+        self.host, self.ssh, self.root = host, ssh, root.rstrip("/") or "/"
+        self.connect_timeout = connect_timeout
+        self.bulk = bulk or ssh.bulk
+        self._pipe: _Pipe | None = None
+        self._buf = b""
+        self._answered = False  # has this session's agent answered a request yet?
+        self._lock = threading.Lock()
+        self.logins = 0
+
+    @property
+    def name(self) -> str:
+        return self.host.name
+
+    # -- the session -----------------------------------------------------------------------
+    @contextmanager
+    def _session(self) -> Iterator[None]:
+        """The session for one request; a new one holds a start slot until its agent has
+        answered (the login is done), with a little jitter so starts do not come in step."""
+        if self._pipe is not None:
+            yield
+            return
+        with _STARTS:
+            time.sleep(random.uniform(0, 0.01))
+            self._open()
+            yield
+
+    def _open(self) -> _Pipe:
+        if self._pipe is not None:
+            return self._pipe
+        command = f"python3 -c {shlex.quote(BOOT)} serve --root {shlex.quote(self.root)}"
+        kind = _OpenSSHPipe if self.bulk == "openssh" and openssh.available() else _ChannelPipe
+        try:
+            pipe: _Pipe = kind(self.host, self.ssh, command, self.connect_timeout)
+        except OSError as exc:
+            raise TransportError(self.name, f"cannot start ssh: {exc}") from None
+        self.logins += 1
+        self._pipe, self._buf, self._answered = pipe, b"", False
+        source = agent.source()
+        deadline = time.monotonic() + self.connect_timeout + 10
+        self._write(str(len(source)).encode() + b"\n" + source, deadline, "stage")
+        return pipe
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def _drop(self) -> None:
+        pipe, self._pipe, self._buf = self._pipe, None, b""
+        if pipe is not None:
+            pipe.close()
+
+    def _broken(self, step: str, what: str, timed_out: bool = False) -> Exception:
+        """The session is over: say why (ssh could not connect, timeout, the agent died)."""
+        pipe = self._pipe
+        ssh_failed, words = (False, "") if pipe is None else pipe.why_closed()
+        answered = self._answered
+        self._drop()
+        # ssh exits 255 both when it fails and when the remote agent is killed by a signal:
+        # once the agent has answered, only ssh's own words mean the connection went away
+        if answered and not any(w in words for w in _CONNECTION_LOST):
+            ssh_failed = False
+            words = words or "the agent process died"
+        if timed_out:
+            return StepTimeout(self.name, f"{what}: timed out")
+        if ssh_failed and "Host key verification failed" in words:
+            return TransportError(
+                self.name, "host key does not match known_hosts (refused; possible MITM)"
+            )
+        if ssh_failed:
+            return TransportError(self.name, f"unreachable: {words}")
+        return StepFailed(self.name, step, f"{what}: the agent session ended ({words})")
+
+    def _write(self, data: bytes, deadline: float, step: str) -> None:
+        assert self._pipe is not None
+        try:
+            self._pipe.write(data, deadline)
+        except (OSError, ValueError) as exc:
+            timed_out = time.monotonic() >= deadline
+            raise self._broken(step, f"sending failed ({exc})", timed_out) from None
+
+    def _line(self, deadline: float, step: str) -> bytes:
+        assert self._pipe is not None
+        while b"\n" not in self._buf:
+            try:
+                chunk = self._pipe.read_some(deadline)
+            except (TimeoutError, OSError) as exc:
+                timed_out = isinstance(exc, TimeoutError) or time.monotonic() >= deadline
+                raise self._broken(step, "waiting for the agent", timed_out) from None
+            if not chunk:
+                raise self._broken(step, "waiting for the agent")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line
+
+    def _result(self, deadline: float, step: str) -> dict[str, Any]:
+        while True:
+            line = self._line(deadline, step)
+            if line.startswith(b"RESULT "):
+                self._answered = True
+                return json.loads(line[7:])
+
+    # -- requests --------------------------------------------------------------------------
+    def request(
+        self,
+        step: str,
+        op: str,
+        args: dict[str, Any] | None = None,
+        *,
+        timeout: float,
+        payload: bytes | None = None,
+    ) -> dict[str, Any]:
+        """One agent operation; its failure is StepFailed (with the agent's error kind)."""
+        with self._lock, self._session():
+            deadline = time.monotonic() + timeout
+            head = {"op": op, "args": args or {}}
+            if payload:
+                head["payload"] = len(payload)
+            self._write(json.dumps(head).encode() + b"\n" + (payload or b""), deadline, step)
+            result = self._result(deadline, step)
+        return _checked(self.name, step, result)
+
+    def receive(
+        self,
+        rid: str,
+        manifest: bytes,
+        signature: bytes,
+        frames: Any,
+        *,
+        timeout: float,
+    ) -> dict[str, Any]:
+        """`stage`: the signed manifest, the agent's NEED list, only those objects, the end."""
+        with self._lock, self._session():
+            deadline = time.monotonic() + timeout
+            head = json.dumps({"op": "receive", "args": {"id": rid}}).encode() + b"\n"
+            sizes = json.dumps({"manifest_len": len(manifest), "sig_len": len(signature)})
+            self._write(head + sizes.encode() + b"\n" + manifest + signature, deadline, "stage")
+            line = self._line(deadline, "stage")
+            sent = 0
+            if line.startswith(b"NEED "):
+                need = json.loads(line[5:])
+                path = frames(need)  # `<sha> <size>\n<bytes>` … END, shared between hosts
+                assert self._pipe is not None
+                try:
+                    sent = self._pipe.sendfile(path, deadline)
+                except OSError as exc:
+                    raise self._broken("stage", f"transfer failed ({exc})") from None
+                result = self._result(deadline, "stage")
+            elif line.startswith(b"RESULT "):
+                result = json.loads(line[7:])
+            else:
+                raise self._broken("stage", f"unexpected answer {line[:80]!r}")
+            if result.get("_code"):
+                self._drop()  # the agent ends a failed receive: its stream is out of step
+        out = _checked(self.name, "stage", result)
+        out["bytes_sent"] = sent
+        return out
+
+
+def _checked(host: str, step: str, result: dict[str, Any]) -> dict[str, Any]:
+    code = result.pop("_code", 0)
+    if not code:
+        return result
+    kind = result.get("error")
+    message = result.get("message") or f"agent exited {code}"
+    raise StepFailed(host, step, f"{kind}: {message}" if kind else message, "", kind=kind)

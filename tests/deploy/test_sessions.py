@@ -1,0 +1,78 @@
+"""One agent session per host, on the real fleet: one login per host, the cheapest no-op,
+and a host whose agent dies mid-session fails and is backed out alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from orchestrator.cms.models import HostStep
+from tests.deploy.helpers import (
+    HOOKS,
+    build,
+    cms,
+    deploy,
+    files_match,
+    host_release,
+    plan,
+    rfc,
+    rid,
+    shared_file,
+)
+
+pytestmark = pytest.mark.fleet
+
+
+def test_a_deploy_logs_in_once_per_host_and_a_redeploy_is_one_request_per_host(
+    clean_small, run_ferry
+):
+    fleet, work = clean_small, Path.cwd()
+    build(work, "1.0")
+    p = plan(work, fleet, strategy="big-bang", waves=None)
+    first = deploy(run_ferry, p, "shop@1.0", rfc(run_ferry, "shop@1.0"))
+    assert first.returncode == 0, first.stderr
+    # every step, check and the final prune of a host share its one session
+    assert first.json()["logins"] == len(fleet.hosts)
+    again = deploy(run_ferry, p, "shop@1.0", rfc(run_ferry, "shop@1.0"))
+    assert again.returncode == 0, again.stderr
+    out = again.json()
+    assert out["logins"] == len(fleet.hosts) and out["bytes_sent"] == 0
+    rows = cms(
+        lambda s: list(s.scalars(select(HostStep).where(HostStep.deployment_id == out["id"])))
+    )
+    # the cheapest no-op: one request per host (inspect), nothing re-sent or re-run
+    assert sorted(r.host for r in rows) == sorted(fleet.hosts)
+    assert {r.step for r in rows} == {"stage"}
+    assert all(r.status == "succeeded" and r.detail["already_current"] for r in rows)
+    assert all(host_release(fleet, h) == rid("shop@1.0") for h in fleet.hosts)
+
+
+def test_a_host_whose_agent_dies_mid_session_fails_and_is_backed_out_alone(
+    clean_small, run_ferry
+):
+    fleet, work = clean_small, Path.cwd()
+    build(work, "1.0")
+    build(work, "2.0")
+    p = plan(work, fleet, strategy="big-bang", waves=None, targets="h1,h2,h3")
+    assert deploy(run_ferry, p, "shop@1.0", rfc(run_ferry, "shop@1.0")).returncode == 0
+    # on h2, installing 2.0 only, the activate hook kills its own parent: the agent serving
+    # the session (the backout's reactivate renders the same hook for 1.0: it lets it live)
+    kill = 'if [ "{{ host }}" = h2 ] && [ "{{ version }}" = 2.0 ]; then kill -9 $PPID; fi'
+    hooks = {**HOOKS, "activate": kill}
+    p2 = plan(work, fleet, "p2.yaml", strategy="big-bang", waves=None, targets="h1,h2,h3",
+              hooks=hooks, milestone={"max_failed": 1, "checks": []})  # fmt: skip
+    res = deploy(run_ferry, p2, "shop@2.0", rfc(run_ferry, "shop@2.0"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.json()
+    assert out["status"] == "succeeded"
+    assert out["hosts"]["h2"]["status"] == "backed-out"
+    assert out["hosts"]["h2"]["failure"]["step"] == "activate"
+    assert "agent session ended" in out["hosts"]["h2"]["failure"]["reason"]
+    assert [r["host"] for r in out["backout"]] == ["h2"]
+    assert host_release(fleet, "h2") == rid("shop@1.0") and files_match(fleet, "h2", "shop@1.0")
+    assert shared_file(fleet, "h2", "data/schema") == "1.0"  # its data restored too
+    for host in ("h1", "h3"):
+        assert out["hosts"][host]["status"] == "deployed"
+        assert host_release(fleet, host) == rid("shop@2.0")
