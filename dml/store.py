@@ -74,6 +74,31 @@ class Report:
         }
 
 
+# archives this process hashed, by file identity: a deploy opens its package up to three
+# times (plan, run, check-in); a write-once blob whose inode, size, mtime and ctime are
+# unchanged since it was hashed here is not read again (`ferry dml verify` always re-reads)
+_HASHED: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def _identity(path: Path) -> tuple[str, int, int, int, int]:
+    st = path.stat()
+    return (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _hashed_unchanged(path: Path, sha: str) -> bool:
+    try:
+        return _HASHED.get(_identity(path)) == sha
+    except OSError:
+        return False
+
+
+def _remember_hashed(path: Path, sha: str) -> None:
+    try:
+        _HASHED[_identity(path)] = sha
+    except OSError:
+        pass
+
+
 class DML:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -278,8 +303,10 @@ class DML:
         path = self.blob_path(archive_digest)
         if not path.exists():
             raise IntegrityError(f"{release}: archive blob {archive_digest} is missing")
-        if verify_archive:
+        if verify_archive and not _hashed_unchanged(path, archive["sha256"]):
             sha, size = hash_file(path)
+            if sha == archive["sha256"] and size == archive["size"]:
+                _remember_hashed(path, sha)
             if sha != archive["sha256"] or size != archive["size"]:
                 raise IntegrityError(
                     f"{release}: archive blob {archive_digest} is corrupt "

@@ -102,7 +102,11 @@ class BackoutRunner:
                 except TransportError as exc:
                     self.record.end(sid, "failed", {"error": exc.message})
                     raise
-            back = ops.readback(prior_id, self.rollout.full_readback)
+            back = ops.readback(
+                prior_id,
+                self.rollout.full_readback,
+                digest=action.prior.digest if action.prior else None,
+            )
             result.current = back.get("current")
             result.restored = bool(back.get("ok")) and back.get("current") == prior_id
             if not result.restored:

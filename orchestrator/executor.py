@@ -22,6 +22,7 @@ from orchestrator.errors import FerryError, StepFailed, TransportError
 from orchestrator.hostops import HostOps
 from orchestrator.milestone import HostOutcome
 from orchestrator.objects import ObjectCache
+from orchestrator.progress import WaveProgress
 from orchestrator.rollout import HostAction, Rollout, StepCommand, WavePlan
 from orchestrator.sessions import HostSessions
 
@@ -55,6 +56,7 @@ class Executor:
         self.stop = stop
         self.already: set[str] = set()  # hosts inspected intact in this very run
         self.current: set[str] = set()  # …and already running it, as the CMS records: no-ops
+        self.bytes_sent: dict[str, int] = {}  # for progress only; the journal keeps the truth
         self._lock = threading.Lock()
         self._forward: dict[str, Callable[[HostOps, HostAction, StepCommand], dict[str, Any]]]
         self._forward = {
@@ -78,6 +80,7 @@ class Executor:
         after on the same session. Without `keep_open` each host's session ends when its
         work does, so sessions never outnumber the hosts being worked on."""
         self.objects.ensure()
+        progress = WaveProgress(f"wave {wave.index}", len(wave.hosts), self.progress)
 
         def one(a: HostAction) -> HostOutcome:
             outcome = self._deploy_host(wave.index, a)
@@ -85,10 +88,14 @@ class Executor:
                 outcome = self._check_host(a, outcome)
             if not keep_open or a.host in self.current or not outcome.ok:
                 self.sessions.release(a.host)
+            progress.host_done(outcome.ok, self.bytes_sent.get(a.host, 0))
             return outcome
 
-        with self._pool(len(wave.hosts)) as pool:
-            return list(pool.map(one, wave.hosts))
+        try:
+            with self._pool(len(wave.hosts)) as pool:
+                return list(pool.map(one, wave.hosts))
+        finally:
+            progress.close()
 
     def _deploy_host(self, wave: int, action: HostAction) -> HostOutcome:
         current, activated = "", False
@@ -127,7 +134,7 @@ class Executor:
         # one call: pin the key; a copy already on the host is trusted only once re-checked
         rid = self.rollout.release_id
         started = time.monotonic()
-        info = ops.inspect(rid, self.key_hex, self.rollout.full_readback)
+        info = ops.inspect(rid, self.key_hex, self.rollout.full_readback, self.rollout.digest)
         inspected = time.monotonic() - started
         if info["have"]:
             # already running it, intact, and so recorded: nothing to send, verify, publish,
@@ -152,6 +159,8 @@ class Executor:
         result = ops.stage(
             rid, self.package.manifest_bytes, self.package.signature, self.objects.frames
         )
+        with self._lock:
+            self.bytes_sent[ops.name] = result.get("bytes_sent", 0)
         result["inspect_s"] = round(inspected, 3)
         result["transfer_s"] = round(time.monotonic() - started - inspected, 3)
         return result
@@ -200,7 +209,9 @@ class Executor:
             if o.host in self.current:  # `inspect` read it back a moment ago
                 back: dict[str, Any] = {"ok": True}
             else:
-                back = ops.readback(self.rollout.release_id, self.rollout.full_readback)
+                back = ops.readback(
+                    self.rollout.release_id, self.rollout.full_readback, digest=self.rollout.digest
+                )
             if not back.get("ok"):
                 why = "; ".join(back["mismatches"][:3])
                 return HostOutcome(o.host, False, "readback", why, "", True, "integrity")

@@ -53,9 +53,10 @@ class HostOps:
     def state(self) -> dict[str, Any]:
         return self.call("stage", "state")
 
-    def inspect(self, rid: str, key_hex: str, full: bool) -> dict[str, Any]:
-        """Pin the DML key; does the host hold releases/<rid> intact? What runs now?"""
-        return self.call("stage", "inspect", id=rid, key=key_hex, full=full)
+    def inspect(self, rid: str, key_hex: str, full: bool, digest: str) -> dict[str, Any]:
+        """Pin the DML key; does the host hold releases/<rid> intact? What runs now?
+        (`digest`: the verified package's, which the host's copy must match)"""
+        return self.call("stage", "inspect", id=rid, key=key_hex, full=full, digest=digest)
 
     def stage(
         self,
@@ -76,17 +77,17 @@ class HostOps:
     def switch(self, rid: str | None, step: str = "activate") -> dict[str, Any]:
         return self.call(step, "switch", id=rid, none=rid is None)
 
-    def readback(self, rid: str | None, full: bool, *, rehash: bool = False) -> dict[str, Any]:
+    def readback(
+        self, rid: str | None, full: bool, *, rehash: bool = False, digest: str | None = None
+    ) -> dict[str, Any]:
         """`current` and the files: sizes; with `full`, the sha256 of every file whose
         identity changed since it was verified; with `rehash`, of every file (drift)."""
-        return self.call("readback", "readback", id=rid, full=full, rehash=rehash)
+        return self.call("readback", "readback", id=rid, full=full, rehash=rehash, digest=digest)
 
     def prune(self, keep: int, protect: list[str]) -> dict[str, Any]:
         return self.call("prune", "prune", keep=keep, protect=[p for p in protect if p])
 
-    def run(
-        self, step: str, command: str, env: dict[str, str], cwd: str | None
-    ) -> dict[str, Any]:
+    def run(self, step: str, command: str, env: dict[str, str], cwd: str | None) -> dict[str, Any]:
         return self.session.request(
             step,
             "run",

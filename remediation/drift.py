@@ -104,9 +104,9 @@ def audit_drift(
         q = select(HostBaseline)
         if environment:
             q = q.where(HostBaseline.environment == environment)
-        baselines = {
-            b.host: (b.release, release_id(b.release, b.package_digest)) for b in s.scalars(q)
-        }
+        rows = list(s.scalars(q))
+        baselines = {b.host: (b.release, release_id(b.release, b.package_digest)) for b in rows}
+        digests = {b.host: b.package_digest for b in rows}
     inventory = _inventory(settings, url, inventory_path, environment)
     roots = deploy_roots(url, list(baselines))
     managed = [h for h in baselines if h in inventory.hosts]
@@ -127,7 +127,8 @@ def audit_drift(
             connect_timeout=inventory.ssh.connect_timeout,
         )
         try:
-            return judge(name, expected, release, ops.readback(expected, full, rehash=full))
+            back = ops.readback(expected, full, rehash=full, digest=digests.get(name))
+            return judge(name, expected, release, back)
         except TransportError as exc:
             why = exc.message.removeprefix(f"{name}: ").removeprefix("unreachable: ")
             return HostDrift(name, "unreachable", expected, release, None, why)

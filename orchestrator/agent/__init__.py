@@ -19,6 +19,14 @@ def source() -> bytes:
 
 
 @lru_cache(maxsize=1)
+def compiled() -> bytes:
+    """The agent's code object, marshalled for this interpreter (sessions send it along)."""
+    import marshal
+
+    return marshal.dumps(compile(source(), "ferry-agent", "exec"))
+
+
+@lru_cache(maxsize=1)
 def version() -> str:
     """The agent's own content hash; a host runs exactly this agent or gets it re-sent."""
     return hashlib.sha256(source()).hexdigest()[:16]

@@ -118,8 +118,11 @@ def test_slow_with_a_delay_adds_that_round_trip_time_on_the_proxy_port(
 
 def test_slow_with_a_rate_limits_bandwidth_to_that_rate(small_fleet: Fleet, host: str) -> None:
     payload = "x" * 2_000_000
-    base, proc = _timed_ssh(small_fleet, host, "cat > /dev/null", input=payload)
-    assert proc.returncode == 0
+    # the unthrottled cost (login + 2 MB) is the best of three: on a loaded machine one run
+    # can take several times as long, and subtracting that would hide the throttle's second
+    runs = [_timed_ssh(small_fleet, host, "cat > /dev/null", input=payload) for _ in range(3)]
+    assert all(p.returncode == 0 for _, p in runs)
+    base = min(t for t, _ in runs)
     with small_fleet.faulted(host, "slow", rate="16mbit"):
         took, proc = _timed_ssh(small_fleet, host, "cat > /dev/null", input=payload)
         assert proc.returncode == 0

@@ -200,8 +200,9 @@ def test_a_new_release_reuses_intact_files_unread_and_rereads_any_that_changed(t
     assert rc == 10 and "no longer matches its checksum" in res["message"]
 
 
+@pytest.mark.parametrize("tag", ["cpython-0", sys.implementation.cache_tag])
 def test_serve_answers_many_requests_in_one_process_started_from_the_source_it_is_sent(
-    tmp_path,
+    tmp_path, tag
 ):
     from orchestrator.transport.session import BOOT
 
@@ -210,7 +211,7 @@ def test_serve_answers_many_requests_in_one_process_started_from_the_source_it_i
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
-    source = agent.source()
+    source, code = agent.source(), agent.compiled()
     requests = [
         {"op": "pin", "args": {"key": PUB.hex()}},
         {"op": "run", "args": {"command": "echo $FERRY_X; exit 3", "env": {"FERRY_X": "hi"},
@@ -219,7 +220,8 @@ def test_serve_answers_many_requests_in_one_process_started_from_the_source_it_i
         {"op": "switch", "args": {"id": "nope"}},
         {"op": "state"},
     ]  # fmt: skip
-    feed = str(len(source)).encode() + b"\n" + source
+    # this interpreter's tag runs the compiled code; a tag no interpreter has, the source
+    feed = f"{len(source)} {len(code)} {tag}\n".encode() + source + code
     feed += b"".join(json.dumps(r).encode() + b"\n" for r in requests)
     out, _ = proc.communicate(feed, timeout=30)
     assert proc.returncode == 0  # stdin closed: the session ends cleanly
