@@ -1,16 +1,33 @@
-"""Prefect's environment: embedded, quiet and offline unless PREFECT_API_URL names a server.
+"""Prefect's environment: a warm embedded server, quiet and offline, unless told otherwise.
 
 Call `configure_prefect()` before the first `import prefect` (importing costs ~1.5 s, so the
-CLI imports flows lazily). Facts behind these settings: ../shared/notes/prefect.md.
+CLI imports flows lazily). Three modes, first match wins:
+
+    PREFECT_API_URL=<url>     a standing Prefect server (workers, a team's UI): used as is
+    FERRY_PREFECT=ephemeral   Prefect's ephemeral server, started afresh by every command
+                              (~9–12 s each) and gone when it ends: for CI jobs that must
+                              leave nothing running
+    (neither: the default)    the warm server of `orchestrator.prefect_server`: started on
+                              first use under the Ferry home, reused by later commands,
+                              stopped by `ferry prefect stop` or after idling
+                              (FERRY_PREFECT_IDLE seconds, default 900)
+
+All three keep Prefect's home, and so its run history, in `.ferry/prefect` unless
+PREFECT_HOME says otherwise. Facts behind these settings: ../shared/notes/prefect.md.
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
-from orchestrator.settings import get_settings
+from orchestrator.errors import BadInput
 
-_QUIET = {
+QUIET = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "PREFECT_LOGGING_LEVEL": "WARNING",
@@ -20,14 +37,69 @@ _QUIET = {
     "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
 }
 
+MODES = ("warm", "ephemeral")
 
-def configure_prefect() -> str:
-    """Set Prefect's environment; return 'server <url>' or 'embedded <home>'."""
-    for key, value in _QUIET.items():
-        os.environ.setdefault(key, value)
+
+def prefect_home() -> Path:
+    """Prefect's home for Ferry: PREFECT_HOME if set, else `<Ferry home>/prefect`."""
+    from orchestrator.settings import get_settings  # settings cost ~0.1 s; the watchdog skips
+
+    if os.environ.get("PREFECT_HOME"):
+        return Path(os.environ["PREFECT_HOME"]).resolve()
+    return get_settings().prefect_home.resolve()
+
+
+def prefect_mode() -> str:
+    """'server' (PREFECT_API_URL is set), else FERRY_PREFECT: 'warm' (default) or 'ephemeral'."""
     if os.environ.get("PREFECT_API_URL"):
+        return "server"
+    mode = os.environ.get("FERRY_PREFECT") or "warm"
+    if mode not in MODES:
+        raise BadInput(
+            f"FERRY_PREFECT={mode!r}: expected 'warm' (the default: a server kept running "
+            "between commands) or 'ephemeral' (one per command, nothing left running)"
+        )
+    return mode
+
+
+def configure_prefect(progress: Callable[[str], None] | None = None) -> str:
+    """Set Prefect's environment; return what the flow will talk to, for the progress line.
+
+    'server <url>', 'embedded server <url> (kept warm; …)' or 'embedded <home>' (ephemeral).
+    `progress` hears about a first start (~6–20 s); by default it goes to stderr.
+    """
+    for key, value in QUIET.items():
+        os.environ.setdefault(key, value)
+    _exit_quickly()
+    mode = prefect_mode()
+    if mode == "server":
         return f"server {os.environ['PREFECT_API_URL']}"
-    home = get_settings().prefect_home.resolve()
+    home = prefect_home()
     home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(home))
-    return f"embedded {home}"
+    if mode == "ephemeral":
+        return f"embedded {home}"
+    from orchestrator.prefect_server import ensure_server
+
+    url = ensure_server(home, progress=progress or _to_stderr)
+    os.environ["PREFECT_API_URL"] = url
+    return f"embedded server {url} (kept warm; `ferry prefect stop` ends it)"
+
+
+def _exit_quickly() -> None:
+    """Spare the exit ~1 s: collecting the objects Prefect's import made (measured here).
+
+    Registered before `import prefect`, so it runs after Prefect's own exit handlers (they
+    run last-in, first-out) have sent their events; the OS takes back the memory anyway.
+    """
+    global _exit_registered
+    if not _exit_registered:
+        atexit.register(gc.freeze)
+        _exit_registered = True
+
+
+_exit_registered = False
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
