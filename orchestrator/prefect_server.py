@@ -237,15 +237,20 @@ def _start(prefect_home: Path) -> ServerState:
             log=str(log_path),
         )
         _write(prefect_home, state)  # first, so `ferry prefect stop` can find a slow start
-        if _wait_healthy(state, time.monotonic() + START_TIMEOUT):
+        # our own child's child: trust its PID while the watchdog lives (a process that
+        # has just exec'd can show an empty /proc/<pid>/cmdline for a moment)
+        running = lambda w=watchdog: w.poll() is None  # noqa: E731
+        if _wait_healthy(state, time.monotonic() + START_TIMEOUT, running):
             return state
+        exited = not running()
         _terminate(state)
         _forget(prefect_home)
         if attempt == 1 and "address already in use" in _tail(log_path).lower():
             continue
+        what = "exited before it answered" if exited else f"did not answer in {START_TIMEOUT:.0f} s"
         raise PrefectServerError(
-            f"Prefect's server did not answer on {state.url} within {START_TIMEOUT:.0f} s; "
-            f"see {log_path} (or set FERRY_PREFECT=ephemeral to run without it)",
+            f"Prefect's server on {state.url} {what}; see {log_path} "
+            "(or set FERRY_PREFECT=ephemeral to run without it)",
             details={"log": str(log_path), "url": state.url},
         )
     raise AssertionError("unreachable")
@@ -274,11 +279,11 @@ def _read_pid(watchdog: subprocess.Popen[bytes], log_path: Path) -> int:
     return int(line)
 
 
-def _wait_healthy(state: ServerState, deadline: float) -> bool:
+def _wait_healthy(state: ServerState, deadline: float, running: Callable[[], bool]) -> bool:
     while time.monotonic() < deadline:
-        if not _is_server(state.pid, state.port):
-            _note(state, f"the server (pid {state.pid}) is gone: {_cmdline(state.pid)}")
-            return False  # it exited: the log says why
+        if not running():
+            _note(state, f"the server (pid {state.pid}) exited before answering")
+            return False  # the log above says why
         if _healthy(state.port, timeout=2):
             return True
         time.sleep(0.25)
@@ -298,7 +303,8 @@ def _answers(state: ServerState, prefect_home: Path) -> bool:
     if _healthy(state.port, timeout=2):
         return True
     still_starting = state.started_at + START_TIMEOUT - time.time()
-    if _wait_healthy(state, time.monotonic() + max(still_starting, 10.0)):
+    running = lambda: _is_server(state.pid, state.port)  # noqa: E731
+    if _wait_healthy(state, time.monotonic() + max(still_starting, 10.0), running):
         return True
     if _in_use(prefect_home):
         raise PrefectServerError(
@@ -366,8 +372,11 @@ def watch(prefect_home: Path, port: int, interval: float) -> int:
                 return 0
     finally:
         _end_child(server)
-        with _locked(prefect_home):
-            state = _read(prefect_home)
+        # Forget the state file if it names us, unless a command holds the lock: that one
+        # may be waiting for this very server to answer, and a stale file is harmless
+        # (the next command sees the PID gone and starts anew).
+        with _locked(prefect_home, wait=False) as locked:
+            state = _read(prefect_home) if locked else None
             if state is not None and state.pgid == os.getpid():
                 _forget(prefect_home)
 
@@ -414,11 +423,16 @@ _children: list[subprocess.Popen[bytes]] = []
 
 
 @contextlib.contextmanager
-def _locked(prefect_home: Path) -> Iterator[None]:
+def _locked(prefect_home: Path, *, wait: bool = True) -> Iterator[bool]:
+    """Hold server.lock (yield True); with `wait=False`, yield False if another holds it."""
     with open(prefect_home / LOCK, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from orchestrator.errors import BadInput
 from orchestrator.prefect_env import configure_prefect
 from orchestrator.prefect_server import (
+    PrefectServerError,
     ServerInUse,
     ensure_server,
     release_server,
@@ -251,6 +252,19 @@ def test_an_idle_server_stops_by_itself_but_not_while_a_command_uses_it(
     assert wait_until(lambda: not alive(state["pgid"]), 5), "its watchdog still runs"
     assert not (home / "server.json").exists()
     assert "idle" in (home / "server.log").read_text()
+
+
+def test_a_server_that_cannot_start_is_one_clear_error_naming_its_log_and_leaves_nothing(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = tmp_path / "prefect"
+    monkeypatch.setenv("PREFECT_SERVER_API_KEEPALIVE_TIMEOUT", "soon")  # the server refuses it
+    with pytest.raises(PrefectServerError, match="exited before it answered") as failed:
+        ensure_server(broken, hold=False)
+    assert str(broken / "server.log") in failed.value.message
+    assert "keepalive_timeout" in (broken / "server.log").read_text()
+    assert not (broken / "server.json").exists()
+    assert wait_until(lambda: watchdogs(broken) == [], 5)
 
 
 def test_ferry_prefect_ephemeral_starts_no_server_and_a_wrong_mode_is_bad_input(
