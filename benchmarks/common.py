@@ -6,6 +6,8 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,6 +72,39 @@ def timed(
         after.children_system - before.children_system
     )
     return wall, proc, cpu
+
+
+def timed_rusage(
+    cmd: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    check: bool = True,
+    timeout: float = 3600,
+) -> tuple[float, subprocess.CompletedProcess[bytes], float, int]:
+    """(wall seconds, result, CPU seconds, peak RSS in KiB) of one command, from wait4():
+    the rusage of that child alone (with the descendants it reaped), so a larger process
+    run earlier by the benchmark cannot show through, as it would in RUSAGE_CHILDREN's
+    ru_maxrss (a maximum over every child ever reaped)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=err)  # fmt: skip
+        killer = threading.Timer(timeout, proc.kill)
+        killer.start()
+        try:
+            _, status, ru = os.wait4(proc.pid, 0)
+        finally:
+            killer.cancel()
+        wall = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        done = subprocess.CompletedProcess(list(cmd), proc.returncode, out.read(), err.read())
+    if check and done.returncode != 0:
+        tail = (done.stdout[-3000:] + b"\n" + done.stderr[-3000:]).decode(errors="replace")
+        raise RuntimeError(f"{' '.join(map(str, cmd))}: exit {done.returncode}\n{tail}")
+    return wall, done, ru.ru_utime + ru.ru_stime, ru.ru_maxrss
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from benchmarks.common import FERRY_BIN, PREFECT_BIN, clean_env, log, timed
+from benchmarks.common import FERRY_BIN, PREFECT_BIN, clean_env, log, timed, timed_rusage
 from dml.store import DML
 from orchestrator.planner import release_id
 
@@ -85,9 +85,10 @@ class PrefectServer:
 @dataclass
 class Deployed:
     wall: float
-    cpu: float
+    cpu: float  # user + system of `ferry deploy` and the children it reaped
     rc: int
     report: dict[str, Any]
+    peak_rss_kib: int = 0  # ru_maxrss of `ferry deploy` (or of its largest reaped child)
 
 
 @dataclass
@@ -104,12 +105,12 @@ class Package:
 class FerryHome:
     """One FERRY_HOME (CMS, DML, object cache) in a fresh working directory."""
 
-    def __init__(self, path: Path, prefect_url: str | None) -> None:
+    def __init__(self, path: Path, prefect_url: str | None, **env: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
         self.dir = path
         self.home = path / ".ferry"
-        extra = {"FERRY_HOME": str(self.home), "FERRY_USER": "alice", **QUIET}
+        extra = {"FERRY_HOME": str(self.home), "FERRY_USER": "alice", **QUIET, **env}
         if prefect_url:
             extra["PREFECT_API_URL"] = prefect_url
         self.env = clean_env(**extra)
@@ -147,9 +148,10 @@ class FerryHome:
 
     def deploy(self, plan: Path, release: str, *, expect: int = 0) -> Deployed:
         rfc = self.rfc(release)
-        wall, proc, cpu = self.cli(
-            "deploy", str(plan), "--release", release, "--rfc", rfc, "-o", "json", check=False
-        )
+        wall, proc, cpu, rss = timed_rusage(
+            [str(FERRY_BIN), "deploy", str(plan), "--release", release, "--rfc", rfc, "-o", "json"],
+            env=self.env, cwd=self.dir, check=False,
+        )  # fmt: skip
         try:
             report = json.loads(proc.stdout)
         except ValueError:
@@ -160,7 +162,24 @@ class FerryHome:
                 + proc.stdout.decode(errors="replace")[-3000:]
                 + proc.stderr.decode(errors="replace")[-3000:]
             )
-        return Deployed(wall, cpu, proc.returncode, report)
+        return Deployed(wall, cpu, proc.returncode, report, rss)
+
+    def stop_warm_prefect(self) -> str:
+        """Stop the warm Prefect server the embedded default started under this home:
+        `ferry prefect stop`, else orchestrator.prefect_server.stop_server(); what happened."""
+        try:
+            _, proc, _ = self.cli("prefect", "stop", "--force", "-o", "json", check=False)
+            if proc.returncode == 0:
+                return "ferry prefect stop: " + proc.stdout.decode(errors="replace").strip()
+            why = proc.stderr.decode(errors="replace").strip().splitlines()[-1:]
+        except Exception as e:  # noqa: BLE001 - the CLI may not have the command yet
+            why = [repr(e)]
+        try:
+            from orchestrator.prefect_server import stop_server
+
+            return f"stop_server(): {stop_server(self.home / 'prefect', force=True)}"
+        except Exception as e:  # noqa: BLE001
+            return f"no warm server stopped (`ferry prefect stop`: {why}; stop_server: {e!r})"
 
     # -- the CMS journal -------------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:

@@ -1,5 +1,9 @@
 """The peers on the same job as Ferry: Ansible, pyinfra, and the physical limit (OpenSSH).
 
+Raw OpenSSH has two jobs: the copy of the package (the cold push's floor) and a one-command
+fan-out, `ssh host true` to every host with bounded parallelism (the no-op's floor: what a
+login and one command per host cost this machine).
+
 Ansible and pyinfra run from their own venv (benchmarks/.venv-peers, made here from
 requirements-peers.txt) and do what Ferry does: copy the package (the very DML archive
 Ferry deploys, tar + zstd), unpack it into releases/<v> (via a temporary name, so a
@@ -12,6 +16,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.common import BENCH, PEERS_VENV, clean_env, log, run, timed
@@ -233,4 +238,27 @@ def raw_push(fleet: Fleet, hosts: list[str], src: Path, dest: str) -> float:
     wall = time.perf_counter() - t
     if errors:
         raise RuntimeError("raw ssh push failed: " + "; ".join(errors[:5]))
+    return wall
+
+
+def raw_fanout(fleet: Fleet, hosts: list[str], parallel: int = 50, command: str = "true") -> float:
+    """`ssh -F ssh_config host true` to every host, at most `parallel` at a time (a thread
+    pool), with the fleet's ssh_config: its known_hosts, strict host key checking, batch mode,
+    curve25519, a fresh login per host (no ControlMaster). Wall seconds; raises if any fails."""
+    argv = ["ssh", "-F", str(fleet.ssh_config_path)]
+
+    def one(h: str) -> str | None:
+        p = subprocess.run([*argv, h, command], stdin=subprocess.DEVNULL,
+                           capture_output=True, timeout=120)  # fmt: skip
+        if p.returncode != 0:
+            return f"{h}: exit {p.returncode} {p.stderr.decode(errors='replace')[-300:]}"
+        return None
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=min(parallel, len(hosts))) as pool:
+        errors = [e for e in pool.map(one, hosts) if e]
+    wall = time.perf_counter() - t
+    if errors:
+        raise RuntimeError(f"raw ssh fan-out: {len(errors)} of {len(hosts)} failed: "
+                           + "; ".join(errors[:5]))  # fmt: skip
     return wall

@@ -14,17 +14,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-TOOLS = [("ferry", "Ferry"), ("raw", "raw OpenSSH (copy only)"), ("pyinfra", "pyinfra"),
-         ("ansible", "Ansible")]  # fmt: skip
+TOOLS = [("ferry", "Ferry"), ("raw", "raw OpenSSH (copy; no-op: ssh host true)"),
+         ("pyinfra", "pyinfra"), ("ansible", "Ansible")]  # fmt: skip
 ROWS = [("cold", "cold push"), ("incremental", "incremental 1%"), ("noop", "no-op redeploy"),
-        ("backout", "backout")]  # fmt: skip
+        ("noop-big", "no-op redeploy"), ("backout", "backout")]  # fmt: skip
+RAW = {"noop": "fanout", "noop-big": "fanout-big"}  # raw OpenSSH's cell for a no-op row
 
 
 def main(src: str, dest: str) -> None:
     cells = json.load(open(src))
     groups = sorted(
         {(c["scenario"], c["hosts"]) for k, c in cells.items() if not k.startswith("_")
-         and c["scenario"] in dict(ROWS)},
+         and c["scenario"] in dict(ROWS) and c["tool"] == "ferry" and c.get("seconds")},
         key=lambda g: ([s for s, _ in ROWS].index(g[0]), g[1]),
     )  # fmt: skip
     fig, ax = plt.subplots(figsize=(10, 5))
@@ -32,7 +33,8 @@ def main(src: str, dest: str) -> None:
     for i, (tool, label) in enumerate(TOOLS):
         xs, ys = [], []
         for j, (sc, n) in enumerate(groups):
-            vals = cells.get(f"{sc}|{tool}|{n}", {}).get("seconds")
+            src = RAW.get(sc, sc) if tool == "raw" else sc
+            vals = cells.get(f"{src}|{tool}|{n}", {}).get("seconds")
             if vals:
                 xs.append(j + (i - 1.5) * width)
                 ys.append(statistics.median(vals))

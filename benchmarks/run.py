@@ -1,12 +1,14 @@
 """Run Ferry's benchmarks against Ansible, pyinfra and raw OpenSSH; write results.md + PNG.
 
-    .venv/bin/python -m benchmarks.run                 # everything (≈ 35 min on 2 cores)
+    .venv/bin/python -m benchmarks.run                 # everything (≈ 60–75 min on 2 cores)
     .venv/bin/python -m benchmarks.run --quick         # small sizes, 1 repetition
     .venv/bin/python -m benchmarks.run --only push     # re-measure some scenarios only
 
 Scenarios (--only, comma-separated): push (cold push, incremental release, backout),
-noop (no-op redeploy, orchestration overhead, fixed cost), embedded (one deploy with
-embedded Prefect), dml (build + check-in of 1 GiB), profile (py-spy over one cold push).
+noop (no-op redeploy at 200 hosts with raw OpenSSH's fan-out, orchestration overhead,
+fixed cost, `ferry --help`), noop1000 (a 1000-host fleet of its own: start-up, memory,
+no-op redeploy, fan-out), embedded (deploys on the embedded default's warm Prefect
+server), dml (build + check-in of 1 GiB), profile (py-spy over one cold push).
 A full run writes benchmarks/results.json, results.md and results.png; --only re-measures
 its scenarios and keeps the other cells of results.json; --quick writes under
 benchmarks/work/quick/ and leaves the committed results alone.
@@ -23,12 +25,16 @@ from benchmarks.common import BENCH, WORK, log
 from benchmarks.ferry_side import PrefectServer
 from orchestrator.lab.fleet import Fleet
 
-ALL = ["push", "noop", "embedded", "dml"]
+ALL = ["push", "noop", "embedded", "dml", "noop1000"]
 # push at one size only (keeps the other size's cells): push20, push50 (quick: push5, push10)
-ALIASES = {"cold": "push", "incremental": "push", "backout": "push", "overhead": "noop"}
+ALIASES = {
+    "cold": "push", "incremental": "push", "backout": "push", "overhead": "noop",
+    "fixed": "noop", "fanout": "noop", "help": "noop", "lab": "noop1000",
+}  # fmt: skip
 CELLS = {  # which results.json scenarios each --only name re-measures
     "push": {"cold", "incremental", "backout"},
-    "noop": {"noop", "tiny", "overhead", "fixed"},
+    "noop": {"noop", "tiny", "overhead", "fixed", "fanout", "help"},
+    "noop1000": {"noop-big", "fanout-big", "lab-up"},
     "embedded": {"embedded"},
     "dml": {"dml"},
     "profile": set(),
@@ -48,6 +54,12 @@ def parse() -> argparse.Namespace:
         default=None,
         help="repetitions of the peers' cold push at the backout size (default: --reps)",
     )
+    ap.add_argument(
+        "--big-hosts",
+        type=int,
+        default=None,
+        help="fleet size of noop1000 (default 1000; --quick: 50)",
+    )
     return ap.parse_args()
 
 
@@ -64,6 +76,8 @@ def main() -> None:
         sizes.reps = args.reps
     if args.big_peer_reps is not None:
         sizes.big_peer_reps = args.big_peer_reps
+    if args.big_hosts:
+        sizes.big_hosts = args.big_hosts
     if sizes_only:
         sizes.cold_hosts = tuple(n for n in sizes.cold_hosts if n in sizes_only)
     out_dir = WORK / "quick" if args.quick else BENCH
@@ -75,7 +89,8 @@ def main() -> None:
         for key in [k for k, v in results.cells.items() if v.get("scenario") in drop]:
             if not sizes_only or results.cells[key]["hosts"] in sizes_only:
                 del results.cells[key]
-    results.note("started", time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    results.run = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    results.note("started", results.run)
     results.note("reps", sizes.reps)
     results.note("quick", args.quick)
 
@@ -92,10 +107,13 @@ def main() -> None:
     fleet: Fleet | None = None
     server = PrefectServer(work / "prefect")
     started = time.monotonic()
+    if "noop1000" in chosen:
+        results.cells.get("_notes", {}).pop("noop_big_not_measured", None)
     try:
-        url = server.start() if set(chosen) - {"dml"} else ""
+        # the embedded scenario runs without it (its own warm server), dml needs no Prefect
+        url = server.start() if set(chosen) & {"push", "noop", "noop1000", "profile"} else ""
         log(f"Prefect server at {url}" if url else "no Prefect server needed")
-        if set(chosen) - {"dml"}:
+        if set(chosen) & {"push", "noop", "embedded", "profile"}:
             fleet = Fleet.up(work / "fleet", need)
             log(f"fleet of {need} hosts up in {fleet.up_seconds or 0:.1f} s")
         bench = scenarios.Bench(fleet, work, url, sizes, results)  # type: ignore[arg-type]
@@ -113,6 +131,11 @@ def main() -> None:
             scenarios.dml(bench)
         if "profile" in chosen:
             scenarios.profile_cold(bench, sizes.cold_hosts[0], spec1, out_dir / "profile-cold.txt")
+        if "noop1000" in chosen:  # last, on a fleet of its own, with no other fleet of ours up
+            if fleet is not None:
+                fleet.down()
+                fleet = None
+            scenarios.noop_big(bench)
     finally:
         if fleet is not None:
             fleet.down()

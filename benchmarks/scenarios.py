@@ -1,10 +1,15 @@
-"""The issue's scenarios, each tool on the same hosts in the same run (issue 7).
+"""The issues' scenarios, each tool on the same hosts in the same run (issues 7 and 11).
 
 Cold push, incremental release and backout share their set-up: a repetition at 20 hosts
 deploys v1 cold and then v2 (1% of files changed); one at 50 hosts deploys v1 cold and then
 a v2 whose milestone fails on one host, so Ferry backs all 50 out. The peers' v2 for the
 backout is laid down from the root namespace (exactly the files their own deploy leaves),
 and what is timed is their rollback run. The order of the tools rotates per repetition.
+
+The no-op at 200 hosts also times raw OpenSSH's one-command fan-out (`ssh host true`) at 1
+and at 200 hosts, for the marginal cost per host; `noop_big` brings up a fleet of its own
+(1000 hosts: its start-up time and memory per host are results too) for the same no-op and
+fan-out at that size.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from typing import Any
 from benchmarks import content, peers, verify
 from benchmarks.common import FERRY_BIN, MB, PEERS_VENV, log, median, timed
 from benchmarks.ferry_side import FerryHome, Package, announce, write_plan
+from orchestrator.errors import BadInput
+from orchestrator.lab import procs
 from orchestrator.lab.fleet import Fleet
 
 BROKEN = {"command": "test ! -e {{ shared }}/broken-{{ version }}"}
@@ -34,6 +41,9 @@ class Sizes:
     incremental_hosts: int = 20
     backout_hosts: int = 50
     noop_hosts: int = 200
+    big_hosts: int = 1000  # noop1000: its own fleet, the no-op and the fan-out at this size
+    fanout_parallel: int = 50  # raw OpenSSH's `ssh host true`, this many at a time
+    help_runs: int = 10  # `ferry --help`, median of this many (after one warm-up)
     tiny_bytes: int = 200_000
     tiny_files: int = 20
     dml_gib: float = 1.0
@@ -47,7 +57,8 @@ class Sizes:
     def quick(cls) -> Sizes:
         return cls(
             cold_bytes=10 * MB, cold_files=200, cold_hosts=(5, 10), incremental_hosts=5,
-            backout_hosts=10, noop_hosts=20, dml_gib=0.1, reps=1, big_peer_reps=1,
+            backout_hosts=10, noop_hosts=20, big_hosts=50, dml_gib=0.1, reps=1,
+            big_peer_reps=1,
         )  # fmt: skip
 
 
@@ -57,10 +68,13 @@ class Results:
 
     path: Path
     cells: dict[str, dict[str, Any]] = field(default_factory=dict)
+    run: str = ""  # this invocation's start: stamped on the cells it makes (`run`)
 
     def add(self, scenario: str, tool: str, hosts: int, metric: str, value: Any) -> None:
         key = f"{scenario}|{tool}|{hosts}"
         cell = self.cells.setdefault(key, {"scenario": scenario, "tool": tool, "hosts": hosts})
+        if self.run:
+            cell.setdefault("run", self.run)
         cell.setdefault(metric, []).append(value)
         self.save()
 
@@ -90,8 +104,8 @@ class Bench:
     sizes: Sizes
     results: Results
 
-    def home(self, tag: str, prefect: bool = True) -> FerryHome:
-        return FerryHome(self.work / "ferry" / tag, self.prefect_url if prefect else None)
+    def home(self, tag: str, prefect: bool = True, **env: str) -> FerryHome:
+        return FerryHome(self.work / "ferry" / tag, self.prefect_url if prefect else None, **env)
 
     def inventory(self, hosts: list[str]) -> Path:
         return self.fleet.write_inventory(self.work / f"inventory-{len(hosts)}.yaml", hosts)
@@ -273,6 +287,7 @@ def noop_and_overhead(bench: Bench) -> None:
         verify.release_on(fleet, hosts, pkg.rid, pkg.manifest)
         res.add("tiny", "ferry", n, "seconds", fresh.wall)
         res.add("tiny", "ferry", n, "cpu_seconds", fresh.cpu)
+        res.add("tiny", "ferry", n, "peak_rss_mib", fresh.peak_rss_kib / 1024)
         res.add("overhead", "ferry", n, "cpu_ms_per_host", 1000 * (fresh.cpu - one.cpu) / (n - 1))
         noop = fh.deploy(plan_all, pkg.release)
         announce(f"no-op redeploy to {n}", noop)
@@ -282,14 +297,19 @@ def noop_and_overhead(bench: Bench) -> None:
         res.add("noop", "ferry", n, "bytes_sent", noop.report["bytes_sent"])
         res.add("noop", "ferry", n, "flow_seconds", fh.flow_seconds(noop.report["id"]))
         res.add("noop", "ferry", n, "cpu_ms_per_host", 1000 * (noop.cpu - one.cpu) / n)
+        res.add("noop", "ferry", n, "peak_rss_mib", noop.peak_rss_kib / 1024)
     assert pkg is not None
+    cli_help(bench, fh)
     # the peers' no-op: their deploy again over a fleet that already has the release
     fleet.wipe(hosts)
     seed_peer_release(bench, hosts, pkg, "bench-1.0", flip=True)
     verify.release_on(fleet, hosts, "bench-1.0", pkg.manifest)
     for rep in range(s.reps):
-        for tool in rotate(["pyinfra", "ansible"], rep):
+        for tool in rotate(["pyinfra", "ansible", "raw"], rep):
             log(f"no-op {n} hosts, rep {rep + 1}/{s.reps}: {tool}")
+            if tool == "raw":
+                raw_fanout(bench, "fanout", hosts)
+                continue
             cls = peers.Ansible if tool == "ansible" else peers.Pyinfra
             peer = cls(fleet, hosts, bench.work / tool / f"noop-{n}")
             t = peer.deploy(pkg.archive, "bench-1.0")
@@ -299,21 +319,157 @@ def noop_and_overhead(bench: Bench) -> None:
             log(f"  {tool}: {t:.1f} s, {peer.last_cpu:.1f} s CPU (verified)")
 
 
+def raw_fanout(bench: Bench, scenario: str, hosts: list[str]) -> None:
+    """Raw OpenSSH's one-command fan-out at 1 host and at all `hosts`: T(1) and T(N), for
+    the marginal cost per host (T(N) - T(1)) / (N - 1)."""
+    par = bench.sizes.fanout_parallel
+    t1 = peers.raw_fanout(bench.fleet, hosts[:1], par)
+    tn = peers.raw_fanout(bench.fleet, hosts, par)
+    bench.results.add(scenario, "raw", 1, "seconds", t1)
+    bench.results.add(scenario, "raw", len(hosts), "seconds", tn)
+    per = 1000 * (tn - t1) / max(1, len(hosts) - 1)
+    log(f"  raw ssh fan-out ({par} at a time): 1 host {t1:.2f} s, {len(hosts)} hosts {tn:.1f} s, "
+        f"{per:.1f} ms per further host")  # fmt: skip
+
+
+def cli_help(bench: Bench, fh: FerryHome) -> None:
+    """`ferry --help`'s wall clock (the CLI's start-up alone), one warm-up then help_runs."""
+    fh.cli("--help")
+    ts = [fh.cli("--help")[0] for _ in range(bench.sizes.help_runs)]
+    for t in ts:
+        bench.results.add("help", "ferry", 0, "seconds", t)
+    log(f"  ferry --help: median {median(ts):.3f} s of {len(ts)}")
+
+
 def embedded(bench: Bench) -> None:
-    """One deploy to one host with Prefect embedded (fresh home: its first start)."""
-    hosts = bench.fleet.hosts[:1]
-    bench.fleet.wipe(hosts)
+    """`ferry deploy` to one host (wiped before each, as in the fixed-cost row) on the
+    embedded default: no PREFECT_API_URL, no FERRY_PREFECT. The first command of a fresh
+    home starts the warm Prefect server under it; the later ones (reps of them) reuse it.
+    The server is stopped at the end, however the scenario ends."""
+    hosts, res = bench.fleet.hosts[:1], bench.results
     spec = content.make_tree(bench.work / "src-tiny", "1.0", bench.sizes.tiny_bytes, 20)
-    fh = bench.home("embedded", prefect=False)
-    pkg = fh.build(spec)
+    # an idle limit only as a safety net should this process die before it stops the server
+    fh = bench.home("embedded", prefect=False, FERRY_PREFECT_IDLE="300")
     plan = write_plan(bench.work / "plan-one.yaml", bench.inventory(hosts), concurrency=1)
-    d = fh.deploy(plan, pkg.release)
-    announce("1 host, embedded Prefect (fresh)", d)
-    verify.release_on(bench.fleet, hosts, pkg.rid, pkg.manifest)
-    bench.results.add("embedded", "ferry", 1, "seconds", d.wall)
-    d = fh.deploy(plan, pkg.release)
-    announce("1 host, embedded Prefect (existing DB)", d)
-    bench.results.add("embedded", "ferry-warm", 1, "seconds", d.wall)
+    try:
+        pkg = fh.build(spec)
+        bench.fleet.wipe(hosts)
+        d = fh.deploy(plan, pkg.release)
+        announce("1 host, embedded default, first command (starts the warm server)", d)
+        verify.release_on(bench.fleet, hosts, pkg.rid, pkg.manifest)
+        res.add("embedded", "ferry", 1, "seconds", d.wall)
+        res.add("embedded", "ferry", 1, "cpu_seconds", d.cpu)
+        for rep in range(bench.sizes.reps):
+            bench.fleet.wipe(hosts)
+            d = fh.deploy(plan, pkg.release)
+            announce(f"1 host, embedded default, command {rep + 2} (warm server)", d)
+            verify.release_on(bench.fleet, hosts, pkg.rid, pkg.manifest)
+            res.add("embedded", "ferry-warm", 1, "seconds", d.wall)
+            res.add("embedded", "ferry-warm", 1, "cpu_seconds", d.cpu)
+            res.add("embedded", "ferry-warm", 1, "flow_seconds", fh.flow_seconds(d.report["id"]))
+    finally:
+        what = fh.stop_warm_prefect()
+        log(f"  warm Prefect server: {what}")
+        res.note("embedded_server_stop", what)
+
+
+# -- noop1000: the no-op at 1000 hosts, on a fleet of its own --------------------------------
+def noop_big(bench: Bench) -> None:
+    """Bring up a fleet of big_hosts (start-up time, sshd memory per host), deploy the tiny
+    release to one host and then to all (once), then per repetition Ferry's no-op redeploy
+    (wall, CPU, peak RSS) and raw OpenSSH's fan-out at 1 and at all hosts. Run with no
+    other fleet up; the fleet is taken down at the end."""
+    s, res = bench.sizes, bench.results
+    n = s.big_hosts
+    work = bench.work / "big"
+    work.mkdir(parents=True, exist_ok=True)
+    avail0 = _mem_available_kib()
+    try:
+        fleet = Fleet.up(work / "fleet", n)
+    except BadInput as e:  # the lab cannot make a fleet this size: say so, measure the rest
+        msg = f"no-op at {n} hosts not measured: Fleet.up({n}) refused: {e}"
+        log(msg)
+        res.note("noop_big_not_measured", msg)
+        return
+    try:
+        avail1 = _mem_available_kib()
+        pss = sshd_pss_kib(fleet)
+        up = fleet.up_seconds or 0.0
+        res.add("lab-up", "ferry lab", n, "seconds", up)
+        per = sum(pss.values()) / max(1, len(pss))
+        res.add("lab-up", "ferry lab", n, "pss_kib_per_host", per)
+        res.add("lab-up", "ferry lab", n, "memavail_kib_per_host", (avail0 - avail1) / n)
+        log(f"fleet of {n} hosts up in {up:.1f} s; sshd PSS {per:.0f} KiB per host; "
+            f"MemAvailable fell {(avail0 - avail1) / n:.0f} KiB per host")  # fmt: skip
+        big = Bench(fleet, work, bench.prefect_url, s, res)
+        hosts = fleet.hosts[:n]
+        spec = content.make_tree(work / "src-tiny", "1.0", s.tiny_bytes, s.tiny_files)
+        plan_all = write_plan(work / f"plan-noop-{n}.yaml", big.inventory(hosts), concurrency=n)
+        plan_one = write_plan(work / "plan-one.yaml", big.inventory(hosts[:1]), concurrency=1)
+        fh = big.home("noop-big")
+        pkg = fh.build(spec)
+        one = fh.deploy(plan_one, pkg.release)
+        announce("1 host (fixed cost, big fleet)", one)
+        fresh = fh.deploy(plan_all, pkg.release)
+        announce(f"fresh tiny package to {n}", fresh)
+        verify.release_on(fleet, hosts, pkg.rid, pkg.manifest)
+        res.add("noop-big", "ferry", n, "one_host_seconds", one.wall)
+        res.add("noop-big", "ferry", n, "one_host_cpu_seconds", one.cpu)
+        res.add("noop-big", "ferry", n, "fresh_seconds", fresh.wall)
+        res.add("noop-big", "ferry", n, "fresh_cpu_seconds", fresh.cpu)
+        res.add("noop-big", "ferry", n, "fresh_peak_rss_mib", fresh.peak_rss_kib / 1024)
+        for rep in range(s.reps):
+            for tool in rotate(["ferry", "raw"], rep):
+                log(f"no-op {n} hosts, rep {rep + 1}/{s.reps}: {tool}")
+                if tool == "raw":
+                    raw_fanout(big, "fanout-big", hosts)
+                    continue
+                noop = fh.deploy(plan_all, pkg.release)
+                announce(f"no-op redeploy to {n}", noop)
+                verify.release_on(fleet, hosts, pkg.rid, pkg.manifest)
+                res.add("noop-big", "ferry", n, "seconds", noop.wall)
+                res.add("noop-big", "ferry", n, "cpu_seconds", noop.cpu)
+                res.add("noop-big", "ferry", n, "cpu_ms_per_host",
+                        1000 * (noop.cpu - one.cpu) / n)  # fmt: skip
+                res.add("noop-big", "ferry", n, "peak_rss_mib", noop.peak_rss_kib / 1024)
+                res.add("noop-big", "ferry", n, "bytes_sent", noop.report["bytes_sent"])
+                res.add("noop-big", "ferry", n, "flow_seconds", fh.flow_seconds(noop.report["id"]))
+                log(f"  peak RSS of ferry deploy: {noop.peak_rss_kib / 1024:.0f} MiB")
+    finally:
+        fleet.down()
+
+
+def _mem_available_kib() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1])
+    return 0
+
+
+def sshd_pss_kib(fleet: Fleet) -> dict[str, int]:
+    """PSS of each host's sshd and its children (what `ferry lab status` reports), with one
+    scan of /proc for the whole fleet instead of one per host."""
+    kids: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+                kids.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    out = {}
+    for name in fleet.hosts:
+        pid = fleet.pid(name)
+        if not pid:
+            continue
+        todo, seen = [pid], {pid}
+        while todo:
+            for c in kids.get(todo.pop(), []):
+                if c not in seen:
+                    seen.add(c)
+                    todo.append(c)
+        out[name] = sum(procs.pss_kib(p) or 0 for p in seen)
+    return out
 
 
 # -- 5: DML ------------------------------------------------------------------------------
