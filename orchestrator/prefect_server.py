@@ -182,9 +182,9 @@ def stop_server(prefect_home: Path, *, force: bool = False) -> dict[str, Any]:
     Idempotent: no server is `{"stopped": False}`. Refuses (`ServerInUse`) while a command
     uses it, unless `force`.
     """
-    if not (prefect_home / STATE).exists():
+    if not prefect_home.is_dir():
         return {"stopped": False, "reason": "not running"}
-    with _locked(prefect_home):
+    with _locked(prefect_home):  # waits for a start in progress, then stops that server
         state = _read(prefect_home)
         if state is None:
             return {"stopped": False, "reason": "not running"}
