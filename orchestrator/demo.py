@@ -47,8 +47,11 @@ def main() -> None:
         run_demo()
     finally:
         if not keep:
-            say("Taking the lab fleet down")
+            say("Taking the lab fleet down, stopping the demo's warm Prefect server")
             subprocess.run([FERRY, "lab", "down", "--dir", str(LAB)], cwd=ROOT, check=False)
+            from orchestrator.prefect_server import stop_server
+
+            stop_server(HOME / "prefect")
 
 
 def run_demo() -> None:

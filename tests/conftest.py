@@ -42,6 +42,9 @@ def ferry_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         if key.startswith("FERRY_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("FERRY_HOME", str(work / ".ferry"))
+    # a test's `ferry deploy` without a Prefect server fixture gets a per-command server,
+    # not a warm one left running in its temporary home (tests of the warm server opt in)
+    monkeypatch.setenv("FERRY_PREFECT", "ephemeral")
     monkeypatch.setenv("FERRY_USER", "alice")
     reset_settings()
     db.dispose_all()

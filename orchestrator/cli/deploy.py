@@ -63,14 +63,16 @@ def deploy(
         data = dry_run_report(rollout)
         out.result(data, lambda: print_rollout(data))
         return
+    from orchestrator.prefect_env import configure_prefect
+
+    # before the record: a Prefect that cannot start leaves no planned deployment behind
+    where = configure_prefect(progress=out.progress)
     record = open_deployment(prepared, settings)
     out.progress(
         f"deployment {record.id}: {rollout.release} to {len(rollout.hosts())} host(s) of "
-        f"{rollout.environment} in {len(rollout.waves)} wave(s) under RFC {rfc}"
+        f"{rollout.environment} in {len(rollout.waves)} wave(s) under RFC {rfc} "
+        f"(Prefect {where})"
     )
-    from orchestrator.prefect_env import configure_prefect
-
-    out.progress(f"starting the flow (Prefect {configure_prefect()})")
     from orchestrator.flows import deploy_release
 
     try:
