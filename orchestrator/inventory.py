@@ -14,16 +14,29 @@ hosts:
   h2: {address: 198.18.0.12, groups: [web], deploy_root: /srv/app}
 ```
 Groups are read from the hosts; `all` is every host. Host order is the file's order.
+SSHSettings says what else `ssh:` takes: an ssh-agent, a bastion, an ssh_config, sudo,
+algorithm lists.
 """
 
 from __future__ import annotations
 
+import base64
 import fnmatch
+import os
 import re
+import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from orchestrator.errors import PlanError, SpecError
 from orchestrator.yamlfile import parse_model
@@ -31,21 +44,112 @@ from orchestrator.yamlfile import parse_model
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+_JUMP = re.compile(
+    r"^(?:(?P<user>[A-Za-z0-9_][A-Za-z0-9_.-]*)@)?"
+    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*)(?::(?P<port>[0-9]{1,5}))?$"
+)
+_ALGORITHM = re.compile(r"^[a-z0-9][a-z0-9@._-]*$")
+
+
 class SSHSettings(BaseModel):
+    """How Ferry logs in to every host. Host keys are checked strictly in every case: only
+    the inventory's known_hosts counts — for the bastion too — and an unknown or changed
+    key is refused; nothing here can turn that off.
+
+    ```yaml
+    ssh:
+      user: deploy
+      agent: true                 # sign with the ssh-agent at SSH_AUTH_SOCK
+      identity_file: deploy_key   # optional with agent: true, else required; with both,
+                                  #   only this key is offered and the agent may hold it
+                                  #   decrypted (how a passphrase-protected key is used)
+      known_hosts: known_hosts    # every host's key, and the bastion's
+      proxy_jump: jump@bastion.example.com:22   # one bastion: [user@]host[:port]
+      ssh_config: ~/.ssh/config   # read by the OpenSSH client (default: none, -F /dev/null)
+      become: true                # the agent, and so every hook, runs as root: `sudo -n`
+      kex: [ecdh-sha2-nistp256]   # exact algorithm lists, e.g. for a FIPS-only host;
+      ciphers: [aes256-gcm@openssh.com]       # unset: curve25519-sha256, aes-gcm
+      macs: [hmac-sha2-256]                   #   (and the client's default MACs)
+    ```
+
+    - `agent: true` without `identity_file`: every key the agent holds is offered, and no
+      file of ~/.ssh. A passphrase-protected `identity_file` needs `agent: true` and the key
+      loaded (`ssh-add FILE`): Ferry never asks for a passphrase.
+    - `proxy_jump`: the bastion's user defaults to `user`, its port to 22; Ferry logs in to
+      it with the same key(s) and the same strict checks, then on to each host.
+    - `ssh_config`: its settings apply except what Ferry forces on the command line (which
+      wins): host key checking, known_hosts, batch mode, the route (ProxyJump/ProxyCommand
+      come from `proxy_jump` only), multiplexing, forwarding, tty, the algorithm lists.
+      The OpenSSH client only (not `bulk: paramiko`).
+    - `become: true`: the login user needs passwordless sudo (NOPASSWD) for `python3`; a
+      sudo that would ask for a password fails at once with a message naming `sudo -n`.
+    """
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     user: str = "root"
-    identity_file: Path
+    identity_file: Path | None = None
     known_hosts: Path
     port: int = Field(22, ge=1, le=65535)
     connect_timeout: float = Field(10.0, gt=0)
     # package bytes go through the OpenSSH client when installed (~2.7x paramiko's speed)
     bulk: Literal["openssh", "paramiko"] = "openssh"
+    agent: bool = False
+    proxy_jump: str | None = None
+    ssh_config: Path | None = None
+    become: bool = False
+    # None: Ferry's defaults (orchestrator.transport.openssh / ssh)
+    kex: tuple[str, ...] | None = None
+    ciphers: tuple[str, ...] | None = None
+    macs: tuple[str, ...] | None = None
 
-    @field_validator("identity_file", "known_hosts")
+    @field_validator("identity_file", "known_hosts", "ssh_config")
     @classmethod
-    def _relative_to_file(cls, value: Path, info: ValidationInfo) -> Path:
+    def _relative_to_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        value = value.expanduser()
         base = (info.context or {}).get("base_dir")
         return (Path(base) / value).resolve() if base and not value.is_absolute() else value
+
+    @field_validator("proxy_jump")
+    @classmethod
+    def _one_bastion(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        m = _JUMP.match(value)
+        port = int(m["port"]) if m and m["port"] else 22
+        if not m or not 1 <= port <= 65535:
+            hint = " (one bastion only)" if "," in value else ""
+            raise ValueError(f"{value!r} is not [user@]host[:port]{hint}, e.g. jump@bastion:22")
+        return value
+
+    @field_validator("kex", "ciphers", "macs")
+    @classmethod
+    def _algorithms(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("an empty list allows nothing: leave it out for Ferry's default")
+        for name in value:
+            if not _ALGORITHM.match(name):
+                raise ValueError(
+                    f"{name!r} is not an algorithm name (an exact list: no +, - or ^ prefixes)"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _some_key(self) -> SSHSettings:
+        if self.identity_file is None and not self.agent:
+            raise ValueError("ssh.identity_file is required unless ssh.agent: true")
+        return self
+
+    @property
+    def jump(self) -> tuple[str, str, int] | None:
+        """The bastion as (user, host, port), or None for direct logins."""
+        m = _JUMP.match(self.proxy_jump or "")
+        if not m:
+            return None
+        return m["user"] or self.user, m["host"].strip("[]"), int(m["port"] or 22)
 
 
 class HostEntry(BaseModel):
@@ -148,13 +252,92 @@ def inventory_path(
 
 
 def require_files(ssh: SSHSettings, where: str) -> None:
-    """The identity and known_hosts files must be there before anything is recorded."""
-    for field in ("identity_file", "known_hosts"):
-        path = Path(getattr(ssh, field))
-        if not path.is_file():
+    """What the SSH settings name must be there before anything is recorded: the key,
+    known_hosts and ssh_config files, and the agent; a passphrase-protected key needs it."""
+    named = [("identity_file", ssh.identity_file), ("known_hosts", ssh.known_hosts),
+             ("ssh_config", ssh.ssh_config)]  # fmt: skip
+    for field, path in named:
+        if path is not None and not Path(path).is_file():
             raise SpecError(
                 where,
                 f"ssh.{field}",
                 f"{path} does not exist",
                 "fix the path (relative paths are relative to the inventory file)",
             )
+    if ssh.ssh_config is not None and ssh.bulk == "paramiko":
+        raise SpecError(
+            where, "ssh.ssh_config", "is read by the OpenSSH client only, not by bulk: paramiko",
+            "set ssh.bulk: openssh, or remove ssh.ssh_config",
+        )  # fmt: skip
+    if ssh.agent:
+        _require_agent(where)
+    key = ssh.identity_file
+    if key is not None and not ssh.agent and read_identity(key).encrypted:
+        raise SpecError(
+            where,
+            "ssh.identity_file",
+            f"{key} is passphrase-protected, and Ferry never asks for a passphrase",
+            f"load it into ssh-agent (ssh-add {key}) and set ssh.agent: true",
+        )
+
+
+def _require_agent(where: str) -> None:
+    sock = os.environ.get("SSH_AUTH_SOCK")
+    if not sock:
+        raise SpecError(
+            where, "ssh.agent", "true, but SSH_AUTH_SOCK is not set: there is no ssh-agent to use",
+            "run ferry where `ssh-add -l` lists the key, or set ssh.agent: false with an "
+            "ssh.identity_file that has no passphrase",
+        )  # fmt: skip
+    try:
+        is_socket = stat.S_ISSOCK(os.stat(sock).st_mode)
+    except OSError:
+        is_socket = False
+    if not is_socket:
+        raise SpecError(
+            where, "ssh.agent", f"true, but SSH_AUTH_SOCK={sock} is no socket (the agent ended?)",
+            "start ssh-agent again and ssh-add the key",
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What an identity file says without its passphrase."""
+
+    encrypted: bool
+    public_blob: bytes | None  # the public key in SSH wire format, when the file tells it
+
+
+_OPENSSH_MAGIC = b"openssh-key-v1\0"
+
+
+def read_identity(path: Path) -> Identity:
+    """Is the key passphrase-protected, and which public key is it (from FILE.pub, or from
+    the OpenSSH container, whose public part is never encrypted)."""
+    text = Path(path).read_text(errors="replace")
+    public = _pub_file_blob(Path(path).with_name(Path(path).name + ".pub"))
+    if "BEGIN OPENSSH PRIVATE KEY" not in text:  # PEM: an encrypted one says so in its header
+        return Identity("ENCRYPTED" in text, public)
+    body = "".join(ln for ln in text.splitlines() if ln and not ln.startswith("-----"))
+    try:
+        raw = base64.b64decode(body)
+        if not raw.startswith(_OPENSSH_MAGIC):
+            return Identity(False, public)
+        fields, pos = [], len(_OPENSSH_MAGIC)
+        for _ in range(3):  # cipher name, kdf name, kdf options
+            size = int.from_bytes(raw[pos : pos + 4], "big")
+            fields.append(raw[pos + 4 : pos + 4 + size])
+            pos += 4 + size
+        pos += 4  # number of keys (always 1)
+        size = int.from_bytes(raw[pos : pos + 4], "big")
+        return Identity(fields[0] != b"none", public or raw[pos + 4 : pos + 4 + size])
+    except (ValueError, IndexError):
+        return Identity(False, public)  # not ours to judge: ssh will say what is wrong
+
+
+def _pub_file_blob(path: Path) -> bytes | None:
+    try:
+        parts = path.read_text().split()
+        return base64.b64decode(parts[1]) if len(parts) >= 2 else None
+    except (OSError, ValueError):
+        return None

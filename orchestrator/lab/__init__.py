@@ -8,6 +8,7 @@
     fleet.py       Fleet.up / Fleet.load / .down / .ssh / .fault (the API tests use)
     faults.py      down/up, kill/restart, hang/resume, disk_full/disk_ok, slow/fast
     delayproxy.py  a TCP proxy that adds latency (this kernel has no netem)
+    sshagent.py    an ssh-agent of our own (by PID), for agent and passphrase-key tests
 
 docs/fleet.md says how to use it and what it measured.
 """

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from orchestrator.lab.fleet import Fleet, Progress
 
 
-def plan(directory: Path, n: int, mode: str, deploy_root: str) -> FleetState:
+def plan(directory: Path, n: int, mode: str, deploy_root: str, bastion: bool = False) -> FleetState:
     """Every name the fleet will use, written to fleet.json before anything exists."""
     fleet_id = secrets.token_hex(3)
     hosts_dir = directory / "hosts"
@@ -47,8 +47,28 @@ def plan(directory: Path, n: int, mode: str, deploy_root: str) -> FleetState:
             netns=layout.netns_name(fleet_id, i) if mode == "netns" else None,
             veth=layout.veth_name(fleet_id, i) if mode == "netns" else None,
         )
+    if bastion:
+        state.bastion = HostState(
+            name=layout.BASTION,
+            index=layout.BASTION_INDEX,
+            address="",
+            port=port,
+            root_dir=str(hosts_dir / layout.BASTION / "root"),
+            netns=layout.bastion_netns(fleet_id),
+            veth=layout.bastion_veth(fleet_id),
+        )
     state.write(directory / "fleet.json")
     return state
+
+
+def machines(st: FleetState) -> list[HostState]:
+    """Every sshd of the fleet: its hosts, then the bastion if it has one."""
+    return [*st.hosts.values(), *([st.bastion] if st.bastion else [])]
+
+
+def machine_state(fleet: Fleet, name: str) -> HostState:
+    st = fleet.state
+    return st.bastion if st.bastion and name == st.bastion.name else st.hosts[name]
 
 
 def make_network(fleet: Fleet, say: Progress) -> None:
@@ -59,7 +79,7 @@ def make_network(fleet: Fleet, say: Progress) -> None:
         machine.enter(st.id, fleet.dir, st.deploy_root)
         st.slot = machine.free_slot(st.id)
         st.bridge_cidr = layout.bridge_cidr(st.slot)
-        for h in st.hosts.values():
+        for h in machines(st):
             h.address = layout.netns_address(st.slot, h.index)
         fleet.save()
         procs.run(["ip", "link", "add", st.bridge, "type", "bridge"])
@@ -69,7 +89,7 @@ def make_network(fleet: Fleet, say: Progress) -> None:
     net = str(layout.slot_network(st.slot))
     bridge_ip = st.bridge_cidr.split("/")[0]
     batch = [f"link set {st.bridge} up", layout.quickack_route(net, st.bridge, bridge_ip)]
-    for h in st.hosts.values():
+    for h in machines(st):
         batch += [
             f"netns add {h.netns}",
             f"link add {h.veth} type veth peer name eth0 netns {h.netns}",
@@ -83,7 +103,7 @@ def write_files(fleet: Fleet) -> None:
     st = fleet.state
     client_pub = write_keypair(fleet.client_key_path, f"ferry-lab-{st.id}")
     (fleet.dir / "authorized_keys").write_text(client_pub + "\n")
-    for h in st.hosts.values():
+    for h in machines(st):
         hdir = fleet.dir / "hosts" / h.name
         if hdir.exists():
             shutil.rmtree(hdir)
@@ -98,9 +118,12 @@ def write_client_files(fleet: Fleet) -> None:
     """sshd_config per host (needs the address), ssh_config, known_hosts, inventory."""
     st = fleet.state
     root_login = st.mode == "netns" or os.geteuid() == 0
+    # with a bastion, the hosts never answer the root namespace (the bridge's address)
+    closed_to = st.bridge_cidr.split("/")[0] if st.bastion and st.bridge_cidr else None
     known = []
-    for h in st.hosts.values():
+    for h in machines(st):
         hdir = fleet.dir / "hosts" / h.name
+        is_bastion = h is st.bastion
         (hdir / "sshd_config").write_text(
             layout.sshd_config(
                 address=h.address,
@@ -108,12 +131,14 @@ def write_client_files(fleet: Fleet) -> None:
                 host_key=hdir / "ssh_host_ed25519_key",
                 authorized_keys=fleet.dir / "authorized_keys",
                 root_login=root_login,
+                bastion=is_bastion,
             )
         )
         pub = " ".join((hdir / "ssh_host_ed25519_key.pub").read_text().split()[:2])
         known.append(layout.known_hosts_line(h.name, h.address, h.port, pub))
         if st.mode == "netns":
             known.append(layout.known_hosts_line(h.name, h.address, layout.PROXY_PORT, pub))
+            (hdir / "etc_hosts").write_text(layout.hosts_file(h.name, h.address))
             (hdir / "boot.sh").write_text(
                 layout.boot_script(
                     name=h.name,
@@ -123,9 +148,11 @@ def write_client_files(fleet: Fleet) -> None:
                     root_dir=hdir / "root",
                     home_dir=hdir / "home",
                     config=hdir / "sshd_config",
+                    hosts_file=hdir / "etc_hosts",
+                    unreachable_from=None if is_bastion else closed_to,
                 )
             )
-            h.mounts = [f"{hdir / 'root'} on {st.deploy_root}", f"{hdir / 'home'} on /root"]
+            h.mounts = mounts(fleet, h)
     fleet.known_hosts_path.write_text("".join(known))
     fleet.ssh_config_path.write_text(
         layout.ssh_config(
@@ -133,13 +160,21 @@ def write_client_files(fleet: Fleet) -> None:
             user=st.user,
             identity=fleet.client_key_path,
             known_hosts=fleet.known_hosts_path,
+            bastion=st.bastion.address if st.bastion else None,
         )
     )
     fleet.write_inventory(fleet.inventory_path, relative=True)
 
 
+def mounts(fleet: Fleet, h: HostState) -> list[str]:
+    """What boot.sh binds inside the host's mount namespace (netns mode)."""
+    hdir = fleet.dir / "hosts" / h.name
+    return [f"{hdir / 'root'} on {fleet.state.deploy_root}", f"{hdir / 'home'} on /root",
+            f"{hdir / 'etc_hosts'} on /etc/hosts"]  # fmt: skip
+
+
 def start_host(fleet: Fleet, name: str) -> None:
-    h = fleet.state.hosts[name]
+    h = machine_state(fleet, name)
     hdir = fleet.dir / "hosts" / name
     if fleet.mode == "netns":
         argv = [
@@ -169,12 +204,16 @@ def wait_ready(fleet: Fleet, names: list[str], say: Progress, timeout: float | N
 
 
 def await_banner(fleet: Fleet, name: str, deadline: float) -> str | None:
-    h = fleet.state.hosts[name]
+    h = machine_state(fleet, name)
+    # behind a bastion a host answers no banner to us: its listening socket is the sign
+    from_here = not fleet.state.bastion or h is fleet.state.bastion
     while time.monotonic() < deadline:
         if h.pid and procs.exited(h.pid) is not None:
             log = (fleet.dir / "hosts" / name / "sshd.log").read_text()[-600:]
             return f"sshd exited during start-up: {log.strip()}"
-        if _listening(h.pid or 0, h.port) and ssh_banner(h.address, h.port, timeout=2.0):
+        if listening(h.pid or 0, h.port) and (
+            not from_here or ssh_banner(h.address, h.port, timeout=2.0)
+        ):
             return None
         time.sleep(0.02)
     return "sshd did not answer in time"
@@ -189,7 +228,7 @@ def ssh_banner(address: str, port: int, timeout: float) -> bool:
         return False
 
 
-def _listening(pid: int, port: int) -> bool:
+def listening(pid: int, port: int) -> bool:
     """sshd has its listening socket (read in its own netns, so no probe before it exists)."""
     try:
         lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]

@@ -70,6 +70,8 @@ def _down(fleet: Fleet, host: str) -> str:
 
 def _up(fleet: Fleet, host: str) -> str:
     _link(fleet, host, "up")
+    if fleet.state.bastion is not None:
+        return "link up"  # behind the bastion: nothing to ask from here
     # the link comes back at once, but a loaded machine may take a moment to pass traffic
     # again: return when the host answers, so that "up" means reachable
     deadline = time.monotonic() + 15
@@ -103,8 +105,7 @@ def _restart(fleet: Fleet, host: str) -> str:
     build.wait_ready(fleet, [host], lambda _m: None, timeout=20)
     h = fleet._host(host)
     if fleet.mode == "netns":
-        h.mounts = [f"{h.root_dir} on {fleet.state.deploy_root}",
-                    f"{Path(h.root_dir).parent / 'home'} on /root"]  # fmt: skip
+        h.mounts = build.mounts(fleet, h)
     return "sshd started"
 
 
@@ -176,7 +177,14 @@ def _slow(fleet: Fleet, host: str, rate: str | None = None, delay_ms: int | None
         h.proxy_pid, h.proxy_start = procs.spawn(argv, log, env=env)
         fleet.save()
         deadline = time.monotonic() + 10
-        while not ssh_banner(h.address, layout.PROXY_PORT, timeout=1 + delay_ms / 1000):
+        behind = fleet.state.bastion is not None  # no banner reaches us: its socket tells
+
+        def ready() -> bool:
+            if behind:
+                return build.listening(h.proxy_pid or 0, layout.PROXY_PORT)
+            return ssh_banner(h.address, layout.PROXY_PORT, timeout=1 + delay_ms / 1000)
+
+        while not ready():
             if time.monotonic() > deadline or procs.exited(h.proxy_pid) is not None:
                 raise RuntimeError(f"{host}: latency proxy did not start: {log.read_text()}")
             time.sleep(0.05)

@@ -6,12 +6,20 @@ with its own mount + UTS namespace (deploy root and a clean home bound over /srv
 plain sshd processes on 127.0.1.N, one port per fleet, deploy roots DIR/hosts/hN/root and
 no own hostname — weaker, and said so in `status`.
 
+Optional, namespace mode: a bastion (`Fleet.up(…, bastion=True)`), one more sshd on the
+bridge that only forwards, and then the only way in — each host drops what it would send
+to the root namespace, so inventory.yaml and ssh_config go through the bastion. The
+machine's non-root login with passwordless sudo (`fleet.add_deploy_user()`, for
+`ssh.become`). A passphrase-protected client key (`fleet.protected_key()`), for the
+ssh-agent of orchestrator.lab.sshagent.
+
 Everything created is recorded in DIR/fleet.json before it is created; `down` reads it.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import time
@@ -66,6 +74,26 @@ class Fleet:
     @property
     def client_key_path(self) -> Path:
         return self.dir / "client_key"
+
+    @property
+    def protected_key_path(self) -> Path:
+        return self.dir / "client_key_protected"
+
+    @property
+    def bastion(self) -> str | None:
+        """The bastion's address (user root, port 22), when the fleet has one."""
+        return self.state.bastion.address if self.state.bastion else None
+
+    @property
+    def proxy_jump(self) -> str | None:
+        """The inventory's `ssh.proxy_jump` for this fleet."""
+        b = self.state.bastion
+        return f"root@{b.address}:{b.port}" if b else None
+
+    @property
+    def deploy_user(self) -> str | None:
+        """The non-root login with passwordless sudo, once `add_deploy_user` made it."""
+        return self.state.deploy_user
 
     @property
     def hosts(self) -> list[str]:
@@ -129,11 +157,14 @@ class Fleet:
         mode: str | None = None,
         deploy_root: str = "/srv/app",
         progress: Progress | None = None,
+        bastion: bool = False,
     ) -> Fleet:
-        """Start n hosts h1..hn and write inventory.yaml, ssh_config, known_hosts, keys."""
+        """Start n hosts h1..hn and write inventory.yaml, ssh_config, known_hosts, keys;
+        with `bastion`, one more sshd that is the only way in to them."""
         say = progress or (lambda _m: None)
-        if not 1 <= n <= layout.MAX_HOSTS:
-            raise BadInput(f"a fleet has 1 to {layout.MAX_HOSTS} hosts, not {n}")
+        most = layout.MAX_HOSTS - (1 if bastion else 0)
+        if not 1 <= n <= most:
+            raise BadInput(f"a fleet has 1 to {most} hosts, not {n}")
         if not deploy_root.startswith("/") or deploy_root.rstrip("/") in ("", "/root"):
             raise BadInput(f"deploy root {deploy_root!r} must be an absolute dir other than /")
         directory = Path(directory).resolve()
@@ -149,17 +180,20 @@ class Fleet:
             say(f"{directory}: removing what a crashed fleet left")
             old.down()
         chosen = choose_mode(mode)
+        if bastion and chosen != "netns":
+            raise BadInput("a bastion needs network namespaces; this fleet would run in loopback")
         started = time.monotonic()
-        fleet = cls(directory, build.plan(directory, n, chosen, deploy_root))
+        fleet = cls(directory, build.plan(directory, n, chosen, deploy_root, bastion))
         try:
             build.write_files(fleet)
             if chosen == "netns":
                 build.make_network(fleet, say)
-            say(f"starting {n} sshd ({chosen} mode)")
-            for name in fleet.hosts:
+            names = [h.name for h in build.machines(fleet.state)]
+            say(f"starting {len(names)} sshd ({chosen} mode)")
+            for name in names:
                 build.start_host(fleet, name)
             fleet.save()
-            build.wait_ready(fleet, fleet.hosts, say)
+            build.wait_ready(fleet, names, say)
         except BaseException:
             fleet.down()
             raise
@@ -187,6 +221,7 @@ class Fleet:
             host_roots={n: st.hosts[n].root_dir for n in chosen} if st.mode == "loopback" else None,
             identity="client_key" if relative else str(self.client_key_path),
             known_hosts="known_hosts" if relative else str(self.known_hosts_path),
+            proxy_jump=self.proxy_jump,
         )
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path
@@ -198,18 +233,17 @@ class Fleet:
         """End every process, delete every namespace and link, restore shared state. Idempotent."""
         self.refresh()
         st = self.state
-        pids = {h.pid for h in st.hosts.values() if procs.is_ours(h.pid, h.pid_start)}
-        pids |= {
-            h.proxy_pid for h in st.hosts.values() if procs.is_ours(h.proxy_pid, h.proxy_start)
-        }
-        ns_files = [Path("/run/netns") / h.netns for h in st.hosts.values() if h.netns]
+        every = build.machines(st)
+        pids = {h.pid for h in every if procs.is_ours(h.pid, h.pid_start)}
+        pids |= {h.proxy_pid for h in every if procs.is_ours(h.proxy_pid, h.proxy_start)}
+        ns_files = [Path("/run/netns") / h.netns for h in every if h.netns]
         pids |= procs.in_namespaces(ns_files)
         pids |= procs.descendants(p for p in pids if p)
         procs.kill_and_reap(p for p in pids if p)
         if st.mode == "netns":
             links = {link["ifname"] for link in _json_links()}
             batch = [f"netns del {f.name}" for f in ns_files if f.exists()]
-            batch += [f"link del {h.veth}" for h in st.hosts.values() if h.veth in links]
+            batch += [f"link del {h.veth}" for h in every if h.veth in links]
             batch += [f"link del {st.bridge}"] if st.bridge in links else []
             if batch:
                 procs.run(["ip", "-force", "-b", "-"], input="\n".join(batch) + "\n", check=False)
@@ -217,9 +251,39 @@ class Fleet:
                 self.state_path.unlink(missing_ok=True)
                 machine.leave(st.id)
         self.state_path.unlink(missing_ok=True)
-        for h in st.hosts.values():
+        for h in every:
             h.pid = h.proxy_pid = None
             h.faults = []
+
+    def add_deploy_user(self) -> str:
+        """The machine's non-root login with passwordless `sudo -n` (`ferry-lab-deploy`), on
+        every host at once (they share /etc/passwd); the last fleet down removes it."""
+        if self.mode != "netns":
+            raise BadInput("the deploy user needs namespace mode (root)")
+        with machine.locked():
+            user = machine.add_deploy_user()
+        self.state.deploy_user = user
+        self.save()
+        return user
+
+    def protected_key(self) -> tuple[Path, str]:
+        """A passphrase-protected client key, authorized on every host (made on first use),
+        and its passphrase: for an ssh-agent (orchestrator.lab.sshagent.SSHAgent)."""
+        path = self.protected_key_path
+        secret = path.with_name(path.name + ".passphrase")
+        if not secret.exists():
+            passphrase = secrets.token_urlsafe(12)
+            path.unlink(missing_ok=True)
+            path.with_name(path.name + ".pub").unlink(missing_ok=True)
+            procs.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase,
+                       "-C", f"ferry-lab-{self.state.id}-protected", "-f", str(path)])  # fmt: skip
+            pub = path.with_name(path.name + ".pub").read_text()
+            with open(self.dir / "authorized_keys", "a") as fh:
+                fh.write(pub)
+            fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(passphrase)
+        return path, secret.read_text()
 
     # ---- use ---------------------------------------------------------------------------
     def ssh(
@@ -286,6 +350,7 @@ class Fleet:
             "mode": self.mode,
             "network": self.state.bridge_cidr,
             "bridge": self.state.bridge,
+            "bastion": self.bastion,
             "up_seconds": self.state.up_seconds,
             "hosts": [
                 {

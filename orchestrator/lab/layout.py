@@ -9,6 +9,11 @@ Names carry the fleet's random id, so two fleets never share a namespace or a li
 netns `ferry-<id>-hN`, root-side veth `fl<id>hN`, bridge `fl<id>br` (≤ 15 chars, the
 kernel's limit). Inside its namespace every host's interface is `eth0`.
 
+A bastion (optional) takes the slot's last usable address, netns `ferry-<id>-bastion`,
+veth `fl<id>bj`; the fleet then has at most MAX_HOSTS - 1 hosts, and each host's namespace
+gets a blackhole route to the bridge's address, so the root namespace cannot reach a host
+except through the bastion (TCP replies to it go nowhere; no firewall needed).
+
 Loopback mode (no root, or forced): host hN listens on 127.0.1.N (127.0.2.x past 254)
 on one port per fleet; its deploy root is DIR/hosts/hN/root.
 """
@@ -26,9 +31,13 @@ SLOTS = 2 ** (SLOT_PREFIX - LAB_NET.prefixlen)
 MAX_HOSTS = 2 ** (32 - SLOT_PREFIX) - 3  # minus network, bridge, broadcast
 PROXY_PORT = 2222  # where the latency proxy of a `slow` host listens (same address)
 SSHD = "/usr/sbin/sshd"
-KEX = "curve25519-sha256,curve25519-sha256@libssh.org"
+# ecdh-sha2-nistp256 last: what a FIPS-only client offers (clients pick their first match)
+KEX = "curve25519-sha256,curve25519-sha256@libssh.org,ecdh-sha2-nistp256"
 CIPHERS = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,aes128-ctr,aes256-ctr"
 LOOPBACK_BASE = ipaddress.IPv4Address("127.0.1.0")
+BASTION = "bastion"
+BASTION_INDEX = 2 ** (32 - SLOT_PREFIX) - 3  # slot + 1 + this = the last usable address
+DEPLOY_USER = "ferry-lab-deploy"  # a non-root login with passwordless sudo (machine.py)
 
 
 def host_names(n: int) -> list[str]:
@@ -69,6 +78,14 @@ def bridge_name(fleet_id: str) -> str:
     return f"fl{fleet_id}br"
 
 
+def bastion_netns(fleet_id: str) -> str:
+    return f"ferry-{fleet_id}-{BASTION}"
+
+
+def bastion_veth(fleet_id: str) -> str:
+    return f"fl{fleet_id}bj"
+
+
 def groups_of(index: int) -> list[str]:
     """h1 is the canary; every host serves `web`; racks alternate a, b (odd, even)."""
     rack = "rack-a" if index % 2 else "rack-b"
@@ -76,9 +93,18 @@ def groups_of(index: int) -> list[str]:
 
 
 def sshd_config(
-    *, address: str, port: int, host_key: Path, authorized_keys: Path, root_login: bool
+    *,
+    address: str,
+    port: int,
+    host_key: Path,
+    authorized_keys: Path,
+    root_login: bool,
+    bastion: bool = False,
 ) -> str:
-    """One host's sshd: key logins only, fast key exchange, no DNS, no PAM, room for fan-out."""
+    """One host's sshd: key logins only, fast key exchange, no DNS, no PAM, room for fan-out.
+
+    The bastion's forwards TCP (what `ssh -W` and paramiko's direct-tcpip ask) and runs no
+    shell, no tty and no other forwarding."""
     lines = [
         f"ListenAddress {address}:{port}",
         f"HostKey {host_key}",
@@ -102,6 +128,23 @@ def sshd_config(
         "Subsystem sftp internal-sftp",
         "LogLevel INFO",
     ]
+    if bastion:
+        lines += [
+            "AllowTcpForwarding local",
+            "AllowAgentForwarding no",
+            "AllowStreamLocalForwarding no",
+            "PermitTunnel no",
+            "PermitTTY no",
+            "ForceCommand echo 'bastion: forwarding only' >&2; exit 1",
+        ]
+    # sshd reads AuthorizedKeysFile as the user, and a fleet's dir may be 0700 (mkdtemp):
+    # for the non-root lab user, root reads the fleet's keys and hands them to sshd
+    lines += [
+        f"Match User {DEPLOY_USER}",
+        "  AuthorizedKeysFile none",
+        f"  AuthorizedKeysCommand /bin/cat {authorized_keys}",
+        "  AuthorizedKeysCommandUser root",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -114,14 +157,19 @@ def boot_script(
     root_dir: Path,
     home_dir: Path,
     config: Path,
+    hosts_file: Path,
+    unreachable_from: str | None = None,
 ) -> str:
     """Runs as `nsenter --net=NS unshare -m -u --propagation private sh boot.sh`, becomes sshd.
 
     Everything it mounts lives in the host's private mount namespace and vanishes with its
     last process; `ip addr replace` makes it safe to run again for `restart`. The route
-    gets `quickack`: see `quickack_route`.
+    gets `quickack`: see `quickack_route`. `hosts_file` (bound over /etc/hosts) names the
+    host, as a real one's does: sudo warns on every run when it cannot resolve its own
+    name. `unreachable_from`: an address this host never answers (a blackhole route).
     """
     q = shlex.quote
+    blackhole = f"route replace blackhole {unreachable_from}/32" if unreachable_from else ""
     return f"""#!/bin/sh
 set -e
 hostname {q(name)}
@@ -131,9 +179,11 @@ link set lo up
 addr replace {address}/{SLOT_PREFIX} dev eth0
 link set eth0 up
 {quickack_route(network, "eth0", address)}
+{blackhole}
 EOF
 mount --bind {q(str(root_dir))} {q(deploy_root)}
 mount --bind {q(str(home_dir))} /root
+mount --bind {q(str(hosts_file))} /etc/hosts
 exec {SSHD} -D -e -f {q(str(config))}
 """
 
@@ -148,13 +198,26 @@ def quickack_route(network: str, dev: str, src: str) -> str:
     return f"route replace {network} dev {dev} proto kernel scope link src {src} quickack 1"
 
 
+def hosts_file(name: str, address: str) -> str:
+    return f"127.0.0.1 localhost\n{address} {name}\n"
+
+
 def ssh_config(
-    hosts: dict[str, tuple[str, int]], *, user: str, identity: Path, known_hosts: Path
+    hosts: dict[str, tuple[str, int]],
+    *,
+    user: str,
+    identity: Path,
+    known_hosts: Path,
+    bastion: str | None = None,
 ) -> str:
-    """`ssh -F DIR/ssh_config h1 hostname` works, with strict host key checking."""
+    """`ssh -F DIR/ssh_config h1 hostname` works, with strict host key checking (through
+    the bastion, when the fleet has one: the jump reads this file too)."""
     out: list[str] = []
+    if bastion:
+        out += [f"Host {BASTION}", f"  HostName {bastion}", "  Port 22", ""]
     for name, (address, port) in hosts.items():
-        out += [f"Host {name}", f"  HostName {address}", f"  Port {port}", ""]
+        out += [f"Host {name}", f"  HostName {address}", f"  Port {port}"]
+        out += [f"  ProxyJump {BASTION}", ""] if bastion else [""]
     out += [
         "Host *",
         f"  User {user}",
@@ -190,6 +253,7 @@ def inventory(
     host_roots: dict[str, str] | None = None,
     identity: str = "client_key",
     known_hosts: str = "known_hosts",
+    proxy_jump: str | None = None,
 ) -> dict[str, Any]:
     """Ferry's inventory (orchestrator.inventory); paths relative to the inventory file."""
     entries: dict[str, Any] = {}
@@ -207,6 +271,7 @@ def inventory(
             "known_hosts": known_hosts,
             "port": port,
             "connect_timeout": 5,
+            **({"proxy_jump": proxy_jump} if proxy_jump else {}),
         },
         "deploy_root": deploy_root,
         "hosts": entries,

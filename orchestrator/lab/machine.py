@@ -7,6 +7,12 @@ it. The first fleet records what the machine looked like (/run/ferry-lab/baselin
 the last fleet to go down restores exactly that. Removing /srv/app while another fleet's
 hosts have mounts on it would detach them, which is why this bookkeeping exists.
 
+A fleet may also add the lab's non-root login, `ferry-lab-deploy` (`add_deploy_user`): a
+system user with passwordless sudo (/etc/sudoers.d/ferry-lab-deploy). Hosts share this
+machine's /etc/passwd, so it exists on every host of every fleet at once. The baseline
+records that the lab made it, and the last fleet down removes user, home and sudoers file;
+one left by a crash is recognised by its GECOS mark and removed the same way.
+
 All of it, and the choice of a free /23 slot, happens under one flock.
 """
 
@@ -15,11 +21,15 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import pwd
+import shutil
+import tempfile
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from orchestrator.errors import BadInput
 from orchestrator.lab import layout
 from orchestrator.lab.procs import run
 
@@ -27,6 +37,9 @@ REGISTRY = Path("/run/ferry-lab")
 LOCK = Path("/run/ferry-lab.lock")
 RUN_NETNS = Path("/run/netns")
 RUN_SSHD = Path("/run/sshd")
+SUDOERS = Path("/etc/sudoers.d") / layout.DEPLOY_USER
+DEPLOY_HOME = Path("/var/lib") / layout.DEPLOY_USER
+DEPLOY_MARK = "Ferry lab deploy user"  # its GECOS: how the lab knows a user is its own
 
 
 @contextmanager
@@ -105,9 +118,54 @@ def leave(fleet_id: str) -> None:
             _rmdir(RUN_NETNS)
     for created in reversed(baseline.get("created_dirs", [])):
         _rmdir(Path(created))
+    if baseline.get("deploy_user"):
+        _remove_deploy_user()
     base_file.unlink(missing_ok=True)
     _rmdir(REGISTRY)
     LOCK.unlink(missing_ok=True)
+
+
+def add_deploy_user() -> str:
+    """The non-root lab login with passwordless sudo, made once (idempotent); under `locked()`
+    and after `enter`, so that the last fleet's `leave` removes it."""
+    user = layout.DEPLOY_USER
+    if shutil.which("sudo") is None or not SUDOERS.parent.is_dir():
+        raise BadInput(
+            f"the lab's {user} needs sudo, which is not installed (apt-get install sudo)"
+        )
+    try:
+        if pwd.getpwnam(user).pw_gecos != DEPLOY_MARK:
+            raise BadInput(f"a user {user} exists that the lab did not make: remove or rename it")
+    except KeyError:
+        run(["useradd", "--system", "--user-group", "--home-dir", str(DEPLOY_HOME),
+             "--shell", "/bin/sh", "--password", "*",  # "*": no password, yet not locked
+             "--comment", DEPLOY_MARK, user])  # fmt: skip
+    entry = pwd.getpwnam(user)
+    DEPLOY_HOME.mkdir(mode=0o755, exist_ok=True)
+    os.chown(DEPLOY_HOME, entry.pw_uid, entry.pw_gid)
+    if not SUDOERS.exists():
+        fd, tmp = tempfile.mkstemp(dir=SUDOERS.parent, prefix=".ferry-lab-")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"# orchestrator/lab/machine.py: gone when the last lab fleet is\n"
+                     f"{user} ALL=(root) NOPASSWD: ALL\n")  # fmt: skip
+        os.chmod(tmp, 0o440)
+        run(["visudo", "-cqf", tmp])
+        os.replace(tmp, SUDOERS)
+    base_file = REGISTRY / "baseline.json"
+    baseline = json.loads(base_file.read_text())
+    baseline["deploy_user"] = True
+    base_file.write_text(json.dumps(baseline, indent=2))
+    return user
+
+
+def _remove_deploy_user() -> None:
+    SUDOERS.unlink(missing_ok=True)
+    try:
+        if pwd.getpwnam(layout.DEPLOY_USER).pw_gecos == DEPLOY_MARK:
+            run(["userdel", layout.DEPLOY_USER], check=False)
+    except KeyError:
+        pass
+    shutil.rmtree(DEPLOY_HOME, ignore_errors=True)
 
 
 def _rmdir(path: Path) -> None:

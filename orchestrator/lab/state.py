@@ -42,12 +42,15 @@ class FleetState:
     bridge_cidr: str | None = None
     up_seconds: float | None = None
     hosts: dict[str, HostState] = field(default_factory=dict)
+    bastion: HostState | None = None  # the one way in to the hosts, when there is one
+    deploy_user: str | None = None  # the machine's non-root lab user, once added (machine.py)
 
     @classmethod
     def read(cls, path: Path) -> FleetState:
         raw = json.loads(path.read_text())
         hosts = {name: HostState(**h) for name, h in raw.pop("hosts").items()}
-        return cls(**raw, hosts=hosts)
+        bastion = raw.pop("bastion", None)
+        return cls(**raw, hosts=hosts, bastion=HostState(**bastion) if bastion else None)
 
     def write(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
