@@ -226,6 +226,8 @@ class AgentSession:
         if self._pipe is not None:
             return self._pipe
         command = f"python3 -c {shlex.quote(BOOT)} serve --root {shlex.quote(self.root)}"
+        if self.ssh.become:  # root through `sudo -n`, which never prompts
+            command = openssh.become(command, self.ssh.user)
         kind = _OpenSSHPipe if self.bulk == "openssh" and openssh.available() else _ChannelPipe
         try:
             pipe: _Pipe = kind(self.host, self.ssh, command, self.connect_timeout)
