@@ -10,15 +10,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import typer
-from sqlalchemy import select
 
-from orchestrator.change import config, records
-from orchestrator.change.calendar import Booking, conflicts
-from orchestrator.change.models import parse_instant
 from orchestrator.cli import output as out
 from orchestrator.cli.output import OutputOpt
-from orchestrator.cms import db
-from orchestrator.cms.models import RFC
 from orchestrator.errors import BadInput
 
 app = typer.Typer(
@@ -44,6 +38,14 @@ def calendar(
 ) -> None:
     """Windows (next occurrences), blackouts and scheduled RFCs per environment, with conflicts."""
     out.use(fmt)
+    from sqlalchemy import select
+
+    from orchestrator.change import config, records
+    from orchestrator.change.calendar import Booking, conflicts
+    from orchestrator.change.models import parse_instant
+    from orchestrator.cms import db
+    from orchestrator.cms.models import RFC
+
     try:
         start = parse_instant(at) if at else datetime.now(UTC)
     except ValueError as exc:

@@ -9,9 +9,7 @@ import typer
 
 from orchestrator.cli import output as out
 from orchestrator.cli.output import OutputOpt
-from orchestrator.cms import audit, db
 from orchestrator.errors import BadInput, FerryError, IntegrityError
-from orchestrator.settings import get_settings
 
 app = typer.Typer(help="The CMS: apply migrations, verify the audit log.", no_args_is_help=True)
 
@@ -20,6 +18,9 @@ app = typer.Typer(help="The CMS: apply migrations, verify the audit log.", no_ar
 def upgrade(fmt: OutputOpt = out.Format.text) -> None:
     """Apply the CMS migrations up to the newest revision (a new database is created)."""
     out.use(fmt)
+    from orchestrator.cms import db
+    from orchestrator.settings import get_settings
+
     url = get_settings().cms_url
     before, after = db.upgrade(url)
     out.result(
@@ -43,6 +44,8 @@ AnchorOpt = Annotated[
 def verify_audit(anchor: AnchorOpt = None, fmt: OutputOpt = out.Format.text) -> None:
     """Re-hash the audit log's chain; exit 6 naming the first broken event if any."""
     out.use(fmt)
+    from orchestrator.cms import audit, db
+
     expected = _parse_anchor(anchor) if anchor else None
     with db.session_scope() as session:
         report = audit.verify_chain(session, anchor=expected)

@@ -6,11 +6,8 @@ from typing import Annotated
 
 import typer
 
-from dml.store import DML
-from orchestrator import catalog
 from orchestrator.cli import output as out
 from orchestrator.cli.output import OutputOpt
-from orchestrator.cms import db
 from orchestrator.errors import FerryError, IntegrityError
 
 app = typer.Typer(
@@ -22,6 +19,8 @@ app = typer.Typer(
 def keygen(fmt: OutputOpt = out.Format.text) -> None:
     """Make the DML's ed25519 signing key pair (once; an existing key is kept)."""
     out.use(fmt)
+    from dml.store import DML
+
     store = DML.from_settings()
     created = store.ensure_keys()
     data = {
@@ -42,6 +41,8 @@ def keygen(fmt: OutputOpt = out.Format.text) -> None:
 def list_(fmt: OutputOpt = out.Format.text) -> None:
     """Every release in the DML with its digest (signature and manifest verified)."""
     out.use(fmt)
+    from dml.store import DML
+
     store = DML.from_settings()
     rows = []
     for release in store.releases():
@@ -74,6 +75,8 @@ def show(
 ) -> None:
     """A release's verified manifest (archive checksum included)."""
     out.use(fmt)
+    from dml.store import DML
+
     store = DML.from_settings()
     pkg = store.open(release)
     data = {
@@ -94,6 +97,8 @@ def verify(
 ) -> None:
     """Re-hash every blob, check every signature; exit 6 naming each corrupt or missing item."""
     out.use(fmt)
+    from dml.store import DML
+
     store = DML.from_settings()
     out.progress(f"verifying the DML at {store.root}{' (deep)' if deep else ''}")
     report = store.verify(deep=deep)
@@ -120,6 +125,10 @@ def gc(
 ) -> None:
     """Blobs no release index and no CMS package references (dry run unless --yes)."""
     out.use(fmt)
+    from dml.store import DML
+    from orchestrator import catalog
+    from orchestrator.cms import db
+
     store = DML.from_settings()
     with db.session_scope() as session:
         keep = catalog.referenced_digests(session)

@@ -10,7 +10,6 @@ import typer
 from orchestrator.cli import output as out
 from orchestrator.cli.output import OutputOpt
 from orchestrator.errors import NotFound
-from orchestrator.lab.fleet import Fleet
 
 app = typer.Typer(
     help="A lab fleet of real sshd hosts on this machine (namespaces as root, else loopback).",
@@ -35,6 +34,8 @@ def up(
 ) -> None:
     """Start N hosts; write inventory.yaml, ssh_config, known_hosts and client_key in --dir."""
     out.use(fmt)
+    from orchestrator.lab.fleet import Fleet
+
     fleet = Fleet.up(directory, n, mode=mode, deploy_root=deploy_root, progress=out.progress)
     data = {
         "hosts": fleet.hosts,
@@ -58,6 +59,8 @@ def up(
 def down(directory: DirOpt = DEFAULT_DIR, fmt: OutputOpt = out.Format.text) -> None:
     """Stop every host and remove every namespace, link and mount the fleet made (idempotent)."""
     out.use(fmt)
+    from orchestrator.lab.fleet import Fleet
+
     try:
         fleet = Fleet.load(directory)
     except NotFound:
@@ -88,6 +91,8 @@ def fault(
 ) -> None:
     """Inject a fault on one host, or undo it (see docs/fleet.md for each kind)."""
     out.use(fmt)
+    from orchestrator.lab.fleet import Fleet
+
     fleet = Fleet.load(directory)
     params: dict[str, Any] = {}
     if rate is not None:
@@ -104,6 +109,8 @@ def fault(
 def status(directory: DirOpt = DEFAULT_DIR, fmt: OutputOpt = out.Format.text) -> None:
     """Each host: address, sshd alive, faults in force, memory (PSS)."""
     out.use(fmt)
+    from orchestrator.lab.fleet import Fleet
+
     report = Fleet.load(directory).status()
 
     def show() -> None:

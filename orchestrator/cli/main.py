@@ -1,4 +1,11 @@
-"""`ferry`: the entry point. Wires the command groups and keeps one table of exit codes.
+"""`ferry`: the entry point. Names the commands and keeps one table of exit codes.
+
+Start-up imports no command's module: `COMMANDS` lists each command with the module that
+defines it and the one line `ferry --help` shows, and a module is imported only when its
+command is used (`ferry rfc …` imports `orchestrator.cli.rfc`, nothing else; `ferry --help`
+imports none, so none of SQLAlchemy, pydantic, paramiko, rich or Prefect). Each command
+imports what it needs when it runs: `ferry --help` takes a fraction of a second, and only
+`ferry deploy`'s flow imports Prefect.
 
 Expected errors (FerryError) print one clear line and exit with their documented code;
 anything unexpected writes its traceback to `.ferry/logs/` and exits 1, saying where.
@@ -6,10 +13,18 @@ anything unexpected writes its traceback to `.ferry/logs/` and exits 1, saying w
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import sys
+from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass
+from gettext import gettext as _
+from typing import Any, Literal
 
 import typer
-from typer._click.exceptions import ClickException  # typer vendors click
+from typer._click import Command, Context, HelpFormatter  # typer vendors click
+from typer._click.exceptions import ClickException
+from typer.core import TyperCommand, TyperGroup
 
 from orchestrator import crashlog
 from orchestrator.cli import output
@@ -19,53 +34,152 @@ EXIT_CODES_HELP = "\b\nExit codes (every command):\n" + "\n".join(
     f"  {int(code)}  {text}" for code, text in EXIT_CODE_TABLE.items()
 )
 
+# What every Typer app of the command line shares: the root, and the one each command is
+# built in when it is first used (so it is built exactly as `add_typer` on the root would).
+TYPER_SETTINGS: dict[str, Any] = {
+    "pretty_exceptions_enable": False,
+    "add_completion": False,
+    "rich_markup_mode": None,
+}
+
+
+@dataclass(frozen=True)
+class CommandEntry:
+    """A command of `ferry`, known without importing its module `orchestrator.cli.NAME`.
+
+    `group`: the module's `app` (a Typer) is mounted as NAME with `summary` as its help.
+    `app`: the module's `app` is mounted as NAME with its own help.
+    `command`: the module's `register(app)` adds the command NAME with its own help.
+    For `app` and `command`, `summary` repeats the first sentence of that help, for the
+    `ferry --help` listing (tests/unit/test_cli_startup.py checks that they agree).
+    """
+
+    name: str
+    summary: str
+    kind: Literal["group", "app", "command"] = "group"
+
+    @property
+    def module(self) -> str:
+        return f"orchestrator.cli.{self.name}"
+
+    def load(self) -> Command:
+        mod = importlib.import_module(self.module)
+        host = typer.Typer(**TYPER_SETTINGS)
+        if self.kind == "group":
+            host.add_typer(mod.app, name=self.name, help=self.summary)
+        elif self.kind == "app":
+            host.add_typer(mod.app, name=self.name)
+        else:
+            mod.register(host)
+        command = typer.main.get_group(host).commands.get(self.name)
+        if command is None:  # not a KeyError: that would read as "no such command"
+            raise RuntimeError(f"{self.module} defines no command {self.name!r}")
+        return command
+
+
+COMMANDS = (
+    CommandEntry(
+        "deploy",
+        "Deploy RELEASE (name@version, from the DML) by the deploy PLAN, under an authorized RFC.",
+        kind="command",
+    ),
+    CommandEntry(
+        "status",
+        "What the CMS knows now: environment and host baselines, recent deployments, and the "
+        "hosts that need remediation.",
+        kind="command",
+    ),
+    CommandEntry("release", "Build release packages from release specs."),
+    CommandEntry("dml", "The Definitive Media Library: list, verify, gc."),
+    CommandEntry("rfc", "Requests for change: raise, approve, show."),
+    CommandEntry("calendar", "Change windows and blackouts."),
+    CommandEntry("remediate", "On-call: backout, recover, drift audit."),
+    CommandEntry("lab", "A lab fleet of real sshd hosts on this machine."),
+    CommandEntry("cms", "The CMS: apply migrations, verify the audit log.", kind="app"),
+    CommandEntry(
+        "prefect", "The Prefect server that runs Ferry's flows on the embedded default.", kind="app"
+    ),
+)
+
+
+class LazyCommands(MutableMapping[str, Command]):
+    """name → click command, in `COMMANDS` order; a command is built (its module imported)
+    the first time it is looked up. Names and summaries need no import."""
+
+    def __init__(self, entries: tuple[CommandEntry, ...]) -> None:
+        # a command whose module this installation lacks is not offered
+        self._entries = {e.name: e for e in entries if importlib.util.find_spec(e.module)}
+        self._built: dict[str, Command] = {}
+
+    def __getitem__(self, name: str) -> Command:
+        if name not in self._built:
+            self._built[name] = self._entries[name].load()
+        return self._built[name]
+
+    def __setitem__(self, name: str, command: Command) -> None:
+        self._built[name] = command
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self:
+            raise KeyError(name)
+        self._entries.pop(name, None)
+        self._built.pop(name, None)
+
+    def __contains__(self, name: object) -> bool:  # Mapping's would build the command
+        return name in self._entries or name in self._built
+
+    def __iter__(self) -> Iterator[str]:
+        return iter({**dict.fromkeys(self._entries), **dict.fromkeys(self._built)})
+
+    def __len__(self) -> int:
+        return len({*self._entries, *self._built})
+
+    def listed(self, name: str) -> Command:
+        """The command if it is built, else a stand-in carrying its summary (for --help)."""
+        if name in self._built:
+            return self._built[name]
+        return TyperCommand(name=name, help=self._entries[name].summary)
+
+
+class LazyGroup(TyperGroup):
+    """The root group: every command of `COMMANDS`, each imported only when it is used."""
+
+    commands: LazyCommands
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        registered, self.commands = self.commands, LazyCommands(COMMANDS)
+        self.commands.update(registered)  # any `app.command(...)` on the root, as built
+
+    def list_commands(self, ctx: Context) -> list[str]:
+        return list(self.commands)
+
+    def format_commands(self, ctx: Context, formatter: HelpFormatter) -> None:
+        """TyperGroup's `Commands:` section, from the summaries: it imports no command."""
+        listed = [(n, self.commands.listed(n)) for n in self.list_commands(ctx)]
+        visible = [(name, cmd) for name, cmd in listed if not cmd.hidden]
+        if not visible:
+            return
+        limit = formatter.width - 6 - max(len(name) for name, _cmd in visible)
+        with formatter.section(_("Commands")):
+            formatter.write_dl([(name, cmd.get_short_help_str(limit)) for name, cmd in visible])
+
+
 app = typer.Typer(
     name="ferry",
     help="Ferry: build release packages into the DML, gate every change on an authorized RFC, "
     "deploy over SSH big-bang or in waves with milestones and automatic backout.\n\n"
     + EXIT_CODES_HELP,
     no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-    rich_markup_mode=None,
+    cls=LazyGroup,
+    **TYPER_SETTINGS,
 )
 
 
-def _register() -> None:
-    from orchestrator.cli import cms
-
-    groups = [
-        ("release", "orchestrator.cli.release", "Build release packages from release specs."),
-        ("dml", "orchestrator.cli.dml", "The Definitive Media Library: list, verify, gc."),
-        ("rfc", "orchestrator.cli.rfc", "Requests for change: raise, approve, show."),
-        ("calendar", "orchestrator.cli.calendar", "Change windows and blackouts."),
-        ("remediate", "orchestrator.cli.remediate", "On-call: backout, recover, drift audit."),
-        ("lab", "orchestrator.cli.lab", "A lab fleet of real sshd hosts on this machine."),
-    ]
-    for name, module, help_text in groups:
-        try:
-            mod = __import__(module, fromlist=["app"])
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        app.add_typer(mod.app, name=name, help=help_text)
-    app.add_typer(cms.app, name="cms")
-    for module in ("orchestrator.cli.deploy", "orchestrator.cli.status"):
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        mod.register(app)
-
-
-_register()
-
-
 def main(argv: list[str] | None = None) -> int:
-    command = typer.main.get_command(app)
+    # get_group, not get_command: the root registers nothing with typer (LazyGroup knows
+    # the commands), and get_command would take an empty app for a mistake
+    command = typer.main.get_group(app)
     try:
         rv = command.main(args=argv, prog_name="ferry", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0

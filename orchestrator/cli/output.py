@@ -1,6 +1,8 @@
 """Output for every command: human text (rich) by default, one JSON object with `--output json`.
 
 Results go to stdout; progress and warnings go to stderr, so `--output json` stays parseable.
+`stdout` and `stderr` are rich Consoles made on first use: importing rich costs tens of
+milliseconds that `--help` and a quiet `-o json` need not pay.
 """
 
 from __future__ import annotations
@@ -9,10 +11,15 @@ import json
 import sys
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
-from rich.console import Console
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    stdout: Console
+    stderr: Console
 
 
 class Format(StrEnum):
@@ -28,8 +35,22 @@ OutputOpt = Annotated[
 ]
 
 _mode: Format = Format.text
-stdout = Console(soft_wrap=True)
-stderr = Console(stderr=True, soft_wrap=True)
+
+
+def _console(name: Literal["stdout", "stderr"]) -> Console:
+    """The Console `stdout` or `stderr`, made on first use and kept as a module attribute."""
+    made = globals().get(name)
+    if made is None:
+        from rich.console import Console
+
+        made = globals()[name] = Console(stderr=name == "stderr", soft_wrap=True)
+    return made
+
+
+def __getattr__(name: str) -> Console:  # `out.stdout` before it is made (PEP 562)
+    if name == "stdout" or name == "stderr":
+        return _console(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def use(mode: Format) -> None:
@@ -44,7 +65,7 @@ def mode() -> Format:
 
 def progress(message: str) -> None:
     """A line telling what is happening now (stderr; shown in both modes)."""
-    stderr.print(message, highlight=False)
+    _console("stderr").print(message, highlight=False)
 
 
 def result(data: Any, text: str | Callable[[], None] | None = None) -> None:
@@ -55,13 +76,13 @@ def result(data: Any, text: str | Callable[[], None] | None = None) -> None:
     elif callable(text):
         text()
     elif text is not None:
-        stdout.print(text, highlight=False)
+        _console("stdout").print(text, highlight=False)
     else:
-        stdout.print_json(json.dumps(data, default=str))
+        _console("stdout").print_json(json.dumps(data, default=str))
 
 
 def error(payload: dict[str, Any], line: str) -> None:
     if _mode is Format.json:
         sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
         sys.stdout.flush()
-    stderr.print(f"[bold red]error:[/] {line}", highlight=False)
+    _console("stderr").print(f"[bold red]error:[/] {line}", highlight=False)

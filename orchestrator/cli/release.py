@@ -4,23 +4,26 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from dml.store import DML
-from orchestrator import catalog
 from orchestrator.cli import output as out
 from orchestrator.cli.output import OutputOpt
-from orchestrator.cms import db
-from orchestrator.cms.models import Release
 from orchestrator.errors import FerryError, NotFound
-from orchestrator.settings import get_settings
+
+if TYPE_CHECKING:
+    from orchestrator.cms.models import Release
 
 app = typer.Typer(
     help="Build release packages from release specs, check them in, list and show them.",
     no_args_is_help=True,
 )
+
+# orchestrator.catalog.STATUSES, spelled out for `list --status`'s help: importing the
+# catalog (SQLAlchemy, the DML) just to word a help line would slow every `ferry release`
+# command's start; tests/unit/test_cli_startup.py checks the two agree.
+STATUSES = ("registered", "checked-in", "deployed", "withdrawn")
 
 
 @app.command()
@@ -34,6 +37,8 @@ def build(
 ) -> None:
     """Build SPEC into a signed package in the DML, registered (not yet deployable)."""
     out.use(fmt)
+    from orchestrator import catalog
+
     res = catalog.build_release(spec, version=version, without=without or [], progress=out.progress)
     verb = "built and stored" if res["new"] else "already in the DML (same digest; nothing changed)"
     out.result(
@@ -56,6 +61,10 @@ def checkin(
 ) -> None:
     """Check a registered release in (deployable); needs an RFC covering the checkin stage."""
     out.use(fmt)
+    from orchestrator import catalog
+    from orchestrator.cms import db
+    from orchestrator.settings import get_settings
+
     settings = get_settings()
     with db.session_scope() as session:
         before = catalog.get(session, release).status
@@ -72,12 +81,15 @@ def checkin(
 @app.command("list")
 def list_(
     status: Annotated[
-        str | None, typer.Option(help=f"only this status: {', '.join(catalog.STATUSES)}")
+        str | None, typer.Option(help=f"only this status: {', '.join(STATUSES)}")
     ] = None,
     fmt: OutputOpt = out.Format.text,
 ) -> None:
     """Releases the CMS knows, with status and package digest."""
     out.use(fmt)
+    from orchestrator import catalog
+    from orchestrator.cms import db
+
     with db.session_scope() as session:
         rows = [_release_dict(r) for r in catalog.list_releases(session, status)]
     lines = [f"{r['release']:<30} {r['status']:<11} {r['digest']}" for r in rows]
@@ -92,11 +104,13 @@ def show(
 ) -> None:
     """A release: CMS status and history, and its verified package in the DML."""
     out.use(fmt)
+    from dml.store import DML
+    from orchestrator import catalog
+    from orchestrator.cms import audit, db
+
     with db.session_scope() as session:
         rel = catalog.get(session, release)
         data: dict[str, Any] = _release_dict(rel)
-        from orchestrator.cms import audit
-
         data["history"] = audit.history(session, "release", release)
     try:
         pkg = DML.from_settings().open(release, verify_archive=False)
@@ -149,6 +163,10 @@ def withdraw(
 ) -> None:
     """Withdraw a release: never deployed again; its package stays in the DML."""
     out.use(fmt)
+    from orchestrator import catalog
+    from orchestrator.cms import db
+    from orchestrator.settings import get_settings
+
     with db.session_scope() as session:
         rel = catalog.withdraw(session, release, get_settings().actor, reason)
         data = _release_dict(rel)

@@ -8,20 +8,16 @@ with every reason; the acting person is `get_settings().actor` (FERRY_USER first
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from pydantic import ValidationError
 
-from orchestrator.change import config, rfcs
-from orchestrator.change.gate import parse_rfc_id
-from orchestrator.change.lifecycle import STATUSES
-from orchestrator.change.models import RfcRequest
 from orchestrator.cli import output as out
 from orchestrator.cli.output import OutputOpt
-from orchestrator.cms import db
 from orchestrator.errors import BadInput
-from orchestrator.settings import get_settings
+
+if TYPE_CHECKING:
+    from orchestrator.change.models import RfcRequest
 
 app = typer.Typer(
     help="Requests for change: raise, submit, approve, reject, cancel, close, show, list.",
@@ -42,6 +38,10 @@ def _now() -> datetime:
 
 
 def _request(fields: dict[str, Any]) -> RfcRequest:
+    from pydantic import ValidationError
+
+    from orchestrator.change.models import RfcRequest
+
     try:
         return RfcRequest.model_validate(fields)
     except ValidationError as exc:
@@ -78,6 +78,9 @@ def _summary(data: dict[str, Any]) -> str:
 
 
 def _show_one(rfc_id: int, extra: dict[str, Any] | None = None) -> None:
+    from orchestrator.change import config, rfcs
+    from orchestrator.cms import db
+
     models = config.load_change_models()
     with db.session_scope() as session:
         data = {**rfcs.show(session, rfc_id, models), **(extra or {})}
@@ -105,6 +108,10 @@ def new(
 ) -> None:
     """Raise an RFC (a draft; a standard change fitting its template is authorized at once)."""
     out.use(fmt)
+    from orchestrator.change import config, rfcs
+    from orchestrator.cms import db
+    from orchestrator.settings import get_settings
+
     req = _request(
         {
             "release": release,
@@ -133,6 +140,11 @@ def new(
 def submit(rfc_id: IdArg, fmt: OutputOpt = out.Format.text) -> None:
     """Submit a draft for assessment: risk, calendar checks and conflicts are reported."""
     out.use(fmt)
+    from orchestrator.change import config, rfcs
+    from orchestrator.change.gate import parse_rfc_id
+    from orchestrator.cms import db
+    from orchestrator.settings import get_settings
+
     rid = parse_rfc_id(rfc_id)
     models, calendar = config.load_change_models(), config.load_calendar()
     with db.session_scope() as session:
@@ -148,6 +160,11 @@ def approve(
 ) -> None:
     """Approve an assessed RFC (never your own); authorized once the model's approvals are in."""
     out.use(fmt)
+    from orchestrator.change import config, rfcs
+    from orchestrator.change.gate import parse_rfc_id
+    from orchestrator.cms import db
+    from orchestrator.settings import get_settings
+
     rid = parse_rfc_id(rfc_id)
     models = config.load_change_models()
     with db.session_scope() as session:
@@ -169,6 +186,11 @@ def reject(
 ) -> None:
     """Reject an RFC under assessment; no approval can follow."""
     out.use(fmt)
+    from orchestrator.change import config, rfcs
+    from orchestrator.change.gate import parse_rfc_id
+    from orchestrator.cms import db
+    from orchestrator.settings import get_settings
+
     rid = parse_rfc_id(rfc_id)
     models = config.load_change_models()
     with db.session_scope() as session:
@@ -188,6 +210,11 @@ def reject(
 def cancel(rfc_id: IdArg, comment: CommentOpt = "", fmt: OutputOpt = out.Format.text) -> None:
     """Cancel an RFC that has not started (draft … scheduled)."""
     out.use(fmt)
+    from orchestrator.change import rfcs
+    from orchestrator.change.gate import parse_rfc_id
+    from orchestrator.cms import db
+    from orchestrator.settings import get_settings
+
     rid = parse_rfc_id(rfc_id)
     with db.session_scope() as session:
         rfcs.cancel(session, rid, actor=get_settings().actor, comment=comment, now=_now())
@@ -198,6 +225,11 @@ def cancel(rfc_id: IdArg, comment: CommentOpt = "", fmt: OutputOpt = out.Format.
 def close(rfc_id: IdArg, comment: CommentOpt = "", fmt: OutputOpt = out.Format.text) -> None:
     """Close a finished or rejected RFC; an emergency change needs --comment with its review."""
     out.use(fmt)
+    from orchestrator.change import rfcs
+    from orchestrator.change.gate import parse_rfc_id
+    from orchestrator.cms import db
+    from orchestrator.settings import get_settings
+
     rid = parse_rfc_id(rfc_id)
     with db.session_scope() as session:
         rfcs.close(session, rid, actor=get_settings().actor, comment=comment, now=_now())
@@ -208,6 +240,10 @@ def close(rfc_id: IdArg, comment: CommentOpt = "", fmt: OutputOpt = out.Format.t
 def show(rfc_id: IdArg, fmt: OutputOpt = out.Format.text) -> None:
     """An RFC with its approvals, what is missing, and its full audit history."""
     out.use(fmt)
+    from orchestrator.change import config, rfcs
+    from orchestrator.change.gate import parse_rfc_id
+    from orchestrator.cms import db
+
     rid = parse_rfc_id(rfc_id)
     models = config.load_change_models()
     with db.session_scope() as session:
@@ -246,6 +282,10 @@ def list_(
 ) -> None:
     """RFCs, oldest first."""
     out.use(fmt)
+    from orchestrator.change import rfcs
+    from orchestrator.change.lifecycle import STATUSES
+    from orchestrator.cms import db
+
     if status is not None and status not in STATUSES:
         raise BadInput(f"--status: {status!r} is not an RFC status ({', '.join(STATUSES)})")
     with db.session_scope() as session:
