@@ -11,6 +11,7 @@ rules; it sequences DeploymentRun's methods and publishes a result artifact.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import sys
 import threading
@@ -81,8 +82,15 @@ def flow_run_name() -> str:
     return f"deployment #{flow_run.parameters.get('deployment_id')}"
 
 
+def run_deployment(deployment_id: int) -> str:
+    """Run the flow in this process (the CLI, a test): its final status."""
+    return asyncio.run(deploy_release(deployment_id=deployment_id))
+
+
+# async, though every step in it is sync: Prefect 3.8 ends a sync flow by joining a
+# heartbeat thread (~0.9 s a run); an async flow does not wait for it
 @flow(name="deploy_release", flow_run_name=flow_run_name, validate_parameters=False)
-def deploy_release(deployment_id: int) -> str:
+async def deploy_release(deployment_id: int) -> str:
     """Run recorded deployment `deployment_id` to its end; returns its final status."""
     from orchestrator.preparation import runner
     from orchestrator.settings import get_settings

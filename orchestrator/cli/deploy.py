@@ -73,10 +73,10 @@ def deploy(
         f"{rollout.environment} in {len(rollout.waves)} wave(s) under RFC {rfc} "
         f"(Prefect {where})"
     )
-    from orchestrator.flows import deploy_release
+    from orchestrator.flows import run_deployment
 
     try:
-        deploy_release(deployment_id=record.id)
+        run_deployment(record.id)
     except Exception:
         # the flow never got to run it (it ends its own errors): nothing touched a host
         from orchestrator.lifecycle import Status

@@ -23,6 +23,7 @@ import random
 import select
 import shlex
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -45,10 +46,13 @@ _STARTS = threading.BoundedSemaphore(MAX_STARTS)
 _CONNECTION_LOST = ("closed by remote host", "not responding", "Broken pipe", "reset by peer",
                     "Connection to", "timed out")  # fmt: skip
 
-# reads `<length>\n<source>` from stdin and runs it as the agent's __main__
+# reads `<n> <m> <tag>\n`, the agent's source (n bytes) and its compiled code (m bytes,
+# marshal, for CPython `tag`), and runs the code when the host's Python is that one (it
+# saves compiling 30 KB on every host), else compiles the source: same program either way
 BOOT = (
-    "import sys;b=sys.stdin.buffer;n=int(b.readline());"
-    "exec(compile(b.read(n),'ferry-agent','exec'),{'__name__':'__main__'})"
+    "import sys,marshal;b=sys.stdin.buffer;n,m,t=b.readline().split();s=b.read(int(n));"
+    "c=b.read(int(m));exec(marshal.loads(c) if t.decode()==sys.implementation.cache_tag "
+    "else compile(s,'ferry-agent','exec'),{'__name__':'__main__'})"
 )
 
 
@@ -225,7 +229,8 @@ class AgentSession:
     def _open(self) -> _Pipe:
         if self._pipe is not None:
             return self._pipe
-        command = f"python3 -c {shlex.quote(BOOT)} serve --root {shlex.quote(self.root)}"
+        # -S: the agent is stdlib-only, so skip site-packages discovery (~10 ms per host)
+        command = f"python3 -S -c {shlex.quote(BOOT)} serve --root {shlex.quote(self.root)}"
         if self.ssh.become:  # root through `sudo -n`, which never prompts
             command = openssh.become(command, self.ssh.user)
         kind = _OpenSSHPipe if self.bulk == "openssh" and openssh.available() else _ChannelPipe
@@ -235,9 +240,10 @@ class AgentSession:
             raise TransportError(self.name, f"cannot start ssh: {exc}") from None
         self.logins += 1
         self._pipe, self._buf, self._answered = pipe, b"", False
-        source = agent.source()
+        source, code = agent.source(), agent.compiled()
+        head = f"{len(source)} {len(code)} {sys.implementation.cache_tag}\n".encode()
         deadline = time.monotonic() + self.connect_timeout + 10
-        self._write(str(len(source)).encode() + b"\n" + source, deadline, "stage")
+        self._write(head + source + code, deadline, "stage")
         return pipe
 
     def close(self) -> None:

@@ -248,8 +248,9 @@ def test_deploy_release_runs_from_its_deployment_id_in_a_fresh_process(clean_sma
         "import sys\n"
         "from orchestrator.prefect_env import configure_prefect\n"
         "configure_prefect()\n"
+        "import asyncio\n"
         "from orchestrator.flows import deploy_release\n"
-        "print(deploy_release(deployment_id=int(sys.argv[1])))\n"
+        "print(asyncio.run(deploy_release(deployment_id=int(sys.argv[1]))))\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code, str(record.id)],
