@@ -26,7 +26,6 @@ from orchestrator.cms.db import session_scope
 from orchestrator.cms.deployments import RecordedDeployment
 from orchestrator.cms.models import Deployment, EnvironmentBaseline, HostBaseline, HostStep
 from orchestrator.errors import NotFound
-from remediation import recorded
 
 
 def reason_of(rec: RecordedDeployment) -> str | None:
@@ -49,7 +48,9 @@ def liveness(rec: RecordedDeployment) -> str | None:
     """None for a finished deployment; else running, interrupted or possibly interrupted."""
     if not rec.open:
         return None
-    alive = recorded.runner_alive(rec.evidence)
+    from remediation.recorded import runner_alive  # its module reaches SSH: only when needed
+
+    alive = runner_alive(rec.evidence)
     if alive is None:
         return "possibly interrupted"
     return "running" if alive else "interrupted"

@@ -72,7 +72,7 @@ def machine_state(fleet: Fleet, name: str) -> HostState:
 
 
 def make_network(fleet: Fleet, say: Progress) -> None:
-    """Take a free /23 and make the bridge (under the machine lock), then the hosts' links."""
+    """Take a free /22 and make the bridge (under the machine lock), then the hosts' links."""
     st = fleet.state
     st.bridge = layout.bridge_name(st.id)
     with machine.locked():

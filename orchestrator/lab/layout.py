@@ -1,9 +1,10 @@
 """Names, addresses and config files of a lab fleet: pure functions, no I/O.
 
-Addressing (namespace mode): 198.18.0.0/15 is cut into 256 slots of a /23 each; a fleet
+Addressing (namespace mode): 198.18.0.0/15 is cut into 128 slots of a /22 each; a fleet
 takes one free slot, puts its bridge on the slot's first address and host hN on
-`slot + 1 + N`. A /23 holds 509 hosts, and 256 slots let many fleets (a test session's,
-the demo's, two CI runs) live side by side without overlapping.
+`slot + 1 + N`. A /22 holds 1,021 hosts (the 1,000-host benchmark fits), and 128 slots let
+many fleets (a test session's, the demo's, two CI runs) live side by side without
+overlapping.
 
 Names carry the fleet's random id, so two fleets never share a namespace or a link:
 netns `ferry-<id>-hN`, root-side veth `fl<id>hN`, bridge `fl<id>br` (≤ 15 chars, the
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 LAB_NET = ipaddress.IPv4Network("198.18.0.0/15")
-SLOT_PREFIX = 23
+SLOT_PREFIX = 22
 SLOTS = 2 ** (SLOT_PREFIX - LAB_NET.prefixlen)
 MAX_HOSTS = 2 ** (32 - SLOT_PREFIX) - 3  # minus network, bridge, broadcast
 PROXY_PORT = 2222  # where the latency proxy of a `slow` host listens (same address)

@@ -13,7 +13,7 @@ machine's /etc/passwd, so it exists on every host of every fleet at once. The ba
 records that the lab made it, and the last fleet down removes user, home and sudoers file;
 one left by a crash is recognised by its GECOS mark and removed the same way.
 
-All of it, and the choice of a free /23 slot, happens under one flock.
+All of it, and the choice of a free /22 slot, happens under one flock.
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def used_networks() -> list[object]:
 
 
 def free_slot(fleet_id: str) -> int:
-    """The first /23 slot, from one derived from the fleet id, that no interface uses."""
+    """The first /22 slot, from one derived from the fleet id, that no interface uses."""
     used = used_networks()
     start = zlib.crc32(fleet_id.encode()) % layout.SLOTS
     for k in range(layout.SLOTS):
@@ -195,4 +195,4 @@ def free_slot(fleet_id: str) -> int:
         net = layout.slot_network(slot)
         if not any(net.overlaps(u) for u in used):  # type: ignore[arg-type]
             return slot
-    raise RuntimeError("every /23 of 198.18.0.0/15 is in use: take some fleets down")
+    raise RuntimeError("every /22 of 198.18.0.0/15 is in use: take some fleets down")

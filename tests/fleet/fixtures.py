@@ -3,7 +3,7 @@
     # tests/<area>/conftest.py
     from tests.fleet.fixtures import fleet, small_fleet  # noqa: F401
 
-`fleet` is 50 hosts, `small_fleet` is 12 hosts of a *separate* fleet (own bridge and /23),
+`fleet` is 50 hosts, `small_fleet` is 12 hosts of a *separate* fleet (own bridge and /22),
 so deploy tests on the small one never leave files on the big one's hosts. Each is started
 once per pytest process however many conftests import it (a module-level registry with
 reference counts, since pytest makes one fixture definition per importing conftest), and
