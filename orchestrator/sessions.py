@@ -5,6 +5,7 @@ work is done, so a large fleet never holds more sessions than it is working on."
 
 from __future__ import annotations
 
+import resource
 import threading
 
 from orchestrator.errors import BadInput
@@ -12,8 +13,20 @@ from orchestrator.hostops import HostOps
 from orchestrator.rollout import HostAction, Rollout
 
 
+def _allow_descriptors() -> None:
+    """Each session holds three pipes to its ssh: a wide fan-out needs more than 1,024."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else 65536
+        if soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, 65536), hard))
+    except (ValueError, OSError):
+        pass  # keep the limit we have; sessions past it fail as their hosts' steps
+
+
 class HostSessions:
     def __init__(self, rollout: Rollout) -> None:
+        _allow_descriptors()
         if rollout.ssh is None:
             raise BadInput("the rollout records no SSH settings: it cannot reach its hosts")
         self.rollout = rollout

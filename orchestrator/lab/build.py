@@ -71,6 +71,24 @@ def machine_state(fleet: Fleet, name: str) -> HostState:
     return st.bastion if st.bastion and name == st.bastion.name else st.hosts[name]
 
 
+# the kernel's neighbour (ARP) table: by default it starts evicting at 512 entries and
+# refuses past 1,024, machine-wide, so hosts of a large fleet go "No route to host"
+NEIGH = Path("/proc/sys/net/ipv4/neigh/default")
+
+
+def neighbours_for(hosts: int) -> None:
+    """Raise the ARP table's thresholds (never lower them) to hold every fleet host twice."""
+    for name, factor in (("gc_thresh1", 1), ("gc_thresh2", 2), ("gc_thresh3", 4)):
+        path = NEIGH / name
+        try:
+            current = int(path.read_text())
+            want = max(current, 2 * hosts * factor)
+            if want > current:
+                path.write_text(str(want))
+        except (OSError, ValueError):
+            pass  # not root or no such tunable: small fleets never need it
+
+
 def make_network(fleet: Fleet, say: Progress) -> None:
     """Take a free /22 and make the bridge (under the machine lock), then the hosts' links."""
     st = fleet.state
@@ -82,6 +100,7 @@ def make_network(fleet: Fleet, say: Progress) -> None:
         for h in machines(st):
             h.address = layout.netns_address(st.slot, h.index)
         fleet.save()
+        neighbours_for(len(st.hosts) + 1)
         procs.run(["ip", "link", "add", st.bridge, "type", "bridge"])
         Path(f"/proc/sys/net/ipv6/conf/{st.bridge}/disable_ipv6").write_text("1")
         procs.run(["ip", "addr", "add", st.bridge_cidr, "dev", st.bridge])

@@ -112,13 +112,15 @@ class _OpenSSHPipe:
         return sent
 
     def read_some(self, deadline: float) -> bytes:
+        # poll, not select: a large fan-out holds far more than 1,024 descriptors
         fd = self.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError
-            ready, _, _ = select.select([fd], [], [], left)
-            if ready:
+            if poller.poll(max(1, int(left * 1000))):
                 return os.read(fd, 1 << 16)
 
     def why_closed(self) -> tuple[bool, str]:
@@ -289,7 +291,7 @@ class AgentSession:
         while b"\n" not in self._buf:
             try:
                 chunk = self._pipe.read_some(deadline)
-            except (TimeoutError, OSError) as exc:
+            except (TimeoutError, OSError, ValueError) as exc:
                 timed_out = isinstance(exc, TimeoutError) or time.monotonic() >= deadline
                 raise self._broken(step, "waiting for the agent", timed_out) from None
             if not chunk:
