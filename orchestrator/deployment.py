@@ -219,12 +219,9 @@ class DeploymentRun:
         return results
 
     def _stuck(self) -> list[dict[str, Any]]:
-        latest: dict[str, dict[str, Any]] = {}
-        for r in self.record.load().evidence.get("backout", []):
-            latest[r["host"]] = r
         return [
             {"host": h, "current": r.get("current"), "error": r.get("error")}
-            for h, r in latest.items()
+            for h, r in self.record.load().latest("backout").items()
             if not r.get("restored")
         ]
 
@@ -330,10 +327,7 @@ class DeploymentRun:
         return Status.ABORTED
 
     def _outcomes(self) -> dict[str, dict[str, Any]]:
-        latest: dict[str, dict[str, Any]] = {}
-        for o in self.record.load().evidence.get("outcomes", []):
-            latest[o["host"]] = o
-        return latest
+        return self.record.load().latest("outcomes")
 
     def _rfc(self, status: Status, note: str) -> None:
         to = RFC_AFTER.get(status)

@@ -15,8 +15,8 @@ from orchestrator.cms.deployments import RecordedDeployment
 def deployment_report(rec: RecordedDeployment, journal: list[dict[str, Any]]) -> dict[str, Any]:
     ro = rec.rollout
     ev = rec.evidence
-    outcomes = {o["host"]: o for o in ev.get("outcomes", [])}
-    backed = {r["host"]: r for r in ev.get("backout", [])}
+    outcomes = rec.latest("outcomes")
+    backed = rec.latest("backout")
     stuck = [n["host"] for n in ev.get("needs_remediation", [])]
     hosts: dict[str, Any] = {}
     for name, h in ro.get("hosts", {}).items():

@@ -72,6 +72,10 @@ class RecordedDeployment:
     def wave_status(self) -> dict[int, str]:
         return {w["index"]: w["status"] for w in self.waves}
 
+    def latest(self, key: str) -> dict[str, dict[str, Any]]:
+        """host → its last entry in an evidence list (`outcomes`, `backout`): later wins."""
+        return {item["host"]: item for item in self.evidence.get(key, [])}
+
     def plan(self) -> Rollout:
         """The recorded Rollout: hosts, how to reach them, every rendered command."""
         return Rollout.from_record(self.rollout, where=f"deployment {self.id}")
