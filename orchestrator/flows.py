@@ -7,18 +7,28 @@ embedded default) or on a Prefect worker on another machine. One task per stage 
 wave (not per host: Prefect costs 20–160 ms per task here, and its embedded mode drops task
 records at exit, so Ferry's own journal lives in the CMS). The flow holds no business
 rules; it sequences DeploymentRun's methods and publishes a result artifact.
+
+What Prefect shows is the outcome, not merely that the code returned: the flow run ends
+Completed only when the deployment succeeded, Failed (with the failed milestone and the
+hosts in its message) when it was backed out, refused, halted or failed, Crashed when an
+internal error aborted it; a wave whose milestone failed and an incomplete backout are
+Failed task runs. The run is named for what runs (`shop@1.4.0 → production #42`), tagged
+with release, environment, RFC and change model, and its log holds Ferry's progress lines
+with secret values redacted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 import signal
 import sys
 import threading
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from orchestrator import crashlog
@@ -27,9 +37,29 @@ from orchestrator.errors import AuthorizationRefused
 from orchestrator.lifecycle import Status
 
 
-def say(message: str) -> None:
-    """Progress for people: stderr, so `--output json` stays parseable on stdout."""
-    print(message, file=sys.stderr, flush=True)
+class RunLog:
+    """Progress for people: stderr (so `--output json` stays parseable on stdout) and, once
+    a flow run is under way, that run's log in Prefect, with secret var values redacted."""
+
+    def __init__(self) -> None:
+        self.logger: Any = None
+        self.secrets: tuple[str, ...] = ()
+
+    def attach(self, secrets: tuple[str, ...]) -> None:
+        from prefect import get_run_logger
+
+        self.secrets = secrets
+        self.logger = get_run_logger()
+        # Prefect's own loggers stay at WARNING (quiet); the run's log keeps Ferry's lines
+        logging.getLogger("prefect.flow_runs").setLevel(logging.INFO)
+
+    def __call__(self, message: str) -> None:
+        from orchestrator.rollout import redact
+
+        message = redact(message, self.secrets)
+        print(message, file=sys.stderr, flush=True)
+        if self.logger is not None:
+            self.logger.info(message)
 
 
 def install_stop_handlers(stop: threading.Event, progress: Any) -> None:
@@ -51,6 +81,18 @@ def install_stop_handlers(stop: threading.Event, progress: Any) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+class MilestoneNotMet(Exception):
+    """Ends a wave's task run Failed; the flow catches it and backs out."""
+
+    def __init__(self, verdict: dict[str, Any]) -> None:
+        super().__init__(f"milestone {verdict['wave']} failed: {verdict['reason']}")
+        self.verdict = verdict
+
+
+class BackoutNotComplete(Exception):
+    """Ends the backout's task run Failed: some host was not restored."""
+
+
 # Tasks take the run object (a live handle inside this flow run); the flow's own parameter
 # stays a plain deployment id.
 @task(name="preflight", cache_policy=NO_CACHE)
@@ -63,12 +105,18 @@ def preflight(run: DeploymentRun) -> bool:
 def run_wave(run: DeploymentRun, index: int) -> dict[str, Any]:
     if index > 1:  # wave 1's hosts were authorized by preflight a moment ago, with all others
         run.gate_wave(index)
-    return run.run_wave(index).to_dict()
+    verdict = run.run_wave(index).to_dict()
+    if not verdict["passed"]:
+        raise MilestoneNotMet({**verdict, "wave": index})
+    return verdict
 
 
 @task(name="backout", cache_policy=NO_CACHE)
 def back_out(run: DeploymentRun, reason: str) -> str:
-    return run.fail(run.last_verdict, reason)
+    status = run.fail(run.last_verdict, reason)
+    if status == Status.FAILED:
+        raise BackoutNotComplete(f"{reason}; the backout left hosts needing remediation")
+    return status
 
 
 @task(name="finalize", cache_policy=NO_CACHE)
@@ -77,25 +125,41 @@ def finalize(run: DeploymentRun) -> str:
 
 
 def flow_run_name() -> str:
+    """`shop@1.4.0 → production #42`: what runs, where, which record."""
     from prefect.runtime import flow_run
 
-    return f"deployment #{flow_run.parameters.get('deployment_id')}"
+    from orchestrator.cms import deployments
+    from orchestrator.settings import get_settings
+
+    deployment_id = flow_run.parameters.get("deployment_id")
+    try:
+        rec = deployments.load(get_settings().cms_url, deployment_id)
+    except Exception:  # noqa: BLE001 - a name must never stop a run; the flow reports it
+        return f"deployment #{deployment_id}"
+    return f"{rec.release} → {rec.environment} #{rec.id}"
 
 
 def run_deployment(deployment_id: int) -> str:
-    """Run the flow in this process (the CLI, a test): its final status."""
-    return asyncio.run(deploy_release(deployment_id=deployment_id))
+    """Run the flow in this process (the CLI, a test): its final status, from the CMS."""
+    from orchestrator.cms import deployments
+    from orchestrator.settings import get_settings
+
+    asyncio.run(deploy_release(deployment_id=deployment_id, return_state=True))
+    return deployments.load(get_settings().cms_url, deployment_id).status
 
 
 # async, though every step in it is sync: Prefect 3.8 ends a sync flow by joining a
 # heartbeat thread (~0.9 s a run); an async flow does not wait for it
 @flow(name="deploy_release", flow_run_name=flow_run_name, validate_parameters=False)
-async def deploy_release(deployment_id: int) -> str:
-    """Run recorded deployment `deployment_id` to its end; returns its final status."""
+async def deploy_release(deployment_id: int) -> Any:
+    """Run recorded deployment `deployment_id` to its end; its final state is the outcome."""
     from orchestrator.preparation import runner
     from orchestrator.settings import get_settings
 
-    run = DeploymentRun(int(deployment_id), get_settings(), progress=say)
+    log = RunLog()
+    run = DeploymentRun(int(deployment_id), get_settings(), progress=log)
+    log.attach(run.rollout.secrets)
+    await _tag(run)
     run.record.add_evidence(runner=runner())  # this process runs it now
     install_stop_handlers(run.stop, run.progress)
     try:
@@ -108,25 +172,96 @@ async def deploy_release(deployment_id: int) -> str:
     finally:
         run.close()
         run.record.add_evidence(logins=run.sessions.logins)
-    publish(run, status)
-    return str(status)
+    report = await publish(run, status)
+    return final_state(str(status), report)
 
 
 def run_waves(run: DeploymentRun) -> str:
     for index in range(1, len(run.rollout.waves) + 1):
         if run.stop.is_set():
-            return back_out(run, "interrupted by a signal before the next wave")
+            return _back_out(run, "interrupted by a signal before the next wave")
         try:
-            verdict = run_wave.with_options(name=f"wave-{index}")(run, index)
+            run_wave.with_options(name=f"wave-{index}")(run, index)
         except AuthorizationRefused as exc:  # e.g. the window closed: stop at this boundary
             run.progress(f"the change gate refused wave {index}: {exc.message}")
             return run.halt(exc)
-        if not verdict["passed"]:
-            return back_out(run, f"milestone {index} failed: {verdict['reason']}")
+        except MilestoneNotMet as exc:
+            return _back_out(run, str(exc))
     return finalize(run)
 
 
-def publish(run: DeploymentRun, status: str) -> None:
+def _back_out(run: DeploymentRun, reason: str) -> str:
+    try:
+        return back_out(run, reason)
+    except BackoutNotComplete:
+        return run.status
+
+
+async def _tag(run: DeploymentRun) -> None:
+    """Tags for Prefect's filters; set from the record so a worker's run gets them too."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    tags = [f"release:{run.rollout.release}", f"environment:{run.rollout.environment}"]
+    if run.rfc_id is not None:
+        tags += [f"rfc:{run.rfc_id}", f"model:{_change_model(run)}"]
+    async with get_client() as client:
+        await client.update_flow_run(flow_run.id, tags=sorted({*flow_run.tags, *tags}))
+
+
+def _change_model(run: DeploymentRun) -> str:
+    from orchestrator.cms.db import session_scope
+    from orchestrator.cms.models import RFC
+
+    with session_scope(run.url) as s:
+        rfc = s.get(RFC, run.rfc_id)
+        return rfc.model if rfc is not None else "unknown"
+
+
+def final_state(status: str, report: dict[str, Any]) -> Any:
+    """The flow run's final state for a deployment's final status (pure but for Prefect's
+    state constructors): Completed only for a success."""
+    from prefect.states import Completed, Crashed, Failed
+
+    message = outcome_message(status, report)
+    if status == Status.SUCCEEDED:
+        return Completed(message=message, data=status)
+    if status == Status.ABORTED:
+        return Crashed(message=message, data=status)
+    return Failed(message=message, data=status)
+
+
+def outcome_message(status: str, report: dict[str, Any]) -> str:
+    """One line for the Prefect UI: what happened, the failed milestone, the hosts."""
+    head = f"{report['release']} → {report['environment']}: {status}"
+    failed = [m for m in report.get("milestones", []) if not m["passed"]]
+    parts = [head]
+    if failed:
+        parts.append(f"milestone {failed[0]['wave']} failed: {failed[0]['reason']}")
+    for state in ("failed", "backed-out", "needs-remediation"):
+        names = sorted(h for h, v in report["hosts"].items() if v["status"] == state)
+        if names:
+            shown = ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
+            parts.append(f"{state}: {shown}")
+    if not failed and report.get("message") and status != Status.SUCCEEDED:
+        parts.append(str(report["message"]))
+    return "; ".join(parts)
+
+
+def artifact_key(cms_url: str, deployment_id: int) -> str:
+    """Unique per Ferry CMS, so two Ferry homes on one Prefect server never collide.
+
+    Prefect keys allow lowercase letters, digits and dashes only; the CMS is named by a
+    hash of its URL without credentials (a team's shared PostgreSQL gives one name)."""
+    from sqlalchemy.engine import make_url
+
+    safe = make_url(cms_url).set(password=None).render_as_string(hide_password=False)
+    cms = hashlib.sha256(safe.encode()).hexdigest()[:10]
+    return f"ferry-{cms}-deployment-{deployment_id}"
+
+
+async def publish(run: DeploymentRun, status: str) -> dict[str, Any]:
+    # awaited: inside this async flow Prefect's sync artifact calls return an un-run coroutine
     from orchestrator.cms import deployments
     from orchestrator.report import deployment_report
 
@@ -145,11 +280,12 @@ def publish(run: DeploymentRun, status: str) -> None:
                     "failure": (h.get("failure") or {}).get("reason", ""),
                 }
             )
-    key = f"deployment-{report['id']}"
-    create_table_artifact(table=rows, key=key, description=f"{report['release']}: {status}")
+    key = artifact_key(run.url, report["id"])
+    await acreate_table_artifact(table=rows, key=key, description=f"{report['release']}: {status}")
     lines = [f"# Deployment {report['id']}: {status}", ""]
     lines += [
         f"- milestone {m['wave']}: {'passed' if m['passed'] else 'FAILED'}: {m['reason']}"
         for m in report["milestones"]
     ]
-    create_markdown_artifact(markdown="\n".join(lines), key=f"{key}-summary")
+    await acreate_markdown_artifact(markdown="\n".join(lines), key=f"{key}-summary")
+    return report

@@ -32,7 +32,9 @@ QUIET = {
     "DO_NOT_TRACK": "1",
     "PREFECT_LOGGING_LEVEL": "WARNING",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-    "PREFECT_LOGGING_TO_API_ENABLED": "false",
+    # the run's log in Prefect holds Ferry's progress lines (flows.RunLog); Prefect's own
+    # loggers stay at WARNING, so little else is sent
+    "PREFECT_LOGGING_TO_API_ENABLED": "true",
     # a failing task's traceback belongs in Ferry's crash log, not on the operator's screen
     "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
 }
