@@ -25,6 +25,7 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
@@ -289,3 +290,66 @@ async def publish(run: DeploymentRun, status: str) -> dict[str, Any]:
     ]
     await acreate_markdown_artifact(markdown="\n".join(lines), key=f"{key}-summary")
     return report
+
+
+# -- flows a Prefect worker runs for the UI and for remediation (prefect_deployments.py) --
+@flow(name="deploy_request", validate_parameters=False)
+async def deploy_request(plan: str, release: str, rfc: int | None = None) -> Any:
+    """Plan, release and RFC in, as from the Prefect UI: prepared and recorded like
+    `ferry deploy` (bad input refused before any record), then the change gate decides."""
+    from prefect.states import Failed
+
+    from orchestrator.errors import FerryError
+    from orchestrator.preparation import DeployRequest, open_deployment, prepare
+    from orchestrator.settings import get_settings
+
+    settings = get_settings()
+    request = DeployRequest(
+        plan_path=Path(plan), release=release, rfc=None if rfc is None else str(rfc),
+        actor=settings.actor, inventory=None,
+    )  # fmt: skip
+    try:
+        record = open_deployment(prepare(request, settings), settings)
+    except FerryError as exc:
+        return Failed(message=f"refused before any record: {exc}")
+    return await deploy_release(deployment_id=record.id, return_state=True)
+
+
+@flow(name="back_out_deployment", flow_run_name="backout of deployment #{deployment_id}")
+async def back_out_deployment(deployment_id: int, rfcs: list[str], keep_data: bool = False) -> Any:
+    """`ferry remediate backout` on a worker: every touched host to its own prior baseline."""
+    from orchestrator.settings import get_settings
+    from remediation.backout import BackoutRequest, back_out
+
+    settings = get_settings()
+    log = RunLog()
+    log.attach(())
+    req = BackoutRequest(str(deployment_id), list(rfcs), settings.actor, None, keep_data)
+    return _remediation_state(
+        f"backout of deployment {deployment_id}", back_out(req, settings, log)
+    )
+
+
+@flow(name="recover_deployment", flow_run_name="recover of deployment #{deployment_id}")
+async def recover_deployment(deployment_id: int) -> Any:
+    """`ferry remediate recover` on a worker: finish an interrupted deployment."""
+    from orchestrator.settings import get_settings
+    from remediation.recover import RecoverRequest, recover
+
+    settings = get_settings()
+    log = RunLog()
+    log.attach(())
+    outcome = recover(RecoverRequest(str(deployment_id), settings.actor), settings, log)
+    return _remediation_state(f"recover of deployment {deployment_id}", outcome)
+
+
+def _remediation_state(what: str, outcome: Any) -> Any:
+    from prefect.states import Completed, Failed
+
+    message = f"{what}: {outcome.data.get('status', '')} (exit {outcome.exit_code})"
+    stuck = outcome.data.get("needs_remediation") or []
+    if stuck:
+        message += f"; needs remediation: {', '.join(map(str, stuck[:8]))}"
+    if outcome.exit_code == 0:
+        return Completed(message=message, data=outcome.data)
+    return Failed(message=message, data=outcome.data)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -47,12 +47,25 @@ def deploy(
         Path | None, typer.Option("--inventory", "-i", help="inventory file (beats the plan's)")
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the rollout only")] = False,
+    via: Annotated[
+        str,
+        typer.Option(
+            "--via",
+            help="'local' runs the flow in this process; 'prefect' submits it to a Prefect "
+            "work pool (ferry prefect register) and follows it: same progress and exit code",
+        ),
+    ] = "local",
+    pool: Annotated[str, typer.Option("--pool", help="work pool for --via prefect")] = "ferry",
     fmt: OutputOpt = out.Format.text,
 ) -> None:
     out.use(fmt)
     from orchestrator.preparation import DeployRequest, open_deployment, prepare
     from orchestrator.settings import get_settings
 
+    if via not in ("local", "prefect"):
+        from orchestrator.errors import BadInput
+
+        raise BadInput(f"--via {via!r}: expected 'local' (the default) or 'prefect'")
     settings = get_settings()
     request = DeployRequest(
         plan_path=plan, release=release, rfc=rfc, actor=settings.actor, inventory=inventory
@@ -67,12 +80,19 @@ def deploy(
 
     # before the record: a Prefect that cannot start leaves no planned deployment behind
     where = configure_prefect(progress=out.progress)
+    if via == "prefect":
+        from orchestrator.prefect_deployments import require
+
+        require(pool)
     record = open_deployment(prepared, settings)
     out.progress(
         f"deployment {record.id}: {rollout.release} to {len(rollout.hosts())} host(s) of "
         f"{rollout.environment} in {len(rollout.waves)} wave(s) under RFC {rfc} "
         f"(Prefect {where})"
     )
+    if via == "prefect":
+        _via_prefect(record, pool, settings)
+        return
     from orchestrator.flows import run_deployment
 
     try:
@@ -84,6 +104,28 @@ def deploy(
         if record.load().status == Status.PLANNED:
             record.move(Status.ABORTED, evidence={"reason": "the flow could not start"})
         raise
+    finish(record.id, settings)
+
+
+def _via_prefect(record: Any, pool: str, settings: Any) -> None:
+    """Submit the recorded deployment to the pool, relay its log, end as if run here."""
+    from orchestrator.errors import BackoutIncomplete
+    from orchestrator.lifecycle import Status
+    from orchestrator.prefect_deployments import follow, submit
+
+    try:
+        run = submit(record.id, pool)
+    except Exception:
+        record.move(Status.ABORTED, evidence={"reason": "could not submit it to Prefect"})
+        raise
+    out.progress(f"submitted to work pool {pool} as flow run {run.name} ({run.id})")
+    state = follow(run.id, out.progress)
+    rec = record.load()
+    if rec.open:  # the worker ended without finishing the record (it died, or was cancelled)
+        raise BackoutIncomplete(
+            f"flow run {run.name} ended {state.type.value} but deployment {rec.id} is still "
+            f"{rec.status}: run `ferry remediate recover {rec.id}`"
+        )
     finish(record.id, settings)
 
 

@@ -28,6 +28,11 @@ Examples:
   ferry prefect status          URL, PID, idle time, log
   ferry prefect start           warm it up now (e.g. before a change window)
   ferry prefect stop            stop it now ("not running" is success too)
+
+Workers (a team's set-up, docs/prefect.md):
+  ferry prefect register --pool ferry    work pool + Prefect deployments of Ferry's flows
+  prefect worker start --pool ferry      a worker (any machine sharing the CMS and DML)
+  ferry deploy PLAN -r R --rfc N --via prefect   submit to the pool and follow it
 """
 
 app = typer.Typer(help=HELP, no_args_is_help=True, rich_markup_mode=None)
@@ -95,6 +100,38 @@ def stop(
         else f"Prefect server: {data['reason']}"
     )
     out.result(data, text)
+
+
+@app.command()
+def register(
+    pool: Annotated[str, typer.Option("--pool", help="work pool (created if missing)")] = "ferry",
+    working_dir: Annotated[
+        Path | None,
+        typer.Option("--working-dir", help="where workers run the flows (default: here)"),
+    ] = None,
+    fmt: OutputOpt = out.Format.text,
+) -> None:
+    """Create the work pool (process type) if missing and Prefect deployments of Ferry's
+    flows on it (deploy, deploy from the UI, backout, recover); safe to run again.
+
+    Workers started with `prefect worker start --pool POOL` then run them; each worker's own
+    environment names the CMS (FERRY_HOME or FERRY_DATABASE_URL) and the DML.
+    """
+    out.use(fmt)
+    from orchestrator.prefect_deployments import register as register_flows
+    from orchestrator.prefect_env import configure_prefect
+
+    where = configure_prefect(progress=out.progress)
+    made = register_flows(pool, str((working_dir or Path.cwd()).resolve()))
+
+    def text() -> None:
+        created = "created" if made[0]["pool_created"] else "exists"
+        out.stdout.print(f"work pool {pool} ({created}) on Prefect {where}", highlight=False)
+        for m in made:
+            out.stdout.print(f"  {m['deployment']}: {m['what']}", highlight=False, markup=False)
+        out.stdout.print(f"start a worker: prefect worker start --pool {pool}", highlight=False)
+
+    out.result({"pool": pool, "deployments": made}, text)
 
 
 def _print_status(data: dict[str, Any]) -> None:

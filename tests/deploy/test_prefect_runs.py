@@ -18,6 +18,7 @@ from tests.deploy.helpers import build, deploy, plan, rfc
 
 pytestmark = pytest.mark.fleet
 
+
 def _api(url: str, path: str, body: dict[str, Any]) -> Any:
     req = urllib.request.Request(
         f"{url}/{path}",
