@@ -31,6 +31,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.input import RunInput
 
 from orchestrator import crashlog
 from orchestrator.deployment import DeploymentRun
@@ -167,7 +168,7 @@ async def deploy_release(deployment_id: int) -> Any:
         if not preflight(run):
             status: str = Status.REFUSED
         else:
-            status = run_waves(run)
+            status = await run_waves(run)
     except Exception as exc:  # noqa: BLE001 - never leave hosts half-way: back out, then tell
         status = run.abort(exc, crashlog.write(exc))
     finally:
@@ -177,8 +178,8 @@ async def deploy_release(deployment_id: int) -> Any:
     return final_state(str(status), report)
 
 
-def run_waves(run: DeploymentRun) -> str:
-    for index in range(1, len(run.rollout.waves) + 1):
+async def run_waves(run: DeploymentRun) -> str:
+    for index, wave in enumerate(run.rollout.waves, start=1):
         if run.stop.is_set():
             return _back_out(run, "interrupted by a signal before the next wave")
         try:
@@ -188,7 +189,59 @@ def run_waves(run: DeploymentRun) -> str:
             return run.halt(exc)
         except MilestoneNotMet as exc:
             return _back_out(run, str(exc))
+        if wave.approve is not None:
+            rejected = await manual_milestone(run, index, wave.approve)
+            if rejected:
+                return _back_out(run, rejected)
     return finalize(run)
+
+
+class WaveDecision(RunInput):
+    """What a person gives to resume a paused wave (Prefect's UI shows these fields)."""
+
+    approve: bool
+    approver: str
+    comment: str = ""
+
+
+async def manual_milestone(run: DeploymentRun, index: int, timeout: float) -> str | None:
+    """Pause after wave `index` until an allowed person decides; the rejection's reason, or
+    None when approved. A decision by someone not allowed is recorded and waited past."""
+    from prefect.flow_runs import pause_flow_run
+
+    from orchestrator.change.config import load_change_models
+    from orchestrator.milestone import approver_refused
+
+    roles = {k: [str(r) for r in v] for k, v in load_change_models().roles.items()}
+    run.record.add_evidence(awaiting_approval={"wave": index, "timeout_s": timeout})
+    run.progress(
+        f"  wave {index} awaits a manual milestone: `ferry deploy approve {run.id}` (or "
+        f"--reject), or resume the flow run in Prefect's UI; {int(timeout)} s at most"
+    )
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            decision = await pause_flow_run(
+                wait_for_input=WaveDecision, timeout=int(timeout), key=f"wave-{index}-{attempt}"
+            )
+        except Exception as exc:  # noqa: BLE001 - Prefect's timeout, or the server gone
+            run.record.add_evidence(awaiting_approval=None)
+            return f"manual milestone {index}: no decision ({type(exc).__name__}: {exc})"
+        why = approver_refused(decision.approver, run.actor, roles)
+        entry = {"approve": decision.approve, "approver": decision.approver,
+                 "comment": decision.comment}  # fmt: skip
+        if why is not None:
+            run.record.decide(index, {**entry, "refused": why})
+            run.progress(f"  decision not counted: {why}; still waiting")
+            continue
+        run.record.decide(index, entry)
+        run.record.add_evidence(awaiting_approval=None)
+        word = "approved" if decision.approve else "rejected"
+        run.progress(f"  manual milestone {index} {word} by {decision.approver}")
+        if decision.approve:
+            return None
+        return f"manual milestone {index} rejected by {decision.approver}: {decision.comment}"
 
 
 def _back_out(run: DeploymentRun, reason: str) -> str:
@@ -244,8 +297,9 @@ def outcome_message(status: str, report: dict[str, Any]) -> str:
         if names:
             shown = ", ".join(names[:8]) + (f" (+{len(names) - 8} more)" if len(names) > 8 else "")
             parts.append(f"{state}: {shown}")
-    if not failed and report.get("message") and status != Status.SUCCEEDED:
-        parts.append(str(report["message"]))
+    why = report.get("message") or report.get("reason")
+    if not failed and why and status != Status.SUCCEEDED:
+        parts.append(str(why))
     return "; ".join(parts)
 
 

@@ -99,3 +99,16 @@ def milestone_verdict(
     if failed:
         reason += f"; {len(failed)} failed within the tolerance of {allowed}"
     return Verdict(True, wave, names, allowed, reason, evidence)
+
+
+def approver_refused(approver: str, deployer: str, roles: dict[str, list[str]]) -> str | None:
+    """Why `approver` may not decide a manual milestone, or None when they may: they must
+    hold a role in the change models (people Ferry knows as approvers) and, separation of
+    duties, not be the person who started the deployment."""
+    if not approver.strip():
+        return "the decision names no approver"
+    if approver == deployer:
+        return f"{approver} started this deployment and may not approve its milestone"
+    if not roles.get(approver):
+        return f"{approver} holds no role in the change models (roles:)"
+    return None

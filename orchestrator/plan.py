@@ -6,6 +6,7 @@ inventory: inventory.yaml          # relative to the plan file, or FERRY_INVENTO
 targets: all                       # a group, host names or glob patterns (comma list ok)
 strategy: phased                   # or big-bang (one wave, one milestone)
 waves: [1, 3, 100%]                # cumulative: hosts done after each wave
+                                   # {hosts: 3, approve: true}: a person approves after it
 method: push
 deploy_root: /srv/app              # overrides the inventory's
 concurrency: 20                    # hosts at once within a wave
@@ -194,13 +195,29 @@ class Timeouts(BaseModel):
 WaveEntry = int | str
 
 
+class ApprovedWave(BaseModel):
+    """`{hosts: 3, approve: true}`: a manual milestone. After this wave's milestone passes,
+    the flow pauses until a person with a role in the change models approves (Prefect's UI,
+    or `ferry deploy approve ID`) or rejects, which backs the deployment out; no decision
+    within `timeout` is a rejection."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    hosts: WaveEntry
+    approve: bool = False
+    timeout: Duration = 3600.0
+
+
+def wave_entry(entry: WaveEntry | ApprovedWave) -> WaveEntry:
+    return entry.hosts if isinstance(entry, ApprovedWave) else entry
+
+
 class DeployPlan(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     environment: str = Field(min_length=1)
     inventory: Path | None = None
     targets: str | list[str] = "all"
     strategy: Literal["big-bang", "phased"]
-    waves: tuple[WaveEntry, ...] | None = None
+    waves: tuple[WaveEntry | ApprovedWave, ...] | None = None
     method: Literal["push", "pull"] = "push"
     deploy_root: str | None = None
     concurrency: int = Field(20, ge=1, le=1000)
@@ -238,8 +255,10 @@ class DeployPlan(BaseModel):
 
     @field_validator("waves")
     @classmethod
-    def _waves(cls, value: tuple[WaveEntry, ...] | None) -> tuple[WaveEntry, ...] | None:
-        for entry in value or ():
+    def _waves(
+        cls, value: tuple[WaveEntry | ApprovedWave, ...] | None
+    ) -> tuple[WaveEntry | ApprovedWave, ...] | None:
+        for entry in map(wave_entry, value or ()):
             if isinstance(entry, bool):
                 raise ValueError("a wave is a host count, a percentage like 10%, or a group")
             if isinstance(entry, int) and entry < 1:

@@ -28,7 +28,7 @@ from orchestrator import steps as step_table
 from orchestrator.context import Renderer, host_context, scalars
 from orchestrator.errors import PlanError
 from orchestrator.inventory import Host, SSHSettings
-from orchestrator.plan import Check, DeployPlan
+from orchestrator.plan import ApprovedWave, Check, DeployPlan, wave_entry
 from orchestrator.rollout import (
     Baseline,
     HostAction,
@@ -56,13 +56,23 @@ def split_waves(
     plan: DeployPlan, names: Sequence[str], groups: Mapping[str, Sequence[str]]
 ) -> tuple[list[list[str]], list[str]]:
     """Target names → waves (cumulative entries); empty waves are dropped with a note."""
+    waves, notes, _ = _split(plan, names, groups)
+    return waves, notes
+
+
+def _split(
+    plan: DeployPlan, names: Sequence[str], groups: Mapping[str, Sequence[str]]
+) -> tuple[list[list[str]], list[str], list[float | None]]:
+    """split_waves, with each wave's manual-milestone timeout (None: no approval)."""
     n = len(names)
     if plan.strategy == "big-bang":
-        return [list(names)], []
+        return [list(names)], [], [None]
     waves: list[list[str]] = []
+    approvals: list[float | None] = []
     notes: list[str] = []
     done: set[str] = set()
-    for entry in plan.waves or ():
+    for step in plan.waves or ():
+        entry = wave_entry(step)
         remaining = [h for h in names if h not in done]
         if isinstance(entry, int):
             wave = remaining[: max(0, min(entry, n) - len(done))]
@@ -82,14 +92,16 @@ def split_waves(
             notes.append(f"wave entry {entry!r} adds no host ({len(done)} of {n} already)")
             continue
         waves.append(wave)
+        approvals.append(step.timeout if isinstance(step, ApprovedWave) and step.approve else None)
         done.update(wave)
     left = [h for h in names if h not in done]
     if left:
         raise PlanError(
-            f"waves {list(plan.waves or [])} reach {len(done)} of {n} targets; the last wave "
-            f"must reach all of them (end with 100%), else {', '.join(left[:5])} never deploy"
+            f"waves {[wave_entry(w) for w in plan.waves or []]} reach {len(done)} of {n} "
+            "targets; the last wave must reach all of them (end with 100%), else "
+            f"{', '.join(left[:5])} never deploy"
         )
-    return waves, notes
+    return waves, notes, approvals
 
 
 def plan_rollout(
@@ -109,7 +121,7 @@ def plan_rollout(
     if not hosts:
         raise PlanError(f"{plan_file}: targets select no host")
     by_name = {h.name: h for h in hosts}
-    waves, notes = split_waves(plan, [h.name for h in hosts], groups)
+    waves, notes, approvals = _split(plan, [h.name for h in hosts], groups)
     steps = forward_steps(plan)
     rid = release_id(release, digest)
     render = _HostRenderer(plan, templates or {}, plan_file, release, rid)
@@ -124,7 +136,7 @@ def plan_rollout(
             )
             for name in wave
         )
-        wave_plans.append(WavePlan(i, actions))
+        wave_plans.append(WavePlan(i, actions, approve=approvals[i - 1]))
     same = [h for h in hosts if (b := baselines.get(h.name)) and b.digest == digest]
     if same:
         notes.append(f"{len(same)} host(s) already run this package: nothing to transfer there")

@@ -151,3 +151,31 @@ def _api() -> str:
     import os
 
     return os.environ.get("PREFECT_API_URL", "the embedded Prefect server")
+
+
+def resume_paused(deployment_id: int, decision: dict[str, Any]) -> str:
+    """Resume the paused flow run of deployment `deployment_id` with a person's decision."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterName,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.flow_runs import resume_flow_run
+
+    from orchestrator.errors import BadInput
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                name=FlowRunFilterName(like_=f"#{deployment_id}"),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])),
+            )
+        )
+    runs = [r for r in runs if r.name.endswith(f" #{deployment_id}")]
+    if not runs:
+        raise BadInput(f"deployment {deployment_id}: no paused flow run on {_api()}")
+    resume_flow_run(runs[0].id, run_input=decision)
+    return runs[0].name

@@ -96,6 +96,7 @@ class HostAction:
 class WavePlan:
     index: int
     hosts: tuple[HostAction, ...]
+    approve: float | None = None  # a manual milestone after it: seconds to wait for a person
 
     @property
     def names(self) -> list[str]:
@@ -162,6 +163,7 @@ class Rollout:
             "retention": self.retention,
             "readback": self.readback,
             "waves": [w.names for w in self.waves],
+            "approve": {str(w.index): w.approve for w in self.waves if w.approve is not None},
             "hosts": {h.host: _host_record(h) for h in self.hosts()},
             "notes": list(self.notes),
         }
@@ -175,8 +177,9 @@ class Rollout:
                 "out by deploying their prior release under a new RFC"
             )
         hosts = data["hosts"]
+        approve = data.get("approve", {})
         waves = tuple(
-            WavePlan(i, tuple(_host_from(name, hosts[name]) for name in names))
+            WavePlan(i, tuple(_host_from(name, hosts[name]) for name in names), approve.get(str(i)))
             for i, names in enumerate(data["waves"], start=1)
         )
         return cls(

@@ -84,6 +84,11 @@ COMMANDS = (
         kind="command",
     ),
     CommandEntry(
+        "approve",
+        "Approve (or --reject) the manual milestone a running deployment waits at.",
+        kind="command",
+    ),
+    CommandEntry(
         "status",
         "What the CMS knows now: environment and host baselines, recent deployments, and the "
         "hosts that need remediation.",

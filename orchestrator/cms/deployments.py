@@ -357,6 +357,27 @@ class DeploymentRecord:
             ev[key] = list(ev.get(key, [])) + list(items)
             dep.evidence = ev
 
+    def decide(self, wave: int, decision: dict[str, Any]) -> None:
+        """A person's decision at a manual milestone: in the evidence and the audit log, by
+        them (approve or reject; a decision refused for its approver is recorded too)."""
+        word = "approved" if decision.get("approve") else "rejected"
+        if decision.get("refused"):
+            word = "decision-refused"
+        with self._lock, session_scope(self.url) as s:
+            dep = s.get(Deployment, self.id)
+            assert dep is not None
+            ev = dict(dep.evidence or {})
+            ev["approvals"] = [*ev.get("approvals", []), {"wave": wave, **decision}]
+            dep.evidence = ev
+            audit.append(
+                s,
+                actor=str(decision.get("approver") or "unknown"),
+                action=f"deploy.wave-{word}",
+                subject_type="deployment",
+                subject_id=self.id,
+                data={"wave": wave, **decision},
+            )
+
     # -- waves -----------------------------------------------------------------------------
     def wave(
         self,
