@@ -23,6 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from orchestrator import catalog
@@ -39,11 +40,19 @@ from orchestrator.executor import Executor
 from orchestrator.lifecycle import RFC_AFTER, Status, WaveStatus
 from orchestrator.milestone import HostOutcome, Verdict, milestone_verdict
 from orchestrator.objects import ObjectCache
-from orchestrator.rollout import Baseline
+from orchestrator.rollout import Baseline, WavePlan
 from orchestrator.sessions import HostSessions
 from orchestrator.settings import Settings
 
 Progress = Callable[[str], None]
+Shards = Callable[[WavePlan], None]  # runs a wave's shards elsewhere; they record outcomes
+
+
+def _outcome_from(d: dict[str, Any]) -> HostOutcome:
+    return HostOutcome(
+        d["host"], bool(d["ok"]), d.get("failed_step"), d.get("reason", ""),
+        d.get("output", ""), kind=d.get("kind"),
+    )  # fmt: skip
 
 
 class DeploymentRun:
@@ -148,34 +157,80 @@ class DeploymentRun:
         """Before every wave: does the change authorization still hold (window, blackout)?"""
         self._gate(self.rollout.waves[index - 1].names)
 
-    def run_wave(self, index: int) -> Verdict:
+    def run_wave(self, index: int, shards: Shards | None = None) -> Verdict:
+        """Deploy wave `index` (here, or as `shards` run elsewhere) and judge its milestone."""
         wave = self.rollout.waves[index - 1]
         start = time.monotonic()
-        executor = self.executor
         self.record.wave(index, WaveStatus.RUNNING)
         self.progress(
             f"wave {index}/{len(self.rollout.waves)}: {len(wave.hosts)} host(s): "
             f"{_names(wave.names)}"
         )
-        soak = self.rollout.milestone.soak
         last = index == len(self.rollout.waves)  # its sessions stay for the final prune
-        outcomes = executor.run_wave(wave, check=soak == 0, keep_open=last and soak == 0)
+        if shards is None:
+            outcomes = self._deploy(wave, keep_open=last)
+            self.record.append_evidence("outcomes", [o.to_dict() for o in outcomes])
+        else:
+            outcomes = self._sharded(wave, shards)
+        return self._judge(index, outcomes, time.monotonic() - start)
+
+    def run_shard(self, index: int, names: list[str]) -> list[HostOutcome]:
+        """One shard of wave `index`, on a worker: deploy and check these hosts, record each
+        outcome; the wave's milestone is judged by the run that sharded it."""
+        wave = self.rollout.waves[index - 1]
+        chosen = set(names)
+        part = replace(wave, hosts=tuple(a for a in wave.hosts if a.host in chosen))
+        outcomes = self._deploy(part, keep_open=False)
+        self.record.append_evidence("outcomes", [o.to_dict() for o in outcomes])
+        return outcomes
+
+    def _deploy(self, wave: WavePlan, keep_open: bool) -> list[HostOutcome]:
+        executor = self.executor
+        soak = self.rollout.milestone.soak
+        outcomes = executor.run_wave(wave, check=soak == 0, keep_open=keep_open and soak == 0)
         self._tell(outcomes, "deployed")
         if soak > 0 and not self.stop.is_set():
             executor.soak(soak)
             outcomes = executor.run_checks(wave, outcomes)
-            if not last:
+            if not keep_open:
                 for a in wave.hosts:
                     self.sessions.release(a.host)
+        return outcomes
+
+    def _sharded(self, wave: WavePlan, shards: Shards) -> list[HostOutcome]:
+        """Run the shards (they record their hosts' outcomes), then read the outcomes back: a
+        host whose shard ended without one (its worker died) failed, and is recorded so."""
+        shards(wave)
+        recorded = self.record.load().latest("outcomes")
+        outcomes, missing = [], []
+        for name in wave.names:
+            o = recorded.get(name)
+            if o is None:
+                missing.append(
+                    HostOutcome(
+                        name, False, "shard",
+                        "its shard ended without an outcome (the worker running it died or "
+                        "timed out); `ferry remediate recover` settles the host",
+                        kind="unreachable",
+                    )
+                )  # fmt: skip
+                outcomes.append(missing[-1])
+            else:
+                outcomes.append(_outcome_from(o))
+        if missing:
+            self.record.append_evidence("outcomes", [o.to_dict() for o in missing])
+        self._tell(outcomes, "deployed")
+        return outcomes
+
+    def _judge(self, index: int, outcomes: list[HostOutcome], elapsed: float) -> Verdict:
         verdict = milestone_verdict(
             index,
             outcomes,
             self.rollout.milestone,
-            elapsed=time.monotonic() - start,
+            elapsed=elapsed,
             interrupted=self.stop.is_set(),
         )
         self.last_verdict = verdict
-        self.record.append_evidence("outcomes", [o.to_dict() for o in outcomes])
         status = WaveStatus.PASSED if verdict.passed else WaveStatus.FAILED
         self.record.wave(index, status, verdict.to_dict())
         word = "passed" if verdict.passed else "FAILED"

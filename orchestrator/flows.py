@@ -107,7 +107,7 @@ def preflight(run: DeploymentRun) -> bool:
 def run_wave(run: DeploymentRun, index: int) -> dict[str, Any]:
     if index > 1:  # wave 1's hosts were authorized by preflight a moment ago, with all others
         run.gate_wave(index)
-    verdict = run.run_wave(index).to_dict()
+    verdict = run.run_wave(index, shards_for(run, index)).to_dict()
     if not verdict["passed"]:
         raise MilestoneNotMet({**verdict, "wave": index})
     return verdict
@@ -242,6 +242,141 @@ async def manual_milestone(run: DeploymentRun, index: int, timeout: float) -> st
         if decision.approve:
             return None
         return f"manual milestone {index} rejected by {decision.approver}: {decision.comment}"
+
+
+# -- waves sharded across workers ----------------------------------------------------------
+SHARD_GRACE = 30.0  # beyond the milestone's deadline, for a shard's flow run to start and end
+
+
+def shards_for(run: DeploymentRun, index: int) -> Any:
+    """How wave `index` runs: None (here, whole) or a callable running it as shard flow runs
+    on this run's work pool. Only a run that a worker took from a pool shards: its pool's
+    `deploy_shard` deployment is there, and so are the other workers."""
+    from prefect.runtime import deployment
+
+    size = run.rollout.shard_size
+    wave = run.rollout.waves[index - 1]
+    if not size or len(wave.hosts) <= size:
+        return None
+    if deployment.id is None:
+        run.progress(
+            f"  wave {index}: shard_size {size} applies on a Prefect work pool (ferry deploy "
+            "--via prefect); this run is local, so the wave runs whole here"
+        )
+        return None
+    pool = str(deployment.name)  # Ferry names its deployments on a pool after the pool
+
+    def run_shards(w: Any) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        parts = [w.names[i : i + size] for i in range(0, len(w.names), size)]
+        run.progress(f"  wave {index}: {len(parts)} shards of at most {size} hosts on {pool}")
+        wait = run.rollout.milestone.deadline + SHARD_GRACE
+        # its own event loop in a thread: this task runs inside the flow's loop
+        with ThreadPoolExecutor(1) as thread:
+            ends = thread.submit(asyncio.run, _shards(run.id, index, parts, pool, wait)).result()
+        for k, end in enumerate(ends, start=1):
+            run.progress(f"  wave {index} shard {k}/{len(parts)}: {end}")
+
+    return run_shards
+
+
+async def _shards(
+    deployment_id: int, index: int, parts: list[list[str]], pool: str, wait: float
+) -> list[str]:
+    """Submit the shards one by one, then watch them all until they end or `wait` passes;
+    one still unfinished then (its worker died, or none was free) is cancelled, so that
+    nothing deploys behind the backout that follows. Returns a line per shard."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import arun_deployment
+    from prefect.states import Cancelling
+
+    runs = []
+    for hosts in parts:
+        params = {"deployment_id": deployment_id, "wave": index, "hosts": hosts}
+        runs.append(
+            await _retrying(
+                lambda p=params: arun_deployment(
+                    name=f"deploy_shard/{pool}", parameters=p, timeout=0, as_subflow=False
+                )
+            )
+        )
+    ends: dict[Any, str] = {}
+    deadline = time.monotonic() + wait
+    async with get_client() as client:
+        while len(ends) < len(runs) and time.monotonic() < deadline:
+            await asyncio.sleep(1)
+            for fr in runs:
+                if fr.id in ends:
+                    continue
+                now = await _retrying(lambda i=fr.id: client.read_flow_run(i))
+                if now.state is not None and now.state.is_final():
+                    ends[fr.id] = f"flow run {now.name} {now.state.type.value.lower()}"
+        late = [fr for fr in runs if fr.id not in ends]
+        for fr in late:
+            await _retrying(lambda i=fr.id: client.set_flow_run_state(i, Cancelling(), force=True))
+            ends[fr.id] = f"flow run {fr.name} did not end within {int(wait)} s: cancelled"
+        # a live worker ends a cancelled run's process within moments; a dead one's is gone
+        until = time.monotonic() + SHARD_GRACE
+        while late and time.monotonic() < until:
+            await asyncio.sleep(1)
+            states = [await _retrying(lambda i=fr.id: client.read_flow_run(i)) for fr in late]
+            late = [fr for fr, now in zip(late, states, strict=True) if not now.state.is_final()]
+    return [ends[fr.id] for fr in runs]
+
+
+async def _retrying(call: Any, attempts: int = 6) -> Any:
+    """A busy Prefect server answers 503 (its SQLite, under load): try again, backing off."""
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return await call()
+        except PrefectHTTPStatusError as exc:
+            if exc.response.status_code < 500 or attempt == attempts:
+                raise
+            await asyncio.sleep(min(8.0, 0.5 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+def _now() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).isoformat()
+
+
+def shard_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    return f"deployment #{p.get('deployment_id')} wave {p.get('wave')} shard"
+
+
+@flow(name="deploy_shard", flow_run_name=shard_run_name, validate_parameters=False)
+async def deploy_shard(deployment_id: int, wave: int, hosts: list[str]) -> Any:
+    """A share of one wave's hosts, on whichever worker takes it: deploy, check, record each
+    host's outcome. The run that sharded the wave judges its milestone and backs out."""
+    from prefect.states import Completed, Failed
+
+    from orchestrator.preparation import runner
+    from orchestrator.settings import get_settings
+
+    log = RunLog()
+    run = DeploymentRun(int(deployment_id), get_settings(), progress=log)
+    log.attach(run.rollout.secrets)
+    began = {"wave": int(wave), "hosts": list(hosts), "runner": runner()}
+    run.record.append_evidence("shards", [{**began, "event": "started", "at": _now()}])
+    try:
+        outcomes = run.run_shard(int(wave), list(hosts))
+    finally:
+        run.close()
+    run.record.append_evidence("shards", [{**began, "event": "ended", "at": _now()}])
+    bad = [o.host for o in outcomes if not o.ok]
+    if bad:
+        return Failed(message=f"{len(bad)} of {len(outcomes)} host(s) failed: {', '.join(bad[:8])}")
+    return Completed(message=f"{len(outcomes)} host(s) deployed")
 
 
 def _back_out(run: DeploymentRun, reason: str) -> str:

@@ -10,6 +10,7 @@ waves: [1, 3, 100%]                # cumulative: hosts done after each wave
 method: push
 deploy_root: /srv/app              # overrides the inventory's
 concurrency: 20                    # hosts at once within a wave
+shard_size: 200                    # on a Prefect work pool: waves split across workers
 hooks:                             # shell, Jinja2-rendered per host (sandboxed, strict)
   snapshot: "cp -a {{ shared }}/data {{ snapshot_dir }}/"
   install: "..."
@@ -221,6 +222,8 @@ class DeployPlan(BaseModel):
     method: Literal["push", "pull"] = "push"
     deploy_root: str | None = None
     concurrency: int = Field(20, ge=1, le=1000)
+    # run by a Prefect worker: a wave of more hosts runs as shard flow runs on its work pool
+    shard_size: int | None = Field(None, ge=1, le=100000)
     hooks: Hooks = Hooks()
     config: tuple[ConfigTemplate, ...] = ()
     vars: dict[str, Any] = {}

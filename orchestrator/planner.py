@@ -148,6 +148,7 @@ def plan_rollout(
         strategy=plan.strategy,
         method=plan.method,
         concurrency=plan.concurrency,
+        shard_size=plan.shard_size,
         waves=tuple(wave_plans),
         notes=tuple(notes),
         ssh=ssh,

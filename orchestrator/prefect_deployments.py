@@ -27,6 +27,8 @@ class FlowEntry:
 FLOWS = (
     FlowEntry("deploy_release", "orchestrator.flows.deploy_release",
               "run a recorded deployment (what `ferry deploy --via prefect` submits)"),
+    FlowEntry("deploy_shard", "orchestrator.flows.deploy_shard",
+              "a share of one wave's hosts (a run on this pool submits its waves' shards)"),
     FlowEntry("deploy_request", "orchestrator.flows.deploy_request",
               "plan, release and RFC in; the change gate decides (for the Prefect UI)"),
     FlowEntry("back_out_deployment", "orchestrator.flows.back_out_deployment",

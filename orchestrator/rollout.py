@@ -121,6 +121,7 @@ class Rollout:
     readback: str = "full"
     plan_file: str = ""
     plan_hash: str = ""
+    shard_size: int | None = None  # on a Prefect work pool: hosts per shard flow run
 
     def hosts(self) -> list[HostAction]:
         return [h for w in self.waves for h in w.hosts]
@@ -155,6 +156,7 @@ class Rollout:
             "strategy": self.strategy,
             "method": self.method,
             "concurrency": self.concurrency,
+            "shard_size": self.shard_size,
             "plan_file": self.plan_file,
             "plan_hash": self.plan_hash,
             "ssh": self.ssh.model_dump(mode="json") if self.ssh else None,
@@ -199,6 +201,7 @@ class Rollout:
             readback=data["readback"],
             plan_file=data.get("plan_file", ""),
             plan_hash=data.get("plan_hash", ""),
+            shard_size=data.get("shard_size"),
         )
 
     def bind(self, deployment_id: int) -> Rollout:

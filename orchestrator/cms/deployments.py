@@ -321,7 +321,7 @@ class DeploymentRecord:
         """Move the deployment on (checked by the lifecycle); a final status finishes it
         and is audited, with the evidence merged into the record."""
         with self._lock, session_scope(self.url) as s:
-            dep = s.get(Deployment, self.id)
+            dep = _locked(s, self.id)
             assert dep is not None
             lifecycle.check_move(self.id, dep.status, to)
             dep.status = to
@@ -344,14 +344,14 @@ class DeploymentRecord:
 
     def add_evidence(self, **evidence: Any) -> None:
         with self._lock, session_scope(self.url) as s:
-            dep = s.get(Deployment, self.id)
+            dep = _locked(s, self.id)
             assert dep is not None
             dep.evidence = {**(dep.evidence or {}), **evidence}
 
     def append_evidence(self, key: str, items: list[Any]) -> None:
         """Add to a list in the evidence (host outcomes, backout results) without losing any."""
         with self._lock, session_scope(self.url) as s:
-            dep = s.get(Deployment, self.id)
+            dep = _locked(s, self.id)
             assert dep is not None
             ev = dict(dep.evidence or {})
             ev[key] = list(ev.get(key, [])) + list(items)
@@ -364,7 +364,7 @@ class DeploymentRecord:
         if decision.get("refused"):
             word = "decision-refused"
         with self._lock, session_scope(self.url) as s:
-            dep = s.get(Deployment, self.id)
+            dep = _locked(s, self.id)
             assert dep is not None
             ev = dict(dep.evidence or {})
             ev["approvals"] = [*ev.get("approvals", []), {"wave": wave, **decision}]
@@ -470,6 +470,15 @@ class DeploymentRecord:
                 )
                 env.deployment_id, env.recorded_at = self.id, utcnow()
                 s.merge(env)
+
+
+def _locked(s: Any, deployment_id: int) -> Deployment:
+    """The deployment row, locked until the transaction ends: its evidence is read, changed
+    and written back, and shard runs on several workers write it at once (PostgreSQL's read
+    committed would otherwise let one of two such writes overwrite the other)."""
+    dep = s.get(Deployment, deployment_id, with_for_update=True, populate_existing=True)
+    assert dep is not None
+    return dep
 
 
 def _upsert_hosts(s: Any, rollout: Rollout, groups: dict[str, list[str]]) -> None:

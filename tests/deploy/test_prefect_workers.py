@@ -67,6 +67,7 @@ def test_a_worker_runs_submitted_deployments_and_prefect_shows_their_outcome(
         f"{flow}/{POOL}"
         for flow in (
             "deploy_release",
+            "deploy_shard",
             "deploy_request",
             "back_out_deployment",
             "recover_deployment",
