@@ -94,6 +94,12 @@ COMMANDS = (
         "hosts that need remediation.",
         kind="command",
     ),
+    CommandEntry(
+        "report",
+        "ITIL change KPIs, release and deployment figures, and DORA's four keys, computed from "
+        "the CMS (read-only).",
+        kind="command",
+    ),
     CommandEntry("release", "Build release packages from release specs."),
     CommandEntry("dml", "The Definitive Media Library: list, verify, gc."),
     CommandEntry("rfc", "Requests for change: raise, approve, show."),
