@@ -105,6 +105,7 @@ COMMANDS = (
     CommandEntry("rfc", "Requests for change: raise, approve, show."),
     CommandEntry("calendar", "Change windows and blackouts."),
     CommandEntry("remediate", "On-call: backout, recover, drift audit."),
+    CommandEntry("els", "Early life support: re-run deployments' ELS checks during their period."),
     CommandEntry("lab", "A lab fleet of real sshd hosts on this machine."),
     CommandEntry("cms", "The CMS: apply migrations, verify the audit log.", kind="app"),
     CommandEntry(
