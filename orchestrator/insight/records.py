@@ -117,6 +117,24 @@ def _deployment(dep: Deployment, steps: list[HostStep]) -> dict[str, Any]:
     }
 
 
+def deployments_of_rfc(session: Any, rfc_id: int) -> list[dict[str, Any]]:
+    """The deployments under one RFC (and the ones they back out), as rows."""
+    deps = list(
+        session.scalars(
+            select(Deployment).where(Deployment.rfc_id == rfc_id).order_by(Deployment.id)
+        )
+    )
+    ids = [d.id for d in deps]
+    steps: dict[int, list[HostStep]] = {i: [] for i in ids}
+    if ids:
+        rows = session.scalars(
+            select(HostStep).where(HostStep.deployment_id.in_(ids)).order_by(HostStep.id)
+        )
+        for row in rows:
+            steps[row.deployment_id].append(row)
+    return [_deployment(d, steps[d.id]) for d in deps]
+
+
 def gather(url: str, *, since: datetime | None = None) -> Records:
     """Every record the report needs; deployments and RFCs from `since` on (later ones are
     read too: a restoration after the period still ends a failure inside it)."""
