@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from orchestrator.insight.figure import Period, durations, figure, ratio, seconds
-from orchestrator.insight.kpis import BACKED_OUT, FINAL, backout_seconds, forward
+from orchestrator.insight.kpis import BACKED_OUT, FINAL, backout_seconds, forward, succeeded
 
 
 def restore_seconds(dep: dict[str, Any], deployments: list[dict[str, Any]]) -> float | None:
@@ -43,7 +43,7 @@ def dora_keys(
     ]
     ran = [d for d in deps if d["status"] in FINAL or d.get("manual_backout")]
     # a deployment that succeeded and was then backed out by hand did reach production
-    deployed = [d for d in ran if d["status"] == "succeeded" or d.get("manual_backout")]
+    deployed = [d for d in ran if succeeded(d)]
     failed = [d for d in ran if d["status"] != "succeeded"]
     leads, no_commit = [], []
     for d in deployed:

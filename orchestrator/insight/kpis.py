@@ -43,6 +43,12 @@ def change_outcome(rfc_id: int, deployments: list[dict[str, Any]]) -> str:
     return "backed-out" if last in BACKED_OUT else "failed"
 
 
+def succeeded(dep: dict[str, Any]) -> bool:
+    """It succeeded when it finished (a later manual backout does not undo that it ran)."""
+    before = (dep.get("manual_backout") or {}).get("status_before")
+    return dep["status"] == "succeeded" or before == "succeeded"
+
+
 def forward(deployments: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Deployments of releases (manual backouts left out)."""
     return [d for d in deployments if d["strategy"] != "backout"]
@@ -153,7 +159,7 @@ def change_kpis(
 def _lead_times(changes: list[dict[str, Any]], deployments: list[dict[str, Any]]) -> dict:
     implemented: dict[int, datetime] = {}
     for d in sorted(deployments, key=lambda d: d["id"]):
-        if d["status"] == "succeeded" and d["rfc_id"] is not None and d["finished_at"]:
+        if succeeded(d) and d["rfc_id"] is not None and d["finished_at"]:
             implemented.setdefault(d["rfc_id"], d["finished_at"])
     sub_auth, auth_impl, sub_impl = [], [], []
     for r in changes:
@@ -170,7 +176,8 @@ def _lead_times(changes: list[dict[str, Any]], deployments: list[dict[str, Any]]
         ),
         "authorized_to_implemented": durations(
             auth_impl,
-            "finish of the RFC's first succeeded deployment − authorized_at",
+            "finish of the RFC's first succeeded deployment (even if later backed out by "
+            "hand) − authorized_at",
         ),
         "submitted_to_implemented": durations(
             sub_impl, "finish of the RFC's first succeeded deployment − submitted_at"

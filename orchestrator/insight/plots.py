@@ -120,6 +120,7 @@ def trends_png(series: dict[str, list[Any]]) -> bytes:
     ax2 = ax.twinx()
     ax2.plot(x, series["failure_rate"], color="#252525", marker="o", label="change failure rate")
     ax2.set_ylim(0, 1.05)
+    ax.set_ylim(bottom=0)
     step = max(1, len(x) // 10)
     ax.set_xticks(x[::step], series["day"][::step], fontsize=7, rotation=30)
     ax.set_title("KPI trends per day")
