@@ -188,7 +188,7 @@ def _lead_times(changes: list[dict[str, Any]], deployments: list[dict[str, Any]]
 def switched_hosts(dep: dict[str, Any]) -> list[str]:
     """Hosts whose `current` this deployment switched (its activate step finished ok)."""
     return sorted(
-        {s["host"] for s in dep["steps"] if s["step"] == "activate" and s["status"] == "ok"}
+        {s["host"] for s in dep["steps"] if s["step"] == "activate" and s["status"] == "succeeded"}
     )
 
 

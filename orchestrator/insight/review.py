@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from orchestrator.insight.figure import iso
-from orchestrator.insight.kpis import backout_seconds, change_outcome, switched_hosts
+from orchestrator.insight.kpis import FINAL, backout_seconds, change_outcome, switched_hosts
 
 
 def change_review(rfc_id: int, deployments: list[dict[str, Any]]) -> dict[str, Any]:
@@ -46,14 +46,15 @@ def change_review(rfc_id: int, deployments: list[dict[str, Any]]) -> dict[str, A
                 "els_failed_runs": sum(1 for r in els.get("runs", []) if r.get("failed")),
             }
         )
+    ran = [r for r in rows if r["status"] in FINAL]  # a refused start touched nothing
     return {
         "outcome": change_outcome(rfc_id, deployments),
         "deployments": rows,
-        "hosts": sum(r["hosts"] for r in rows),
-        "hosts_switched": sum(r["hosts_switched"] for r in rows),
-        "waves": sum(r["waves"] for r in rows),
-        "failed_milestones": sum(len(r["failed_milestones"]) for r in rows),
-        "backed_out": any(r["backed_out"] for r in rows),
-        "needs_remediation": sorted({h for r in rows for h in r["needs_remediation"]}),
-        "els": next((r["els"] for r in reversed(rows) if r["els"]), None),
+        "hosts": sum(r["hosts"] for r in ran),
+        "hosts_switched": sum(r["hosts_switched"] for r in ran),
+        "waves": sum(r["waves"] for r in ran),
+        "failed_milestones": sum(len(r["failed_milestones"]) for r in ran),
+        "backed_out": any(r["backed_out"] for r in ran),
+        "needs_remediation": sorted({h for r in ran for h in r["needs_remediation"]}),
+        "els": next((r["els"] for r in reversed(ran) if r["els"]), None),
     }

@@ -125,9 +125,10 @@ def test_change_kpis_count_models_outcomes_drift_and_separation_of_duties():
 def test_backout_duration_runs_from_the_failed_verdict_to_the_last_backout_step():
     d = dep(1, "backed-out", end=12,
             waves=[wave(1, "passed", 0, 2), wave(2, "failed", 2, 5, failed=["h2"])],
-            steps=[step("h1", "activate", "ok", 0, 1), step("h2", "activate", "ok", 3, 4),
-                   step("h1", "revert", "ok", 5, 6),
-                   step("h2", "recheck", "ok", 6, 8)])  # fmt: skip
+            steps=[step("h1", "activate", "succeeded", 0, 1),
+                   step("h2", "activate", "succeeded", 3, 4),
+                   step("h1", "revert", "succeeded", 5, 6),
+                   step("h2", "recheck", "succeeded", 6, 8)])  # fmt: skip
     manual = dep(2, "succeeded", strategy="backout", start=20, end=23, backs_out=9)
     rel = release_figures([d, manual], PERIOD, T0)
     assert rel["backout_duration"]["samples"] == [180.0, 180.0]  # 8 − 5 min; 23 − 20 min
@@ -152,7 +153,7 @@ def test_dora_keys_for_production_from_deployments_and_commit_times():
     ok1 = dep(1, "succeeded", release="shop@1.0", start=0, end=10)
     auto = dep(2, "backed-out", release="shop@1.1", start=20, end=30,
                waves=[wave(1, "failed", 20, 25)],
-               steps=[step("h1", "revert", "ok", 25, 27)])  # fmt: skip
+               steps=[step("h1", "revert", "succeeded", 25, 27)])  # fmt: skip
     by_hand = dep(3, "backed-out", release="shop@1.2", start=40, end=50,
                   manual_backout={"deployment": 4, "status_before": "succeeded"})  # fmt: skip
     backout = dep(4, "succeeded", strategy="backout", start=60, end=65, backs_out=3)
@@ -178,7 +179,8 @@ def test_commit_time_is_the_newest_source_commit_in_the_provenance():
 def test_a_post_implementation_review_holds_the_changes_own_figures():
     d = dep(1, "backed-out", rfc=3, hosts=("h1", "h2"),
             waves=[wave(1, "passed", 0, 1), wave(2, "failed", 1, 2, failed=["h2"])],
-            steps=[step("h1", "activate", "ok", 0, 1), step("h2", "revert", "ok", 2, 3)],
+            steps=[step("h1", "activate", "succeeded", 0, 1),
+                   step("h2", "revert", "succeeded", 2, 3)],
             els={"runs": [{"at": "x", "failed": ["h1"]}],
                  "outcome": {"outcome": "failed"}})  # fmt: skip
     other = dep(2, "succeeded", rfc=4)
