@@ -66,6 +66,8 @@ def test_an_els_check_that_starts_failing_inside_the_period_is_recorded_and_repo
     assert after["dashboard"]["recent_deployments"][0]["els"] == "failed"
     evidence = cms(lambda s: s.get(Deployment, dep).evidence["els"])
     assert evidence["outcome"]["outcome"] == "failed" and len(evidence["runs"]) == 2
+    shown = run_ferry("status", "--deployment", str(dep))
+    assert "early life support: failed (2 run(s), 1 failed" in shown.stdout, shown.stdout
     # the period is over: nothing more runs
     assert ok(run_ferry("els", "run", "-o", "json"))["deployments"] == []
     # the post-implementation review carries the ELS result with the change's own figures
