@@ -7,16 +7,21 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+import yaml
+
 from orchestrator.change.authorize import ApprovalView, RfcView, authorize
 from orchestrator.change.calendar import Calendar
 from orchestrator.change.models import ChangeModels
 from orchestrator.els import next_action, outcome_of
+from orchestrator.errors import SpecError
 from orchestrator.insight.dora import dora_keys
 from orchestrator.insight.figure import Period
 from orchestrator.insight.governance import governance_report
 from orchestrator.insight.kpis import change_kpis, change_outcome, release_figures, restorations
 from orchestrator.insight.records import Records, commit_time
 from orchestrator.insight.review import change_review
+from orchestrator.plan import load_plan
 
 T0 = datetime(2030, 3, 1, 12, 0, tzinfo=UTC)
 PERIOD = Period(T0 - timedelta(days=10), T0 + timedelta(days=10))
@@ -231,3 +236,20 @@ def test_a_model_approving_each_stage_refuses_a_deploy_whose_checkin_alone_was_a
     plain = ChangeModels.model_validate({"roles": {"carol": ["cab"]}})
     whole = _view(ApprovalView("carol", "cab", "approved", T0))
     assert authorize(whole, "deploy", "dev", ["h1"], "shop@1.0", T0, plain, cal).allowed
+
+
+@pytest.mark.parametrize(
+    ("els", "field"),
+    [
+        ({"period": "1h", "checks": []}, "els.checks"),
+        ({"period": "0s", "checks": [{"command": "true"}]}, "els"),
+        ({"period": "1h", "every": "soon", "checks": [{"command": "true"}]}, "els.every"),
+        ({"checks": [{"command": "true"}]}, "els.period"),
+    ],
+)
+def test_a_bad_els_in_a_plan_is_refused_naming_the_field(tmp_path, els, field):
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump({"environment": "dev", "strategy": "big-bang", "els": els}))
+    with pytest.raises(SpecError) as exc:
+        load_plan(path)
+    assert exc.value.message.startswith(f"{path}: {field}"), exc.value.message
