@@ -132,7 +132,7 @@ def _grid(board: dict[str, Any]) -> str:
     rows = []
     for env in board["environments"]:
         g = board["grid"][env]
-        cells = [f'<th data-env="{_e(env)}">{_e(env)}</th>', _e(g["baseline"] or "—")]
+        cells = [f'<b data-env="{_e(env)}">{_e(env)}</b>', _e(g["baseline"] or "—")]
         for r in releases:
             names = g["releases"].get(r, [])
             cells.append(_e(", ".join(names)) if names else "")

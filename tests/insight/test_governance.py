@@ -212,14 +212,20 @@ def test_report_gives_each_kpi_and_dora_key_as_computed_by_hand_from_real_runs(
             "[...document.querySelectorAll('table.hosts tbody tr')].map("
             "r => [...r.cells].map(c => c.textContent.trim()))"
         )
-        envs = page.evaluate(
-            "[...document.querySelectorAll('table.grid th[data-env]')].map(e => e.dataset.env)"
+        grid = page.evaluate(
+            "[...document.querySelectorAll('table.grid tr')].map("
+            "r => [...r.cells].map(c => c.textContent.trim()))"
         )
         recent = page.evaluate("document.querySelectorAll('table.recent tbody tr').length")
         awaiting = page.evaluate("document.querySelector('table.awaiting').textContent")
         images = page.evaluate("[...document.images].map(i => i.naturalWidth > 0 && i.complete)")
         shot = page.screenshot(ARTIFACTS / "dashboard.png")
-    assert sorted(envs) == ["production", "staging"]
+    # environments × releases: the environment, its baseline, the hosts on each release
+    assert grid == [
+        ["environment", "baseline", "shop@1.0", "in flight", "needs remediation"],
+        ["production", "shop@1.0", "h4, h5, h6", "", ""],
+        ["staging", "shop@1.0", "h1, h2, h3", "", ""],
+    ]
     assert {(e, h, r) for e, h, r, _state in rows} == baselines
     assert recent == 5 and images == [True, True]
     assert f"RFC-{e1}" in awaiting and "review" in awaiting
