@@ -16,7 +16,7 @@ from tests.insight.helpers import change_files, normal_rfc, ok, standard_rfc
 
 pytestmark = pytest.mark.fleet
 
-PERIOD = 60  # seconds: long enough for two check runs on a loaded machine
+PERIOD = 40  # seconds: long enough for two check runs on a loaded machine
 
 
 def test_an_els_check_that_starts_failing_inside_the_period_is_recorded_and_reported(
