@@ -158,14 +158,17 @@ def _git(repo: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
 
 
 def git_state(path: Path) -> dict[str, Any]:
-    """{"git": {"commit", "dirty"}} when `path` is inside a git work tree, else {}."""
+    """{"git": {"commit", "committed_at", "dirty"}} when `path` is inside a git work tree,
+    else {}. `committed_at` (committer time) is where DORA's lead time for changes starts."""
     head = _git(path, "rev-parse", "HEAD")
     if head.returncode != 0:
         return {}
     dirty = _git(path, "status", "--porcelain", "--", ".")
+    when = _git(path, "log", "-1", "--format=%cI", "HEAD")
     return {
         "git": {
             "commit": head.stdout.decode().strip(),
+            "committed_at": when.stdout.decode().strip() or None if when.returncode == 0 else None,
             "dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None,
         }
     }

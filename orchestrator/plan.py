@@ -30,6 +30,10 @@ milestone:
     - {tcp: 8080}
 timeouts: {step: 120s, connect: 10s}
 retention: 3                       # releases kept per host; the baseline is always kept
+els:                               # early life support after success (`ferry els run`)
+  period: 24h
+  every: 10m
+  checks: [{http: "http://127.0.0.1:8080/health"}]
 ```
 Waves are cumulative: `[1, 10%, 50%, 100%]` means 1 host, then up to 10% of the targets,
 then 50%, then all; a count is hosts, `N%` rounds up, a group name takes the group's
@@ -136,6 +140,24 @@ class Milestone(BaseModel):
         return int(wave_size * pct // 100)
 
 
+class EarlyLifeSupport(BaseModel):
+    """ITIL early life support: after a deployment succeeds, `ferry els run` re-runs these
+    checks on its hosts every `every` until `period` has passed, then records the outcome."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    period: Duration
+    every: Duration = 600.0
+    checks: tuple[Check, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _positive(self) -> EarlyLifeSupport:
+        if self.period <= 0:
+            raise ValueError("els.period must be longer than 0s (e.g. 24h)")
+        if self.every <= 0:
+            raise ValueError("els.every must be longer than 0s (e.g. 10m)")
+        return self
+
+
 class Hooks(BaseModel):
     """Shell run per host by the step of the same name (see orchestrator.steps)."""
 
@@ -231,6 +253,7 @@ class DeployPlan(BaseModel):
     timeouts: Timeouts = Timeouts()
     retention: int = Field(3, ge=1)
     readback: Literal["full", "quick"] = "full"
+    els: EarlyLifeSupport | None = None
 
     @field_validator("inventory")
     @classmethod

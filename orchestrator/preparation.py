@@ -14,9 +14,11 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from orchestrator.change import gate
 from orchestrator.cms.deployments import DeploymentRecord, host_baselines
+from orchestrator.els import els_record
 from orchestrator.inventory import inventory_path, load_inventory
 from orchestrator.plan import load_plan
 from orchestrator.planner import plan_rollout
@@ -39,6 +41,7 @@ class Prepared:
     rollout: Rollout
     rfc_id: int | None
     groups: dict[str, list[str]]  # host → its inventory groups (for the host CIs)
+    els: dict[str, Any] | None = None  # early life support: period, every, rendered checks
 
 
 def prepare(request: DeployRequest, settings: Settings) -> Prepared:
@@ -71,7 +74,7 @@ def prepare(request: DeployRequest, settings: Settings) -> Prepared:
         plan_hash=plan_hash(request.plan_path, templates),
     )
     groups = {h.name: list(h.groups) for h in hosts}
-    return Prepared(request, rollout, rfc_id, groups)
+    return Prepared(request, rollout, rfc_id, groups, els_record(plan, rollout))
 
 
 def plan_hash(path: Path, templates: dict[str, str]) -> str:
@@ -92,7 +95,7 @@ def open_deployment(prepared: Prepared, settings: Settings) -> DeploymentRecord:
         rfc_id=prepared.rfc_id,
         # who runs it: `ferry status` and `ferry remediate recover` tell a live run from an
         # interrupted one by this process id on this machine (the flow updates it)
-        evidence={"runner": runner()},
+        evidence={"runner": runner(), **({"els": prepared.els} if prepared.els else {})},
         groups=prepared.groups,
         audit_data={
             "release": ro.release,

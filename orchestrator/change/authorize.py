@@ -38,6 +38,7 @@ class ApprovalView:
     role: str
     decision: str  # "approved" or "rejected"
     at: datetime | None = None
+    stage: str | None = None  # the stage it approves, under a model that approves each stage
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,36 @@ def approval_rule(rfc: RfcView, models: ChangeModels) -> ApprovalRule | None:
     return None
 
 
-def valid_approvals(rfc: RfcView, models: ChangeModels) -> list[ApprovalView]:
-    """Approvals that count: not by the requester, in a role the approver holds, one each."""
+def approves_each_stage(rfc: RfcView, models: ChangeModels) -> bool:
+    """Does the RFC's change model demand a separate approval for each stage?"""
+    if rfc.model == "normal":
+        return models.models.normal.approve_each_stage
+    if rfc.model == "emergency":
+        return models.models.emergency.approve_each_stage
+    return False
+
+
+def first_stage(rfc: RfcView) -> str:
+    """The stage an RFC's authorization (its status) rests on under per-stage approvals."""
+    order = ("plan", "checkin", "deploy")
+    return min(rfc.stages, key=lambda s: order.index(s) if s in order else len(order))
+
+
+def valid_approvals(
+    rfc: RfcView, models: ChangeModels, stage: str | None = None
+) -> list[ApprovalView]:
+    """Approvals that count: not by the requester, in a role the approver holds, one each;
+    under a model that approves each stage, only those for `stage` (default: the first)."""
+    if approves_each_stage(rfc, models):
+        stage = stage or first_stage(rfc)
+    else:
+        stage = None
     seen: set[str] = set()
     out: list[ApprovalView] = []
     for a in rfc.approvals:
         if a.decision != "approved" or a.approver == rfc.requester or a.approver in seen:
+            continue
+        if stage is not None and a.stage != stage:
             continue
         if not models.holds(a.approver, a.role):
             continue
@@ -86,8 +111,11 @@ def valid_approvals(rfc: RfcView, models: ChangeModels) -> list[ApprovalView]:
     return out
 
 
-def missing_authorization(rfc: RfcView, models: ChangeModels) -> list[str]:
-    """What the change model still requires (empty: the RFC's authorization is complete)."""
+def missing_authorization(
+    rfc: RfcView, models: ChangeModels, stage: str | None = None
+) -> list[str]:
+    """What the change model still requires (empty: the RFC's authorization is complete);
+    under per-stage approvals, for `stage` (default: the RFC's first stage)."""
     rejections = [a for a in rfc.approvals if a.decision == "rejected"]
     if rejections:
         return [f"RFC-{rfc.id} was rejected by {a.approver} ({a.role})" for a in rejections]
@@ -103,17 +131,20 @@ def missing_authorization(rfc: RfcView, models: ChangeModels) -> list[str]:
     rule = approval_rule(rfc, models)
     if rule is None:
         return [f"unknown change model {rfc.model!r}"]
-    valid = valid_approvals(rfc, models)
+    valid = valid_approvals(rfc, models, stage)
     have = ", ".join(f"{a.approver} as {a.role}" for a in valid) or "none"
+    which = ""
+    if approves_each_stage(rfc, models):
+        which = f" for the {stage or first_stage(rfc)} stage (its model approves each stage)"
     missing: list[str] = []
     if len(valid) < rule.count:
         missing.append(
-            f"{rfc.model} change at {rfc.risk} risk needs {rule.describe()}; "
+            f"{rfc.model} change at {rfc.risk} risk needs {rule.describe()}{which}; "
             f"has {len(valid)} ({have})"
         )
     elif rule.roles and not any(a.role in rule.roles for a in valid):
         missing.append(
-            f"{rfc.model} change needs an approval by {' or '.join(rule.roles)}; has {have}"
+            f"{rfc.model} change needs an approval by {' or '.join(rule.roles)}{which}; has {have}"
         )
     return missing
 
@@ -201,7 +232,7 @@ def authorize(
     yes: list[str] = []
     if rfc.status not in AUTHORIZING:
         no.append(f"RFC-{rfc.id} is {rfc.status}, not authorized")
-    missing = missing_authorization(rfc, models)
+    missing = missing_authorization(rfc, models, stage)
     no.extend(missing)
     if not missing:
         how = f"template {rfc.template}" if rfc.model == "standard" else "its approvals"

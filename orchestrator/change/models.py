@@ -100,6 +100,11 @@ class NormalModel(_Strict):
     lead_time_hours: dict[RiskLevel, float] = Field(
         default_factory=lambda: {"low": 0.0, "medium": 24.0, "high": 72.0}
     )
+    # separate approvals for check-in and for deployment: an approval names its stage and
+    # counts for that stage alone
+    approve_each_stage: bool = False
+    # a post-implementation review (`ferry rfc close --comment`) before a normal change closes
+    review_before_close: bool = False
 
     @model_validator(mode="after")
     def _every_level(self) -> NormalModel:
@@ -115,6 +120,7 @@ class NormalModel(_Strict):
 class EmergencyModel(_Strict):
     approvals: ApprovalRule = Field(default_factory=lambda: ApprovalRule(count=1, roles=["ecab"]))
     review_within_days: int = Field(5, ge=1, le=90)
+    approve_each_stage: bool = False
 
 
 class RiskWeights(_Strict):

@@ -35,7 +35,8 @@ def to_view(rfc: RFC) -> RfcView:
         hosts=tuple(rfc.hosts or ()),
         windows=tuple((w.start, w.end) for w in rfc.windows),
         approvals=tuple(
-            ApprovalView(a.approver, a.role, a.decision, a.created_at) for a in rfc.approvals
+            ApprovalView(a.approver, a.role, a.decision, a.created_at, a.stage)
+            for a in rfc.approvals
         ),
         submitted_at=rfc.submitted_at,
     )
@@ -72,6 +73,7 @@ def to_dict(rfc: RFC, models: ChangeModels | None = None) -> dict[str, Any]:
                 "approver": a.approver,
                 "role": a.role,
                 "decision": a.decision,
+                "stage": a.stage,
                 "comment": a.comment,
                 "at": iso(a.created_at),
             }

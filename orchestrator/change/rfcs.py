@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from orchestrator.change import lifecycle, records
 from orchestrator.change.authorize import (
     approval_rule,
+    approves_each_stage,
     missing_authorization,
 )
 from orchestrator.change.calendar import Booking, Calendar, conflicts
@@ -248,8 +249,10 @@ def _decider_role(
     role: str | None,
     models: ChangeModels,
     action: str,
+    later_stage: bool = False,
 ) -> str:
-    """The role the actor decides in; refuse what separation of duties or the roles forbid."""
+    """The role the actor decides in; refuse what separation of duties or the roles forbid.
+    `later_stage`: an approval of a later stage, taken once the RFC is authorized."""
     reasons: list[str] = []
     if actor == rfc.requester:
         reasons.append(
@@ -273,6 +276,8 @@ def _decider_role(
         reasons.append(f"RFC-{rfc.id} was rejected; nothing more can be decided on it")
     elif rfc.status == "draft":
         reasons.append(f"RFC-{rfc.id} is a draft; submit it first")
+    elif later_stage and rfc.status in ("authorized", "scheduled"):
+        pass  # per-stage approvals: the deploy stage is approved after check-in's
     elif rfc.status not in ("submitted", "assessed"):
         reasons.append(f"RFC-{rfc.id} is {rfc.status}; approvals are taken while it is assessed")
     if reasons:
@@ -297,17 +302,42 @@ def approve(
     comment: str,
     now: datetime,
     models: ChangeModels,
+    stage: str | None = None,
 ) -> list[str]:
     """Record an approval; once the model's approvals are complete, the RFC is authorized.
+    Under a change model that approves each stage, the approval names its `stage` and the
+    RFC is authorized once its first stage is approved (the gate checks each stage's own).
 
     Returns notes (a repeated approval by the same person is a no-op, not a second vote)."""
     rfc = lifecycle.get_rfc(session, rfc_id)
-    role = _decider_role(session, rfc, actor=actor, role=role, models=models, action="approve")
-    if any(a.approver == actor and a.decision == "approved" for a in rfc.approvals):
-        return [f"{actor} has already approved RFC-{rfc_id}"]
+    per_stage = approves_each_stage(records.to_view(rfc), models)
+    if per_stage:
+        stages = list(rfc.stages or ())
+        if stage is None or stage not in stages:
+            raise BadInput(
+                f"--stage: RFC-{rfc_id}'s {rfc.model} change model approves each stage "
+                f"separately: name one of {', '.join(stages)} (e.g. --stage {stages[0]})"
+            )
+    elif stage is not None:
+        raise BadInput(
+            f"--stage: RFC-{rfc_id}'s {rfc.model} change model takes one approval for every "
+            "stage; approve without --stage"
+        )
+    role = _decider_role(
+        session, rfc, actor=actor, role=role, models=models, action="approve",
+        later_stage=per_stage,
+    )  # fmt: skip
+    if any(
+        a.approver == actor and a.decision == "approved" and a.stage == stage for a in rfc.approvals
+    ):
+        what = f" for the {stage} stage" if stage else ""
+        return [f"{actor} has already approved RFC-{rfc_id}{what}"]
     rfc.approvals.append(
-        Approval(approver=actor, role=role, decision="approved", comment=comment, created_at=now)
-    )
+        Approval(
+            approver=actor, role=role, decision="approved", comment=comment, created_at=now,
+            stage=stage,
+        )
+    )  # fmt: skip
     session.flush()
     audit.append(
         session,
@@ -315,7 +345,12 @@ def approve(
         action="rfc.approval",
         subject_type="rfc",
         subject_id=rfc_id,
-        data={"role": role, "decision": "approved", "comment": comment},
+        data={
+            "role": role,
+            "decision": "approved",
+            "comment": comment,
+            **({"stage": stage} if stage else {}),
+        },
     )
     _authorize_if_complete(
         session, rfc, actor=actor, now=now, models=models, note="approvals complete"
@@ -355,10 +390,54 @@ def cancel(session: Session, rfc_id: int, *, actor: str, comment: str, now: date
     lifecycle.transition(session, rfc_id, "cancelled", actor=actor, note=comment, now=now)
 
 
-def close(session: Session, rfc_id: int, *, actor: str, comment: str, now: datetime) -> None:
+def close(
+    session: Session,
+    rfc_id: int,
+    *,
+    actor: str,
+    comment: str,
+    now: datetime,
+    models: ChangeModels | None = None,
+) -> dict[str, Any] | None:
+    """Close the RFC; a change that was implemented (or backed out, or failed) gets its
+    post-implementation review on record: the comment and the change's own figures
+    (deployments, hosts, waves, failures, backout, early life support). Returns the review.
+
+    A normal change whose model sets `review_before_close` needs the review's outcome
+    (--comment) to close, as an emergency change always does."""
+    from orchestrator.insight.records import deployments_of_rfc
+    from orchestrator.insight.review import change_review
+
     rfc = lifecycle.get_rfc(session, rfc_id)
-    data = {"review": comment} if rfc.needs_review else None
+    required = (
+        rfc.model == "normal"
+        and models is not None
+        and models.models.normal.review_before_close
+        and rfc.status in lifecycle.FINISHED
+    )
+    if required and not comment.strip():
+        lifecycle.refuse(
+            session,
+            rfc_id,
+            actor=actor,
+            action="rfc.close",
+            reasons=[
+                f"RFC-{rfc_id} is a normal change and its change model requires a "
+                "post-implementation review before close: close it with --comment giving "
+                "the review's outcome"
+            ],
+        )
+    review = None
+    if rfc.status in lifecycle.FINISHED or rfc.needs_review:
+        review = {
+            "by": actor,
+            "at": records.iso(now),
+            "comment": comment,
+            "figures": change_review(rfc_id, deployments_of_rfc(session, rfc_id)),
+        }
+    data = {"review": review} if review else None
     lifecycle.transition(session, rfc_id, "closed", actor=actor, note=comment, data=data, now=now)
+    return review
 
 
 def show(session: Session, rfc_id: int, models: ChangeModels) -> dict[str, Any]:

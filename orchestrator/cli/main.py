@@ -94,11 +94,18 @@ COMMANDS = (
         "hosts that need remediation.",
         kind="command",
     ),
+    CommandEntry(
+        "report",
+        "ITIL change KPIs, release and deployment figures, and DORA's four keys, computed from "
+        "the CMS (read-only).",
+        kind="command",
+    ),
     CommandEntry("release", "Build release packages from release specs."),
     CommandEntry("dml", "The Definitive Media Library: list, verify, gc."),
     CommandEntry("rfc", "Requests for change: raise, approve, show."),
     CommandEntry("calendar", "Change windows and blackouts."),
     CommandEntry("remediate", "On-call: backout, recover, drift audit."),
+    CommandEntry("els", "Early life support: re-run deployments' ELS checks during their period."),
     CommandEntry("lab", "A lab fleet of real sshd hosts on this machine."),
     CommandEntry("cms", "The CMS: apply migrations, verify the audit log.", kind="app"),
     CommandEntry(

@@ -74,6 +74,17 @@ def _summary(data: dict[str, Any]) -> str:
         lines.append(f"  missing: {m}")
     for w in data.get("warnings") or []:
         lines.append(f"  warning: {w}")
+    review = data.get("review")
+    if review:
+        f = review["figures"]
+        lines.append(
+            f"  post-implementation review by {review['by']}: {review['comment'] or '(no comment)'}"
+        )
+        lines.append(
+            f"    outcome {f['outcome']}: {len(f['deployments'])} deployment(s), {f['hosts']} "
+            f"host(s), {f['waves']} wave(s), {f['failed_milestones']} failed milestone(s), "
+            f"backed out: {'yes' if f['backed_out'] else 'no'}, ELS: {f['els'] or 'none'}"
+        )
     return "\n".join(lines)
 
 
@@ -156,7 +167,14 @@ def submit(rfc_id: IdArg, fmt: OutputOpt = out.Format.text) -> None:
 
 @app.command()
 def approve(
-    rfc_id: IdArg, comment: CommentOpt = "", role: RoleOpt = None, fmt: OutputOpt = out.Format.text
+    rfc_id: IdArg,
+    comment: CommentOpt = "",
+    role: RoleOpt = None,
+    stage: Annotated[
+        str | None,
+        typer.Option(help="checkin or deploy: the stage approved (models approving each stage)"),
+    ] = None,
+    fmt: OutputOpt = out.Format.text,
 ) -> None:
     """Approve an assessed RFC (never your own); authorized once the model's approvals are in."""
     out.use(fmt)
@@ -176,6 +194,7 @@ def approve(
             comment=comment,
             now=_now(),
             models=models,
+            stage=stage,
         )
     _show_one(rid, {"warnings": notes})
 
@@ -223,17 +242,21 @@ def cancel(rfc_id: IdArg, comment: CommentOpt = "", fmt: OutputOpt = out.Format.
 
 @app.command()
 def close(rfc_id: IdArg, comment: CommentOpt = "", fmt: OutputOpt = out.Format.text) -> None:
-    """Close a finished or rejected RFC; an emergency change needs --comment with its review."""
+    """Close a finished or rejected RFC, recording its post-implementation review (--comment
+    and the change's own figures); an emergency change needs --comment with its review."""
     out.use(fmt)
-    from orchestrator.change import rfcs
+    from orchestrator.change import config, rfcs
     from orchestrator.change.gate import parse_rfc_id
     from orchestrator.cms import db
     from orchestrator.settings import get_settings
 
     rid = parse_rfc_id(rfc_id)
+    models = config.load_change_models()
     with db.session_scope() as session:
-        rfcs.close(session, rid, actor=get_settings().actor, comment=comment, now=_now())
-    _show_one(rid)
+        review = rfcs.close(
+            session, rid, actor=get_settings().actor, comment=comment, now=_now(), models=models
+        )
+    _show_one(rid, {"review": review} if review else None)
 
 
 @app.command()

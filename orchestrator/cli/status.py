@@ -113,3 +113,12 @@ def print_detail(d: dict[str, Any]) -> None:
         _p(f"  {host}: {line}")
     for n in d["needs_remediation"]:
         _p(f"  needs remediation: {n['host']}: {n['state']}: {n['reason']} → {n['next']}")
+    els = (d.get("evidence") or {}).get("els")
+    if els:
+        runs = els.get("runs", [])
+        outcome = (els.get("outcome") or {}).get("outcome", "in progress")
+        _p(
+            f"  early life support: {outcome} ({len(runs)} run(s), "
+            f"{sum(1 for r in runs if r.get('failed'))} failed; until "
+            f"{els.get('until') or 'the period after success'})"
+        )

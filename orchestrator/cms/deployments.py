@@ -378,6 +378,46 @@ class DeploymentRecord:
                 data={"wave": wave, **decision},
             )
 
+    # -- early life support ----------------------------------------------------------------
+    def els_run(self, run: dict[str, Any], until: str) -> None:
+        """One early-life-support check run, kept in the deployment's `els` evidence; a run
+        with failed hosts is audited (`els.failed`)."""
+        with self._lock, session_scope(self.url) as s:
+            dep = s.get(Deployment, self.id)
+            assert dep is not None
+            ev = dict(dep.evidence or {})
+            els = dict(ev.get("els") or {})
+            els["until"] = until
+            els["runs"] = [*els.get("runs", []), run]
+            ev["els"] = els
+            dep.evidence = ev
+            if run.get("failed"):
+                audit.append(
+                    s,
+                    actor=self.actor,
+                    action="els.failed",
+                    subject_type="deployment",
+                    subject_id=self.id,
+                    data={"release": dep.release, "rfc": dep.rfc_id, "failed": run["failed"]},
+                )
+
+    def els_close(self, outcome: dict[str, Any], until: str) -> None:
+        """The end of early life support: its outcome on the deployment, audited."""
+        with self._lock, session_scope(self.url) as s:
+            dep = s.get(Deployment, self.id)
+            assert dep is not None
+            ev = dict(dep.evidence or {})
+            ev["els"] = {**dict(ev.get("els") or {}), "until": until, "outcome": outcome}
+            dep.evidence = ev
+            audit.append(
+                s,
+                actor=self.actor,
+                action="els.closed",
+                subject_type="deployment",
+                subject_id=self.id,
+                data={"release": dep.release, "rfc": dep.rfc_id, **outcome},
+            )
+
     # -- waves -----------------------------------------------------------------------------
     def wave(
         self,

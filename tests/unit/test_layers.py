@@ -37,6 +37,7 @@ DECIDE_MODULES = (
     "orchestrator/rollout.py",
     "orchestrator/planner.py",
     "orchestrator/lifecycle.py",
+    "orchestrator/els.py",
     "remediation/decisions.py",
     "dml/ref.py",  # Model, but as pure as a Decide module: change/models.py uses it
 )
