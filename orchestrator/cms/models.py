@@ -261,3 +261,27 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     last_id: Mapped[int] = mapped_column(Integer)
     last_hash: Mapped[str] = mapped_column(String(64))
+
+
+class ReleaseEvidence(Base):
+    """Service validation evidence on a release package, per environment (issue 18): an
+    acceptance test's result, a pilot wave's verdict or a user-acceptance sign-off. Keyed by
+    the package digest: a rebuilt package has none of its predecessor's evidence."""
+
+    __tablename__ = "release_evidence"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    release: Mapped[str] = mapped_column(String(300))
+    digest: Mapped[str] = mapped_column(String(80), index=True)
+    environment: Mapped[str] = mapped_column(String(100))
+    deployment_id: Mapped[int | None] = mapped_column(default=None)
+    kind: Mapped[str] = mapped_column(String(20))  # acceptance | pilot | sign-off
+    scope: Mapped[str] = mapped_column(String(20), default="deployment")  # or pilot
+    name: Mapped[str] = mapped_column(String(200))
+    type: Mapped[str | None] = mapped_column(String(40), default=None)
+    host: Mapped[str | None] = mapped_column(String(200), default=None)
+    passed: Mapped[bool] = mapped_column(default=False)
+    output: Mapped[str] = mapped_column(Text, default="")
+    duration_ms: Mapped[int] = mapped_column(Integer, default=0)
+    actor: Mapped[str] = mapped_column(String(200))
+    comment: Mapped[str] = mapped_column(Text, default="")
+    recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
