@@ -12,13 +12,13 @@ session they would not want recorded next to a refusal.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
-from orchestrator.change import config, records
-from orchestrator.change.authorize import Decision, authorize
+from orchestrator.change import config, promotion, records
+from orchestrator.change.authorize import Decision, authorize, missing_authorization
 from orchestrator.change.calendar import Calendar
 from orchestrator.change.models import ChangeModels
 from orchestrator.cms import audit
@@ -53,27 +53,63 @@ def check(
     actor: str,
     models: ChangeModels | None = None,
     calendar: Calendar | None = None,
+    digest: str | None = None,
+    deferred: tuple[str, ...] = (),
+    lifecycle: promotion.Lifecycle | None = None,
 ) -> Decision:
-    """The decision for this stage now, recorded as an audit event on the RFC."""
+    """The decision for this stage now, recorded as an audit event on the RFC.
+
+    Check-in and deployment also meet the release lifecycle's promotion rule for the
+    environment (orchestrator/change/promotion.py): `digest` is the package's (default:
+    the release's registered digest), `deferred` what this deployment meets later (a
+    pilot wave)."""
     rid = parse_rfc_id(rfc_id)
     if stage not in STAGES:
         raise BadInput(f"stage: {stage!r} is not one of {', '.join(STAGES)}")
     if now.tzinfo is None:
         raise BadInput("now: the gate needs an aware (UTC) time")
     rfc = session.get(RFC, rid)
+    bypassed: list[str] = []
     if rfc is None:
         decision = Decision(False, [f"RFC-{rid} does not exist"])
     else:
+        models = models or config.load_change_models()
+        view = records.to_view(rfc)
         decision = authorize(
-            records.to_view(rfc),
+            view,
             stage,
             environment,
             list(hosts) if hosts is not None else None,
             release,
             now,
-            models or config.load_change_models(),
+            models,
             calendar or config.load_calendar(),
         )
+        if stage in ("checkin", "deploy"):
+            unmet = _promotion(
+                session, release, environment or rfc.environment, digest, deferred, lifecycle
+            )
+            if unmet and rfc.model == "emergency" and not missing_authorization(view, models):
+                # the ECAB may ship a fix past the lifecycle; the review must look at it
+                bypassed = unmet
+                rfc.needs_review = True
+                days = models.models.emergency.review_within_days
+                rfc.review_due = rfc.review_due or now + timedelta(days=days)
+                decision = Decision(
+                    decision.allowed,
+                    decision.reasons
+                    + (
+                        [
+                            "emergency change authorized by the ECAB: promotion rule bypassed, "
+                            "flagged for review (" + "; ".join(unmet) + ")"
+                        ]
+                        if decision.allowed
+                        else []
+                    ),
+                )
+            elif unmet:
+                refused = decision.reasons if not decision.allowed else []
+                decision = Decision(False, refused + unmet)
     audit.append(
         session,
         actor=actor,
@@ -87,9 +123,41 @@ def check(
             "hosts": list(hosts or []),
             "at": now.isoformat(),
             **decision.to_dict(),
+            **({"promotion_bypassed": bypassed} if bypassed else {}),
         },
     )
     return decision
+
+
+def _promotion(
+    session: Session,
+    release: str,
+    environment: str,
+    digest: str | None,
+    deferred: tuple[str, ...],
+    lifecycle: promotion.Lifecycle | None,
+) -> list[str]:
+    """What the package still lacks for the environment's promotion rule (empty: none)."""
+    lifecycle = lifecycle or promotion.load_lifecycle()
+    if lifecycle.rule(environment) is None:
+        return []
+    from orchestrator.cms import evidence
+
+    if digest is None:
+        from sqlalchemy import select
+
+        from dml.ref import ReleaseRef
+        from orchestrator.cms.models import Release
+
+        ref = ReleaseRef.parse(release)
+        rel = session.scalars(
+            select(Release).where(Release.name == ref.name, Release.version == ref.version)
+        ).one_or_none()
+        if rel is None:
+            return [f"promotion to {environment}: {release} is not registered"]
+        digest = rel.digest
+    found = evidence.environment_evidence(session, digest)
+    return promotion.missing(lifecycle, environment, digest, found, deferred=deferred)
 
 
 def require(session: Session, **kwargs: Any) -> Decision:
