@@ -5,8 +5,11 @@ reach them, every rendered command), the package from the DML by digest, the RFC
 the deployment through `orchestrator.lifecycle` and writes only through the deployment
 record; the Prefect flow calls its methods and holds no rules of its own.
 
-    start        gate (RFC, approvals, window, blackout) → check-in → RFC implementing
+    start        gate (RFC, approvals, window, blackout, promotion rule) → check-in → RFC
+                 implementing
     run_wave     gate again → stage … check on the wave's hosts → milestone verdict
+    accept       after the pilot's and the last milestone: the plan's acceptance tests,
+                 recorded as evidence on the release; a failure backs out like a milestone
     succeed      prune + read-back every host → baselines → RFC implemented
     fail         back out every touched host → backed-out | integrity-failed | failed
     halt         the gate refused a later wave: earlier waves stay, RFC failed
@@ -27,11 +30,13 @@ from dataclasses import replace
 from typing import Any
 
 from orchestrator import catalog
+from orchestrator.acceptance import acceptance_verdict, run_acceptance
 from orchestrator.backout import backout_actions
 from orchestrator.backout_runner import BackoutResult, BackoutRunner
 from orchestrator.change import gate
 from orchestrator.change import lifecycle as rfc_lifecycle
-from orchestrator.cms import deployments
+from orchestrator.change.promotion import PILOT
+from orchestrator.cms import deployments, evidence
 from orchestrator.cms.db import session_scope
 from orchestrator.cms.deployments import DeploymentRecord
 from orchestrator.cms.models import RFC, utcnow
@@ -40,7 +45,7 @@ from orchestrator.executor import Executor
 from orchestrator.lifecycle import RFC_AFTER, Status, WaveStatus
 from orchestrator.milestone import HostOutcome, Verdict, milestone_verdict
 from orchestrator.objects import ObjectCache
-from orchestrator.rollout import Baseline, WavePlan
+from orchestrator.rollout import Baseline, WavePlan, redact
 from orchestrator.sessions import HostSessions
 from orchestrator.settings import Settings
 
@@ -125,7 +130,8 @@ class DeploymentRun:
                     "no RFC given: every deployment needs an authorized change (--rfc ID)",
                     reasons=["no RFC"],
                 )
-            self._gate([h.host for h in ro.hosts()])
+            # a pilot wave runs first and is judged before wave 2's gate asks for it
+            self._gate([h.host for h in ro.hosts()], deferred=(PILOT,) if ro.pilot else ())
             with session_scope(self.url) as s:
                 catalog.checkin(s, ro.release, self.rfc_id, self.actor, dml=self._open_dml())
                 rfc_lifecycle.transition(
@@ -139,7 +145,7 @@ class DeploymentRun:
         self.record.move(Status.RUNNING)
         return True
 
-    def _gate(self, hosts: list[str]) -> None:
+    def _gate(self, hosts: list[str], deferred: tuple[str, ...] = ()) -> None:
         with session_scope(self.url) as s:
             gate.require(
                 s,
@@ -150,6 +156,8 @@ class DeploymentRun:
                 hosts=hosts,
                 now=utcnow(),
                 actor=self.actor,
+                digest=self.rollout.digest,
+                deferred=deferred,
             )
 
     # -- waves -----------------------------------------------------------------------------
@@ -241,6 +249,69 @@ class DeploymentRun:
             if tolerated:
                 self.progress(f"  backing out tolerated failed host(s): {_names(tolerated)}")
                 self.back_out(only=tolerated)
+        return verdict
+
+    # -- acceptance tests ------------------------------------------------------------------
+    def acceptance_due(self, index: int) -> bool:
+        """After the pilot wave (its verdict is evidence even without tests) and the last."""
+        ro = self.rollout
+        last = index == len(ro.waves) and any(h.acceptance for h in ro.hosts())
+        return last or (index == 1 and ro.pilot is not None and len(ro.waves) > 1)
+
+    def accept(self, index: int) -> Verdict:
+        """Run the acceptance tests on the healthy hosts done so far (the pilot's: wave 1's),
+        record every result as evidence on the release for this environment."""
+        ro = self.rollout
+        pilot = index == 1 and ro.pilot is not None and len(ro.waves) > 1
+        outcomes = self._outcomes()
+        waves = ro.waves[:1] if pilot else ro.waves[:index]
+        hosts = [a for w in waves for a in w.hosts if outcomes.get(a.host, {}).get("ok")]
+        if any(a.acceptance for a in hosts):
+            self.progress(
+                f"  acceptance tests{' of the pilot' if pilot else ''} on {len(hosts)} host(s)"
+            )
+        results = run_acceptance(self.sessions, hosts, ro.concurrency)
+        verdict = acceptance_verdict(index, results)
+        items = [redact(r.to_dict(), ro.secrets) for r in results]
+        self.record.append_evidence("acceptance", [{**i, "wave": index} for i in items])
+        base = {
+            "release": ro.release,
+            "digest": ro.digest,
+            "environment": ro.environment,
+            "deployment_id": self.id,
+            "scope": "pilot" if pilot else "deployment",
+            "actor": self.actor,
+        }
+        rows = [
+            {
+                **base,
+                "kind": evidence.ACCEPTANCE,
+                "name": i["name"],
+                "type": i["type"],
+                "host": i["host"],
+                "passed": i["passed"],
+                "output": i["output"],
+                "duration_ms": int(r.duration * 1000),
+            }
+            for i, r in zip(items, results, strict=True)
+        ]
+        if pilot:
+            rows.append(
+                {
+                    **base,
+                    "kind": evidence.PILOT,
+                    "name": ro.pilot,
+                    "passed": verdict.passed,
+                    "output": f"milestone 1 passed; {verdict.reason}",
+                }
+            )
+        with session_scope(self.url) as s:
+            evidence.record(s, rows)
+        if results:
+            word = "passed" if verdict.passed else "FAILED"
+            self.progress(f"  acceptance {word}: {verdict.reason}")
+        if not verdict.passed:
+            self.last_verdict = verdict
         return verdict
 
     def _tell(self, outcomes: list[HostOutcome], word: str) -> None:

@@ -91,6 +91,14 @@ class MilestoneNotMet(Exception):
         self.verdict = verdict
 
 
+class AcceptanceNotMet(MilestoneNotMet):
+    """Ends the acceptance task run Failed; backed out like a failed milestone."""
+
+    def __init__(self, verdict: dict[str, Any]) -> None:
+        Exception.__init__(self, verdict["reason"])
+        self.verdict = verdict
+
+
 class BackoutNotComplete(Exception):
     """Ends the backout's task run Failed: some host was not restored."""
 
@@ -110,6 +118,15 @@ def run_wave(run: DeploymentRun, index: int) -> dict[str, Any]:
     verdict = run.run_wave(index, shards_for(run, index)).to_dict()
     if not verdict["passed"]:
         raise MilestoneNotMet({**verdict, "wave": index})
+    return verdict
+
+
+@task(name="acceptance", cache_policy=NO_CACHE)
+def accept(run: DeploymentRun, index: int) -> dict[str, Any]:
+    """The plan's acceptance tests after a passed milestone (the pilot's, the last)."""
+    verdict = run.accept(index).to_dict()
+    if not verdict["passed"]:
+        raise AcceptanceNotMet(verdict)
     return verdict
 
 
@@ -184,10 +201,12 @@ async def run_waves(run: DeploymentRun) -> str:
             return _back_out(run, "interrupted by a signal before the next wave")
         try:
             run_wave.with_options(name=f"wave-{index}")(run, index)
+            if run.acceptance_due(index):  # evidence before any person's approval
+                accept.with_options(name=f"acceptance-{index}")(run, index)
         except AuthorizationRefused as exc:  # e.g. the window closed: stop at this boundary
             run.progress(f"the change gate refused wave {index}: {exc.message}")
             return run.halt(exc)
-        except MilestoneNotMet as exc:
+        except MilestoneNotMet as exc:  # an acceptance test's failure too
             return _back_out(run, str(exc))
         if wave.approve is not None:
             rejected = await manual_milestone(run, index, wave.approve)

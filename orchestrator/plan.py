@@ -34,6 +34,9 @@ els:                               # early life support after success (`ferry el
   period: 24h
   every: 10m
   checks: [{http: "http://127.0.0.1:8080/health"}]
+pilot: canary                      # an inventory group deployed first, as its own wave
+acceptance:                        # after the last milestone (and the pilot's): evidence
+  - {name: smoke, type: functional, http: "http://127.0.0.1:8080/", status: 200}
 ```
 Waves are cumulative: `[1, 10%, 50%, 100%]` means 1 host, then up to 10% of the targets,
 then 50%, then all; a count is hosts, `N%` rounds up, a group name takes the group's
@@ -123,6 +126,17 @@ class Check(BaseModel):
         if self.http is not None:
             return f"http {self.http} == {self.status}"
         return f"tcp {self.address}:{self.tcp}"
+
+
+TEST_TYPES = ("functional", "performance", "security", "operational", "user-acceptance")
+
+
+class AcceptanceTest(Check):
+    """An acceptance criterion verified by a test, run on every host after the last milestone
+    passed (and on the pilot wave's hosts after its milestone); its result is evidence."""
+
+    name: str = Field(min_length=1)
+    type: Literal["functional", "performance", "security", "operational", "user-acceptance"]
 
 
 class Milestone(BaseModel):
@@ -254,6 +268,17 @@ class DeployPlan(BaseModel):
     retention: int = Field(3, ge=1)
     readback: Literal["full", "quick"] = "full"
     els: EarlyLifeSupport | None = None
+    acceptance: tuple[AcceptanceTest, ...] = ()
+    pilot: str | None = Field(None, min_length=1, description="inventory group: the first wave")
+
+    @field_validator("acceptance")
+    @classmethod
+    def _unique_tests(cls, value: tuple[AcceptanceTest, ...]) -> tuple[AcceptanceTest, ...]:
+        names = [t.name for t in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"acceptance test name(s) {', '.join(twice)} used twice; rename")
+        return value
 
     @field_validator("inventory")
     @classmethod

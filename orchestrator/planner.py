@@ -65,12 +65,17 @@ def _split(
 ) -> tuple[list[list[str]], list[str], list[float | None]]:
     """split_waves, with each wave's manual-milestone timeout (None: no approval)."""
     n = len(names)
-    if plan.strategy == "big-bang":
-        return [list(names)], [], [None]
     waves: list[list[str]] = []
     approvals: list[float | None] = []
     notes: list[str] = []
     done: set[str] = set()
+    if plan.pilot is not None:
+        waves.append(pilot_wave(plan.pilot, names, groups))
+        approvals.append(None)
+        done.update(waves[0])
+    if plan.strategy == "big-bang":
+        rest = [h for h in names if h not in done]
+        return [*waves, rest], notes, [*approvals, None]
     for step in plan.waves or ():
         entry = wave_entry(step)
         remaining = [h for h in names if h not in done]
@@ -102,6 +107,26 @@ def _split(
             f"{', '.join(left[:5])} never deploy"
         )
     return waves, notes, approvals
+
+
+def pilot_wave(pilot: str, names: Sequence[str], groups: Mapping[str, Sequence[str]]) -> list[str]:
+    """The pilot group's targets: wave 1, whose milestone and acceptance tests are the
+    evidence a promotion rule `after: [pilot]` asks for before the other waves."""
+    if pilot not in groups:
+        raise PlanError(
+            f"pilot: {pilot!r} is not a group of the inventory "
+            f"(groups: {', '.join(sorted(groups))})"
+        )
+    members = set(groups[pilot])
+    wave = [h for h in names if h in members]
+    if not wave:
+        raise PlanError(f"pilot: group {pilot!r} has no host among the targets; pick another")
+    if len(wave) == len(names):
+        raise PlanError(
+            f"pilot: group {pilot!r} holds every target; a pilot is a part of them "
+            "(target more hosts, or remove pilot)"
+        )
+    return wave
 
 
 def plan_rollout(
@@ -158,6 +183,7 @@ def plan_rollout(
         readback=plan.readback,
         plan_file=plan_file,
         plan_hash=plan_hash,
+        pilot=plan.pilot,
     )
 
 
@@ -223,6 +249,12 @@ class _HostRenderer:
             for i, c in enumerate(self.plan.milestone.checks)
         )
 
+    def acceptance(self, ctx: dict[str, Any], host: str) -> tuple[RenderedCheck, ...]:
+        return tuple(
+            replace(self.check(t, ctx, f"acceptance[{i}]", host), type=t.type)
+            for i, t in enumerate(self.plan.acceptance)
+        )
+
     def check(self, c: Check, ctx: dict[str, Any], field: str, host: str) -> RenderedCheck:
         if c.command is not None:
             return RenderedCheck(
@@ -275,6 +307,7 @@ class _HostRenderer:
             forward=forward,
             backout=backout,
             checks=self.checks(ctx, name),
+            acceptance=self.acceptance(ctx, name),
             context=scalars(ctx),
             backout_context=scalars(bctx),
         )

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.change import gate
+from orchestrator.change.promotion import load_lifecycle
 from orchestrator.cms.deployments import DeploymentRecord, host_baselines
 from orchestrator.els import els_record
 from orchestrator.inventory import inventory_path, load_inventory
@@ -50,6 +51,7 @@ def prepare(request: DeployRequest, settings: Settings) -> Prepared:
     plan_file = str(request.plan_path)
     rfc_id = gate.parse_rfc_id(request.rfc) if request.rfc else None
     plan = load_plan(request.plan_path)
+    load_lifecycle()  # a bad lifecycle.yaml is exit 2 here, not a refusal mid-run
     inventory = load_inventory(
         inventory_path(
             override=request.inventory,

@@ -57,6 +57,7 @@ class RenderedCheck:
     port: int | None = None
     status: int = 200
     timeout: float = 10.0
+    type: str | None = None  # an acceptance test's: functional, performance, …
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class HostAction:
     forward: dict[str, StepCommand] = field(default_factory=dict, hash=False)
     backout: dict[str, StepCommand] = field(default_factory=dict, hash=False)
     checks: tuple[RenderedCheck, ...] = ()  # the milestone checks of the new release
+    acceptance: tuple[RenderedCheck, ...] = ()  # the plan's acceptance tests, rendered
     context: dict[str, str] = field(default_factory=dict, hash=False)  # forward hooks' env
     backout_context: dict[str, str] = field(default_factory=dict, hash=False)
 
@@ -122,6 +124,7 @@ class Rollout:
     plan_file: str = ""
     plan_hash: str = ""
     shard_size: int | None = None  # on a Prefect work pool: hosts per shard flow run
+    pilot: str | None = None  # the inventory group of wave 1, a pilot (evidence of its own)
 
     def hosts(self) -> list[HostAction]:
         return [h for w in self.waves for h in w.hosts]
@@ -168,6 +171,7 @@ class Rollout:
             "approve": {str(w.index): w.approve for w in self.waves if w.approve is not None},
             "hosts": {h.host: _host_record(h) for h in self.hosts()},
             "notes": list(self.notes),
+            "pilot": self.pilot,
         }
 
     @classmethod
@@ -202,6 +206,7 @@ class Rollout:
             plan_file=data.get("plan_file", ""),
             plan_hash=data.get("plan_hash", ""),
             shard_size=data.get("shard_size"),
+            pilot=data.get("pilot"),
         )
 
     def bind(self, deployment_id: int) -> Rollout:
@@ -223,13 +228,15 @@ def _check_record(c: RenderedCheck) -> dict[str, Any]:
         "port": c.port,
         "status": c.status,
         "timeout": c.timeout,
+        **({"type": c.type} if c.type else {}),
     }
 
 
 def _check_from(d: dict[str, Any]) -> RenderedCheck:
     return RenderedCheck(
-        d["label"], d["kind"], d["target"], d.get("port"), int(d["status"]), d["timeout"]
-    )
+        d["label"], d["kind"], d["target"], d.get("port"), int(d["status"]), d["timeout"],
+        d.get("type"),
+    )  # fmt: skip
 
 
 def _command_record(c: StepCommand) -> dict[str, Any]:
@@ -258,6 +265,7 @@ def _host_record(h: HostAction) -> dict[str, Any]:
         "steps": list(h.steps),
         "forward": {k: _command_record(v) for k, v in h.forward.items()},
         "checks": [_check_record(c) for c in h.checks],
+        **({"acceptance": [_check_record(c) for c in h.acceptance]} if h.acceptance else {}),
         "backout": {k: _command_record(v) for k, v in h.backout.items()},
         "context": dict(h.context),
         "backout_context": dict(h.backout_context),
@@ -276,6 +284,7 @@ def _host_from(name: str, d: dict[str, Any]) -> HostAction:
         forward={k: _command_from(v) for k, v in d.get("forward", {}).items()},
         backout={k: _command_from(v) for k, v in d.get("backout", {}).items()},
         checks=tuple(_check_from(c) for c in d.get("checks", ())),
+        acceptance=tuple(_check_from(c) for c in d.get("acceptance", ())),
         context=dict(d.get("context", {})),
         backout_context=dict(d.get("backout_context", {})),
     )
