@@ -1,4 +1,5 @@
-"""`ferry release`: build release packages into the DML, check them in, list and show them."""
+"""`ferry release`: build release packages into the DML, check them in, list and show them
+(with their service validation per environment), and sign user acceptance off."""
 
 from __future__ import annotations
 
@@ -106,12 +107,15 @@ def show(
     out.use(fmt)
     from dml.store import DML
     from orchestrator import catalog
+    from orchestrator.change import promotion, release_evidence
     from orchestrator.cms import audit, db
 
+    lifecycle = promotion.load_lifecycle()
     with db.session_scope() as session:
         rel = catalog.get(session, release)
         data: dict[str, Any] = _release_dict(rel)
         data["history"] = audit.history(session, "release", release)
+        data["environments"] = release_evidence.environments(session, rel, lifecycle)
     try:
         pkg = DML.from_settings().open(release, verify_archive=False)
         data["package"] = {
@@ -147,12 +151,55 @@ def show(
                     highlight=False,
                     markup=False,
                 )
+        for env, e in data["environments"].items():
+            _print_environment(env, e)
         for ev in data["history"]:
             out.stdout.print(
                 f"  {ev['at']} {ev['actor']}: {ev['action']}", highlight=False, markup=False
             )
 
     out.result(data, render)
+
+
+def _print_environment(env: str, e: dict[str, Any]) -> None:
+    ran = ", ".join(f"#{d['id']} {d['status']}" for d in e["deployments"]) or "never deployed"
+    tests = ", ".join(f"{n} {'passed' if ok else 'FAILED'}" for n, ok in e["acceptance"].items())
+    word = "promotable" if e["promotable"] else "not promotable"
+    lines = [f"  {env}: {ran}; {word}" + (" (a pilot wave first)" if e["needs_pilot_wave"] else "")]
+    if tests:
+        lines.append(f"    acceptance: {tests}")
+    if e["sign_offs"]:
+        lines.append(f"    user acceptance signed off by {', '.join(e['sign_offs'])}")
+    lines += [f"    missing: {why}" for why in e["missing"]]
+    for line in lines:
+        out.stdout.print(line, highlight=False, markup=False)
+
+
+@app.command()
+def accept(
+    release: Annotated[str, typer.Argument(help="NAME@VERSION")],
+    env: Annotated[str, typer.Option("--env", help="the environment it was accepted in")],
+    comment: Annotated[str, typer.Option("--comment", help="what was accepted (evidence)")],
+    fmt: OutputOpt = out.Format.text,
+) -> None:
+    """Sign user acceptance off for a release in ENV (not by the RFC's requester)."""
+    out.use(fmt)
+    from orchestrator import catalog
+    from orchestrator.change import release_evidence
+    from orchestrator.cms import db
+    from orchestrator.settings import get_settings
+
+    with db.session_scope() as session:
+        rel = catalog.get(session, release)
+        data = release_evidence.sign_off(
+            session, rel, env, actor=get_settings().actor, comment=comment, now=datetime.now(UTC)
+        )
+    out.result(
+        data,
+        f"{release}: user acceptance in {env} signed off by {data['actor']}"
+        if data["changed"]
+        else f"{release}: {data['actor']} already signed off user acceptance in {env}",
+    )
 
 
 @app.command()
