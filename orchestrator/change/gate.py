@@ -123,7 +123,7 @@ def check(
             "hosts": list(hosts or []),
             "at": now.isoformat(),
             **decision.to_dict(),
-            **({"promotion_bypassed": bypassed} if bypassed else {}),
+            **({"promotion_overridden": bypassed} if bypassed else {}),
         },
     )
     return decision
