@@ -85,4 +85,7 @@ def error(payload: dict[str, Any], line: str) -> None:
     if _mode is Format.json:
         sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
         sys.stdout.flush()
-    _console("stderr").print(f"[bold red]error:[/] {line}", highlight=False)
+    from rich.markup import escape
+
+    # escaped: a message's own brackets (`after: [qa]`, `[bold]`) are text, not markup
+    _console("stderr").print(f"[bold red]error:[/] {escape(line)}", highlight=False)
