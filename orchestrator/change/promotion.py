@@ -17,7 +17,8 @@ promotion:
 - `sign_off`: a person other than the RFC's requester recorded a user-acceptance sign-off
   there (`ferry release accept`).
 
-Environments without a rule are unrestricted. `missing()` is the pure decision the change
+Environments without a rule are unrestricted, and so is a package that already succeeded
+in the environment (a re-run, or a backout to it as the prior baseline). `missing()` is the pure decision the change
 gate asks (orchestrator/change/gate.py); the evidence comes from the CMS
 (orchestrator/cms/evidence.py) as `EnvironmentEvidence`, one per environment.
 """
@@ -193,6 +194,11 @@ def missing(
     wave the plan runs first; the gate asks again at the next wave's boundary)."""
     rule = lifecycle.rule(environment)
     if rule is None:
+        return []
+    here = evidence.get(environment)
+    if here is not None and here.succeeded:
+        # it already ran here: deploying it again (a re-run, a backout to it as the prior
+        # baseline) promotes nothing, even if it came in before the rule or by the ECAB
         return []
     short = digest.removeprefix("sha256:")[:12]
     head = f"promotion to {environment}: package {short}"
