@@ -177,6 +177,7 @@ def dry_run_report(rollout: object) -> dict:
                 "commands": {
                     "forward": _with_agent(h["forward"], d["release_id"]),
                     "checks": h["checks"],
+                    "acceptance": h.get("acceptance", []),
                     "backout": _with_agent(
                         h["backout"], (h["prior"] or {}) and _rid(rollout, name)
                     ),

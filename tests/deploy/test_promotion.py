@@ -215,6 +215,20 @@ def test_a_pilot_wave_is_the_evidence_for_after_pilot_and_a_failed_pilot_stops_t
     checks = [{"name": "marker", "type": "functional",
                "command": "test ! -e {{ shared }}/broken-{{ version }}"}]  # fmt: skip
     build(work, "1.0")
+    # the dry run shows the pilot wave and each host's rendered acceptance tests
+    dry = deploy(
+        run_ferry, _plan(work, fleet, "prod", acceptance=checks, pilot="canary"), "shop@1.0",
+        None, "--dry-run",
+    )  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    assert dry.json()["waves"] == [["h1"], ["h2"]]
+    rendered = dry.json()["hosts"]["h2"]["commands"]["acceptance"][0]
+    assert rendered["type"] == "functional" and rendered["target"].endswith("/broken-1.0")
+    typo = [{"name": "t", "type": "security", "command": "test -d {{ relase_path }}"}]
+    bad = deploy(
+        run_ferry, _plan(work, fleet, "prod", acceptance=typo), "shop@1.0", None, "--dry-run"
+    )
+    assert bad.returncode == 2 and "acceptance[0]" in bad.stderr and "relase_path" in bad.stderr
     unpiloted = _ship(run_ferry, work, fleet, "shop@1.0", "prod", acceptance=checks)
     assert unpiloted.returncode == 3 and "has not passed a pilot wave in prod" in unpiloted.stderr
     piloted = _ship(run_ferry, work, fleet, "shop@1.0", "prod", acceptance=checks, pilot="canary")
