@@ -86,6 +86,8 @@ def check(
             calendar or config.load_calendar(),
         )
         if stage in ("checkin", "deploy"):
+            if stage == "checkin":  # a pilot wave comes after the check-in, by its nature
+                deferred = (*deferred, promotion.PILOT)
             unmet = _promotion(
                 session, release, environment or rfc.environment, digest, deferred, lifecycle
             )
