@@ -241,6 +241,9 @@ class DeploymentRun:
         self.last_verdict = verdict
         status = WaveStatus.PASSED if verdict.passed else WaveStatus.FAILED
         self.record.wave(index, status, verdict.to_dict())
+        if not verdict.passed and index == 1 and self.rollout.pilot and len(self.rollout.waves) > 1:
+            with session_scope(self.url) as s:  # a failed pilot is evidence too
+                evidence.record(s, [self._pilot_row(False, f"milestone 1: {verdict.reason}")])
         word = "passed" if verdict.passed else "FAILED"
         self.progress(f"  milestone {index} {word}: {verdict.reason}")
         if verdict.passed:
@@ -296,15 +299,7 @@ class DeploymentRun:
             for i, r in zip(items, results, strict=True)
         ]
         if pilot:
-            rows.append(
-                {
-                    **base,
-                    "kind": evidence.PILOT,
-                    "name": ro.pilot,
-                    "passed": verdict.passed,
-                    "output": f"milestone 1 passed; {verdict.reason}",
-                }
-            )
+            rows.append(self._pilot_row(verdict.passed, f"milestone 1 passed; {verdict.reason}"))
         with session_scope(self.url) as s:
             evidence.record(s, rows)
         if results:
@@ -313,6 +308,21 @@ class DeploymentRun:
         if not verdict.passed:
             self.last_verdict = verdict
         return verdict
+
+    def _pilot_row(self, passed: bool, output: str) -> dict[str, Any]:
+        ro = self.rollout
+        return {
+            "release": ro.release,
+            "digest": ro.digest,
+            "environment": ro.environment,
+            "deployment_id": self.id,
+            "scope": "pilot",
+            "actor": self.actor,
+            "kind": evidence.PILOT,
+            "name": ro.pilot,
+            "passed": passed,
+            "output": output,
+        }
 
     def _tell(self, outcomes: list[HostOutcome], word: str) -> None:
         bad = [o for o in outcomes if not o.ok]

@@ -18,9 +18,9 @@ promotion:
   there (`ferry release accept`).
 
 Environments without a rule are unrestricted, and so is a package that already succeeded
-in the environment (a re-run, or a backout to it as the prior baseline). `missing()` is the pure decision the change
-gate asks (orchestrator/change/gate.py); the evidence comes from the CMS
-(orchestrator/cms/evidence.py) as `EnvironmentEvidence`, one per environment.
+in the environment (a re-run, or a backout to it as the prior baseline). `missing()` is the
+pure decision the change gate asks (orchestrator/change/gate.py); the evidence comes from
+the CMS (orchestrator/cms/evidence.py) as `EnvironmentEvidence`, one per environment.
 """
 
 from __future__ import annotations
