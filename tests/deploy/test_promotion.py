@@ -90,7 +90,9 @@ def _deployments() -> int:
     return cms(lambda s: s.scalar(select(func.count()).select_from(Deployment)))
 
 
-def test_environments_in_order_with_acceptance_evidence_on_the_same_digest(clean_small, run_ferry):
+def test_environments_in_order_with_acceptance_tests_as_evidence_on_the_same_digest(
+    clean_small, run_ferry
+):
     fleet, work = clean_small, Path.cwd()
     _organisation(work, LIFECYCLE)
     build(work, "1.0")
@@ -150,42 +152,34 @@ def test_environments_in_order_with_acceptance_evidence_on_the_same_digest(clean
     fresh = run_ferry("release", "show", "shop@1.0", "-o", "json").json()["environments"]
     assert fresh["live"]["promotable"] is True
 
-
-def test_a_failing_acceptance_test_backs_the_deployment_out_and_is_recorded(clean_small, run_ferry):
-    fleet, work = clean_small, Path.cwd()
-    _organisation(work, LIFECYCLE)
-    build(work, "1.0")
-    build(work, "2.0", extra={"feature.txt": b"new\n"})
-    for version in ("1.0", "2.0"):
-        assert _ship(run_ferry, work, fleet, f"shop@{version}", "dev").returncode == 0
-    assert _ship(run_ferry, work, fleet, "shop@1.0", "qa").returncode == 0
+    # a failing acceptance test backs the deployment out and stays on record as evidence
+    build(work, "3.0", extra={"feature.txt": b"newer\n"})
+    assert _ship(run_ferry, work, fleet, "shop@3.0", "dev").returncode == 0
     failing = [*ACCEPTANCE, {"name": "login", "type": "security", "command": "echo denied; false"}]
-    bad = _ship(run_ferry, work, fleet, "shop@2.0", "qa", acceptance=failing)
+    bad = _ship(run_ferry, work, fleet, "shop@3.0", "qa", acceptance=failing)
     assert bad.returncode == 4, bad.stdout + bad.stderr
     assert bad.json()["status"] == "backed-out"
-    assert host_release(fleet, "h2") == rid("shop@1.0")  # back on its prior baseline
-    rows = _evidence("shop@2.0", "qa")
+    assert host_release(fleet, "h2") == rid("shop@2.0")  # back on its prior baseline
+    rows = _evidence("shop@3.0", "qa")
     assert [(n, ok) for _k, n, ok, _o, _d in rows] == [
         ("runs", True),
         ("version", True),
         ("login", False),
     ]
     assert "denied" in rows[2][3]
-    live = _ship(run_ferry, work, fleet, "shop@2.0", "live")
+    live = _ship(run_ferry, work, fleet, "shop@3.0", "live")
     assert live.returncode == 3 and "has not succeeded in qa" in live.stderr
-    shown = run_ferry("release", "show", "shop@2.0", "-o", "json").json()["environments"]
+    assert host_release(fleet, "h3") == rid("shop@2.0")
+    shown = run_ferry("release", "show", "shop@3.0", "-o", "json").json()["environments"]
     assert shown["qa"]["failed_acceptance"] == ["login"] and not shown["live"]["promotable"]
 
 
 def test_user_acceptance_sign_off_is_refused_to_the_requester(clean_small, run_ferry):
     fleet, work = clean_small, Path.cwd()
-    _organisation(
-        work, {"promotion": {"qa": {"after": ["dev"]}, "live": {"after": ["qa"], "sign_off": True}}}
-    )
+    _organisation(work, {"promotion": {"live": {"after": ["qa"], "sign_off": True}}})
     build(work, "1.0")
-    unrun = run_ferry("release", "accept", "shop@1.0", "--env", "dev", "--comment", "fine")
-    assert unrun.returncode == 3 and "has not succeeded in dev" in unrun.stderr
-    assert _ship(run_ferry, work, fleet, "shop@1.0", "dev").returncode == 0
+    unrun = run_ferry("release", "accept", "shop@1.0", "--env", "qa", "--comment", "fine")
+    assert unrun.returncode == 3 and "has not succeeded in qa" in unrun.stderr
     assert _ship(run_ferry, work, fleet, "shop@1.0", "qa").returncode == 0
     not_signed = _ship(run_ferry, work, fleet, "shop@1.0", "live")
     assert not_signed.returncode == 3 and "no user-acceptance sign-off in qa" in not_signed.stderr
@@ -213,7 +207,7 @@ def test_a_pilot_wave_is_the_evidence_for_after_pilot_and_a_failed_pilot_stops_t
     fleet, work = clean_small, Path.cwd()
     _organisation(work, {"promotion": {"prod": {"after": ["pilot"]}}})
     checks = [{"name": "marker", "type": "functional",
-               "command": "test ! -e {{ shared }}/broken-{{ version }}"}]  # fmt: skip
+               "command": "test ! -e {{ shared }}/reject-{{ version }}"}]  # fmt: skip
     build(work, "1.0")
     # the dry run shows the pilot wave and each host's rendered acceptance tests
     dry = deploy(
@@ -223,7 +217,7 @@ def test_a_pilot_wave_is_the_evidence_for_after_pilot_and_a_failed_pilot_stops_t
     assert dry.returncode == 0, dry.stderr
     assert dry.json()["waves"] == [["h1"], ["h2"]]
     rendered = dry.json()["hosts"]["h2"]["commands"]["acceptance"][0]
-    assert rendered["type"] == "functional" and rendered["target"].endswith("/broken-1.0")
+    assert rendered["type"] == "functional" and rendered["target"].endswith("/reject-1.0")
     typo = [{"name": "t", "type": "security", "command": "test -d {{ relase_path }}"}]
     bad = deploy(
         run_ferry, _plan(work, fleet, "prod", acceptance=typo), "shop@1.0", None, "--dry-run"
@@ -240,7 +234,7 @@ def test_a_pilot_wave_is_the_evidence_for_after_pilot_and_a_failed_pilot_stops_t
 
     # 2.0 fails its pilot's acceptance test on h1: backed out there, h2 never touched
     build(work, "2.0", extra={"feature.txt": b"new\n"})
-    (fleet.root_dir("h1") / "shared" / "broken-2.0").write_text("")
+    (fleet.root_dir("h1") / "shared" / "reject-2.0").write_text("")
     before = _deployments()
     failed = _ship(run_ferry, work, fleet, "shop@2.0", "prod", acceptance=checks, pilot="canary")
     assert failed.returncode == 4, failed.stdout + failed.stderr
