@@ -205,3 +205,50 @@ def test_pass_rate_per_test_type():
     assert rates["security"].rate == 1.0
     assert rates["performance"].total == 0 and rates["performance"].rate is None
     assert set(rates) >= {"functional", "performance", "security", "operational", "user-acceptance"}
+
+
+def _plan(**fields):
+    from orchestrator.plan import DeployPlan
+
+    return DeployPlan.model_validate({"environment": "live", **fields})
+
+
+def test_a_pilot_group_is_wave_one_and_the_plan_waves_continue_with_the_rest():
+    from orchestrator.planner import split_waves
+
+    names = ["h1", "h2", "h3", "h4", "h5"]
+    groups = {"canary": ["h1", "h4"], "web": names}
+    big = _plan(strategy="big-bang", pilot="canary")
+    assert split_waves(big, names, groups)[0] == [["h1", "h4"], ["h2", "h3", "h5"]]
+    phased = _plan(strategy="phased", waves=[3, "100%"], pilot="canary")
+    assert split_waves(phased, names, groups)[0] == [["h1", "h4"], ["h2"], ["h3", "h5"]]
+
+
+@pytest.mark.parametrize(
+    ("pilot", "words"),
+    [("nope", "is not a group of the inventory"), ("empty", "has no host among the targets"),
+     ("web", "holds every target")],
+)  # fmt: skip
+def test_a_pilot_that_is_no_part_of_the_targets_is_a_plan_error(pilot, words):
+    from orchestrator.errors import PlanError
+    from orchestrator.planner import split_waves
+
+    groups = {"web": ["h1", "h2"], "empty": ["h9"]}
+    with pytest.raises(PlanError, match=words):
+        split_waves(_plan(strategy="big-bang", pilot=pilot), ["h1", "h2"], groups)
+
+
+def test_acceptance_tests_are_typed_named_once_and_of_one_kind():
+    from pydantic import ValidationError
+
+    ok = {"name": "smoke", "type": "functional", "tcp": 80}
+    assert _plan(strategy="big-bang", acceptance=[ok]).acceptance[0].type == "functional"
+    for bad, words in [
+        ({**ok, "type": "vibes"}, "functional"),
+        ({"type": "security", "tcp": 80}, "name"),
+        ({**ok, "command": "true"}, "exactly one of"),
+    ]:
+        with pytest.raises(ValidationError, match=words):
+            _plan(strategy="big-bang", acceptance=[bad])
+    with pytest.raises(ValidationError, match="smoke used twice"):
+        _plan(strategy="big-bang", acceptance=[ok, ok])
