@@ -177,7 +177,7 @@ def dry_run_report(rollout: object) -> dict:
                 "commands": {
                     "forward": _with_agent(h["forward"], d["release_id"]),
                     "checks": h["checks"],
-                    "acceptance": h.get("acceptance", []),
+                    **({"acceptance": h["acceptance"]} if h.get("acceptance") else {}),
                     "backout": _with_agent(
                         h["backout"], (h["prior"] or {}) and _rid(rollout, name)
                     ),
