@@ -185,6 +185,19 @@ def host_baselines(url: str, names: list[str] | None = None) -> dict[str, Baseli
         return {r.host: Baseline(r.release, r.package_digest) for r in s.scalars(q)}
 
 
+def open_among(session: Any, ids: list[int]) -> set[int]:
+    """Which of these deployments are still open (never finished), inside the caller's
+    transaction (the host locks decide with it whether a dead holder needs recovering)."""
+    if not ids:
+        return set()
+    rows = session.execute(
+        select(Deployment.id, Deployment.status, Deployment.finished_at).where(
+            Deployment.id.in_(ids)
+        )
+    )
+    return {i for i, st, fin in rows if fin is None and st in lifecycle.OPEN}
+
+
 def deploy_roots(url: str, names: list[str]) -> dict[str, str]:
     """The deploy root each host CI was last deployed under (plan overrides included)."""
     with session_scope(url) as s:

@@ -261,3 +261,22 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     last_id: Mapped[int] = mapped_column(Integer)
     last_hash: Mapped[str] = mapped_column(String(64))
+
+
+class HostLock(Base):
+    """One deployment, backout or recover at a time per host: a leased lock
+    (orchestrator/cms/locks.py). A row is held while `expires_at` is ahead and its process
+    lives; the holder renews the lease while it runs and deletes the row when it ends."""
+
+    __tablename__ = "host_locks"
+    host: Mapped[str] = mapped_column(String(200), primary_key=True)
+    token: Mapped[str] = mapped_column(String(64))
+    purpose: Mapped[str] = mapped_column(String(20))
+    deployment_id: Mapped[int | None] = mapped_column(default=None)
+    release: Mapped[str] = mapped_column(String(300), default="")
+    actor: Mapped[str] = mapped_column(String(200))
+    machine: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    pid_start: Mapped[str] = mapped_column(String(40), default="")
+    acquired_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
