@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
-from orchestrator.change import config, records
+from orchestrator.change import binding, config
 from orchestrator.change.authorize import Decision, authorize
 from orchestrator.change.calendar import Calendar
 from orchestrator.change.models import ChangeModels
@@ -64,8 +64,9 @@ def check(
     if rfc is None:
         decision = Decision(False, [f"RFC-{rid} does not exist"])
     else:
+        bound = binding.bind(session, rfc)  # rows without their audit event do not count
         decision = authorize(
-            records.to_view(rfc),
+            bound.view,
             stage,
             environment,
             list(hosts) if hosts is not None else None,
@@ -74,6 +75,8 @@ def check(
             models or config.load_change_models(),
             calendar or config.load_calendar(),
         )
+        if bound.problems and not decision.allowed:
+            decision = Decision(False, [*decision.reasons, *bound.problems])
     audit.append(
         session,
         actor=actor,
