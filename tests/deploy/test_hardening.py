@@ -126,3 +126,31 @@ def test_bad_inputs_found_accepted_are_exit_2_with_one_line_and_nothing_recorded
     assert len(res.stderr.strip().splitlines()) == 1
     assert _deployments() == 0 and _untouched(fleet)
     assert cms(lambda s: s.get(RFC, int(rfc_id)).status) in ("authorized", "scheduled")
+
+
+def test_a_modified_agent_file_on_a_host_never_runs_and_drift_reports_it_exit_6(
+    clean_small, run_ferry
+):
+    from orchestrator import agent
+
+    fleet, work = clean_small, Path.cwd()
+    build(work, "1.0")
+    res = deploy(run_ferry, plan(work, fleet), "shop@1.0", rfc(run_ferry, "shop@1.0"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    name = f"agent-{agent.version()}.py"
+    # an agent file an older Ferry left, intact on h2 and with a payload on h3
+    (fleet.root_dir("h2") / ".ferry" / name).write_bytes(agent.source())
+    payload = b"import os\nopen(os.path.join(os.path.dirname(__file__), '..', 'PWNED'), 'w')\n"
+    (fleet.root_dir("h3") / ".ferry" / name).write_bytes(payload + agent.source())
+
+    drift = run_ferry("remediate", "drift", "--inventory", str(fleet.inventory_path), "-o", "json")
+    assert drift.returncode == 6, drift.stdout + drift.stderr
+    hosts = drift.json()["hosts"]
+    assert hosts["h3"]["state"] == "tampered"
+    assert f".ferry/{name} was modified on the host" in hosts["h3"]["detail"]
+    assert {h for h, d in hosts.items() if d["state"] != "ok"} == {"h3"}
+    # Ferry sends its agent on every session: the file on the host never ran
+    build(work, "2.0")
+    again = deploy(run_ferry, plan(work, fleet), "shop@2.0", rfc(run_ferry, "shop@2.0"))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert not any((fleet.root_dir(h) / "PWNED").exists() for h in fleet.hosts)

@@ -60,7 +60,9 @@ def test_a_second_deploy_to_overlapping_hosts_is_refused_naming_the_holder(backe
     build(work, "2.0")
     first_rfc = rfc(run_ferry, "shop@1.0")
     second_rfc = rfc(run_ferry, "shop@2.0")
-    first = _start(plan(work, fleet, "all.yaml", milestone=SLOW, waves=TWO_WAVES), "shop@1.0", first_rfc)
+    first = _start(
+        plan(work, fleet, "all.yaml", milestone=SLOW, waves=TWO_WAVES), "shop@1.0", first_rfc
+    )
     try:
         _until_locked_by(1, first)
         rack_a = plan(work, fleet, "rack-a.yaml", targets="rack-a")
@@ -91,10 +93,18 @@ def test_with_wait_lock_a_second_deploy_queues_and_plans_from_what_the_first_lef
     for version in ("1.0", "2.0"):
         build(work, version)
     first_rfc, second_rfc = rfc(run_ferry, "shop@1.0"), rfc(run_ferry, "shop@2.0")
-    first = _start(plan(work, fleet, "all.yaml", milestone=SLOW, waves=TWO_WAVES), "shop@1.0", first_rfc)
+    first = _start(
+        plan(work, fleet, "all.yaml", milestone=SLOW, waves=TWO_WAVES), "shop@1.0", first_rfc
+    )
     try:
         _until_locked_by(1, first)
-        second = _start(plan(work, fleet, "b.yaml", waves=TWO_WAVES), "shop@2.0", second_rfc, "--wait-lock", "5m")
+        second = _start(
+            plan(work, fleet, "b.yaml", waves=TWO_WAVES),
+            "shop@2.0",
+            second_rfc,
+            "--wait-lock",
+            "5m",
+        )
         out2, err2 = second.communicate(timeout=600)
     finally:
         out1, err1 = first.communicate(timeout=600)

@@ -49,9 +49,7 @@ def test_a_deploy_logs_in_once_per_host_and_a_redeploy_is_one_request_per_host(
     assert all(host_release(fleet, h) == rid("shop@1.0") for h in fleet.hosts)
 
 
-def test_a_host_whose_agent_dies_mid_session_fails_and_is_backed_out_alone(
-    clean_small, run_ferry
-):
+def test_a_host_whose_agent_dies_mid_session_fails_and_is_backed_out_alone(clean_small, run_ferry):
     fleet, work = clean_small, Path.cwd()
     build(work, "1.0")
     build(work, "2.0")
