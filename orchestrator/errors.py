@@ -73,6 +73,9 @@ class SpecError(BadInput):
     """A user's file failed validation: names the file, the field and the fix."""
 
     def __init__(self, file: str, field: str, problem: str, fix: str | None = None) -> None:
+        # one line, whatever a parser's message or a key in the file holds
+        field = field.encode("unicode_escape").decode() if not field.isprintable() else field
+        problem = " ".join(problem.split())
         where = f"{file}: {field}" if field else file
         text = f"{where}: {problem}" + (f" ({fix})" if fix else "")
         super().__init__(text, details={"file": file, "field": field, "problem": problem})

@@ -25,6 +25,10 @@ def load_yaml(path: Path, text: str | None = None) -> Any:
         raise SpecError(str(path), "", "file not found", "check the path") from None
     except OSError as exc:
         raise SpecError(str(path), "", f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            str(path), "", f"not UTF-8 text: {exc.reason} at byte {exc.start}"
+        ) from None
     try:
         node = yaml.compose(raw, Loader=yaml.SafeLoader)
         if node is not None and (dup := duplicate_keys(node)):
