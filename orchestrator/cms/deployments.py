@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import insert, select, update
 
-from orchestrator import lifecycle
+from orchestrator import crashpoints, lifecycle
 from orchestrator.cms import audit
 from orchestrator.cms.db import session_scope
 from orchestrator.cms.models import (
@@ -429,10 +429,17 @@ class DeploymentRecord:
                 ).scalar_one()
             )
 
-        return int(self._journal.submit(write))
+        step_id = int(self._journal.submit(write))
+        crashpoints.reached(step, "begin")
+        return step_id
 
     def end(self, step_id: int, status: str, detail: dict[str, Any] | None = None) -> None:
+        step = ""
+
         def write(s: Any) -> None:
+            nonlocal step
+            if crashpoints.ARMED:  # a test's crash point names the step: one read more
+                step = s.execute(select(HostStep.step).where(HostStep.id == step_id)).scalar_one()
             values: dict[str, Any] = {"status": status, "finished_at": utcnow()}
             if detail:
                 before = s.execute(
@@ -442,6 +449,7 @@ class DeploymentRecord:
             s.execute(update(HostStep).where(HostStep.id == step_id).values(**values))
 
         self._journal.submit(write)
+        crashpoints.reached(step, "end")
 
     def steps_by_host(self) -> dict[str, dict[str, str]]:
         return steps_by_host(self.url, self.id)
