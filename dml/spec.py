@@ -10,7 +10,7 @@ units:
 ```
 
 Every problem becomes one SpecError naming the file, the field and the fix. YAML itself
-silently keeps the last of two equal keys, so keys are checked for duplicates first.
+silently keeps the last of two equal keys, so `load_yaml` refuses a key given twice.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -43,6 +42,10 @@ class Unit(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # before `source`: its validator reads it
+    outside_spec_dir: bool = Field(
+        False, description="allow a source directory outside the spec file's directory"
+    )
     source: str | None = Field(None, description="directory, relative to the spec file")
     git: str | None = Field(None, description="git repository: URL or path relative to spec")
     ref: str | None = Field(None, description="branch, tag or commit (git units; default HEAD)")
@@ -73,6 +76,13 @@ class Unit(BaseModel):
             )
         if not where.is_dir():
             raise ValueError(f"{where} is not a directory")
+        outside = (info.data or {}).get("outside_spec_dir")
+        if not where.is_relative_to(Path(base).resolve()) and not outside:
+            raise ValueError(
+                f"{where} is outside the spec's directory {Path(base).resolve()}: a package "
+                "takes only what the spec's tree holds (set outside_spec_dir: true on the unit "
+                "if this one is meant)"
+            )
         return value
 
     @field_validator("path")
@@ -105,31 +115,14 @@ class ReleaseSpec(BaseModel):
     @field_validator("version", mode="before")
     @classmethod
     def _version_text(cls, value: Any) -> Any:
-        # `version: 1.4` is a float to YAML; take what the user typed where we can
-        return str(value) if isinstance(value, int | float) else value
-
-
-def _duplicate_keys(node: yaml.Node, path: str = "") -> tuple[str, str] | None:
-    """(dotted field, problem) of the first key given twice in one mapping, if any."""
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key, value in node.value:
-            name = str(key.value)
-            here = f"{path}.{name}" if path else name
-            if name in seen:
-                what = f"unit '{name}'" if path == "units" else f"key '{name}'"
-                return here, (
-                    f"{what} is given twice (lines {seen[name] + 1} and "
-                    f"{key.start_mark.line + 1}); YAML would silently keep only the last"
-                )
-            seen[name] = key.start_mark.line
-            if found := _duplicate_keys(value, here):
-                return found
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            if found := _duplicate_keys(item, f"{path}.{i}"):
-                return found
-    return None
+        # `version: 1.10` is the float 1.1 to YAML: what the user typed is lost, so refuse
+        # it rather than build app@1.1; a whole number (`version: 2`) reads as typed
+        if isinstance(value, float):
+            raise ValueError(
+                f"{value!r} was read by YAML as a number, which may not be the version typed "
+                f'(1.10 reads as 1.1): quote it, e.g. version: "{value}"'
+            )
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def load_spec(path: Path, version: str | None = None) -> ReleaseSpec:
@@ -141,13 +134,7 @@ def load_spec(path: Path, version: str | None = None) -> ReleaseSpec:
         raise SpecError(str(path), "", "file not found", "check the path") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(str(path), "", f"cannot read: {exc}") from None
-    data = load_yaml(path, text)
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:  # load_yaml already reported syntax errors
-        node = None
-    if node is not None and (dup := _duplicate_keys(node)):
-        raise SpecError(str(path), dup[0], dup[1], "give each key once, or rename one")
+    data = load_yaml(path, text)  # a key given twice is refused there
     if version is not None and isinstance(data, dict):
         if not re.fullmatch(VERSION_RE, version):
             raise SpecError(

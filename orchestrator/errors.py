@@ -6,6 +6,7 @@
     │   └── PlanError               a rollout cannot be planned (before any host is touched)
     ├── NotFound                    exit 2  a named release, RFC, deployment or host is unknown
     ├── AuthorizationRefused        exit 3  the change gate said no (with every reason)
+    │   └── LockHeld                another deployment, backout or recover holds the hosts
     ├── MilestoneFailed             exit 4  a milestone failed and every touched host was backed out
     ├── BackoutIncomplete           exit 5  some hosts could not be restored; they need remediation
     ├── IntegrityError              exit 6  a checksum or signature did not verify
@@ -72,6 +73,9 @@ class SpecError(BadInput):
     """A user's file failed validation: names the file, the field and the fix."""
 
     def __init__(self, file: str, field: str, problem: str, fix: str | None = None) -> None:
+        # one line, whatever a parser's message or a key in the file holds
+        field = field.encode("unicode_escape").decode() if not field.isprintable() else field
+        problem = " ".join(problem.split())
         where = f"{file}: {field}" if field else file
         text = f"{where}: {problem}" + (f" ({fix})" if fix else "")
         super().__init__(text, details={"file": file, "field": field, "problem": problem})
@@ -94,6 +98,10 @@ class AuthorizationRefused(FerryError):
         details.update(kw.pop("details", {}) or {})
         super().__init__(message, details=details)
         self.reasons = list(reasons or [])
+
+
+class LockHeld(AuthorizationRefused):
+    """Hosts are locked by another run (orchestrator/cms/locks.py): names the holder."""
 
 
 class MilestoneFailed(FerryError):

@@ -516,11 +516,26 @@ async def deploy_request(plan: str, release: str, rfc: int | None = None) -> Any
         plan_path=Path(plan), release=release, rfc=None if rfc is None else str(rfc),
         actor=settings.actor, inventory=None,
     )  # fmt: skip
+    from orchestrator.cms.locks import HostLocks
+
     try:
-        record = open_deployment(prepare(request, settings), settings)
+        prepared = prepare(request, settings)
     except FerryError as exc:
         return Failed(message=f"refused before any record: {exc}")
-    return await deploy_release(deployment_id=record.id, return_state=True)
+    # one run per host, as `ferry deploy`: locked before the record, released at the end
+    locks = HostLocks(
+        settings.cms_url, [h.host for h in prepared.rollout.hosts()], purpose="deploy",
+        actor=settings.actor, release=prepared.rollout.release,
+    )  # fmt: skip
+    try:
+        locks.acquire()
+        record = open_deployment(prepared, settings)
+        locks.bind(record.id)
+        return await deploy_release(deployment_id=record.id, return_state=True)
+    except FerryError as exc:
+        return Failed(message=f"refused before any record: {exc}")
+    finally:
+        locks.release()
 
 
 @flow(name="back_out_deployment", flow_run_name="backout of deployment #{deployment_id}")

@@ -43,6 +43,41 @@ from orchestrator.yamlfile import parse_model
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
+# directories of the system itself: a deploy root there would mix Ferry's releases/,
+# current and shared/ into them, and a prune or backout would act on system files
+SYSTEM_ROOTS = frozenset(
+    "/ /bin /boot /dev /etc /home /lib /lib32 /lib64 /libx32 /media /mnt /opt /proc /root "
+    "/run /sbin /srv /sys /tmp /usr /usr/bin /usr/lib /usr/local /usr/sbin /usr/share /var "
+    "/var/lib /var/log /var/tmp".split()
+)
+
+
+def deploy_root_problem(value: str) -> str | None:
+    """Why `value` cannot be a deploy root (None: it can): absolute, normal, its own."""
+    if not value.startswith("/"):
+        return (
+            f"deploy_root {value!r} is relative (it would land under the login user's home): "
+            "use an absolute path, e.g. /srv/app"
+        )
+    parts = value.split("/")[1:]
+    if any(p in (".", "..") for p in parts) or "//" in value or "\0" in value:
+        return f"deploy_root {value!r} must be a plain absolute path (no '.', '..' or '//')"
+    norm = value.rstrip("/") or "/"
+    if norm in SYSTEM_ROOTS:
+        return (
+            f"deploy_root {value!r} is a system directory: give the application a directory "
+            f"of its own, e.g. {'/srv/app' if norm != '/srv' else '/srv/shop'}"
+        )
+    if not re.fullmatch(r"[A-Za-z0-9_./@+-]+", value):
+        return f"deploy_root {value!r} may use letters, digits and . _ - + @ / only"
+    return None
+
+
+def _deploy_root(value: str | None) -> str | None:
+    if value is not None and (why := deploy_root_problem(value)):
+        raise ValueError(why)
+    return value
+
 
 _JUMP = re.compile(
     r"^(?:(?P<user>[A-Za-z0-9_][A-Za-z0-9_.-]*)@)?"
@@ -90,7 +125,7 @@ class SSHSettings(BaseModel):
     identity_file: Path | None = None
     known_hosts: Path
     port: int = Field(22, ge=1, le=65535)
-    connect_timeout: float = Field(10.0, gt=0)
+    connect_timeout: float = Field(10.0, gt=0, le=3600)
     # package bytes go through the OpenSSH client when installed (~2.7x paramiko's speed)
     bulk: Literal["openssh", "paramiko"] = "openssh"
     agent: bool = False
@@ -159,6 +194,15 @@ class HostEntry(BaseModel):
     port: int | None = Field(None, ge=1, le=65535)
     deploy_root: str | None = None
 
+    _root = field_validator("deploy_root")(_deploy_root)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9:][A-Za-z0-9.:_-]*|\[[0-9A-Fa-f:.]+\]", value):
+            raise ValueError(f"address {value!r} is not a host name or an IP address")
+        return value
+
 
 class Host(BaseModel):
     """One host, fully resolved (inventory defaults applied)."""
@@ -177,6 +221,8 @@ class Inventory(BaseModel):
     deploy_root: str = "/srv/app"
     hosts: dict[str, HostEntry]
 
+    _root = field_validator("deploy_root")(_deploy_root)
+
     @field_validator("hosts")
     @classmethod
     def _names(cls, hosts: dict[str, HostEntry]) -> dict[str, HostEntry]:
@@ -185,7 +231,36 @@ class Inventory(BaseModel):
         for name in hosts:
             if not _NAME.match(name):
                 raise ValueError(f"host name {name!r} may use letters, digits, '.', '_', '-'")
+        for name, entry in hosts.items():
+            for group in entry.groups:
+                if group == "all":
+                    raise ValueError(
+                        f"{name}: group 'all' is every host already: remove it from groups"
+                    )
+                if group in hosts:
+                    raise ValueError(
+                        f"{name}: group {group!r} is also a host's name, so targets: {group} "
+                        "would be ambiguous: rename the group"
+                    )
+                if not _NAME.match(group):
+                    raise ValueError(
+                        f"{name}: group {group!r} may use letters, digits, '.', '_', '-'"
+                    )
         return hosts
+
+    @model_validator(mode="after")
+    def _one_host_per_address(self) -> Inventory:
+        seen: dict[tuple[str, int], str] = {}
+        for name, entry in self.hosts.items():
+            where = (entry.address.lower(), entry.port or self.ssh.port)
+            if where in seen:
+                raise ValueError(
+                    f"hosts {seen[where]} and {name} are both {where[0]}:{where[1]}: one "
+                    "machine under two names would be deployed twice at once; give each "
+                    "host its own address or port"
+                )
+            seen[where] = name
+        return self
 
     def host(self, name: str) -> Host:
         entry = self.hosts[name]

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -61,6 +62,7 @@ from pydantic import (
 
 from orchestrator.context import RESERVED
 from orchestrator.errors import SpecError
+from orchestrator.inventory import deploy_root_problem
 from orchestrator.yamlfile import parse_model
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -78,10 +80,20 @@ def parse_duration(value: Any) -> float:
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
+    if not seconds <= MAX_DURATION:  # also NaN and infinity
+        raise ValueError(f"{value!r} is longer than a week (7d = 168h), the longest Ferry waits")
     return seconds
 
 
+def _positive(seconds: float) -> float:
+    if seconds <= 0:
+        raise ValueError("0s would time out at once: give a duration above zero, e.g. 30s")
+    return seconds
+
+
+MAX_DURATION = 7 * 24 * 3600.0
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
 _PERCENT = re.compile(r"^(\d+(?:\.\d+)?)%$")
 _VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -108,7 +120,7 @@ class Check(BaseModel):
     status: int = 200
     tcp: int | None = Field(None, ge=1, le=65535)
     address: str = "127.0.0.1"
-    timeout: Duration = 10.0
+    timeout: PositiveDuration = 10.0
 
     @model_validator(mode="after")
     def _one_kind(self) -> Check:
@@ -142,7 +154,7 @@ class AcceptanceTest(Check):
 class Milestone(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     max_failed: Annotated[int | str, BeforeValidator(_tolerance)] = 0
-    deadline: Duration = 600.0
+    deadline: PositiveDuration = 600.0
     soak: Duration = 0.0
     checks: tuple[Check, ...] = ()
 
@@ -225,8 +237,8 @@ class ConfigTemplate(BaseModel):
 
 class Timeouts(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    step: Duration = 300.0
-    connect: Duration = 10.0
+    step: PositiveDuration = 300.0
+    connect: PositiveDuration = 10.0
 
 
 WaveEntry = int | str
@@ -278,6 +290,13 @@ class DeployPlan(BaseModel):
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ValueError(f"acceptance test name(s) {', '.join(twice)} used twice; rename")
+        return value
+
+    @field_validator("deploy_root")
+    @classmethod
+    def _deploy_root(cls, value: str | None) -> str | None:
+        if value is not None and (why := deploy_root_problem(value)):
+            raise ValueError(why)
         return value
 
     @field_validator("inventory")

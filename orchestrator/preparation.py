@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.change import gate
+from orchestrator import addresses
+from orchestrator.change import config, gate
 from orchestrator.change.promotion import load_lifecycle
 from orchestrator.cms.deployments import DeploymentRecord, host_baselines
 from orchestrator.els import els_record
@@ -52,15 +53,19 @@ def prepare(request: DeployRequest, settings: Settings) -> Prepared:
     rfc_id = gate.parse_rfc_id(request.rfc) if request.rfc else None
     plan = load_plan(request.plan_path)
     load_lifecycle()  # a bad lifecycle.yaml is exit 2 here, not a refusal mid-run
-    inventory = load_inventory(
-        inventory_path(
-            override=request.inventory,
-            plan_inventory=plan.inventory,
-            default=settings.inventory,
-            plan_file=plan_file,
-        )
+    inventory_file = inventory_path(
+        override=request.inventory,
+        plan_inventory=plan.inventory,
+        default=settings.inventory,
+        plan_file=plan_file,
     )
+    inventory = load_inventory(inventory_file)
     hosts = inventory.select(plan.targets)
+    addresses.require_resolvable(hosts, inventory.ssh, inventory_file)
+    # the gate reads these at the start and before every wave: a bad one is exit 2 now,
+    # not an aborted deployment after the record was written
+    config.load_change_models()
+    config.load_calendar()
     package = DML.from_settings().open(request.release)  # signature + every checksum
     templates = {t.dest: t.src.read_text() for t in plan.config}
     rollout = plan_rollout(

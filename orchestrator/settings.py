@@ -82,7 +82,24 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def _cached() -> Settings:
-    return Settings()
+    """The settings, or one exit-2 line naming ferry.toml / FERRY_* and the field."""
+    import tomllib
+
+    from pydantic import ValidationError
+
+    from orchestrator.errors import SpecError
+
+    try:
+        return Settings()
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError("ferry.toml", "", f"not valid TOML: {exc}", "fix the syntax") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError("ferry.toml", "", f"not UTF-8 text: {exc.reason}") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        fix = {"extra_forbidden": "remove it, or check its spelling"}.get(err["type"])
+        raise SpecError(f"ferry.toml (or FERRY_{field.upper()})", field, err["msg"], fix) from None
 
 
 def get_settings() -> Settings:

@@ -25,7 +25,14 @@ def load_yaml(path: Path, text: str | None = None) -> Any:
         raise SpecError(str(path), "", "file not found", "check the path") from None
     except OSError as exc:
         raise SpecError(str(path), "", f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            str(path), "", f"not UTF-8 text: {exc.reason} at byte {exc.start}"
+        ) from None
     try:
+        node = yaml.compose(raw, Loader=yaml.SafeLoader)
+        if node is not None and (dup := duplicate_keys(node)):
+            raise SpecError(str(path), dup[0], dup[1], "give each key once, or rename one")
         return yaml.safe_load(raw)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -33,6 +40,33 @@ def load_yaml(path: Path, text: str | None = None) -> Any:
         raise SpecError(
             str(path), where, f"not valid YAML: {getattr(exc, 'problem', exc)}"
         ) from None
+    except RecursionError:  # a nesting deeper than any user file needs
+        raise SpecError(str(path), "", "not valid YAML: nested too deeply") from None
+
+
+def duplicate_keys(node: yaml.Node, path: str = "") -> tuple[str, str] | None:
+    """(dotted field, problem) of the first key given twice in one mapping, if any: YAML
+    itself silently keeps the last of two equal keys (a host, a plan key, a unit)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            name = str(key.value)
+            here = f"{path}.{name}" if path else name
+            if name in seen and name != "<<":
+                parent = path.rsplit(".", 1)[-1]
+                what = {"units": "unit", "hosts": "host"}.get(parent, "key")
+                return here, (
+                    f"{what} '{name}' is given twice (lines {seen[name] + 1} and "
+                    f"{key.start_mark.line + 1}); YAML would silently keep only the last"
+                )
+            seen[name] = key.start_mark.line
+            if found := duplicate_keys(value, here):
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            if found := duplicate_keys(item, f"{path}.{i}"):
+                return found
+    return None
 
 
 def validation_error(path: Path | str, exc: ValidationError) -> SpecError:

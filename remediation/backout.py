@@ -24,11 +24,12 @@ from orchestrator.change import gate, lifecycle
 from orchestrator.cms import deployments
 from orchestrator.cms.db import session_scope
 from orchestrator.cms.deployments import DeploymentRecord, RecordedDeployment
+from orchestrator.cms.locks import HostLocks
 from orchestrator.cms.models import RFC, utcnow
 from orchestrator.errors import AuthorizationRefused, BadInput, ExitCode
 from orchestrator.lifecycle import Status
 from orchestrator.preparation import runner
-from orchestrator.rollout import Baseline, Rollout, WavePlan
+from orchestrator.rollout import Baseline, HostAction, Rollout, WavePlan
 from orchestrator.sessions import HostSessions
 from orchestrator.settings import Settings
 from remediation import recorded
@@ -55,8 +56,36 @@ def back_out(req: BackoutRequest, settings: Settings, progress: Progress) -> Out
         return Outcome(0, _report(rec, None, "nothing-to-do", []))
     rollout = recorded.rollout_for(rec, req.plan, progress)
     touched = [a for a in rollout.hosts() if a.host in journal]
+    # one run per host: a backout of an interrupted deployment takes over its dead locks
+    locks = HostLocks(
+        url,
+        [a.host for a in touched],
+        purpose="backout",
+        actor=req.actor,
+        release=rec.release,
+        takeover=rec.id,
+    )
+    locks.acquire()
+    try:
+        return _back_out(req, rec, rfc_ids, rollout, touched, locks, progress)
+    finally:
+        locks.release()
+
+
+def _back_out(
+    req: BackoutRequest,
+    rec: RecordedDeployment,
+    rfc_ids: list[int],
+    rollout: Rollout,
+    touched: list[HostAction],
+    locks: HostLocks,
+    progress: Progress,
+) -> Outcome:
+    url = locks.url
+    journal = recorded.journal(url, rec)  # as it is now that we hold the hosts
     priors = {a.host: a.prior for a in touched}
     record = _open(url, rec, req, rfc_ids, replace(rollout, waves=(WavePlan(1, tuple(touched)),)))
+    locks.bind(record.id)
     try:
         _authorize(url, rec, req, rfc_ids, record.id, priors)
     except AuthorizationRefused as exc:

@@ -73,6 +73,18 @@ def exit_code(hosts: list[HostDrift]) -> int:
 def judge(host: str, expected: str, release: str, back: dict[str, Any]) -> HostDrift:
     """Pure: a baseline and the agent's read-back → the host's state."""
     current = back.get("current")
+    modified = [a["file"] for a in back.get("agents", []) if a.get("modified")]
+    if modified:
+        return HostDrift(
+            host,
+            "tampered",
+            expected,
+            release,
+            current,
+            f"agent file {', '.join(modified)} was modified on the host (its content no longer "
+            "has the hash in its name); Ferry never runs it, but whoever changed it had write "
+            "access to the deploy root: investigate, then remove it",
+        )
     if current != expected:
         return HostDrift(
             host,

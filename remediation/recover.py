@@ -26,6 +26,7 @@ from orchestrator.change import lifecycle
 from orchestrator.cms import deployments
 from orchestrator.cms.db import session_scope
 from orchestrator.cms.deployments import DeploymentRecord, RecordedDeployment
+from orchestrator.cms.locks import HostLocks
 from orchestrator.cms.models import RFC, utcnow
 from orchestrator.errors import BadInput, ExitCode
 from orchestrator.lifecycle import BadTransition, Status
@@ -61,6 +62,29 @@ def recover(req: RecoverRequest, settings: Settings, progress: Progress) -> Outc
             f"with `kill -TERM {pid}` (it backs out by itself), or pass --force if that "
             "process is not Ferry"
         )
+    # one recover at a time, and none beside a live run: it takes over the dead run's locks
+    locks = HostLocks(
+        url,
+        rec.hosts,
+        purpose="recover",
+        actor=req.actor,
+        deployment_id=rec.id,
+        release=rec.release,
+        takeover=rec.id,
+        force=req.force,
+    )
+    locks.acquire()
+    try:
+        return _recover(req, rec, url, progress)
+    finally:
+        locks.release()
+
+
+def _recover(req: RecoverRequest, rec: RecordedDeployment, url: str, progress: Progress) -> Outcome:
+    rec = deployments.load(url, rec.id)  # as it is now that we hold its hosts
+    if not rec.open:
+        progress(f"deployment {rec.id} was finished meanwhile ({rec.status}): nothing changed")
+        return Outcome(0, _report(rec, "already-finished", rec.status, []))
     journal = deployments.steps_by_host(url, rec.id)
     record = DeploymentRecord(url, rec.id, req.actor)
     if rec.strategy == "backout":

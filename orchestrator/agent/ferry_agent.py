@@ -586,10 +586,35 @@ def _mismatches(host, rid, full, rehash=False, expect=None):
     return manifest, out
 
 
+def _agent_files(host):
+    """Agent files an older Ferry left in .ferry/ (agent-<hash>.py): Ferry never runs them
+    (it sends the agent on every session), but one whose content no longer has the hash in
+    its name was modified on the host, which the drift audit reports as tampering."""
+    import hashlib
+
+    out = []
+    where = os.path.join(host.root, ".ferry")
+    try:
+        names = sorted(os.listdir(where))
+    except OSError:
+        return out
+    for name in names:
+        if not (name.startswith("agent-") and name.endswith(".py")):
+            continue
+        want = name[len("agent-") : -len(".py")]
+        try:
+            with open(os.path.join(where, name), "rb") as f:
+                got = hashlib.sha256(f.read()).hexdigest()[: len(want)]
+        except OSError:
+            got = None
+        out.append({"file": ".ferry/" + name, "modified": got != want, "sha256": got})
+    return out
+
+
 def op_readback(host, args):
     """What `current` points at, and whether every file matches the signed manifest."""
     cur = host.current()
-    result = {"current": cur, "ok": False, "mismatches": []}
+    result = {"current": cur, "ok": False, "mismatches": [], "agents": _agent_files(host)}
     if cur is None:
         result["ok"] = args.id is None
         return result

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
-from orchestrator.change import config, promotion, records
+from orchestrator.change import binding, config, promotion
 from orchestrator.change.authorize import Decision, authorize, missing_authorization
 from orchestrator.change.calendar import Calendar
 from orchestrator.change.models import ChangeModels
@@ -74,7 +74,8 @@ def check(
         decision = Decision(False, [f"RFC-{rid} does not exist"])
     else:
         models = models or config.load_change_models()
-        view = records.to_view(rfc)
+        bound = binding.bind(session, rfc)  # rows without their audit event do not count
+        view = bound.view
         decision = authorize(
             view,
             stage,
@@ -85,6 +86,8 @@ def check(
             models,
             calendar or config.load_calendar(),
         )
+        if bound.problems and not decision.allowed:
+            decision = Decision(False, [*decision.reasons, *bound.problems])
         if stage in ("checkin", "deploy"):
             if stage == "checkin":  # a pilot wave comes after the check-in, by its nature
                 deferred = (*deferred, promotion.PILOT)

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from orchestrator.change import lifecycle, records
+from orchestrator.change import binding, lifecycle, records
 from orchestrator.change.authorize import (
     approval_rule,
     approves_each_stage,
@@ -224,7 +224,7 @@ def _booking(rfc: RFC) -> Booking:
 def _authorize_if_complete(
     session: Session, rfc: RFC, *, actor: str, now: datetime, models: ChangeModels, note: str
 ) -> None:
-    if rfc.status != "assessed" or missing_authorization(records.to_view(rfc), models):
+    if rfc.status != "assessed" or missing_authorization(binding.bind(session, rfc).view, models):
         return
     lifecycle.transition(
         session, rfc.id, "authorized", actor=actor, note=note, models=models, now=now
@@ -345,7 +345,9 @@ def approve(
         action="rfc.approval",
         subject_type="rfc",
         subject_id=rfc_id,
+        # the approval's id binds this event to its row: the gate counts only bound rows
         data={
+            "approval": rfc.approvals[-1].id,
             "role": role,
             "decision": "approved",
             "comment": comment,
@@ -380,7 +382,7 @@ def reject(
         "rejected",
         actor=actor,
         note=comment,
-        data={"role": role},
+        data={"role": role, "approval": rfc.approvals[-1].id, "decision": "rejected"},
         models=models,
         now=now,
     )

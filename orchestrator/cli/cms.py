@@ -42,22 +42,32 @@ AnchorOpt = Annotated[
 
 @app.command("verify-audit")
 def verify_audit(anchor: AnchorOpt = None, fmt: OutputOpt = out.Format.text) -> None:
-    """Re-hash the audit log's chain; exit 6 naming the first broken event if any."""
+    """Re-hash the audit log's chain and cross-check every RFC status and approval against
+    its audit event; exit 6 naming the first broken event, or every row without its event."""
     out.use(fmt)
+    from orchestrator.change.binding import unbound_rows
     from orchestrator.cms import audit, db
 
     expected = _parse_anchor(anchor) if anchor else None
     with db.session_scope() as session:
         report = audit.verify_chain(session, anchor=expected)
+        unbound = unbound_rows(session) if report.ok else []
     if not report.ok:
         raise IntegrityError(
             f"audit log broken at event {report.first_broken}: {report.problem}",
             details=report.to_dict(),
         )
+    if unbound:
+        raise IntegrityError(
+            f"audit log intact ({report.events} events), but {len(unbound)} CMS row(s) have no "
+            "matching audit event (forged or edited outside Ferry): " + "; ".join(unbound),
+            details={**report.to_dict(), "ok": False, "unbound": unbound},
+        )
     out.result(
-        report.to_dict(),
-        f"audit log intact: {report.events} events verified; "
-        f"head {report.head_id}:{report.head_hash} (keep it elsewhere to anchor the log)",
+        {**report.to_dict(), "unbound": []},
+        f"audit log intact: {report.events} events verified, every RFC status and approval "
+        f"matches its event; head {report.head_id}:{report.head_hash} (keep it elsewhere to "
+        "anchor the log)",
     )
 
 

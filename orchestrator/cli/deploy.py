@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from orchestrator.cli import output as out
 from orchestrator.cli.output import OutputOpt
+
+if TYPE_CHECKING:
+    from orchestrator.cms.locks import HostLocks
+    from orchestrator.preparation import DeployRequest, Prepared
+    from orchestrator.settings import Settings
 
 HELP = """Deploy RELEASE (name@version, from the DML) by the deploy PLAN, under an authorized RFC.
 
@@ -56,10 +61,19 @@ def deploy(
         ),
     ] = "local",
     pool: Annotated[str, typer.Option("--pool", help="work pool for --via prefect")] = "ferry",
+    wait_lock: Annotated[
+        str | None,
+        typer.Option(
+            "--wait-lock",
+            metavar="DURATION",
+            help="when another run holds these hosts, wait up to DURATION (e.g. 10m) for it "
+            "instead of being refused (exit 3)",
+        ),
+    ] = None,
     fmt: OutputOpt = out.Format.text,
 ) -> None:
     out.use(fmt)
-    from orchestrator.preparation import DeployRequest, open_deployment, prepare
+    from orchestrator.preparation import DeployRequest, prepare
     from orchestrator.settings import get_settings
 
     if via not in ("local", "prefect"):
@@ -67,6 +81,7 @@ def deploy(
 
         raise BadInput(f"--via {via!r}: expected 'local' (the default) or 'prefect'")
     settings = get_settings()
+    wait = _wait_lock(wait_lock)
     request = DeployRequest(
         plan_path=plan, release=release, rfc=rfc, actor=settings.actor, inventory=inventory
     )
@@ -84,7 +99,66 @@ def deploy(
         from orchestrator.prefect_deployments import require
 
         require(pool)
+    from orchestrator.cms.locks import HostLocks
+
+    # one run per host: the locks are taken before the record and before any host is
+    # touched; refused (exit 3, naming the holder) leaves nothing recorded
+    locks = HostLocks(
+        settings.cms_url,
+        [h.host for h in rollout.hosts()],
+        purpose="deploy",
+        actor=settings.actor,
+        release=rollout.release,
+    )
+    locks.acquire(wait=wait, progress=out.progress)
+    try:
+        prepared = _fresh(prepared, request, settings, locks)
+        _run(prepared, settings, locks, where, via, pool)
+    finally:
+        locks.release()
+
+
+def _wait_lock(text: str | None) -> float:
+    if text is None:
+        return 0.0
+    from orchestrator.errors import BadInput
+    from orchestrator.plan import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise BadInput(f"--wait-lock {text!r}: {exc} (e.g. 30s, 10m, 1h)") from None
+
+
+def _fresh(
+    prepared: Prepared, request: DeployRequest, settings: Settings, locks: HostLocks
+) -> Prepared:
+    """The rollout's priors are the hosts' baselines as they are now that we hold the hosts:
+    a run we waited behind moved them, and a prior must be what the host runs."""
+    from orchestrator.cms.deployments import host_baselines
+    from orchestrator.preparation import prepare
+
+    rollout = prepared.rollout
+    names = [h.host for h in rollout.hosts()]
+    now = host_baselines(settings.cms_url, names)
+    if all(now.get(h.host) == h.prior for h in rollout.hosts()):
+        return prepared
+    out.progress("the hosts' baselines changed while waiting for their lock: planning again")
+    again = prepare(request, settings)
+    if sorted(h.host for h in again.rollout.hosts()) != sorted(names):
+        locks.hosts = sorted({*locks.hosts, *(h.host for h in again.rollout.hosts())})
+        locks.acquire()
+    return again
+
+
+def _run(
+    prepared: Prepared, settings: Settings, locks: HostLocks, where: str, via: str, pool: str
+) -> None:
+    from orchestrator.preparation import open_deployment
+
+    rollout, rfc = prepared.rollout, prepared.request.rfc
     record = open_deployment(prepared, settings)
+    locks.bind(record.id)
     out.progress(
         f"deployment {record.id}: {rollout.release} to {len(rollout.hosts())} host(s) of "
         f"{rollout.environment} in {len(rollout.waves)} wave(s) under RFC {rfc} "

@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import insert, select, update
 
-from orchestrator import lifecycle
+from orchestrator import crashpoints, lifecycle
 from orchestrator.cms import audit
 from orchestrator.cms.db import session_scope
 from orchestrator.cms.models import (
@@ -183,6 +183,19 @@ def host_baselines(url: str, names: list[str] | None = None) -> dict[str, Baseli
         if names is not None:
             q = q.where(HostBaseline.host.in_(names))
         return {r.host: Baseline(r.release, r.package_digest) for r in s.scalars(q)}
+
+
+def open_among(session: Any, ids: list[int]) -> set[int]:
+    """Which of these deployments are still open (never finished), inside the caller's
+    transaction (the host locks decide with it whether a dead holder needs recovering)."""
+    if not ids:
+        return set()
+    rows = session.execute(
+        select(Deployment.id, Deployment.status, Deployment.finished_at).where(
+            Deployment.id.in_(ids)
+        )
+    )
+    return {i for i, st, fin in rows if fin is None and st in lifecycle.OPEN}
 
 
 def deploy_roots(url: str, names: list[str]) -> dict[str, str]:
@@ -456,10 +469,17 @@ class DeploymentRecord:
                 ).scalar_one()
             )
 
-        return int(self._journal.submit(write))
+        step_id = int(self._journal.submit(write))
+        crashpoints.reached(step, "begin")
+        return step_id
 
     def end(self, step_id: int, status: str, detail: dict[str, Any] | None = None) -> None:
+        step = ""
+
         def write(s: Any) -> None:
+            nonlocal step
+            if crashpoints.ARMED:  # a test's crash point names the step: one read more
+                step = s.execute(select(HostStep.step).where(HostStep.id == step_id)).scalar_one()
             values: dict[str, Any] = {"status": status, "finished_at": utcnow()}
             if detail:
                 before = s.execute(
@@ -469,6 +489,7 @@ class DeploymentRecord:
             s.execute(update(HostStep).where(HostStep.id == step_id).values(**values))
 
         self._journal.submit(write)
+        crashpoints.reached(step, "end")
 
     def steps_by_host(self) -> dict[str, dict[str, str]]:
         return steps_by_host(self.url, self.id)

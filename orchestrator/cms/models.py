@@ -285,3 +285,22 @@ class ReleaseEvidence(Base):
     actor: Mapped[str] = mapped_column(String(200))
     comment: Mapped[str] = mapped_column(Text, default="")
     recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class HostLock(Base):
+    """One deployment, backout or recover at a time per host: a leased lock
+    (orchestrator/cms/locks.py). A row is held while `expires_at` is ahead and its process
+    lives; the holder renews the lease while it runs and deletes the row when it ends."""
+
+    __tablename__ = "host_locks"
+    host: Mapped[str] = mapped_column(String(200), primary_key=True)
+    token: Mapped[str] = mapped_column(String(64))
+    purpose: Mapped[str] = mapped_column(String(20))
+    deployment_id: Mapped[int | None] = mapped_column(default=None)
+    release: Mapped[str] = mapped_column(String(300), default="")
+    actor: Mapped[str] = mapped_column(String(200))
+    machine: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    pid_start: Mapped[str] = mapped_column(String(40), default="")
+    acquired_at: Mapped[datetime]
+    expires_at: Mapped[datetime]

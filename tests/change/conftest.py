@@ -13,6 +13,7 @@ import yaml
 
 from orchestrator.change.calendar import Calendar
 from orchestrator.change.models import ChangeModels
+from tests.cms.conftest import ferry_cli  # noqa: F401
 
 MODELS = {
     "roles": {

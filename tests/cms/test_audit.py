@@ -105,6 +105,7 @@ def test_an_untouched_log_verifies(migrated_url: str, ferry_cli) -> None:
         "first_broken": None,
         "problem": None,
         "head": {"id": EVENTS, "hash": hashes[-1]},
+        "unbound": [],
     }
 
 

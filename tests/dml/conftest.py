@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dml.store import DML
-from orchestrator.cms import db
+from orchestrator.cms import audit, db
 from orchestrator.cms.models import RFC
 
 SPEC = """\
@@ -75,4 +75,17 @@ def add_rfc(release: str, status: str = "authorized", stages: list[str] | None =
         )
         session.add(rfc)
         session.flush()
+        # the events Ferry records with them: the gate believes a status only with its event
+        audit.append(
+            session, actor="alice", action="rfc.created", subject_type="rfc", subject_id=rfc.id
+        )
+        if status != "draft":
+            audit.append(
+                session,
+                actor="alice",
+                action=f"rfc.{status}",
+                subject_type="rfc",
+                subject_id=rfc.id,
+                data={"from": "draft", "to": status},
+            )
         return rfc.id

@@ -68,3 +68,23 @@ def test_drift_judgement_and_exit_codes():
     assert exit_code([ok]) == 0
     assert exit_code([ok, moved]) == 5
     assert exit_code([ok, moved, bad]) == 6
+
+
+def test_a_modified_agent_file_on_a_host_is_tampering_and_an_intact_one_is_not():
+    rid = PRIOR.release_id
+    back = {"current": rid, "ok": True, "files": 3}
+    intact = judge(
+        "h1",
+        rid,
+        "shop@1.0",
+        {**back, "agents": [{"file": ".ferry/agent-ab.py", "modified": False}]},
+    )
+    changed = judge(
+        "h2",
+        rid,
+        "shop@1.0",
+        {**back, "agents": [{"file": ".ferry/agent-ab.py", "modified": True}]},
+    )
+    assert intact.state == "ok"
+    assert changed.state == "tampered" and ".ferry/agent-ab.py was modified" in changed.detail
+    assert exit_code([intact, changed]) == 6

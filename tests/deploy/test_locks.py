@@ -1,0 +1,124 @@
+"""One deployment per host at a time, on the real fleet: two concurrent `ferry deploy` runs
+to overlapping hosts never interleave. The second is refused (exit 3) naming the holder and
+records nothing, on SQLite and PostgreSQL; with --wait-lock it queues behind the first and
+plans its priors from what the first left."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from orchestrator.cms import db
+from orchestrator.cms.models import RFC, Deployment, HostLock, HostStep
+from orchestrator.settings import reset_settings
+from tests.conftest import FERRY_BIN
+from tests.deploy.helpers import BROKEN_CHECK, build, cms, deploy, host_release, plan, rfc, rid
+from tests.pg import fresh_postgres_url, postgres_server  # noqa: F401
+
+pytestmark = pytest.mark.fleet
+
+SLOW = {"max_failed": 0, "deadline": "120s", "soak": "2s", "checks": [BROKEN_CHECK]}
+TWO_WAVES = [1, "100%"]
+
+
+def _start(plan_path: Path, release: str, rfc_id: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(FERRY_BIN), "deploy", str(plan_path), "--release", release, "--rfc", rfc_id,
+         "-o", "json", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _until_locked_by(deployment_id: int, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        held = cms(lambda s: set(s.scalars(select(HostLock.deployment_id))))
+        if held == {deployment_id}:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    pytest.fail(f"deployment {deployment_id} never held its hosts' locks")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, clean_small, monkeypatch):
+    if request.param == "postgresql":
+        monkeypatch.setenv("FERRY_DATABASE_URL", request.getfixturevalue("fresh_postgres_url"))
+        reset_settings()
+        db.dispose_all()
+    yield clean_small
+    db.dispose_all()
+
+
+def test_a_second_deploy_to_overlapping_hosts_is_refused_naming_the_holder(backend, run_ferry):
+    fleet, work = backend, Path.cwd()
+    build(work, "1.0")
+    build(work, "2.0")
+    first_rfc = rfc(run_ferry, "shop@1.0")
+    second_rfc = rfc(run_ferry, "shop@2.0")
+    first = _start(
+        plan(work, fleet, "all.yaml", milestone=SLOW, waves=TWO_WAVES), "shop@1.0", first_rfc
+    )
+    try:
+        _until_locked_by(1, first)
+        rack_a = plan(work, fleet, "rack-a.yaml", targets="rack-a")
+        second = deploy(run_ferry, rack_a, "shop@2.0", second_rfc)
+        running = cms(lambda s: s.get(Deployment, 1).status)
+    finally:
+        out, err = first.communicate(timeout=600)
+    assert second.returncode == 3, second.stdout + second.stderr
+    assert "locked by deployment 1 of shop@1.0 by alice since " in second.stderr
+    assert "--wait-lock" in second.stderr and "Traceback" not in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    assert running in ("planned", "running")
+    # the refused run recorded nothing and its RFC is untouched
+    assert cms(lambda s: s.scalar(select(func.count()).select_from(Deployment))) == 1
+    assert cms(lambda s: s.get(RFC, int(second_rfc)).status) in ("authorized", "scheduled")
+    # the first ran undisturbed to its end, and let go of every host
+    assert first.returncode == 0, out + err
+    assert {host_release(fleet, h) for h in fleet.hosts} == {rid("shop@1.0")}
+    assert cms(lambda s: s.scalar(select(func.count()).select_from(HostLock))) == 0
+    steps = cms(lambda s: set(s.scalars(select(HostStep.deployment_id))))
+    assert steps == {1}
+
+
+def test_with_wait_lock_a_second_deploy_queues_and_plans_from_what_the_first_left(
+    clean_small, run_ferry
+):
+    fleet, work = clean_small, Path.cwd()
+    for version in ("1.0", "2.0"):
+        build(work, version)
+    first_rfc, second_rfc = rfc(run_ferry, "shop@1.0"), rfc(run_ferry, "shop@2.0")
+    first = _start(
+        plan(work, fleet, "all.yaml", milestone=SLOW, waves=TWO_WAVES), "shop@1.0", first_rfc
+    )
+    try:
+        _until_locked_by(1, first)
+        second = _start(
+            plan(work, fleet, "b.yaml", waves=TWO_WAVES),
+            "shop@2.0",
+            second_rfc,
+            "--wait-lock",
+            "5m",
+        )
+        out2, err2 = second.communicate(timeout=600)
+    finally:
+        out1, err1 = first.communicate(timeout=600)
+    assert first.returncode == 0, out1 + err1
+    assert second.returncode == 0, out2 + err2
+    assert "waiting for the lock of 12 host(s): deployment 1 of shop@1.0 by alice" in err2
+    assert {host_release(fleet, h) for h in fleet.hosts} == {rid("shop@2.0")}
+    # never interleaved: the second's first step came after the first had finished
+    first_done = cms(lambda s: s.get(Deployment, 1).finished_at)
+    second_start = cms(
+        lambda s: s.scalar(select(func.min(HostStep.started_at)).where(HostStep.deployment_id == 2))
+    )
+    assert second_start > first_done
+    # its priors are what the first left (planned again once it held the hosts)
+    hosts = cms(lambda s: s.get(Deployment, 2).rollout["hosts"])
+    assert {h["prior"]["release"] for h in hosts.values()} == {"shop@1.0"}
+    assert cms(lambda s: s.scalar(select(func.count()).select_from(HostLock))) == 0
