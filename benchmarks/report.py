@@ -117,6 +117,7 @@ def write(r: Results, out: Path) -> None:
     lines += _targets(r)
     lines += _scale(r, notes)
     lines += _where(notes)
+    lines += _workers(r, notes)
     lines += _details(r, notes)
     lines += _machine(m, notes)
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -420,6 +421,66 @@ def _where(notes: dict[str, Any]) -> list[str]:
             ]
             lines += [f"| {k} | {v:.0%} |" for k, v in line.items() if k != "samples"]
             lines.append("")
+    return lines
+
+
+WORKER_ROWS = [
+    ("workers-cold", "cold push, 100 MB"),
+    ("workers-tiny", "fresh tiny package"),
+    ("workers-noop", "no-op redeploy"),
+]
+WORKER_TOOLS = ["ferry local", "ferry prefect 1 worker", "ferry prefect 2 workers"]
+
+
+def _workers(r: Results, notes: dict[str, Any]) -> list[str]:
+    """Issue 14: Prefect workers, one vs two, against the local default (benchmarks/workers.py)."""
+    info = notes.get("workers")
+    if not info:
+        return []
+    sizes = {k: " / ".join(map(str, v)) for k, v in info.get("shard_sizes", {}).items()}
+    mb = info.get("cold_bytes", 0) / MB
+    lines = [
+        "## Prefect workers, one vs two (issue 14)",
+        "",
+        f"`python -m benchmarks.run --only workers`, started {info.get('started', '?')}, "
+        f"{info.get('reps', '?')} repetition(s) per cell, medians of the wall clock of "
+        "`ferry deploy` (seconds). local = `ferry deploy` without --via; 1 worker = "
+        "`--via prefect --pool P` with shard_size "
+        f"{sizes.get('1 worker')} (cold push / no-op plan: the wave runs whole in the "
+        "deployment's flow run on one worker); 2 workers = shard_size "
+        f"{sizes.get('2 workers')} (two `deploy_shard` flow runs "
+        f"on two other workers at once). {info.get('worker_processes', 3)} worker processes "
+        "(`--limit 1`) were up in both Prefect configurations. CMS: "
+        f"{info.get('cms', '?')}; a fresh Ferry home (CMS database, DML, object cache) per "
+        "configuration and repetition, over a wiped fleet.",
+        "",
+        "| scenario | hosts | local | 1 worker | 2 workers | 2 ÷ 1 worker | 1 worker ÷ local "
+        "| 2 workers ÷ local |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for scenario, label in WORKER_ROWS:
+        cells = [c for k, c in r.cells.items() if not k.startswith("_")
+                 and c.get("scenario") == scenario]  # fmt: skip
+        if not cells:
+            continue
+        n = cells[0]["hosts"]
+        loc, one, two = (r.med(scenario, t, n) for t in WORKER_TOOLS)
+        if scenario == "workers-cold":
+            label = f"cold push, {mb:.0f} MB"
+        lines.append(
+            f"| {label} | {n} | {_s(loc)} | {_s(one)} | {_s(two)} | {_x(two, one)} | "
+            f"{_x(one, loc)} | {_x(two, loc)} |"
+        )
+    lines += [
+        "",
+        "The fresh tiny push lays down the release the no-op then redeploys; it is timed too. "
+        f"Load average (/proc/loadavg) at the start: {info.get('loadavg_start', '?')}; at the "
+        f"end: {info.get('loadavg_end', '?')}; the 1-minute value before each deploy is the "
+        "`load1` metric below. The machine (2 cores) was shared with other jobs: these are the "
+        "numbers as measured, and the fleet's sshd, the workers, the Prefect server and the "
+        "PostgreSQL server all ran on the same 2 cores, so a second worker adds no CPU here.",
+        "",
+    ]
     return lines
 
 

@@ -6,7 +6,9 @@
 
 Scenarios (--only, comma-separated): push (cold push, incremental release, backout),
 noop (no-op redeploy at 200 hosts with raw OpenSSH's fan-out, orchestration overhead,
-fixed cost, `ferry --help`), noop1000 (a 1000-host fleet of its own: start-up, memory,
+fixed cost, `ferry --help`), workers (issue 14: cold push to 50 and no-op to 200 hosts on
+Prefect workers, one worker vs two, against the local default; CMS on a throwaway
+PostgreSQL), noop1000 (a 1000-host fleet of its own: start-up, memory,
 no-op redeploy, fan-out), embedded (deploys on the embedded default's warm Prefect
 server), dml (build + check-in of 1 GiB), profile (py-spy over one cold push).
 A full run writes benchmarks/results.json, results.md and results.png; --only re-measures
@@ -20,12 +22,12 @@ import argparse
 import shutil
 import time
 
-from benchmarks import peers, report, scenarios
+from benchmarks import peers, report, scenarios, workers
 from benchmarks.common import BENCH, WORK, log
 from benchmarks.ferry_side import PrefectServer
 from orchestrator.lab.fleet import Fleet
 
-ALL = ["push", "noop", "embedded", "dml", "noop1000"]
+ALL = ["push", "noop", "workers", "embedded", "dml", "noop1000"]
 # push at one size only (keeps the other size's cells): push20, push50 (quick: push5, push10)
 ALIASES = {
     "cold": "push", "incremental": "push", "backout": "push", "overhead": "noop",
@@ -35,6 +37,7 @@ CELLS = {  # which results.json scenarios each --only name re-measures
     "push": {"cold", "incremental", "backout"},
     "noop": {"noop", "tiny", "overhead", "fixed", "fanout", "help"},
     "noop1000": {"noop-big", "fanout-big", "lab-up"},
+    "workers": set(workers.SCENARIOS),
     "embedded": {"embedded"},
     "dml": {"dml"},
     "profile": set(),
@@ -90,19 +93,25 @@ def main() -> None:
             if not sizes_only or results.cells[key]["hosts"] in sizes_only:
                 del results.cells[key]
     results.run = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    results.note("started", results.run)
-    results.note("reps", sizes.reps)
-    results.note("quick", args.quick)
+    # --only workers keeps the run-wide notes of the cells it leaves (its own go in "workers")
+    scoped = set(chosen) == {"workers"}
+    if not scoped:
+        results.note("started", results.run)
+        results.note("reps", sizes.reps)
+        results.note("quick", args.quick)
 
     peers.ensure_venv()
-    results.note("machine", report.machine_facts())
+    if not scoped:
+        results.note("machine", report.machine_facts())
+    else:
+        results.note("workers_machine", report.machine_facts())
     work = WORK / "run"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     need = 1
     if "push" in chosen or "profile" in chosen:
         need = max(need, *sizes.cold_hosts)
-    if "noop" in chosen:
+    if "noop" in chosen or "workers" in chosen:
         need = max(need, sizes.noop_hosts)
     fleet: Fleet | None = None
     server = PrefectServer(work / "prefect")
@@ -111,9 +120,10 @@ def main() -> None:
         results.cells.get("_notes", {}).pop("noop_big_not_measured", None)
     try:
         # the embedded scenario runs without it (its own warm server), dml needs no Prefect
-        url = server.start() if set(chosen) & {"push", "noop", "noop1000", "profile"} else ""
+        prefect = {"push", "noop", "workers", "noop1000", "profile"}
+        url = server.start() if set(chosen) & prefect else ""
         log(f"Prefect server at {url}" if url else "no Prefect server needed")
-        if set(chosen) & {"push", "noop", "embedded", "profile"}:
+        if set(chosen) & {"push", "noop", "workers", "embedded", "profile"}:
             fleet = Fleet.up(work / "fleet", need)
             log(f"fleet of {need} hosts up in {fleet.up_seconds or 0:.1f} s")
         bench = scenarios.Bench(fleet, work, url, sizes, results)  # type: ignore[arg-type]
@@ -125,6 +135,14 @@ def main() -> None:
                 scenarios.push_scenarios(bench, n, spec1, spec2)
         if "noop" in chosen:
             scenarios.noop_and_overhead(bench)
+        if "workers" in chosen:
+            from tests.pg import start_server
+
+            pg = start_server()
+            try:
+                workers.workers(bench, pg)
+            finally:
+                pg.stop()
         if "embedded" in chosen:
             scenarios.embedded(bench)
         if "dml" in chosen:
@@ -140,7 +158,8 @@ def main() -> None:
         if fleet is not None:
             fleet.down()
         server.stop()
-        results.note("run_minutes", round((time.monotonic() - started) / 60, 1))
+        if not scoped:
+            results.note("run_minutes", round((time.monotonic() - started) / 60, 1))
     report.write(results, out_dir)
     shutil.rmtree(work, ignore_errors=True)
     log(f"wrote {out_dir / 'results.md'} and {out_dir / 'results.png'}")
