@@ -16,7 +16,6 @@ import getpass
 import os
 from functools import lru_cache
 from pathlib import Path
-
 from typing import Any
 
 from pydantic import Field, ValidationError
@@ -35,9 +34,7 @@ _PATHS = ("home", "dml_path", "dml_key_file", "inventory", "change_models", "cal
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="FERRY_", extra="forbid", validate_default=True
-    )
+    model_config = SettingsConfigDict(env_prefix="FERRY_", extra="forbid", validate_default=True)
 
     home: Path = Field(Path(".ferry"), description="Ferry's working state (CMS, DML, logs)")
     database_url: str | None = Field(None, description="SQLAlchemy URL of the CMS")
@@ -135,8 +132,10 @@ def _explain(exc: ValidationError) -> SpecError:
     source = env_var if env_var in os.environ else str(project.config or env_var)
     if err["type"] == "extra_forbidden":
         close = difflib.get_close_matches(field, list(Settings.model_fields), n=1)
-        fix = f"did you mean {close[0]!r}?" if close else "settings: " + ", ".join(
-            Settings.model_fields
+        fix = (
+            f"did you mean {close[0]!r}?"
+            if close
+            else "settings: " + ", ".join(Settings.model_fields)
         )
         return SpecError(source, field, "unknown setting", fix)
     return SpecError(source, field, str(err["msg"]))
