@@ -381,7 +381,9 @@ class DeploymentRun:
         wrong = {f["host"] for f in flagged if f["current"] is not None}
         new = Baseline(ro.release, ro.digest)
         on_new = {a.host: new for a in ok_hosts if a.host not in wrong}
-        everyone = len(on_new) == len(ro.hosts())
+        # a deployment narrowed by --hosts never speaks for the whole environment
+        narrowed = bool(self.record.load().evidence.get("limit"))
+        everyone = len(on_new) == len(ro.hosts()) and not narrowed
         self.record.set_baselines(
             ro.environment, on_new, environment_baseline=new if everyone else None
         )
