@@ -112,6 +112,8 @@ class DeploymentRun:
                 record=self.record,
                 package=package,
                 public_key_hex=dml.public_key_bytes().hex(),
+                rotations=dml.rotations(),
+                signature=dml.signature_for_hosts(package),
                 objects=ObjectCache(
                     package, self.settings.home / "cache" / f"deployment-{self.id}"
                 ),
@@ -417,7 +419,15 @@ class DeploymentRun:
             status = Status.INTEGRITY_FAILED
         else:
             status = Status.BACKED_OUT
-        self._rfc(status, reason)
+        if status == Status.INTEGRITY_FAILED and self._only_refused_the_key():
+            # nothing was wrong with the change, only with a host's trust in the signer: the
+            # RFC stays implementing, so the same RFC deploys again once the key is fixed
+            self.progress(
+                f"RFC-{self.rfc_id} stays usable: only the DML key was refused; fix it (the "
+                "message names how) and deploy again under the same RFC"
+            )
+        else:
+            self._rfc(status, reason)
         self.record.move(
             status,
             evidence={"needs_remediation": stuck},
@@ -463,6 +473,15 @@ class DeploymentRun:
             evidence={"reason": reason, "crash_log": crash_log, "needs_remediation": stuck},
         )
         return Status.ABORTED
+
+    def _only_refused_the_key(self) -> bool:
+        failed = [o for o in self._outcomes().values() if not o.get("ok")]
+        return bool(failed) and all(
+            o.get("kind") == "integrity"
+            and o.get("failed_step") == "stage"
+            and "pins DML key" in str(o.get("reason"))
+            for o in failed
+        )
 
     def _outcomes(self) -> dict[str, dict[str, Any]]:
         return self.record.load().latest("outcomes")
