@@ -83,6 +83,19 @@ class DeploymentRun:
         self._dml: Any = None
         self.done_waves: list[int] = []
         self.last_verdict: Verdict | None = None
+        from orchestrator.notify import Notifier
+
+        self.notifier = Notifier(
+            rec.evidence.get("notify"),
+            {
+                "deployment": rec.id,
+                "release": self.rollout.release,
+                "environment": self.rollout.environment,
+                "rfc": rec.rfc_id,
+                "ci": rec.evidence.get("ci"),
+            },
+            progress,
+        )
 
     @property
     def status(self) -> str:
@@ -143,8 +156,14 @@ class DeploymentRun:
             self.record.move(
                 Status.REFUSED, evidence={"reasons": exc.reasons, "message": exc.message}
             )
+            self.notifier.tell("finish", f"refused: {exc.message}", status=Status.REFUSED)
             return False
         self.record.move(Status.RUNNING)
+        self.notifier.tell(
+            "start",
+            f"started: {len(ro.hosts())} host(s) in {len(ro.waves)} wave(s)",
+            status=Status.RUNNING,
+        )
         return True
 
     def _gate(self, hosts: list[str], deferred: tuple[str, ...] = ()) -> None:
@@ -248,6 +267,9 @@ class DeploymentRun:
                 evidence.record(s, [self._pilot_row(False, f"milestone 1: {verdict.reason}")])
         word = "passed" if verdict.passed else "FAILED"
         self.progress(f"  milestone {index} {word}: {verdict.reason}")
+        self.notifier.tell(
+            "milestone", f"milestone {index} {word}: {verdict.reason}", milestone=verdict.to_dict()
+        )
         if verdict.passed:
             self.done_waves.append(index)
             tolerated = [o.host for o in outcomes if not o.ok]
@@ -400,6 +422,12 @@ class DeploymentRun:
             },
             audit_data={"needs_remediation": [f["host"] for f in flagged]},
         )
+        self.notifier.tell(
+            "finish",
+            f"succeeded on {len(on_new)} host(s)",
+            status=Status.SUCCEEDED,
+            needs_remediation=[f["host"] for f in flagged],
+        )
         return Status.SUCCEEDED
 
     def fail(self, verdict: Verdict | None, reason: str) -> Status:
@@ -411,6 +439,7 @@ class DeploymentRun:
                 "failed_milestone": verdict.to_dict() if verdict else None,
             },
         )
+        self.notifier.tell("backout", f"backing out: {reason}", status=Status.BACKING_OUT)
         self.back_out()
         stuck = self._stuck()
         if stuck:
@@ -433,6 +462,12 @@ class DeploymentRun:
             evidence={"needs_remediation": stuck},
             audit_data={"reason": reason, "stuck": [s["host"] for s in stuck]},
         )
+        self.notifier.tell(
+            "finish",
+            f"{status}: {reason}",
+            status=status,
+            needs_remediation=[s["host"] for s in stuck],
+        )
         return status
 
     def halt(self, exc: AuthorizationRefused) -> Status:
@@ -453,6 +488,7 @@ class DeploymentRun:
             Status.HALTED,
             evidence={"reasons": exc.reasons, "message": exc.message, "halted_before_wave": before},
         )
+        self.notifier.tell("finish", f"halted: {note}", status=Status.HALTED)
         return Status.HALTED
 
     def abort(self, exc: BaseException, crash_log: str) -> Status:
@@ -472,6 +508,7 @@ class DeploymentRun:
             Status.ABORTED,
             evidence={"reason": reason, "crash_log": crash_log, "needs_remediation": stuck},
         )
+        self.notifier.tell("finish", f"aborted: {reason}", status=Status.ABORTED)
         return Status.ABORTED
 
     def _only_refused_the_key(self) -> bool:
