@@ -27,6 +27,7 @@ def violations(source: str, name: str = "<module>") -> list[str]:
                     imported[alias.asname or alias.name] = alias.name
     if not imported:
         return []
+
     def mentions_table(expr: ast.AST) -> bool:
         return any(isinstance(n, ast.Name) and n.id in imported for n in ast.walk(expr))
 
