@@ -1,5 +1,7 @@
 from pathlib import Path
+
 import pytest
+
 from tests.deploy.helpers import build, deploy, plan, rfc
 
 pytestmark = pytest.mark.fleet

@@ -16,8 +16,8 @@ GITLAB = {
 GITHUB = {
     "GITHUB_ACTIONS": "true", "GITHUB_RUN_ID": "99", "GITHUB_RUN_ATTEMPT": "2",
     "GITHUB_SERVER_URL": "https://github.com", "GITHUB_REPOSITORY": "ops/shop",
-    "GITHUB_WORKFLOW": "release", "GITHUB_JOB": "deploy", "GITHUB_SHA": "fe12", "GITHUB_ACTOR": "rel",
-    "GITHUB_REF_NAME": "main",
+    "GITHUB_WORKFLOW": "release", "GITHUB_JOB": "deploy", "GITHUB_SHA": "fe12",
+    "GITHUB_ACTOR": "rel", "GITHUB_REF_NAME": "main",
 }  # fmt: skip
 
 
