@@ -120,3 +120,7 @@ def test_the_gitlab_kit_builds_raises_an_rfc_waits_for_approval_deploys_and_fail
     log = audit.stdout + audit.stderr
     assert audit.returncode == 0, log[-4000:]
     assert "drift-audit finished in" in log and "build finished in" not in log
+    drift = max(repo.rglob("junit-drift.xml"), key=lambda p: p.stat().st_mtime)
+    suite = ET.parse(drift).getroot().find("testsuite")
+    cases = {c.get("name"): c for c in suite.iter("testcase")}
+    assert set(cases) == {"h1", "h2"} and suite.get("failures") == "0"

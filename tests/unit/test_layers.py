@@ -23,7 +23,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-DML_MAY_USE = ("orchestrator.errors", "orchestrator.yamlfile", "orchestrator.settings")
+# orchestrator.home: how settings find the project (a leaf: it imports no orchestrator module)
+DML_MAY_USE = (
+    "orchestrator.errors",
+    "orchestrator.yamlfile",
+    "orchestrator.settings",
+    "orchestrator.home",
+)
 
 DECIDE_MODULES = (
     "orchestrator/change/authorize.py",
