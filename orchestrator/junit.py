@@ -4,7 +4,8 @@ CI systems (GitLab's `artifacts: reports: junit:`, GitHub test reporters, Jenkin
 JUnit file as tests passed and failed. A deployment is one suite: one test case per host
 check (the host's steps through its checks; a failure names the step and carries its
 output; a host its wave never reached is skipped) and one per milestone. A drift audit is
-one suite with one test case per host. Written with junitparser.
+one suite with one test case per host (an unmanaged host, with no baseline, is skipped).
+Written with junitparser.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def drift_suite(data: dict[str, Any]) -> TestSuite:
     )
     for host, h in data["hosts"].items():
         case = TestCase(host, classname="drift")
-        if h["state"] != "ok":
+        if h["state"] == "unmanaged":  # no baseline in the CMS: nothing to compare with
+            case.result = [Skipped(f"unmanaged: {h['detail']}")]
+        elif h["state"] != "ok":
             case.result = [Failure(f"{h['state']}: {h['detail']}", type_=h["state"])]
         case.system_out = f"{host}: {h['state']}"
         suite.add_testcase(case)

@@ -167,7 +167,7 @@ def drift(
         from orchestrator import junit as junit_xml
 
         junit_xml.write(junit, junit_xml.drift_suite(data))
-    bad = {h: d for h, d in data["hosts"].items() if d["state"] != "ok"}
+    bad = {h: d for h, d in data["hosts"].items() if d["state"] not in ("ok", "unmanaged")}
     ci.publish(
         {"drift_exit_code": data["exit_code"], "drift_hosts_not_ok": len(bad)},
         summary="### Ferry drift audit\n\n"

@@ -114,8 +114,12 @@ def test_a_deployments_junit_has_a_case_per_host_and_milestone_with_failures_and
 def test_a_drift_audits_junit_has_a_case_per_host():
     data = {
         "environment": "dev",
-        "hosts": {"h1": {"state": "ok", "detail": ""}, "h2": {"state": "drifted", "detail": "x"}},
+        "hosts": {
+            "h1": {"state": "ok", "detail": ""},
+            "h2": {"state": "drifted", "detail": "x"},
+            "h3": {"state": "unmanaged", "detail": "no baseline"},
+        },
     }
     suite = junit.drift_suite(data)
     suite.update_statistics()
-    assert (suite.tests, suite.failures) == (2, 1)
+    assert (suite.tests, suite.failures, suite.skipped) == (3, 1, 1)
