@@ -1,14 +1,14 @@
 """CI provenance on RFCs (the pipeline, job, commit and actor that raised it)
 
 Revision ID: issue15_ci_provenance
-Revises: 0001
+Revises: issue18_release_evidence
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "issue15_ci_provenance"
-down_revision = "0001"
+down_revision = "issue18_release_evidence"
 branch_labels = None
 depends_on = None
 
