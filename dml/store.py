@@ -27,6 +27,7 @@ from typing import Any
 from dml import signing
 from dml.digest import bytes_digest, content_digest, hash_file, hex_of
 from dml.fsutil import atomic_write, locked, move_into_place
+from dml.keyring import Keyring
 from dml.package import ARCHIVE_FORMAT, BuiltArchive
 from dml.ref import ReleaseRef
 from dml.verified import FileEntry, VerifiedPackage
@@ -100,28 +101,45 @@ def _remember_hashed(path: Path, sha: str) -> None:
 
 
 class DML:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, key_file: Path | None = None) -> None:
         self.root = Path(root)
         self.blobs = self.root / "blobs" / "sha256"
         self.releases_dir = self.root / "releases"
         self.keys_dir = self.root / "keys"
         self.locks_dir = self.root / "locks"
         self.tmp_dir = self.root / "tmp"
+        self.keyring = Keyring(self.keys_dir, key_file)
 
     @classmethod
     def from_settings(cls) -> DML:
         from orchestrator.settings import get_settings
 
-        return cls(get_settings().dml_dir)
+        settings = get_settings()
+        return cls(settings.dml_dir, settings.dml_key_file)
 
     # --- keys -----------------------------------------------------------------------
 
     def ensure_keys(self) -> bool:
-        """Make the signing key pair if there is none; True when it was made now."""
+        """Make the signing key pair if there is none; True when it was made now.
+        A named key file (dml_key_file) is never made: it must exist."""
+        if self.keyring.key_file is not None:
+            self.keyring.signing_key()
+            return False
         return signing.ensure_keys(self.keys_dir)[1]
 
     def public_key_bytes(self) -> bytes:
-        return signing.load_public(self.keys_dir)
+        return self.keyring.public()
+
+    def rotations(self) -> list[dict[str, str]]:
+        return self.keyring.rotations()
+
+    def signature_for_hosts(self, package: VerifiedPackage) -> bytes:
+        """The manifest's signature by the current key (hosts accept no other for a new
+        release): the stored one, or — for a release signed before a rotation — a new one."""
+        public = self.public_key_bytes()
+        if signing.signature_valid(public, package.signature, package.manifest_bytes):
+            return package.signature
+        return signing.sign(self.keyring.signing_key(), package.manifest_bytes)
 
     def key_id(self) -> str:
         return signing.key_id(self.public_key_bytes())
@@ -169,7 +187,7 @@ class DML:
         """Sign and store a built archive under its release; consumes `built.archive_path`."""
         release = built.content["release"]
         try:
-            key, _ = signing.ensure_keys(self.keys_dir)
+            key = self.keyring.signing_key()
             kid = signing.key_id(key.public_key().public_bytes_raw())
             with (
                 locked(self.locks_dir / "store.lock", shared=True),
@@ -277,7 +295,9 @@ class DML:
             ) from None
         manifest_bytes = self._read_blob(release, "manifest", manifest_digest)
         signature = self._read_blob(release, "signature", sig_digest)
-        public = self.public_key_bytes()
+        # signed by the current key, or by an older one this DML rotated away from
+        trusted = self.keyring.trusted()
+        public = trusted.get(str(idx.get("key_id"))) or self.public_key_bytes()
         if not signing.signature_valid(public, signature, manifest_bytes):
             raise IntegrityError(
                 f"{release}: manifest signature does not verify with the DML "

@@ -83,6 +83,19 @@ class DeploymentRun:
         self._dml: Any = None
         self.done_waves: list[int] = []
         self.last_verdict: Verdict | None = None
+        from orchestrator.notify import Notifier
+
+        self.notifier = Notifier(
+            rec.evidence.get("notify"),
+            {
+                "deployment": rec.id,
+                "release": self.rollout.release,
+                "environment": self.rollout.environment,
+                "rfc": rec.rfc_id,
+                "ci": rec.evidence.get("ci"),
+            },
+            progress,
+        )
 
     @property
     def status(self) -> str:
@@ -112,6 +125,8 @@ class DeploymentRun:
                 record=self.record,
                 package=package,
                 public_key_hex=dml.public_key_bytes().hex(),
+                rotations=dml.rotations(),
+                signature=dml.signature_for_hosts(package),
                 objects=ObjectCache(
                     package, self.settings.home / "cache" / f"deployment-{self.id}"
                 ),
@@ -141,8 +156,14 @@ class DeploymentRun:
             self.record.move(
                 Status.REFUSED, evidence={"reasons": exc.reasons, "message": exc.message}
             )
+            self.notifier.tell("finish", f"refused: {exc.message}", status=Status.REFUSED)
             return False
         self.record.move(Status.RUNNING)
+        self.notifier.tell(
+            "start",
+            f"started: {len(ro.hosts())} host(s) in {len(ro.waves)} wave(s)",
+            status=Status.RUNNING,
+        )
         return True
 
     def _gate(self, hosts: list[str], deferred: tuple[str, ...] = ()) -> None:
@@ -246,6 +267,9 @@ class DeploymentRun:
                 evidence.record(s, [self._pilot_row(False, f"milestone 1: {verdict.reason}")])
         word = "passed" if verdict.passed else "FAILED"
         self.progress(f"  milestone {index} {word}: {verdict.reason}")
+        self.notifier.tell(
+            "milestone", f"milestone {index} {word}: {verdict.reason}", milestone=verdict.to_dict()
+        )
         if verdict.passed:
             self.done_waves.append(index)
             tolerated = [o.host for o in outcomes if not o.ok]
@@ -381,7 +405,9 @@ class DeploymentRun:
         wrong = {f["host"] for f in flagged if f["current"] is not None}
         new = Baseline(ro.release, ro.digest)
         on_new = {a.host: new for a in ok_hosts if a.host not in wrong}
-        everyone = len(on_new) == len(ro.hosts())
+        # a deployment narrowed by --hosts never speaks for the whole environment
+        narrowed = bool(self.record.load().evidence.get("limit"))
+        everyone = len(on_new) == len(ro.hosts()) and not narrowed
         self.record.set_baselines(
             ro.environment, on_new, environment_baseline=new if everyone else None
         )
@@ -396,6 +422,12 @@ class DeploymentRun:
             },
             audit_data={"needs_remediation": [f["host"] for f in flagged]},
         )
+        self.notifier.tell(
+            "finish",
+            f"succeeded on {len(on_new)} host(s)",
+            status=Status.SUCCEEDED,
+            needs_remediation=[f["host"] for f in flagged],
+        )
         return Status.SUCCEEDED
 
     def fail(self, verdict: Verdict | None, reason: str) -> Status:
@@ -407,6 +439,7 @@ class DeploymentRun:
                 "failed_milestone": verdict.to_dict() if verdict else None,
             },
         )
+        self.notifier.tell("backout", f"backing out: {reason}", status=Status.BACKING_OUT)
         self.back_out()
         stuck = self._stuck()
         if stuck:
@@ -415,11 +448,25 @@ class DeploymentRun:
             status = Status.INTEGRITY_FAILED
         else:
             status = Status.BACKED_OUT
-        self._rfc(status, reason)
+        if status == Status.INTEGRITY_FAILED and self._only_refused_the_key():
+            # nothing was wrong with the change, only with a host's trust in the signer: the
+            # RFC stays implementing, so the same RFC deploys again once the key is fixed
+            self.progress(
+                f"RFC-{self.rfc_id} stays usable: only the DML key was refused; fix it (the "
+                "message names how) and deploy again under the same RFC"
+            )
+        else:
+            self._rfc(status, reason)
         self.record.move(
             status,
             evidence={"needs_remediation": stuck},
             audit_data={"reason": reason, "stuck": [s["host"] for s in stuck]},
+        )
+        self.notifier.tell(
+            "finish",
+            f"{status}: {reason}",
+            status=status,
+            needs_remediation=[s["host"] for s in stuck],
         )
         return status
 
@@ -441,6 +488,7 @@ class DeploymentRun:
             Status.HALTED,
             evidence={"reasons": exc.reasons, "message": exc.message, "halted_before_wave": before},
         )
+        self.notifier.tell("finish", f"halted: {note}", status=Status.HALTED)
         return Status.HALTED
 
     def abort(self, exc: BaseException, crash_log: str) -> Status:
@@ -460,7 +508,17 @@ class DeploymentRun:
             Status.ABORTED,
             evidence={"reason": reason, "crash_log": crash_log, "needs_remediation": stuck},
         )
+        self.notifier.tell("finish", f"aborted: {reason}", status=Status.ABORTED)
         return Status.ABORTED
+
+    def _only_refused_the_key(self) -> bool:
+        failed = [o for o in self._outcomes().values() if not o.get("ok")]
+        return bool(failed) and all(
+            o.get("kind") == "integrity"
+            and o.get("failed_step") == "stage"
+            and "pins DML key" in str(o.get("reason"))
+            for o in failed
+        )
 
     def _outcomes(self) -> dict[str, dict[str, Any]]:
         return self.record.load().latest("outcomes")

@@ -43,6 +43,8 @@ class Executor:
         package: Any,
         public_key_hex: str,
         objects: ObjectCache,
+        rotations: list[dict[str, str]] | None = None,
+        signature: bytes | None = None,
         progress: Progress,
         stop: threading.Event,
     ) -> None:
@@ -51,6 +53,10 @@ class Executor:
         self.record = record
         self.package = package
         self.key_hex = public_key_hex
+        # the signed rotations that lead a host pinning an older key to this one, and the
+        # manifest's signature by this key (a release signed before a rotation is re-signed)
+        self.rotations = list(rotations or [])
+        self.signature = signature if signature is not None else package.signature
         self.objects = objects
         self.progress = progress
         self.stop = stop
@@ -134,7 +140,11 @@ class Executor:
         # one call: pin the key; a copy already on the host is trusted only once re-checked
         rid = self.rollout.release_id
         started = time.monotonic()
-        info = ops.inspect(rid, self.key_hex, self.rollout.full_readback, self.rollout.digest)
+        info = ops.inspect(
+            rid, self.key_hex, self.rollout.full_readback, self.rollout.digest, self.rotations
+        )
+        if info.get("pinned") == "rotated":
+            self.progress(f"  {ops.name}: now pins DML key {self.key_hex[:8]}… (rotated)")
         inspected = time.monotonic() - started
         if info["have"]:
             # already running it, intact, and so recorded: nothing to send, verify, publish,
@@ -156,9 +166,7 @@ class Executor:
             }
         if info["check"].get("set_aside"):
             self.progress(f"  {ops.name}: its copy of {rid} was altered; staging it afresh")
-        result = ops.stage(
-            rid, self.package.manifest_bytes, self.package.signature, self.objects.frames
-        )
+        result = ops.stage(rid, self.package.manifest_bytes, self.signature, self.objects.frames)
         with self._lock:
             self.bytes_sent[ops.name] = result.get("bytes_sent", 0)
         result["inspect_s"] = round(inspected, 3)

@@ -53,10 +53,21 @@ class HostOps:
     def state(self) -> dict[str, Any]:
         return self.call("stage", "state")
 
-    def inspect(self, rid: str, key_hex: str, full: bool, digest: str) -> dict[str, Any]:
-        """Pin the DML key; does the host hold releases/<rid> intact? What runs now?
+    def inspect(
+        self,
+        rid: str,
+        key_hex: str,
+        full: bool,
+        digest: str,
+        rotations: list[dict[str, str]] | None = None,
+    ) -> dict[str, Any]:
+        """Pin the DML key (moving a host that pins an older key along its signed
+        `rotations`); does the host hold releases/<rid> intact? What runs now?
         (`digest`: the verified package's, which the host's copy must match)"""
-        return self.call("stage", "inspect", id=rid, key=key_hex, full=full, digest=digest)
+        args: dict[str, Any] = {"id": rid, "key": key_hex, "full": full, "digest": digest}
+        if rotations:
+            args["rotations"] = rotations
+        return self.call("stage", "inspect", **args)
 
     def stage(
         self,

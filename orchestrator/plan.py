@@ -48,6 +48,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -260,6 +261,22 @@ def wave_entry(entry: WaveEntry | ApprovedWave) -> WaveEntry:
     return entry.hosts if isinstance(entry, ApprovedWave) else entry
 
 
+class Notify(BaseModel):
+    """`notify:` — where a deployment's start, milestones, backout and end are announced
+    (a Slack-compatible incoming webhook; orchestrator/notify.py). Never fails a deployment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    webhook: str = Field(min_length=1)
+
+    @field_validator("webhook")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value
+
+
 class DeployPlan(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     environment: str = Field(min_length=1)
@@ -282,6 +299,7 @@ class DeployPlan(BaseModel):
     els: EarlyLifeSupport | None = None
     acceptance: tuple[AcceptanceTest, ...] = ()
     pilot: str | None = Field(None, min_length=1, description="inventory group: the first wave")
+    notify: Notify | None = None
 
     @field_validator("acceptance")
     @classmethod

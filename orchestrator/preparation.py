@@ -35,6 +35,7 @@ class DeployRequest:
     rfc: str | None
     actor: str
     inventory: Path | None = None
+    hosts: str | None = None  # --hosts: narrows the plan's targets, never widens them
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class Prepared:
     rfc_id: int | None
     groups: dict[str, list[str]]  # host → its inventory groups (for the host CIs)
     els: dict[str, Any] | None = None  # early life support: period, every, rendered checks
+    ci: dict[str, str] | None = None  # the CI job that asked for it (orchestrator.ci)
+    notify: dict[str, str] | None = None  # the plan's `notify:` (orchestrator.notify)
 
 
 def prepare(request: DeployRequest, settings: Settings) -> Prepared:
@@ -51,6 +54,8 @@ def prepare(request: DeployRequest, settings: Settings) -> Prepared:
 
     plan_file = str(request.plan_path)
     rfc_id = gate.parse_rfc_id(request.rfc) if request.rfc else None
+    if rfc_id is not None:
+        _require_rfc(settings, rfc_id)
     plan = load_plan(request.plan_path)
     load_lifecycle()  # a bad lifecycle.yaml is exit 2 here, not a refusal mid-run
     inventory_file = inventory_path(
@@ -61,6 +66,11 @@ def prepare(request: DeployRequest, settings: Settings) -> Prepared:
     )
     inventory = load_inventory(inventory_file)
     hosts = inventory.select(plan.targets)
+    if request.hosts is not None:
+        from orchestrator.hostlimit import narrow
+
+        kept = set(narrow([h.name for h in hosts], request.hosts, inventory.groups()))
+        hosts = [h for h in hosts if h.name in kept]
     addresses.require_resolvable(hosts, inventory.ssh, inventory_file)
     # the gate reads these at the start and before every wave: a bad one is exit 2 now,
     # not an aborted deployment after the record was written
@@ -81,7 +91,32 @@ def prepare(request: DeployRequest, settings: Settings) -> Prepared:
         plan_hash=plan_hash(request.plan_path, templates),
     )
     groups = {h.name: list(h.groups) for h in hosts}
-    return Prepared(request, rollout, rfc_id, groups, els_record(plan, rollout))
+    from orchestrator import ci
+
+    notify = plan.notify.model_dump() if plan.notify else None
+    return Prepared(
+        request,
+        rollout,
+        rfc_id,
+        groups,
+        els_record(plan, rollout),
+        ci=ci.provenance(),
+        notify=notify,
+    )
+
+
+def _require_rfc(settings: Settings, rfc_id: int) -> None:
+    """An unknown RFC is bad input, named, before anything is recorded."""
+    from orchestrator.cms.db import session_scope
+    from orchestrator.cms.models import RFC
+    from orchestrator.errors import NotFound
+
+    with session_scope(settings.cms_url) as s:
+        if s.get(RFC, rfc_id) is None:
+            raise NotFound(
+                f"--rfc: RFC-{rfc_id} does not exist (ferry rfc list shows the RFCs)",
+                details={"field": "--rfc", "rfc": rfc_id},
+            )
 
 
 def plan_hash(path: Path, templates: dict[str, str]) -> str:
@@ -102,7 +137,13 @@ def open_deployment(prepared: Prepared, settings: Settings) -> DeploymentRecord:
         rfc_id=prepared.rfc_id,
         # who runs it: `ferry status` and `ferry remediate recover` tell a live run from an
         # interrupted one by this process id on this machine (the flow updates it)
-        evidence={"runner": runner(), **({"els": prepared.els} if prepared.els else {})},
+        evidence={
+            "runner": runner(),
+            **({"els": prepared.els} if prepared.els else {}),
+            **({"limit": prepared.request.hosts} if prepared.request.hosts else {}),
+            **({"ci": prepared.ci} if prepared.ci else {}),
+            **({"notify": prepared.notify} if prepared.notify else {}),
+        },
         groups=prepared.groups,
         audit_data={
             "release": ro.release,

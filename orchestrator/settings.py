@@ -1,9 +1,13 @@
-"""Ferry's settings: `ferry.toml` in the working directory, then `FERRY_*` environment variables.
+"""Ferry's settings: the project's `ferry.toml`, then `FERRY_*` environment variables.
 
-Embedded defaults need no set-up: the CMS is `sqlite:///.ferry/cms.db`, the DML lives in
-`.ferry/dml`, Prefect runs embedded with its home in `.ferry/prefect`. Environment variables
-win over the file (`FERRY_DATABASE_URL` points the CMS at PostgreSQL, `FERRY_DML_PATH` moves
-the DML, `FERRY_USER` names the acting person).
+The project is found like git finds a repository (`orchestrator.home`): the nearest of the
+working directory and its parents holding a `ferry.toml` or a `.ferry/` home. Relative paths
+in `ferry.toml` are read from its directory. Embedded defaults need no set-up: the CMS is
+`sqlite:///<project>/.ferry/cms.db`, the DML lives in `.ferry/dml`, Prefect runs embedded
+with its home in `.ferry/prefect`. Environment variables win over the file
+(`FERRY_HOME` moves the home, `FERRY_DATABASE_URL` points the CMS at PostgreSQL,
+`FERRY_DML_KEY_FILE` names a team's shared signing key, `FERRY_USER` the acting person).
+A typo in the file or a bad value is exit 2 naming the file (or variable) and the field.
 """
 
 from __future__ import annotations
@@ -12,24 +16,32 @@ import getpass
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
+
+from orchestrator import home as project_home
+from orchestrator.errors import SpecError
+
+# ferry.toml's path settings, read relative to the file's directory
+_PATHS = ("home", "dml_path", "dml_key_file", "inventory", "change_models", "calendar")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="FERRY_", toml_file="ferry.toml", extra="forbid", validate_default=True
-    )
+    model_config = SettingsConfigDict(env_prefix="FERRY_", extra="forbid", validate_default=True)
 
     home: Path = Field(Path(".ferry"), description="Ferry's working state (CMS, DML, logs)")
     database_url: str | None = Field(None, description="SQLAlchemy URL of the CMS")
     dml_path: Path | None = Field(None, description="directory of the DML store")
+    dml_key_file: Path | None = Field(
+        None, description="the DML signing key (raw 32 bytes), shared by a team's homes"
+    )
     user: str | None = Field(None, description="acting person recorded on every record")
     inventory: Path | None = Field(None, description="default inventory file")
     ssh_timeout: float = Field(10.0, gt=0, description="SSH connect timeout, seconds")
@@ -47,7 +59,14 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+        project = project_home.discover()
+        data = read_config(project)
+        return (init_settings, env_settings, InitSettingsSource(settings_cls, data))
+
+    @property
+    def root(self) -> Path:
+        """The project's directory (where ferry.toml or .ferry/ was found)."""
+        return project_home.discover().root
 
     @property
     def cms_url(self) -> str:
@@ -80,26 +99,56 @@ class Settings(BaseSettings):
             return f"uid:{os.getuid()}"
 
 
-@lru_cache(maxsize=1)
-def _cached() -> Settings:
-    """The settings, or one exit-2 line naming ferry.toml / FERRY_* and the field."""
+def read_config(project: project_home.Project) -> dict[str, Any]:
+    """ferry.toml's settings, relative paths made absolute from its directory; the home
+    defaults to the project's `.ferry/`."""
+    data: dict[str, Any] = {"home": str(project.root / project_home.HOME)}
+    if project.config is None:
+        return data
     import tomllib
 
-    from pydantic import ValidationError
+    try:
+        with project.config.open("rb") as f:
+            loaded = tomllib.load(f)
+    except FileNotFoundError:
+        raise SpecError(str(project.config), "", "file not found", "check FERRY_CONFIG") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SpecError(str(project.config), "", f"not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(str(project.config), "", f"not UTF-8 text: {exc.reason}") from None
+    for key in _PATHS:
+        value = loaded.get(key)
+        if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+            loaded[key] = str(project.root / value)
+    return {**data, **loaded}
 
-    from orchestrator.errors import SpecError
 
+def _explain(exc: ValidationError) -> SpecError:
+    """A bad setting as file (or variable), field and fix."""
+    import difflib
+
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "(settings)"
+    env_var = f"FERRY_{field.upper()}"
+    project = project_home.discover()
+    source = env_var if env_var in os.environ else str(project.config or env_var)
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(field, list(Settings.model_fields), n=1)
+        fix = (
+            f"did you mean {close[0]!r}?"
+            if close
+            else "settings: " + ", ".join(Settings.model_fields)
+        )
+        return SpecError(source, field, "unknown setting", fix)
+    return SpecError(source, field, str(err["msg"]))
+
+
+@lru_cache(maxsize=1)
+def _cached() -> Settings:
     try:
         return Settings()
-    except tomllib.TOMLDecodeError as exc:
-        raise SpecError("ferry.toml", "", f"not valid TOML: {exc}", "fix the syntax") from None
-    except UnicodeDecodeError as exc:
-        raise SpecError("ferry.toml", "", f"not UTF-8 text: {exc.reason}") from None
     except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        fix = {"extra_forbidden": "remove it, or check its spelling"}.get(err["type"])
-        raise SpecError(f"ferry.toml (or FERRY_{field.upper()})", field, err["msg"], fix) from None
+        raise _explain(exc) from None
 
 
 def get_settings() -> Settings:

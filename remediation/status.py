@@ -185,10 +185,23 @@ def detail(url: str, deployment: str) -> dict[str, Any]:
         **summary(rec),
         "digest": rec.digest,
         "plan_file": rec.plan_file,
-        "evidence": {k: v for k, v in rec.evidence.items() if k != "runner"},
+        # the webhook URL usually carries a token: its host is enough to tell which
+        "evidence": {
+            k: (_webhook_host(v) if k == "notify" else v)
+            for k, v in rec.evidence.items()
+            if k != "runner"
+        },
+        "ci": rec.evidence.get("ci"),
         "hosts": dict(steps),
         "needs_remediation": remediation_needed(rec, list(steps)),
     }
+
+
+def _webhook_host(notify: Any) -> dict[str, Any]:
+    from urllib.parse import urlsplit
+
+    url = (notify or {}).get("webhook") or ""
+    return {"webhook": f"{urlsplit(url).scheme}://{urlsplit(url).hostname}/…" if url else None}
 
 
 def _baseline(row: EnvironmentBaseline | HostBaseline, key: str) -> dict[str, Any]:

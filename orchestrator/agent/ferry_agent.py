@@ -18,6 +18,8 @@ Exit codes: 0 ok, 10 integrity (signature/checksum/pinned key), 11 bad input, 12
     ROOT/shared/               data that survives releases
     ROOT/.ferry/state.json     current, previous, history
     ROOT/.ferry/dml.pub        the pinned DML public key (raw 32 bytes, hex)
+    ROOT/.ferry/dml.retired    keys rotated out (hex, one a line): they verify only the
+                               manifests already on this host, never a new one
     ROOT/.ferry/meta/<id>.json, <id>.sig   the signed manifest of each verified release
     ROOT/.ferry/incoming/      objects received and verified, not yet placed
 """
@@ -196,6 +198,7 @@ class Host:
         self.releases = os.path.join(self.root, "releases")
         self.state_path = os.path.join(self.root, ".ferry", "state.json")
         self.key_path = os.path.join(self.root, ".ferry", "dml.pub")
+        self.retired_path = os.path.join(self.root, ".ferry", "dml.retired")
         self._checked = {}  # rid → (metadata file identity, manifest): see load_manifest
 
     def ensure_dirs(self):
@@ -252,7 +255,7 @@ class Host:
         if manifest is None:
             with open(os.path.join(self.meta, rid + ".sig"), "rb") as f:
                 sig = f.read()
-            manifest = self.check_manifest(raw, sig)
+            manifest = self.check_manifest(raw, sig, stored=True)
         self._checked[rid] = (key, manifest)
         return manifest
 
@@ -263,8 +266,18 @@ class Host:
         except FileNotFoundError:
             raise integrity("no DML key pinned on this host (Ferry pins it on first contact)")
 
-    def check_manifest(self, raw, sig):
-        if not ed25519_verify(self.pinned_key(), raw, sig):
+    def retired_keys(self):
+        try:
+            with open(self.retired_path) as f:
+                return [bytes.fromhex(line.strip()) for line in f if line.strip()]
+        except FileNotFoundError:
+            return []
+
+    def check_manifest(self, raw, sig, stored=False):
+        """A manifest signed by the pinned key; one already stored here (`stored`) may
+        also be signed by a key this host pinned before a rotation."""
+        keys = [self.pinned_key()] + (self.retired_keys() if stored else [])
+        if not any(ed25519_verify(k, raw, sig) for k in keys):
             raise integrity("manifest signature does not verify with the pinned DML key")
         manifest = json.loads(raw.decode())
         content = manifest["content"]
@@ -347,15 +360,56 @@ def _digests(host):
     return out
 
 
+ROTATION = b"ferry-dml-key-rotation\x00"  # what an old key signs: this prefix + the new key
+
+
+def key_id(public):
+    import hashlib
+
+    return hashlib.sha256(public).hexdigest()[:16]
+
+
+def rotated_to(pinned, key, rotations):
+    """The chain of keys from `pinned` to `key`, each rotation signed by the key before it,
+    or None. Rotations come from Ferry; only their signatures make them trusted."""
+    chain, cur = [], pinned
+    for _ in range(len(rotations)):
+        step = None
+        for r in rotations:
+            old, new = bytes.fromhex(r["old"]), bytes.fromhex(r["new"])
+            if old == cur and ed25519_verify(old, ROTATION + new, bytes.fromhex(r["signature"])):
+                step = new
+                break
+        if step is None:
+            return None
+        chain.append(cur)
+        cur = step
+        if cur == key:
+            return chain
+    return None
+
+
 def op_pin(host, args):
     host.ensure_dirs()
     key = args.key.strip().lower()
     if len(bytes.fromhex(key)) != 32:
         raise bad_input("a DML public key is 32 bytes (64 hex digits)")
     if os.path.exists(host.key_path):
-        if host.pinned_key().hex() != key:
-            raise integrity("this host pins another DML key; refusing (rotate it deliberately)")
-        return {"pinned": "already"}
+        pinned = host.pinned_key()
+        if pinned.hex() == key:
+            return {"pinned": "already"}
+        chain = rotated_to(pinned, bytes.fromhex(key), args.rotations or [])
+        if chain is None:
+            raise integrity(
+                "this host pins DML key %s, not %s, and no rotation signed by it leads there: "
+                "import the DML key this host was deployed with (`ferry dml key import FILE`), "
+                "or, if this host really changes DML, remove %s on it deliberately"
+                % (key_id(pinned), key_id(bytes.fromhex(key)), host.key_path)
+            )
+        retired = [k.hex() for k in host.retired_keys()] + [k.hex() for k in chain]
+        write_atomic(host.retired_path, ("\n".join(retired) + "\n").encode(), 0o644)
+        write_atomic(host.key_path, (key + "\n").encode(), 0o644)
+        return {"pinned": "rotated", "from": key_id(pinned)}
     write_atomic(host.key_path, (key + "\n").encode(), 0o644)
     return {"pinned": "new"}
 
@@ -753,7 +807,7 @@ DEFAULTS = {
     "id": None, "key": None, "none": False, "full": False, "keep": 3, "protect": None,
     "payload": None, "command": None, "env": None, "cwd": None, "timeout": None,
     "kind": None, "target": None, "port": None, "status": 200, "rehash": False,
-    "digest": None,
+    "digest": None, "rotations": None,
 }  # fmt: skip
 
 

@@ -33,7 +33,7 @@ def _find(setting: str, env_var: str, filename: str) -> Path:
         if not path.is_file():
             raise SpecError(str(path), "", "file not found", f"check {env_var}")
         return path
-    local = Path.cwd() / "deploy_plans" / filename
+    local = get_settings().root / "deploy_plans" / filename
     return local if local.is_file() else REPO_PLANS / filename
 
 

@@ -68,6 +68,7 @@ def to_dict(rfc: RFC, models: ChangeModels | None = None) -> dict[str, Any]:
         },
         "backout_plan": rfc.backout_plan,
         "requester": rfc.requester,
+        "ci": rfc.ci,
         "approvals": [
             {
                 "approver": a.approver,

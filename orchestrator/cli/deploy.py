@@ -70,6 +70,13 @@ def deploy(
             "instead of being refused (exit 3)",
         ),
     ] = None,
+    hosts: Annotated[
+        str | None,
+        typer.Option("--hosts", help="only these of the plan's hosts (names, groups, globs)"),
+    ] = None,
+    junit: Annotated[
+        Path | None, typer.Option("--junit", help="write a JUnit XML report to FILE")
+    ] = None,
     fmt: OutputOpt = out.Format.text,
 ) -> None:
     out.use(fmt)
@@ -83,7 +90,12 @@ def deploy(
     settings = get_settings()
     wait = _wait_lock(wait_lock)
     request = DeployRequest(
-        plan_path=plan, release=release, rfc=rfc, actor=settings.actor, inventory=inventory
+        plan_path=plan,
+        release=release,
+        rfc=rfc,
+        actor=settings.actor,
+        inventory=inventory,
+        hosts=hosts,
     )
     prepared = prepare(request, settings)  # every bad input is exit 2 here; nothing recorded
     rollout = prepared.rollout
@@ -113,7 +125,7 @@ def deploy(
     locks.acquire(wait=wait, progress=out.progress)
     try:
         prepared = _fresh(prepared, request, settings, locks)
-        _run(prepared, settings, locks, where, via, pool)
+        _run(prepared, settings, locks, where, via, pool, hosts, junit)
     finally:
         locks.release()
 
@@ -152,20 +164,29 @@ def _fresh(
 
 
 def _run(
-    prepared: Prepared, settings: Settings, locks: HostLocks, where: str, via: str, pool: str
+    prepared: Prepared,
+    settings: Settings,
+    locks: HostLocks,
+    where: str,
+    via: str,
+    pool: str,
+    hosts: str | None,
+    junit: Path | None,
 ) -> None:
     from orchestrator.preparation import open_deployment
 
-    rollout, rfc = prepared.rollout, prepared.request.rfc
+    rollout = prepared.rollout
     record = open_deployment(prepared, settings)
     locks.bind(record.id)
     out.progress(
         f"deployment {record.id}: {rollout.release} to {len(rollout.hosts())} host(s) of "
-        f"{rollout.environment} in {len(rollout.waves)} wave(s) under RFC {rfc} "
-        f"(Prefect {where})"
+        f"{rollout.environment} in {len(rollout.waves)} wave(s) "
+        + (f"under RFC-{prepared.rfc_id}" if prepared.rfc_id is not None else "with no RFC")
+        + (f", narrowed by --hosts {hosts}" if hosts else "")
+        + f" (Prefect {where})"
     )
     if via == "prefect":
-        _via_prefect(record, pool, settings)
+        _via_prefect(record, pool, settings, junit)
         return
     from orchestrator.flows import run_deployment
 
@@ -178,10 +199,10 @@ def _run(
         if record.load().status == Status.PLANNED:
             record.move(Status.ABORTED, evidence={"reason": "the flow could not start"})
         raise
-    finish(record.id, settings)
+    finish(record.id, settings, junit=junit)
 
 
-def _via_prefect(record: Any, pool: str, settings: Any) -> None:
+def _via_prefect(record: Any, pool: str, settings: Any, junit: Path | None = None) -> None:
     """Submit the recorded deployment to the pool, relay its log, end as if run here."""
     from orchestrator.errors import BackoutIncomplete
     from orchestrator.lifecycle import Status
@@ -200,10 +221,10 @@ def _via_prefect(record: Any, pool: str, settings: Any) -> None:
             f"flow run {run.name} ended {state.type.value} but deployment {rec.id} is still "
             f"{rec.status}: run `ferry remediate recover {rec.id}`"
         )
-    finish(record.id, settings)
+    finish(record.id, settings, junit=junit)
 
 
-def finish(deployment_id: int, settings: object) -> None:
+def finish(deployment_id: int, settings: object, junit: Path | None = None) -> None:
     """Print the recorded outcome and exit with its status's code."""
     from orchestrator import lifecycle
     from orchestrator.cms import deployments
@@ -213,6 +234,7 @@ def finish(deployment_id: int, settings: object) -> None:
     rec = deployments.load(url, deployment_id)
     report = deployment_report(rec, deployments.journal_rows(url, deployment_id))
     code = lifecycle.exit_code(rec.status)
+    hand_on(report, list(rec.latest("outcomes").values()), int(code), junit)
     if rec.status in (lifecycle.Status.REFUSED, lifecycle.Status.HALTED):
         out.error(report, report.get("message") or f"deployment {rec.id}: {rec.status}")
     elif rec.status == lifecycle.Status.ABORTED:
@@ -224,6 +246,62 @@ def finish(deployment_id: int, settings: object) -> None:
     else:
         out.result(report, lambda: print_report(report))
     raise typer.Exit(int(code))
+
+
+def hand_on(report: dict, outcomes: list[dict], code: int, junit: Path | None) -> None:
+    """The JUnit report, and the CI system's outputs, summary and annotations."""
+    from orchestrator import ci
+
+    if junit is not None:
+        from orchestrator import junit as junit_xml
+
+        junit_xml.write(junit, junit_xml.deployment_suite({**report, "outcomes": outcomes}))
+    errors = [
+        (f"ferry deploy: {host}", f"{h['failure']['step']}: {h['failure']['reason']}")
+        for host, h in report["hosts"].items()
+        if "failure" in h
+    ]
+    errors += [
+        (f"ferry deploy: milestone {m['wave']}", m["reason"])
+        for m in report["milestones"]
+        if not m["passed"]
+    ]
+    if code and not errors:
+        errors = [("ferry deploy", str(report.get("message") or report.get("reason") or ""))]
+    ci.publish(
+        {
+            "deployment_id": report["id"],
+            "status": report["status"],
+            "release": report["release"],
+            "digest": report["digest"],
+            "rfc": report["rfc"],
+            "exit_code": code,
+        },
+        summary=summary_markdown(report),
+        errors=errors,
+    )
+
+
+def summary_markdown(report: dict) -> str:
+    lines = [
+        f"### Ferry deployment {report['id']}: {report['status']}",
+        "",
+        f"{report['release']} (`{report['digest'][:19]}…`) to **{report['environment']}**"
+        + (f" under RFC-{report['rfc']}" if report["rfc"] else ""),
+        "",
+        "| host | status | release | failure |",
+        "|---|---|---|---|",
+    ]
+    for host, h in report["hosts"].items():
+        fail = h.get("failure")
+        why = f"{fail['step']}: {fail['reason']}" if fail else ""
+        lines.append(f"| {host} | {h['status']} | {h['release'] or ''} | {why.replace('|', '/')} |")
+    for m in report["milestones"]:
+        lines.append("")
+        lines.append(
+            f"- milestone {m['wave']}: {'passed' if m['passed'] else 'FAILED'}: {m['reason']}"
+        )
+    return "\n".join(lines)
 
 
 def dry_run_report(rollout: object) -> dict:

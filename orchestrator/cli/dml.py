@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -13,6 +14,92 @@ from orchestrator.errors import FerryError, IntegrityError
 app = typer.Typer(
     help="The Definitive Media Library: key, list, show, verify, gc.", no_args_is_help=True
 )
+key_app = typer.Typer(
+    help="The DML's signing key: show, export, import, rotate (docs/dml.md: team keys).",
+    no_args_is_help=True,
+)
+app.add_typer(key_app, name="key")
+
+
+def _key_data(store: object) -> dict:
+    from dml.store import DML
+
+    assert isinstance(store, DML)
+    return {
+        "key_id": store.key_id(),
+        "public_key_hex": store.public_key_bytes().hex(),
+        "where": str(store.keyring.where),
+        "shared_file": store.keyring.key_file is not None,
+        "rotations": len(store.rotations()),
+    }
+
+
+@key_app.command("show")
+def key_show(fmt: OutputOpt = out.Format.text) -> None:
+    """The signing key in use: its id, public key, where it is kept, its rotations."""
+    out.use(fmt)
+    from dml.store import DML
+
+    data = _key_data(DML.from_settings())
+    out.result(
+        data,
+        f"DML signing key {data['key_id']} ({data['where']}; {data['rotations']} rotation(s))\n"
+        f"  public key {data['public_key_hex']}",
+    )
+
+
+@key_app.command("export")
+def key_export(
+    file: Annotated[Path, typer.Argument(help="where to write the key file (mode 0600)")],
+    fmt: OutputOpt = out.Format.text,
+) -> None:
+    """Write the signing key and its rotations to FILE, for another home or a CI secret
+    (then FERRY_DML_KEY_FILE=FILE there, or `ferry dml key import FILE`)."""
+    out.use(fmt)
+    from dml.store import DML
+    from orchestrator.errors import BadInput
+
+    if file.exists():
+        raise BadInput(f"{file}: already exists; export never overwrites a file")
+    store = DML.from_settings()
+    store.keyring.export(file)
+    data = {**_key_data(store), "exported_to": str(file)}
+    out.result(data, f"exported DML signing key {data['key_id']} to {file} (keep it secret)")
+
+
+@key_app.command("import")
+def key_import(
+    file: Annotated[Path, typer.Argument(help="a key file from `ferry dml key export`")],
+    replace: Annotated[
+        bool, typer.Option("--replace", help="even if this DML's releases are signed by another")
+    ] = False,
+    fmt: OutputOpt = out.Format.text,
+) -> None:
+    """Make FILE's key this DML's signing key (its rotations too)."""
+    out.use(fmt)
+    from dml.store import DML
+
+    store = DML.from_settings()
+    result = store.keyring.import_(file, replace=replace, releases=len(store.releases()))
+    data = {**_key_data(store), **result}
+    out.result(data, f"this DML now signs with key {data['key_id']}")
+
+
+@key_app.command("rotate")
+def key_rotate(fmt: OutputOpt = out.Format.text) -> None:
+    """A new signing key, signed by the old one: hosts pinning the old key accept it on
+    their next deployment; earlier releases keep verifying."""
+    out.use(fmt)
+    from dml.store import DML
+
+    store = DML.from_settings()
+    result = store.keyring.rotate()
+    data = {**_key_data(store), **result}
+    out.result(
+        data,
+        f"rotated the DML signing key {result['old_key_id']} → {result['new_key_id']} "
+        f"({result['where']}); hosts move to it on their next contact",
+    )
 
 
 @app.command()

@@ -101,8 +101,8 @@ COMMANDS = (
         kind="command",
     ),
     CommandEntry("release", "Build release packages from release specs."),
-    CommandEntry("dml", "The Definitive Media Library: list, verify, gc."),
-    CommandEntry("rfc", "Requests for change: raise, approve, show."),
+    CommandEntry("dml", "The Definitive Media Library: key, list, verify, gc."),
+    CommandEntry("rfc", "Requests for change: raise, approve, show, wait."),
     CommandEntry("calendar", "Change windows and blackouts."),
     CommandEntry("remediate", "On-call: backout, recover, drift audit."),
     CommandEntry("els", "Early life support: re-run deployments' ELS checks during their period."),
@@ -177,6 +177,17 @@ class LazyGroup(TyperGroup):
             formatter.write_dl([(name, cmd.get_short_help_str(limit)) for name, cmd in visible])
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"ferry {version('ferry')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            print("ferry (not installed)")
+        raise typer.Exit(0)
+
+
 app = typer.Typer(
     name="ferry",
     help="Ferry: build release packages into the DML, gate every change on an authorized RFC, "
@@ -184,14 +195,22 @@ app = typer.Typer(
     + EXIT_CODES_HELP,
     no_args_is_help=True,
     cls=LazyGroup,
-    **TYPER_SETTINGS,
+    **{**TYPER_SETTINGS, "add_completion": True},  # `--install-completion` for the root only
 )
 
 
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", help="Print Ferry's version and exit.", is_eager=True, callback=_version
+    ),
+) -> None:
+    """The root's options; every command is LazyGroup's."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    # get_group, not get_command: the root registers nothing with typer (LazyGroup knows
-    # the commands), and get_command would take an empty app for a mistake
-    command = typer.main.get_group(app)
+    # get_command (the root's callback makes it a group): it adds --install-completion
+    command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv, prog_name="ferry", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0

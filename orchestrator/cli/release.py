@@ -41,6 +41,9 @@ def build(
     from orchestrator import catalog
 
     res = catalog.build_release(spec, version=version, without=without or [], progress=out.progress)
+    from orchestrator import ci
+
+    ci.publish({"release": res["release"], "digest": res["digest"]})
     verb = "built and stored" if res["new"] else "already in the DML (same digest; nothing changed)"
     out.result(
         res,

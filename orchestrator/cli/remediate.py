@@ -150,14 +150,31 @@ def drift(
     full: Annotated[
         bool, typer.Option("--full", help="re-hash every file (slower; catches same-size edits)")
     ] = False,
+    junit: Annotated[
+        Path | None, typer.Option("--junit", help="write a JUnit XML report (a case per host)")
+    ] = None,
     fmt: OutputOpt = out.Format.text,
 ) -> None:
     out.use(fmt)
+    from orchestrator import ci
     from orchestrator.settings import get_settings
     from remediation.drift import audit_drift
 
     data = audit_drift(
         get_settings(), environment=env, inventory_path=inventory, full=full, progress=out.progress
+    )
+    if junit is not None:
+        from orchestrator import junit as junit_xml
+
+        junit_xml.write(junit, junit_xml.drift_suite(data))
+    bad = {h: d for h, d in data["hosts"].items() if d["state"] not in ("ok", "unmanaged")}
+    ci.publish(
+        {"drift_exit_code": data["exit_code"], "drift_hosts_not_ok": len(bad)},
+        summary="### Ferry drift audit\n\n"
+        + "\n".join(f"- {h}: {d['state']}: {d['detail']}" for h, d in bad.items())
+        if bad
+        else "### Ferry drift audit: every managed host ok",
+        errors=[(f"ferry drift: {h}", f"{d['state']}: {d['detail']}") for h, d in bad.items()],
     )
     out.result(data, lambda: _print_drift(data))
     raise typer.Exit(data["exit_code"])

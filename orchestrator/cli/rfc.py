@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from orchestrator.change.models import RfcRequest
 
 app = typer.Typer(
-    help="Requests for change: raise, submit, approve, reject, cancel, close, show, list.",
+    help="Requests for change: raise, submit, approve, reject, cancel, close, show, list, wait.",
     no_args_is_help=True,
 )
 
@@ -119,6 +119,7 @@ def new(
 ) -> None:
     """Raise an RFC (a draft; a standard change fitting its template is authorized at once)."""
     out.use(fmt)
+    from orchestrator import ci
     from orchestrator.change import config, rfcs
     from orchestrator.cms import db
     from orchestrator.settings import get_settings
@@ -143,7 +144,9 @@ def new(
         rfc, warnings = rfcs.create(
             session, req, actor=get_settings().actor, now=_now(), models=models, calendar=calendar
         )
-        rfc_id = rfc.id
+        rfc.ci = ci.provenance()
+        rfc_id, status = rfc.id, rfc.status
+    ci.publish({"rfc": rfc_id, "rfc_status": status, "release": release})
     _show_one(rfc_id, {"warnings": warnings})
 
 
@@ -292,6 +295,72 @@ def show(rfc_id: IdArg, fmt: OutputOpt = out.Format.text) -> None:
             )
 
     out.result(data, render)
+
+
+# an RFC in one of these may be deployed under (implemented: a re-run of the same release)
+USABLE = ("authorized", "scheduled", "implementing", "implemented")
+ENDED = ("rejected", "cancelled", "closed", "backed-out", "failed")
+
+
+@app.command()
+def wait(
+    rfc_id: IdArg,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0, help="seconds to wait (0: look once)")
+    ] = 3600,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.1, help="seconds between looks")
+    ] = 5,
+    fmt: OutputOpt = out.Format.text,
+) -> None:
+    """Wait until an RFC is authorized (exit 0) or rejected, cancelled or ended (exit 3, with
+    the reason); still waiting at --timeout is exit 3 too. For pipelines: a deploy job that
+    waits for the change authority's approval."""
+    out.use(fmt)
+    import time
+
+    from orchestrator.change.gate import parse_rfc_id
+    from orchestrator.cms import db
+    from orchestrator.cms.models import RFC
+    from orchestrator.errors import AuthorizationRefused, NotFound
+
+    rid = parse_rfc_id(rfc_id)
+    deadline = time.monotonic() + timeout
+    told = None
+    while True:
+        with db.session_scope() as session:
+            rfc = session.get(RFC, rid)
+            if rfc is None:
+                raise NotFound(f"RFC-{rid} does not exist (ferry rfc list shows the RFCs)")
+            status = rfc.status
+            reason = next(
+                (
+                    f"{a.decision} by {a.approver}" + (f": {a.comment}" if a.comment else "")
+                    for a in reversed(rfc.approvals)
+                    if a.decision == "rejected"
+                ),
+                "",
+            )
+        data = {"id": rid, "ref": f"RFC-{rid}", "status": status}
+        if status in USABLE:
+            out.result(data, f"RFC-{rid} is {status}")
+            return
+        if status in ENDED:
+            raise AuthorizationRefused(
+                f"RFC-{rid} is {status}" + (f" ({reason})" if reason else ""),
+                reasons=[reason or status],
+                details={"status": status},
+            )
+        if time.monotonic() >= deadline:
+            raise AuthorizationRefused(
+                f"RFC-{rid} is still {status} after {timeout:g} s (not authorized yet)",
+                reasons=[f"still {status}"],
+                details={"status": status},
+            )
+        if status != told:
+            out.progress(f"RFC-{rid} is {status}: waiting for its authorization")
+            told = status
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
 
 
 @app.command("list")

@@ -104,6 +104,14 @@ def print_detail(d: dict[str, Any]) -> None:
         f"({d['strategy']}, {d['rfc'] or 'no RFC'}, by {d['actor']})"
     )
     _p(f"  started {_t(d['started_at'])}, finished {_t(d['finished_at'])}")
+    ci = d.get("ci")
+    if ci:
+        _p(
+            f"  from {ci['system']} pipeline {ci.get('pipeline_id')} ({ci.get('pipeline_url')}), "
+            f"job {ci.get('job')}, commit {ci.get('commit')}, by {ci.get('actor')}"
+        )
+    if d["evidence"].get("limit"):
+        _p(f"  narrowed by --hosts {d['evidence']['limit']}")
     if d["reason"]:
         _p(f"  reason: {d['reason']}")
     for i, s in d["waves"].items():

@@ -27,9 +27,26 @@ from sqlalchemy.orm import Session
 from orchestrator.cms.models import AuditEvent, AuditHead, utcnow
 
 GENESIS = "0" * 64
-_SECRET_KEY = re.compile(
-    r"(pass(word)?|secret|token|private|credential|api[_-]?key|authorization|cookie)", re.I
-)
+# a key is secret-looking by its words, not its letters: `passed` (a milestone's verdict),
+# `bypass` or `tokenizer_version` are not secrets; `password`, `db_pass`, `apiKey`,
+# `X-Auth-Token` and `private_key` are
+_SECRET_WORDS = frozenset(
+    {"pass", "passwd", "password", "passphrase", "pwd", "secret", "secrets", "token",
+     "credential", "credentials", "authorization", "cookie", "apikey", "privatekey"}
+)  # fmt: skip
+_SECRET_SUFFIXES = ("password", "passwd", "secret", "token", "apikey")
+_SECRET_PAIRS = frozenset({("api", "key"), ("private", "key"), ("secret", "key")})
+_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+
+
+def secret_key(key: object) -> bool:
+    """Does a record key name a secret (its values are then never stored)?"""
+    words = [w.lower() for w in _WORD.findall(str(key))]
+    if any(w in _SECRET_WORDS or w.endswith(_SECRET_SUFFIXES) for w in words):
+        return True
+    return any(pair in _SECRET_PAIRS for pair in zip(words, words[1:], strict=False))
+
+
 # scheme://user:password@host — a database or repository URL carrying its password
 _URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/\s:@]*:)[^@\s]*@", re.I)
 
@@ -38,7 +55,7 @@ def redact(data: Any) -> Any:
     """Secrets never reach a record: values under secret-looking keys are replaced, and so
     are passwords written into URLs (`postgresql://u:***@db/x`)."""
     if isinstance(data, dict):
-        return {k: ("***" if _SECRET_KEY.search(str(k)) else redact(v)) for k, v in data.items()}
+        return {k: ("***" if secret_key(k) else redact(v)) for k, v in data.items()}
     if isinstance(data, list | tuple):
         return [redact(v) for v in data]
     if isinstance(data, str):

@@ -33,6 +33,7 @@ def make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
+            _say_if_a_parent_has_one(Path(parsed.database))
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
 
@@ -54,6 +55,24 @@ def make_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in ("", "psycopg2"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     return create_engine(parsed, pool_pre_ping=True)
+
+
+def _say_if_a_parent_has_one(database: Path) -> None:
+    """A new CMS under a directory whose parent already has one is most likely a command
+    run in the wrong place: say so (stderr), naming both."""
+    if database.exists():
+        return
+    from orchestrator.home import cms_above
+
+    above = cms_above(database.parent)
+    if above is not None:
+        import sys
+
+        print(
+            f"warning: making a new CMS at {database}, but {above} already exists in a parent "
+            "directory (run from there, or set FERRY_HOME to use it)",
+            file=sys.stderr,
+        )
 
 
 def alembic_config(url: str) -> Config:

@@ -134,6 +134,8 @@ class RFC(Base):
     submitted_at: Mapped[datetime | None] = mapped_column(default=None)
     authorized_at: Mapped[datetime | None] = mapped_column(default=None)
     risk_factors: Mapped[list[Any]] = mapped_column(default=list)
+    # the CI job that raised it (orchestrator/ci.py): pipeline, job, commit, actor
+    ci: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     approvals: Mapped[list[Approval]] = relationship(

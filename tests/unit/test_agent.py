@@ -115,7 +115,56 @@ def test_manifest_paths_outside_the_release_are_refused(tmp_path, path):
 def test_another_pinned_key_is_never_replaced_silently(tmp_path):
     run(tmp_path, "pin", "--key", PUB.hex())
     rc, res = run(tmp_path, "pin", "--key", "11" * 32)
-    assert rc == ferry_agent.EXIT_INTEGRITY and "another DML key" in res["message"]
+    assert rc == ferry_agent.EXIT_INTEGRITY and "pins DML key" in res["message"]
+    assert "ferry dml key import" in res["message"]  # the fix, named
+    assert (tmp_path / ".ferry" / "dml.pub").read_text().strip() == PUB.hex()
+
+
+def _rotation(old: Ed25519PrivateKey, new: Ed25519PrivateKey) -> dict[str, str]:
+    from dml.keyring import endorse
+
+    new_pub = new.public_key().public_bytes_raw()
+    return {
+        "old": old.public_key().public_bytes_raw().hex(),
+        "new": new_pub.hex(),
+        "signature": endorse(old, new_pub).hex(),
+    }
+
+
+def _pin(root: Path, key: Ed25519PrivateKey, rotations: list[dict[str, str]]) -> dict:
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(key=key.public_key().public_bytes_raw().hex(), rotations=rotations)
+    return ferry_agent.op_pin(ferry_agent.Host(str(root)), args)
+
+
+def test_a_rotation_signed_by_the_pinned_key_moves_the_pin_and_only_stored_manifests_keep_the_old(
+    tmp_path,
+):
+    run(tmp_path, "pin", "--key", PUB.hex())
+    stored_raw, stored_sig, _ = package({"u/a": b"a"})
+    mid, new = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    chain = [_rotation(mid, new), _rotation(KEY, mid)]  # any order: the signatures decide
+    assert _pin(tmp_path, new, chain) == {"pinned": "rotated", "from": ferry_agent.key_id(PUB)}
+    host = ferry_agent.Host(str(tmp_path))
+    assert host.pinned_key() == new.public_key().public_bytes_raw()
+    assert host.retired_keys() == [PUB, mid.public_key().public_bytes_raw()]
+    # a manifest already on the host, signed by the old key, still verifies as stored …
+    assert host.check_manifest(stored_raw, stored_sig, stored=True)["digest"]
+    # … but nothing new signed by a retired key is accepted
+    with pytest.raises(ferry_agent.AgentError, match="does not verify"):
+        host.check_manifest(stored_raw, stored_sig)
+    assert _pin(tmp_path, new, chain) == {"pinned": "already"}
+
+
+def test_a_rotation_not_signed_by_the_pinned_key_is_refused(tmp_path):
+    run(tmp_path, "pin", "--key", PUB.hex())
+    intruder, new = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    forged = _rotation(intruder, new)
+    forged["old"] = PUB.hex()  # claims to come from the pinned key, signed by another
+    with pytest.raises(ferry_agent.AgentError, match="no rotation signed by it leads there"):
+        _pin(tmp_path, new, [forged])
+    assert ferry_agent.Host(str(tmp_path)).pinned_key() == PUB
 
 
 def test_prune_keeps_the_newest_releases_and_every_protected_one(tmp_path):

@@ -1,7 +1,7 @@
 """host locks: one deployment, backout or recover at a time per host
 
 Revision ID: issue17_host_locks
-Revises: 0001
+Revises: issue18_release_evidence
 """
 
 import sqlalchemy as sa

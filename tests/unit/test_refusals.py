@@ -1,0 +1,163 @@
+"""Every expected refusal of every command: its documented exit code, one clear line on
+stderr (no traceback), and with `-o json` the error object on stdout.
+
+One table, run in one Ferry home prepared once (a release in the DML, RFCs in each state),
+so the whole table costs one set-up; each failing row is reported, not just the first.
+Rows run through `orchestrator.cli.main.main` in this process (the entry point `ferry`
+runs, minus a fresh interpreter per row: the table would take minutes), and a sample of
+them again as the real `ferry` child process. Deployment refusals that need hosts are in
+tests/deploy/test_everyday_deploy.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.change.conftest import change_files  # noqa: F401 - the organisation's change models
+from tests.conftest import Result
+from tests.deploy.helpers import build
+
+PLAN_NO_STRATEGY = {"environment": "dev"}
+
+# argv, exit code, a fragment of the one error line (None: click's usage error, no JSON)
+TABLE: list[tuple[list[str], int, str | None]] = [
+    # deploy: every bad input before anything is recorded
+    (["deploy", "missing.yaml", "-r", "shop@1.0"], 2, "missing.yaml: file not found"),
+    (["deploy", "bad-plan.yaml", "-r", "shop@1.0"], 2, "bad-plan.yaml: strategy: Field required"),
+    (["deploy", "plan.yaml", "-r", "shop"], 2, "'shop' is not a release"),
+    (["deploy", "plan.yaml", "-r", "shop@9.9"], 2, "release shop@9.9 is not in the DML"),
+    (["deploy", "plan.yaml", "-r", "shop@1.0", "--rfc", "abc"], 2, "--rfc: 'abc' is not an RFC id"),
+    (["deploy", "plan.yaml", "-r", "shop@1.0", "--rfc", "999"], 2, "--rfc: RFC-999 does not exist"),
+    (["deploy", "plan.yaml", "-r", "shop@1.0", "--hosts", "nothere"], 2, "'nothere' names none"),
+    (["deploy", "plan.yaml"], 2, None),
+    # status
+    (["status", "--deployment", "999"], 2, "deployment 999 does not exist"),
+    (["status", "--deployment", "abc"], 2, "'abc' is not a deployment id"),
+    (["status", "--host", "nope"], 2, "host nope has no baseline"),
+    # release
+    (["release", "build", "missing.yaml"], 2, "missing.yaml: file not found"),
+    (["release", "show", "shop@9.9"], 2, "release shop@9.9 is not registered"),
+    (["release", "checkin", "shop@9.9", "--rfc", "1"], 2, "release shop@9.9 is not registered"),
+    (["release", "checkin", "shop@1.0", "--rfc", "{draft}"], 3, "does not authorize checkin"),
+    (["release", "withdraw", "shop@9.9", "--reason", "x"], 2, "release shop@9.9 is not registered"),
+    # dml
+    (["dml", "show", "shop@9.9"], 2, "release shop@9.9 is not in the DML"),
+    (["dml", "key", "import", "missing.key"], 2, "missing.key does not exist"),
+    (["dml", "key", "import", "plan.yaml"], 2, "plan.yaml is not a DML signing key"),
+    (["dml", "key", "export", "plan.yaml"], 2, "plan.yaml: already exists"),
+    # rfc
+    (["rfc", "show", "999"], 2, "RFC-999 does not exist"),
+    (["rfc", "show", "abc"], 2, "'abc' is not an RFC id"),
+    (["rfc", "submit", "999"], 2, "RFC-999 does not exist"),
+    (["rfc", "approve", "999"], 2, "RFC-999 does not exist"),
+    (["rfc", "reject", "999"], 2, "RFC-999 does not exist"),
+    (["rfc", "cancel", "999"], 2, "RFC-999 does not exist"),
+    (["rfc", "close", "999"], 2, "RFC-999 does not exist"),
+    (["rfc", "wait", "999", "--timeout", "0"], 2, "RFC-999 does not exist"),
+    (["rfc", "new", "--release", "shop@1.0", "--env", "dev", "--model", "bogus"], 2, "--model"),
+    (["rfc", "new", "--release", "shop", "--env", "dev", "--model", "normal"], 2, "--release"),
+    (["rfc", "list", "--status", "bogus"], 2, "--status: 'bogus' is not an RFC status"),
+    (["rfc", "approve", "{assessed}"], 3, "separation of duties"),
+    (["rfc", "approve", "{rejected}"], 3, "rejected"),
+    (["rfc", "wait", "{rejected}", "--timeout", "0"], 3, "is rejected (rejected by bob"),
+    (["rfc", "wait", "{draft}", "--timeout", "0"], 3, "is still draft after 0 s"),
+    # calendar
+    (["calendar", "--at", "not-a-date"], 2, "not-a-date"),
+    # remediate
+    (["remediate", "backout", "999", "--rfc", "1"], 2, "deployment 999 does not exist"),
+    (["remediate", "recover", "999"], 2, "deployment 999 does not exist"),
+    (["remediate", "drift", "--inventory", "missing.yaml"], 2, "missing.yaml: file not found"),
+]
+
+
+def _prepare(run_ferry, work: Path) -> dict[str, str]:
+    build(work, "1.0")
+    (work / "bad-plan.yaml").write_text(yaml.safe_dump(PLAN_NO_STRATEGY))
+    inv = work / "inventory.yaml"
+    for name in ("id_key", "known_hosts"):
+        (work / name).write_text("")
+    ssh = {"user": "ferry", "identity_file": str(work / "id_key"),
+           "known_hosts": str(work / "known_hosts")}  # fmt: skip
+    inv.write_text(yaml.safe_dump({"ssh": ssh, "hosts": {"h1": {"address": "198.18.0.1"}}}))
+    (work / "plan.yaml").write_text(
+        yaml.safe_dump({"environment": "dev", "inventory": str(inv), "strategy": "big-bang"})
+    )
+    ids = {}
+    for state in ("draft", "assessed", "rejected"):
+        r = run_ferry("rfc", "new", "--release", "shop@1.0", "--env", "dev", "--model", "normal",
+                      "-o", "json")  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        ids[state] = str(r.json()["id"])
+        if state != "draft":
+            assert run_ferry("rfc", "submit", ids[state]).returncode == 0
+    bob = {"FERRY_USER": "bob"}
+    assert run_ferry("rfc", "reject", ids["rejected"], "-m", "no", env=bob).returncode == 0
+    return ids
+
+
+def _in_process(capsys):
+    from orchestrator.cli import main as cli
+    from orchestrator.cli import output
+    from orchestrator.settings import reset_settings
+
+    def run(*argv: str, env: dict[str, str] | None = None) -> Result:
+        assert env is None
+        reset_settings()
+        output.use(output.Format.text)
+        capsys.readouterr()
+        try:
+            cli.main(list(argv))
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        got = capsys.readouterr()
+        return Result(code, got.out, got.err)
+
+    return run
+
+
+@pytest.mark.usefixtures("change_files")
+def test_every_expected_refusal_has_its_exit_code_one_line_and_no_traceback(
+    run_ferry, ferry_home, capsys
+):
+    ids = _prepare(run_ferry, ferry_home)
+    wrong = _check(_in_process(capsys), TABLE, ids)
+    # the real child process, for a sample of the rows (one per command group)
+    seen: set[str] = set()
+    sample = [row for row in TABLE if row[0][0] not in seen and not seen.add(row[0][0])]
+    wrong += _check(run_ferry, sample, ids)
+    # nothing a refusal touched: no deployment was recorded by any of them
+    shown = run_ferry("status", "-o", "json").json()
+    assert shown["deployments"] == []
+    assert not wrong, "\n".join(wrong)
+
+
+def _check(run, table, ids: dict[str, str]) -> list[str]:
+    wrong = []
+    for argv, code, fragment in table:
+        args = [a.format(**ids) for a in argv]
+        r = run(*args, "-o", "json")
+        problems = []
+        if r.returncode != code:
+            problems.append(f"exit {r.returncode}, not {code}")
+        if "Traceback" in r.stderr or "internal error" in r.stderr:
+            problems.append("a traceback / internal error on stderr")
+        if fragment is not None:
+            errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+            if len(errors) != 1 or fragment not in errors[0]:
+                problems.append(f"error lines {errors!r} lack {fragment!r}")
+            try:
+                obj = json.loads(r.stdout)
+                if obj.get("exit_code") != code or fragment not in obj.get("message", ""):
+                    problems.append(f"JSON object {obj!r} is not this error")
+            except ValueError:
+                problems.append(f"stdout is not one JSON object: {r.stdout[:200]!r}")
+        elif "Usage:" not in r.stderr:
+            problems.append("no usage line")
+        if problems:
+            wrong.append(f"ferry {' '.join(args)}: " + "; ".join(problems) + f"\n{r.stderr[-600:]}")
+    return wrong
