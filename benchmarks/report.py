@@ -481,7 +481,8 @@ def _workers(r: Results, notes: dict[str, Any]) -> list[str]:
         "PostgreSQL server all ran on the same 2 cores, so a second worker adds no CPU here.",
         "",
     ]
-    return lines
+    lines += [f"- {run}" for run in info.get("runs", [])]
+    return [*lines, ""] if info.get("runs") else lines
 
 
 def _details(r: Results, notes: dict[str, Any]) -> list[str]:

@@ -181,8 +181,12 @@ def workers(bench: Any, pg: Any) -> None:
     started = time.monotonic()
     from benchmarks.scenarios import rotate
 
+    # FERRY_BENCH_WORKER_CONFIGS="2 workers" (comma-separated) measures only those configurations
+    chosen = [c for c in os.environ.get("FERRY_BENCH_WORKER_CONFIGS", "").split(",") if c]
+    configs = [c for c in CONFIGS if c in chosen] or list(CONFIGS)
+    info["configs"] = configs
     for rep in range(s.reps):
-        for config in rotate(list(CONFIGS), rep):
+        for config in rotate(configs, rep):
             one_config(bench, pg, config, rep, shard[config], spec_big, spec_tiny,
                        hosts_cold, hosts_noop, inv_cold, inv_noop)  # fmt: skip
     info["loadavg_end"] = loadavg()
