@@ -23,6 +23,7 @@ its baseline recorded and the host flagged for remediation (it is not read back)
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -127,8 +128,11 @@ class DeploymentRun:
                 public_key_hex=dml.public_key_bytes().hex(),
                 rotations=dml.rotations(),
                 signature=dml.signature_for_hosts(package),
+                # per process: shard runs of one deployment on one machine each extract,
+                # frame and remove their own copy (a shared one raced on its temp files)
                 objects=ObjectCache(
-                    package, self.settings.home / "cache" / f"deployment-{self.id}"
+                    package,
+                    self.settings.home / "cache" / f"deployment-{self.id}-{os.getpid()}",
                 ),
                 progress=self.progress,
                 stop=self.stop,
