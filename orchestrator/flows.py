@@ -20,7 +20,6 @@ with secret values redacted.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import signal
 import sys
@@ -410,7 +409,14 @@ async def _tag(run: DeploymentRun) -> None:
     from prefect.client.orchestration import get_client
     from prefect.runtime import flow_run
 
-    tags = [f"release:{run.rollout.release}", f"environment:{run.rollout.environment}"]
+    from orchestrator.prefect_deployments import cms_tag
+
+    # cms:… tells apart deployment #N of two Ferry homes that share one Prefect server
+    tags = [
+        f"release:{run.rollout.release}",
+        f"environment:{run.rollout.environment}",
+        cms_tag(run.url),
+    ]
     if run.rfc_id is not None:
         tags += [f"rfc:{run.rfc_id}", f"model:{_change_model(run)}"]
     async with get_client() as client:
@@ -458,15 +464,11 @@ def outcome_message(status: str, report: dict[str, Any]) -> str:
 
 
 def artifact_key(cms_url: str, deployment_id: int) -> str:
-    """Unique per Ferry CMS, so two Ferry homes on one Prefect server never collide.
+    """Unique per Ferry CMS, so two Ferry homes on one Prefect server never collide
+    (Prefect keys allow lowercase letters, digits and dashes only)."""
+    from orchestrator.prefect_deployments import cms_name
 
-    Prefect keys allow lowercase letters, digits and dashes only; the CMS is named by a
-    hash of its URL without credentials (a team's shared PostgreSQL gives one name)."""
-    from sqlalchemy.engine import make_url
-
-    safe = make_url(cms_url).set(password=None).render_as_string(hide_password=False)
-    cms = hashlib.sha256(safe.encode()).hexdigest()[:10]
-    return f"ferry-{cms}-deployment-{deployment_id}"
+    return f"ferry-{cms_name(cms_url)}-deployment-{deployment_id}"
 
 
 async def publish(run: DeploymentRun, status: str) -> dict[str, Any]:

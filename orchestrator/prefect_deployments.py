@@ -38,6 +38,22 @@ FLOWS = (
 )  # fmt: skip
 
 
+def cms_name(cms_url: str) -> str:
+    """A short name for a Ferry CMS: a hash of its URL without credentials (a team's shared
+    PostgreSQL gives one name; two Ferry homes, two names)."""
+    import hashlib
+
+    from sqlalchemy.engine import make_url
+
+    safe = make_url(cms_url).set(password=None).render_as_string(hide_password=False)
+    return hashlib.sha256(safe.encode()).hexdigest()[:10]
+
+
+def cms_tag(cms_url: str) -> str:
+    """The flow-run tag naming the CMS whose deployment a run is."""
+    return f"cms:{cms_name(cms_url)}"
+
+
 def deployment_name(flow: str, pool: str) -> str:
     return f"{flow}/{pool}"
 
@@ -163,16 +179,19 @@ def resume_paused(deployment_id: int, decision: dict[str, Any]) -> str:
         FlowRunFilterName,
         FlowRunFilterState,
         FlowRunFilterStateType,
+        FlowRunFilterTags,
     )
     from prefect.client.schemas.objects import StateType
     from prefect.flow_runs import resume_flow_run
 
     from orchestrator.errors import BadInput
+    from orchestrator.settings import get_settings
 
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
                 name=FlowRunFilterName(like_=f"#{deployment_id}"),
+                tags=FlowRunFilterTags(all_=[cms_tag(get_settings().cms_url)]),
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])),
             )
         )

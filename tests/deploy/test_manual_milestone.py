@@ -99,7 +99,11 @@ def test_a_manual_milestone_waits_for_an_allowed_person_and_a_rejection_backs_ou
     build(work, "1.1")
     proc = _start(p, "shop@1.1", rfc(run_ferry, "shop@1.1"), work / "d2.log")
     dep2 = _waiting(proc, work / "d2.log")
-    runs = _api(prefect_api, "flow_runs/filter", {"flow_runs": {"name": {"like_": f"#{dep2}"}}})
+    from orchestrator.prefect_deployments import cms_tag
+    from orchestrator.settings import get_settings
+
+    mine = {"name": {"like_": f"#{dep2}"}, "tags": {"all_": [cms_tag(get_settings().cms_url)]}}
+    runs = _api(prefect_api, "flow_runs/filter", {"flow_runs": mine})
     paused = [r for r in runs if r["name"].endswith(f" #{dep2}") and r["state_type"] == "PAUSED"]
     assert len(paused) == 1, runs
     decision = {"approve": False, "approver": "carol", "comment": "not tonight"}

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from orchestrator.flows import artifact_key
+from orchestrator.prefect_deployments import cms_tag
 from orchestrator.settings import get_settings
 from tests.deploy.helpers import build, deploy, plan, rfc
 
@@ -30,10 +31,16 @@ def _api(url: str, path: str, body: dict[str, Any]) -> Any:
 
 
 def _flow_run(url: str, deployment_id: int) -> dict[str, Any]:
-    runs = _api(url, "flow_runs/filter", {"flow_runs": {"name": {"like_": f"#{deployment_id}"}}})
+    # other tests' Ferry homes share this Prefect server, each with its own deployment #1
+    mine = {"name": {"like_": f"#{deployment_id}"}, "tags": {"all_": [cms_tag(_cms())]}}
+    runs = _api(url, "flow_runs/filter", {"flow_runs": mine})
     mine = [r for r in runs if r["name"].endswith(f" #{deployment_id}")]
     assert len(mine) == 1, [r["name"] for r in runs]
     return mine[0]
+
+
+def _cms() -> str:
+    return get_settings().cms_url
 
 
 def _log_lines(url: str, flow_run_id: str) -> list[str]:
