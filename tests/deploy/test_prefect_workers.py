@@ -77,7 +77,8 @@ def test_a_worker_runs_submitted_deployments_and_prefect_shows_their_outcome(
     assert again.returncode == 0 and not again.json()["deployments"][0]["pool_created"]
 
     build(work, "1.0")
-    unknown = deploy(run_ferry, plan(work, fleet), "shop@1.0", "1", "--via", "prefect")
+    rfc_id = rfc(run_ferry, "shop@1.0")
+    unknown = deploy(run_ferry, plan(work, fleet), "shop@1.0", rfc_id, "--via", "prefect")
     assert unknown.returncode == 2 and "--pool ferry: no Prefect deployment" in unknown.stderr
     assert "Traceback" not in unknown.stderr
     assert run_ferry("status", "-o", "json").json()["deployments"] == []  # none recorded
@@ -85,7 +86,7 @@ def test_a_worker_runs_submitted_deployments_and_prefect_shows_their_outcome(
         run_ferry,
         plan(work, fleet),
         "shop@1.0",
-        rfc(run_ferry, "shop@1.0"),
+        rfc_id,
         "--via",
         "prefect",
         "--pool",
