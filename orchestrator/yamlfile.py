@@ -11,6 +11,8 @@ from pydantic import BaseModel, ValidationError
 from orchestrator.errors import SpecError
 
 M = TypeVar("M", bound=BaseModel)
+# libyaml's parser where PyYAML was built with it: a 1,000-host inventory parses ~10x faster
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 _FIXES = {
     "extra_forbidden": "remove it, or check its spelling",
@@ -30,10 +32,16 @@ def load_yaml(path: Path, text: str | None = None) -> Any:
             str(path), "", f"not UTF-8 text: {exc.reason} at byte {exc.start}"
         ) from None
     try:
-        node = yaml.compose(raw, Loader=yaml.SafeLoader)
-        if node is not None and (dup := duplicate_keys(node)):
-            raise SpecError(str(path), dup[0], dup[1], "give each key once, or rename one")
-        return yaml.safe_load(raw)
+        loader = _LOADER(raw)
+        try:  # one parse: the node tree is checked for duplicate keys, then constructed
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            if dup := duplicate_keys(node):
+                raise SpecError(str(path), dup[0], dup[1], "give each key once, or rename one")
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else ""
