@@ -116,7 +116,12 @@ class BackoutRunner:
         return result
 
     def _revert(self, ops: HostOps, host: HostAction, _: StepCommand) -> dict[str, Any]:
-        return ops.switch(host.prior.release_id if host.prior else None, step="revert")
+        detail = ops.switch(host.prior.release_id if host.prior else None, step="revert")
+        if self.rollout.containers:
+            from orchestrator import containers
+
+            detail.update(containers.revert(ops, self.rollout))
+        return detail
 
     def _hook(self, step: str) -> Callable[[HostOps, HostAction, StepCommand], dict[str, Any]]:
         def run(ops: HostOps, host: HostAction, command: StepCommand) -> dict[str, Any]:
