@@ -347,7 +347,8 @@ def add_images(
         size = sum(b.size for b in record.layers)
         say(f"  image {name}: {len(record.layers)} layers, {size} bytes, {record.image_id[:19]}")
         images[name] = record.to_dict()
-        provenance[name] = prov
+        # the image ID here too: `ferry status` reads provenance from the CMS package row
+        provenance[name] = {**prov, "image_id": record.image_id, "layers": len(record.layers)}
     content = {**built.content, "images": images}
     return dataclasses.replace(built, content=content, digest=content_digest(content))
 

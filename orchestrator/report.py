@@ -59,6 +59,10 @@ def deployment_report(rec: RecordedDeployment, journal: list[dict[str, Any]]) ->
         ),
         "plan_hash": ro.get("plan_hash"),
     }
+    if ro.get("containers"):  # image units: layer bytes sent, apart from the files'
+        report["image_bytes_sent"] = sum(
+            int(r["detail"].get("image_bytes_sent", 0)) for r in journal if r["step"] == "stage"
+        )
     for key in ("reason", "reasons", "message", "crash_log", "halted_before_wave", "logins"):
         if ev.get(key) is not None:
             report[key] = ev[key]

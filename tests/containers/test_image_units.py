@@ -83,7 +83,10 @@ def test_a_tampered_layer_blob_is_refused_on_open(tmp_path: Path, ferry_home: Pa
 
 def test_spec_errors_for_image_units_name_the_field(tmp_path: Path, run_ferry) -> None:
     src = tmp_path / "src"
-    write(src / "release.yaml", 'name: w\nversion: "1"\nunits:\n  web: {image: "docker-archive:no.tar"}\n')
+    write(
+        src / "release.yaml",
+        'name: w\nversion: "1"\nunits:\n  web: {image: "docker-archive:no.tar"}\n',
+    )
     res = run_ferry("release", "build", str(src / "release.yaml"))
     assert res.returncode == 2
     assert "units.web.image" in res.stderr and "no.tar is not a file" in res.stderr

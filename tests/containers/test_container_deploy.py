@@ -1,0 +1,143 @@
+"""Image release units deployed to real Docker engines on lab hosts (4 hosts, each its own
+dockerd): phased rollout by image digest, only missing layers sent, health check as part
+of the milestone, backout to the prior container with the volume's data restored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from sqlalchemy import select
+
+from dml.image import images_of
+from dml.store import DML
+from orchestrator import catalog
+from orchestrator.cms.models import HostStep
+from orchestrator.lab import docker as lab_docker
+from orchestrator.lab.docker import test_image as make_image
+from tests.deploy.helpers import cms, deploy, host_release, rfc, rid
+
+pytestmark = pytest.mark.fleet
+
+HEALTH = "test ! -e /data/broken && wget -qO- http://127.0.0.1:8081/ok"
+HOOKS = {
+    "snapshot": "mkdir -p {{ shared }}/data && cp -a {{ shared }}/data/. {{ snapshot_dir }}/",
+    "install": "mkdir -p {{ shared }}/data && echo {{ version }} > {{ shared }}/data/schema",
+    "restore": "rm -rf {{ shared }}/data && mkdir -p {{ shared }}/data && "
+    "cp -a {{ snapshot_dir }}/. {{ shared }}/data/",
+}
+
+
+def build_web(work: Path, version: str, healthy: bool = True) -> dict[str, Any]:
+    """web@version: an image unit (busybox httpd) and a file unit (conf)."""
+    src = work / f"web-{version}"
+    make_image(src / "web.tar", version, healthy=healthy)
+    (src / "conf").mkdir(parents=True, exist_ok=True)
+    (src / "conf" / "web.toml").write_text(f"version = {version!r}\n")
+    spec = {
+        "name": "web",
+        "version": version,
+        "units": {"web": {"image": "docker-archive:web.tar"}, "conf": {"source": "conf"}},
+    }
+    (src / "release.yaml").write_text(yaml.safe_dump(spec))
+    return catalog.build_release(src / "release.yaml")
+
+
+def web_plan(work: Path, fleet, name: str = "plan.yaml", **fields: Any) -> Path:
+    doc: dict[str, Any] = {
+        "environment": "dev",
+        "inventory": str(fleet.inventory_path),
+        "targets": "all",
+        "strategy": "phased",
+        "waves": [1, 2, "100%"],
+        "hooks": HOOKS,
+        "containers": {
+            "web": {
+                "volumes": ["/srv/app/shared/data:/data"],
+                "health": HEALTH,
+                "health_timeout": "20s",
+                "env": {"MODE": "test", "API_TOKEN": "s3cr3t-value"},
+            }
+        },
+        "milestone": {"max_failed": 0, "deadline": "180s"},
+        "timeouts": {"step": "60s", "connect": "5s"},
+    }
+    doc.update(fields)
+    path = work / name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def image_id(release: str) -> str:
+    return images_of(DML.from_settings().open(release).content)["web"].image_id
+
+
+def running(fleet, host: str) -> tuple[str, bool] | None:
+    out = lab_docker.docker(
+        fleet, host, "inspect", "--format", "{{.Image}} {{.State.Running}}", "ferry-web",
+        check=False,
+    )  # fmt: skip
+    if not out.strip():
+        return None
+    image, state = out.split()
+    return image, state == "true"
+
+
+def stage_details(deployment: int) -> dict[str, dict[str, Any]]:
+    rows = cms(
+        lambda s: [
+            (r.host, r.detail)
+            for r in s.scalars(
+                select(HostStep).where(
+                    HostStep.deployment_id == deployment, HostStep.step == "stage"
+                )
+            )
+        ]
+    )
+    return {host: detail or {} for host, detail in rows}
+
+
+def test_phased_image_deployment_runs_the_image_by_digest_and_sends_only_missing_layers(
+    clean_docker, run_ferry
+):
+    fleet, work = clean_docker, Path.cwd()
+    v1 = build_web(work, "1")
+    first = deploy(run_ferry, web_plan(work, fleet), "web@1", rfc(run_ferry, "web@1"))
+    assert first.returncode == 0, first.stdout + first.stderr
+    report = first.json()
+    assert [len(w) for w in report["waves"]] == [1, 1, 2]
+    want = image_id("web@1")
+    for host in fleet.hosts:
+        assert running(fleet, host) == (want, True)
+        assert host_release(fleet, host) == rid("web@1")
+    sizes = [b.size for b in images_of(DML.from_settings().open("web@1").content)["web"].layers]
+    staged = stage_details(report["id"])
+    assert {h: d["image_bytes_sent"] for h, d in staged.items()} == {
+        h: sum(sizes) for h in fleet.hosts
+    }
+    assert "s3cr3t-value" not in first.stdout
+    status = run_ferry("status", "-o", "json")
+    assert status.returncode == 0, status.stderr
+    assert want in status.stdout
+
+    # the same release again: nothing crosses, the container keeps running
+    again = deploy(run_ferry, web_plan(work, fleet), "web@1", rfc(run_ferry, "web@1"))
+    assert again.returncode == 0, again.stdout + again.stderr
+    staged = stage_details(again.json()["id"])
+    assert {d["image_bytes_sent"] for d in staged.values()} == {0}
+    assert all(running(fleet, h) == (want, True) for h in fleet.hosts)
+
+    # a new image on the same base: only its changed (app) layer crosses
+    build_web(work, "2")
+    second = deploy(run_ferry, web_plan(work, fleet), "web@2", rfc(run_ferry, "web@2"))
+    assert second.returncode == 0, second.stdout + second.stderr
+    layers = images_of(DML.from_settings().open("web@2").content)["web"].layers
+    staged = stage_details(second.json()["id"])
+    for host, detail in staged.items():
+        assert detail["images"]["web"]["layers_sent"] == 1, (host, detail)
+        assert detail["image_bytes_sent"] == layers[1].size < sizes[0]
+    assert all(running(fleet, h) == (image_id("web@2"), True) for h in fleet.hosts)
+    assert v1["digest"] != second.json()["digest"]
+    assert second.json()["image_bytes_sent"] == 4 * layers[1].size
