@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dml.digest import hex_of
 from dml.image import ImageRecord, images_of
 from orchestrator.container_plan import ContainerSpec
 from orchestrator.errors import SpecError
-from orchestrator.hostops import HostOps
-from orchestrator.plan import DeployPlan
-from orchestrator.rollout import Rollout
+
+if TYPE_CHECKING:  # annotations only: `ferry status` imports this module, and stays light
+    from orchestrator.hostops import HostOps
+    from orchestrator.plan import DeployPlan
+    from orchestrator.rollout import Rollout
 
 _MARGIN = 15.0
 
@@ -145,3 +147,39 @@ def revert(ops: HostOps, rollout: Rollout) -> dict[str, Any]:
 def inspect(ops: HostOps, units: list[str]) -> dict[str, Any]:
     """What the host runs: each unit's container (image, running) — for status and drift."""
     return ops.call("readback", "images", units=sorted(units))
+
+
+def drift(expected: dict[str, str], seen: dict[str, Any]) -> list[str]:
+    """Pure: the baseline's image IDs per unit and the host's containers → what differs."""
+    problems = []
+    for unit, image in sorted(expected.items()):
+        c = (seen or {}).get(unit)
+        if c is None:
+            problems.append(f"container ferry-{unit} is missing (the baseline runs {image[:19]})")
+        elif c["image"] != image:
+            problems.append(
+                f"container ferry-{unit} runs image {c['image'][:19]}, the baseline's is "
+                f"{image[:19]}"
+            )
+        elif not c["running"]:
+            problems.append(f"container ferry-{unit} is {c['status']}, not running")
+    return problems
+
+
+def baseline_images(session: Any, digests: set[str]) -> dict[str, dict[str, str]]:
+    """package digest → {unit: image ID}, from the CMS package rows' provenance."""
+    from sqlalchemy import select
+
+    from orchestrator.cms.models import Package
+
+    if not digests:
+        return {}
+    out = {}
+    for p in session.scalars(select(Package).where(Package.digest.in_(digests))):
+        units = (p.provenance or {}).get("units") or {}
+        found = {
+            u: v["image_id"] for u, v in units.items() if isinstance(v, dict) and v.get("image_id")
+        }
+        if found:
+            out[p.digest] = found
+    return out

@@ -221,16 +221,9 @@ def _baseline(row: EnvironmentBaseline | HostBaseline, key: str) -> dict[str, An
 
 def _add_images(s: Any, rows: list[dict[str, Any]]) -> None:
     """Each host row's image units by image ID (from the package's provenance), if any."""
-    from orchestrator.cms.models import Package
+    from orchestrator.containers import baseline_images
 
-    digests = {r["digest"] for r in rows}
-    if not digests:
-        return
-    images = {
-        p.digest: {u: v["image_id"] for u, v in ((p.provenance or {}).get("units") or {}).items()
-                   if isinstance(v, dict) and v.get("image_id")}
-        for p in s.scalars(select(Package).where(Package.digest.in_(digests)))
-    }  # fmt: skip
+    images = baseline_images(s, {r["digest"] for r in rows})
     for r in rows:
         if images.get(r["digest"]):
             r["images"] = images[r["digest"]]

@@ -141,3 +141,73 @@ def test_phased_image_deployment_runs_the_image_by_digest_and_sends_only_missing
     assert all(running(fleet, h) == (image_id("web@2"), True) for h in fleet.hosts)
     assert v1["digest"] != second.json()["digest"]
     assert second.json()["image_bytes_sent"] == 4 * layers[1].size
+
+
+def _has_image(fleet, host: str, image: str) -> bool:
+    return bool(lab_docker.docker(fleet, host, "image", "inspect", image, check=False).strip())
+
+
+def test_failing_health_check_in_wave_two_backs_out_to_the_prior_container_with_its_data(
+    clean_docker, run_ferry
+):
+    fleet, work = clean_docker, Path.cwd()
+    build_web(work, "1")
+    build_web(work, "2")
+    everywhere = web_plan(work, fleet, "all.yaml", strategy="big-bang", waves=None)
+    first = deploy(run_ferry, everywhere, "web@1", rfc(run_ferry, "web@1"))
+    assert first.returncode == 0, first.stdout + first.stderr
+    v1, v2 = image_id("web@1"), image_id("web@2")
+    # h2 (wave 2 of [1, 2, 100%]) will fail web@2's health check
+    (fleet.root_dir("h2") / "shared" / "data" / "broken").write_text("x\n")
+    res = deploy(run_ferry, web_plan(work, fleet), "web@2", rfc(run_ferry, "web@2"))
+    assert res.returncode == 4, res.stdout + res.stderr
+    report = res.json()
+    assert report["hosts"]["h2"]["failure"]["step"] == "milestone"
+    assert "container web health" in report["hosts"]["h2"]["failure"]["reason"]
+    for host in ("h1", "h2"):  # backed out as one: files, container and data
+        assert running(fleet, host) == (v1, True), host
+        assert host_release(fleet, host) == rid("web@1")
+        assert (fleet.root_dir(host) / "shared" / "data" / "schema").read_text() == "1\n"
+        seen = lab_docker.docker(fleet, host, "exec", "ferry-web", "cat", "/data/schema")
+        assert seen == "1\n"
+        assert _has_image(fleet, host, v2)  # it was loaded, then the prior came back
+    for host in ("h3", "h4"):  # wave 3 never received the new image
+        assert not _has_image(fleet, host, v2)
+        assert running(fleet, host) == (v1, True)
+        assert host_release(fleet, host) == rid("web@1")
+    assert set(stage_details(report["id"])) == {"h1", "h2"}
+
+
+def test_a_tampered_layer_blob_is_refused_before_any_host_changes(clean_docker, run_ferry):
+    fleet, work = clean_docker, Path.cwd()
+    build_web(work, "1")
+    dml = DML.from_settings()
+    layer = images_of(dml.open("web@1").content)["web"].layers[1]
+    path = dml.blob_path(layer.digest)
+    data = bytearray(path.read_bytes())
+    data[700] ^= 0x20
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+    res = deploy(run_ferry, web_plan(work, fleet), "web@1", rfc(run_ferry, "web@1"))
+    assert res.returncode == 6, res.stdout + res.stderr
+    assert f"blob {layer.digest} is corrupt" in res.stderr
+    for host in fleet.hosts:
+        assert lab_docker.docker(fleet, host, "images", "-q").strip() == ""
+        assert [p.name for p in fleet.root_dir(host).iterdir()] == [".ferry"]  # docker-host
+
+
+def test_containers_entry_naming_no_image_unit_is_exit_2_naming_file_and_field(
+    clean_docker, run_ferry
+):
+    fleet, work = clean_docker, Path.cwd()
+    build_web(work, "1")
+    bad = web_plan(work, fleet, "bad.yaml", containers={"api": {"health": "true"}})
+    res = deploy(run_ferry, bad, "web@1", rfc(run_ferry, "web@1"))
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "bad.yaml: containers.api" in res.stderr and "image units: web" in res.stderr
+    worse = web_plan(work, fleet, "worse.yaml", containers={"web": {"volumes": ["data"]}})
+    res = deploy(run_ferry, worse, "web@1", rfc(run_ferry, "web@1"))
+    assert res.returncode == 2 and "containers.web.volumes" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    for host in fleet.hosts:
+        assert lab_docker.docker(fleet, host, "images", "-q").strip() == ""
