@@ -144,6 +144,14 @@ def revert(ops: HostOps, rollout: Rollout) -> dict[str, Any]:
     return {"containers": out}
 
 
+def set_state(ops: HostOps, rollout: Rollout, action: str) -> dict[str, Any]:
+    """Stop or start every unit's container (around a backout's data restore)."""
+    return {
+        unit: ops.call("restore", "container_state", unit=unit, action=action)
+        for unit in sorted(rollout.containers)
+    }
+
+
 def inspect(ops: HostOps, units: list[str]) -> dict[str, Any]:
     """What the host runs: each unit's container (image, running) — for status and drift."""
     return ops.call("readback", "images", units=sorted(units))

@@ -1033,6 +1033,18 @@ def op_container_health(host, args):
     return {"ok": rc == 0, "rc": rc, "output": out[-1000:], "attempts": attempts}
 
 
+def op_container_state(host, args):
+    """Stop or start ferry-<unit> (a backout restores a volume's data with it stopped: a
+    restore that replaces the directory would leave a running container on the old one)."""
+    name = "ferry-" + safe_id(args.unit)
+    if args.action not in ("stop", "start"):
+        raise bad_input("action is stop or start, not %r" % (args.action,))
+    if _container(host, name) is None:
+        return {"container": name, "present": False}
+    _docker(host, [args.action, name])
+    return {"container": name, "present": True, args.action: True}
+
+
 def op_container_revert(host, args):
     """Backout: the new container goes; ferry-<unit>-prior (if any) runs again as before."""
     unit = safe_id(args.unit)
@@ -1068,13 +1080,14 @@ OPS = {
     "container_switch": op_container_switch,
     "container_health": op_container_health,
     "container_revert": op_container_revert,
+    "container_state": op_container_state,
 }
 DEFAULTS = {
     "id": None, "key": None, "none": False, "full": False, "keep": 3, "protect": None,
     "payload": None, "command": None, "env": None, "cwd": None, "timeout": None,
     "kind": None, "target": None, "port": None, "status": 200, "rehash": False,
     "digest": None, "rotations": None,
-    "unit": None, "units": None, "send": None, "container": None,
+    "unit": None, "units": None, "send": None, "container": None, "action": None,
 }  # fmt: skip
 
 

@@ -144,7 +144,7 @@ def test_phased_image_deployment_runs_the_image_by_digest_and_sends_only_missing
 
 
 def _has_image(fleet, host: str, image: str) -> bool:
-    return bool(lab_docker.docker(fleet, host, "image", "inspect", image, check=False).strip())
+    return image in lab_docker.docker(fleet, host, "images", "-q", "--no-trunc").split()
 
 
 def test_failing_health_check_in_wave_two_backs_out_to_the_prior_container_with_its_data(
