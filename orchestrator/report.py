@@ -63,6 +63,12 @@ def deployment_report(rec: RecordedDeployment, journal: list[dict[str, Any]]) ->
         report["image_bytes_sent"] = sum(
             int(r["detail"].get("image_bytes_sent", 0)) for r in journal if r["step"] == "stage"
         )
+        # the switch's downtime per host: from the old container's stop to the new start
+        report["container_downtime_s"] = {
+            r["host"]: max(c.get("downtime_s", 0.0) for c in r["detail"]["containers"].values())
+            for r in journal
+            if r["step"] == "activate" and (r.get("detail") or {}).get("containers")
+        }
     for key in ("reason", "reasons", "message", "crash_log", "halted_before_wave", "logins"):
         if ev.get(key) is not None:
             report[key] = ev[key]

@@ -141,6 +141,8 @@ def test_phased_image_deployment_runs_the_image_by_digest_and_sends_only_missing
     assert all(running(fleet, h) == (image_id("web@2"), True) for h in fleet.hosts)
     assert v1["digest"] != second.json()["digest"]
     assert second.json()["image_bytes_sent"] == 4 * layers[1].size
+    downtime = second.json()["container_downtime_s"]
+    assert set(downtime) == set(fleet.hosts) and all(0 < s < 30 for s in downtime.values())
 
 
 def _has_image(fleet, host: str, image: str) -> bool:
@@ -211,3 +213,26 @@ def test_containers_entry_naming_no_image_unit_is_exit_2_naming_file_and_field(
     assert "Traceback" not in res.stderr
     for host in fleet.hosts:
         assert lab_docker.docker(fleet, host, "images", "-q").strip() == ""
+
+
+def test_an_image_read_from_a_docker_engine_is_the_same_unit_as_its_archive(
+    clean_docker, monkeypatch
+):
+    fleet, work = clean_docker, Path.cwd()
+    archive = make_image(work / "web.tar", "7")
+    lab_docker.docker(fleet, "h1", "load", "-i", str(archive))
+    loaded = lab_docker.docker(fleet, "h1", "images", "-q", "--no-trunc").split()[0]
+    lab_docker.docker(fleet, "h1", "tag", loaded, "shop-web:7")
+    (work / "from-archive.yaml").write_text(
+        'name: a\nversion: "7"\nunits:\n  web: {image: "docker-archive:web.tar"}\n'
+    )
+    (work / "from-engine.yaml").write_text(
+        'name: e\nversion: "7"\nunits:\n  web: {image: "shop-web:7"}\n'
+    )
+    monkeypatch.setenv("DOCKER_HOST", lab_docker.socket(fleet, "h1"))
+    a = catalog.build_release(work / "from-archive.yaml")
+    e = catalog.build_release(work / "from-engine.yaml")
+    dml = DML.from_settings()
+    record = images_of(dml.open(e["release"]).content)["web"]
+    assert record == images_of(dml.open(a["release"]).content)["web"]
+    assert record.image_id == loaded
