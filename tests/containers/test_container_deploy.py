@@ -236,3 +236,33 @@ def test_an_image_read_from_a_docker_engine_is_the_same_unit_as_its_archive(
     record = images_of(dml.open(e["release"]).content)["web"]
     assert record == images_of(dml.open(a["release"]).content)["web"]
     assert record.image_id == loaded
+
+
+def test_drift_reports_a_stopped_container_a_missing_one_and_another_image(clean_docker, run_ferry):
+    fleet, work = clean_docker, Path.cwd()
+    build_web(work, "1")
+    everywhere = web_plan(work, fleet, "all.yaml", strategy="big-bang", waves=None)
+    res = deploy(run_ferry, everywhere, "web@1", rfc(run_ferry, "web@1"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    other = make_image(work / "other.tar", "other")
+    lab_docker.docker(fleet, "h3", "load", "-i", str(other))
+    other_id = next(
+        i
+        for i in lab_docker.docker(fleet, "h3", "images", "-q", "--no-trunc").split()
+        if i != image_id("web@1")
+    )
+    lab_docker.docker(fleet, "h1", "stop", "ferry-web")
+    lab_docker.docker(fleet, "h2", "rm", "-f", "ferry-web")
+    lab_docker.docker(fleet, "h3", "rm", "-f", "ferry-web")
+    lab_docker.docker(
+        fleet, "h3", "run", "-d", "--name", "ferry-web", "--network", "host", other_id
+    )
+    drift = run_ferry("remediate", "drift", "--inventory", str(fleet.inventory_path), "-o", "json")
+    assert drift.returncode == 5, drift.stdout + drift.stderr
+    hosts = drift.json()["hosts"]
+    assert {h: v["state"] for h, v in hosts.items()} == {
+        "h1": "drifted", "h2": "drifted", "h3": "drifted", "h4": "ok",
+    }  # fmt: skip
+    assert "ferry-web is exited" in hosts["h1"]["detail"]
+    assert "ferry-web is missing" in hosts["h2"]["detail"]
+    assert f"runs image {other_id[:19]}" in hosts["h3"]["detail"]
