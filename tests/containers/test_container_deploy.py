@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 import yaml
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from dml.image import images_of
 from dml.store import DML
 from orchestrator import catalog
-from orchestrator.cms.models import HostStep
+from orchestrator.cms.models import Deployment, HostStep
 from orchestrator.lab import docker as lab_docker
 from orchestrator.lab.docker import test_image as make_image
 from tests.deploy.helpers import cms, deploy, host_release, rfc, rid
@@ -193,6 +193,7 @@ def test_a_tampered_layer_blob_is_refused_before_any_host_changes(clean_docker, 
     res = deploy(run_ferry, web_plan(work, fleet), "web@1", rfc(run_ferry, "web@1"))
     assert res.returncode == 6, res.stdout + res.stderr
     assert f"blob {layer.digest} is corrupt" in res.stderr
+    assert cms(lambda s: s.scalar(select(func.count()).select_from(Deployment))) == 0
     for host in fleet.hosts:
         assert lab_docker.docker(fleet, host, "images", "-q").strip() == ""
         assert [p.name for p in fleet.root_dir(host).iterdir()] == [".ferry"]  # docker-host
@@ -208,9 +209,10 @@ def test_containers_entry_naming_no_image_unit_is_exit_2_naming_file_and_field(
     assert res.returncode == 2, res.stdout + res.stderr
     assert "bad.yaml: containers.api" in res.stderr and "image units: web" in res.stderr
     worse = web_plan(work, fleet, "worse.yaml", containers={"web": {"volumes": ["data"]}})
-    res = deploy(run_ferry, worse, "web@1", rfc(run_ferry, "web@1"))
+    res = deploy(run_ferry, worse, "web@1", None, "--dry-run")
     assert res.returncode == 2 and "containers.web.volumes" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
+    assert cms(lambda s: s.scalar(select(func.count()).select_from(Deployment))) == 0
     for host in fleet.hosts:
         assert lab_docker.docker(fleet, host, "images", "-q").strip() == ""
 
