@@ -140,7 +140,7 @@ def health(ops: HostOps, rollout: Rollout) -> tuple[bool, str]:
 def revert(ops: HostOps, rollout: Rollout) -> dict[str, Any]:
     out = {}
     for unit in sorted(rollout.containers):
-        out[unit] = ops.call("revert", "container_revert", unit=unit)
+        out[unit] = ops.call("revert", "container_revert", unit=unit, id=rollout.release_id)
     return {"containers": out}
 
 

@@ -911,6 +911,7 @@ def _receive_blob(inp, path, digest, size):
 def op_image_load(host, args):
     """Read the image's config and the layers Ferry sends (the engine has the others),
     check each against the release's signed manifest, and `docker load` them."""
+    import io
     import shutil
     import subprocess
     import tarfile
@@ -954,8 +955,6 @@ def op_image_load(host, args):
                 raw = json.dumps(manifest).encode()
                 info = tarfile.TarInfo("manifest.json")
                 info.size = len(raw)
-                import io
-
                 tar.addfile(info, io.BytesIO(raw))
             proc.stdin.close()
         except BrokenPipeError:
@@ -981,11 +980,19 @@ def op_container_switch(host, args):
     image = spec["image"]
     now = _container(host, name)
     if now and now["image"] == image and now["running"]:
+        _note_switch(host, unit, args.id, changed=False)
         return {"container": name, "image": image, "already": True, "downtime_s": 0.0}
     run = ["run", "-d", "--name", name, "--network", "host", "--restart", "no"]
     run += ["--label", "ferry.unit=" + unit, "--label", "ferry.release=" + safe_id(args.id)]
-    for k in sorted(spec.get("env") or {}):
-        run += ["-e", "%s=%s" % (k, spec["env"][k])]
+    env = spec.get("env") or {}
+    env_file = os.path.join(host.incoming, "env-" + unit)
+    if env:  # a file only root reads, not the command line (any user sees that in ps)
+        host.ensure_dirs()
+        lines = ["%s=%s" % (k, str(env[k]).replace("\n", " ")) for k in sorted(env)]
+        fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        run += ["--env-file", env_file]
     for v in spec.get("volumes") or []:
         run += ["-v", v]
     run.append(image)
@@ -998,13 +1005,18 @@ def op_container_switch(host, args):
         _docker(host, ["stop", "-t", str(int(spec.get("stop_timeout", 10))), name])
         _docker(host, ["rename", name, prior])
         replaced = now["image"]
-    rc, out = _docker(host, run, check=False)
+    try:
+        rc, out = _docker(host, run, check=False)
+    finally:
+        if env:
+            os.unlink(env_file)
     if rc != 0:
         _docker(host, ["rm", "-f", name], check=False)
         if replaced is not None:  # put the old one back as it was: the switch did not happen
             _docker(host, ["rename", prior, name], check=False)
             _docker(host, ["start", name], check=False)
         raise AgentError("docker", "docker run: %s" % out[-800:], EXIT_OS)
+    _note_switch(host, unit, args.id, changed=True)
     return {
         "container": name,
         "image": image,
@@ -1035,6 +1047,32 @@ def op_container_health(host, args):
     return {"ok": rc == 0, "rc": rc, "output": out[-1000:], "attempts": attempts}
 
 
+def _switches_path(host):
+    return os.path.join(host.root, ".ferry", "containers.json")
+
+
+def _note_switch(host, unit, rid, changed, reverted=False):
+    """Which release last switched each unit, whether it changed the container, whether
+    it was reverted: a backout of a release that found its container already running, or
+    one already reverted (a recover run again), leaves the containers alone."""
+    try:
+        with open(_switches_path(host)) as f:
+            st = json.load(f)
+    except (FileNotFoundError, ValueError):
+        st = {}
+    st[unit] = {"release": rid, "changed": changed, "reverted": reverted}
+    host.ensure_dirs()
+    write_atomic(_switches_path(host), json.dumps(st, indent=1).encode())
+
+
+def _switched(host, unit):
+    try:
+        with open(_switches_path(host)) as f:
+            return json.load(f).get(unit) or {}
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
 def op_container_state(host, args):
     """Stop or start ferry-<unit> (a backout restores a volume's data with it stopped: a
     restore that replaces the directory would leave a running container on the old one)."""
@@ -1051,16 +1089,19 @@ def op_container_revert(host, args):
     """Backout: the new container goes; ferry-<unit>-prior (if any) runs again as before."""
     unit = safe_id(args.unit)
     name, prior = "ferry-" + unit, "ferry-%s-prior" % unit
+    last = _switched(host, unit)
+    if args.id and last.get("release") == args.id:
+        if last.get("changed") is False or last.get("reverted"):
+            return {"container": name, "image": None, "unchanged": True}
     old = _container(host, prior)
-    if old is None:
-        if _container(host, name) is not None:
-            _docker(host, ["rm", "-f", name])
-        return {"container": name, "image": None}
     if _container(host, name) is not None:
         _docker(host, ["rm", "-f", name])
-    _docker(host, ["rename", prior, name])
-    _docker(host, ["start", name])
-    return {"container": name, "image": old["image"]}
+    if old is not None:
+        _docker(host, ["rename", prior, name])
+        _docker(host, ["start", name])
+    if args.id:
+        _note_switch(host, unit, args.id, changed=True, reverted=True)
+    return {"container": name, "image": old["image"] if old else None}
 
 
 OPS = {

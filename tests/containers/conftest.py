@@ -45,7 +45,13 @@ def reset_engines(fleet: Fleet) -> None:
 
 
 @pytest.fixture
-def clean_docker(docker_fleet, prefect_api, ferry_home):  # noqa: F811
+def bare_docker(docker_fleet):
+    """The docker fleet with empty engines and deploy roots (no Prefect, no Ferry home)."""
     reset_engines(docker_fleet)
     yield docker_fleet
     reset_engines(docker_fleet)
+
+
+@pytest.fixture
+def clean_docker(bare_docker, prefect_api, ferry_home):  # noqa: F811
+    return bare_docker

@@ -218,9 +218,9 @@ def test_containers_entry_naming_no_image_unit_is_exit_2_naming_file_and_field(
 
 
 def test_an_image_read_from_a_docker_engine_is_the_same_unit_as_its_archive(
-    clean_docker, monkeypatch
+    bare_docker, ferry_home, monkeypatch
 ):
-    fleet, work = clean_docker, Path.cwd()
+    fleet, work = bare_docker, Path.cwd()
     archive = make_image(work / "web.tar", "7")
     lab_docker.docker(fleet, "h1", "load", "-i", str(archive))
     loaded = lab_docker.docker(fleet, "h1", "images", "-q", "--no-trunc").split()[0]
@@ -268,3 +268,39 @@ def test_drift_reports_a_stopped_container_a_missing_one_and_another_image(clean
     assert "ferry-web is exited" in hosts["h1"]["detail"]
     assert "ferry-web is missing" in hosts["h2"]["detail"]
     assert f"runs image {other_id[:19]}" in hosts["h3"]["detail"]
+
+
+def test_container_revert_is_idempotent_and_leaves_a_container_its_release_did_not_change(
+    bare_docker, tmp_path
+):
+    """The agent's container requests in-process, against h1's real engine."""
+    from types import SimpleNamespace
+
+    from orchestrator.agent import ferry_agent as agent
+
+    fleet, work = bare_docker, tmp_path
+    ids = []
+    for v in ("1", "2"):
+        lab_docker.docker(fleet, "h1", "load", "-i", str(make_image(work / f"{v}.tar", v)))
+        ids.append(next(i for i in lab_docker.docker(
+            fleet, "h1", "images", "-q", "--no-trunc").split() if i not in ids))  # fmt: skip
+    host = agent.Host(str(fleet.root_dir("h1")))
+
+    def args(**kw: Any) -> SimpleNamespace:
+        return SimpleNamespace(**dict(agent.DEFAULTS, unit="web", **kw))
+
+    def switch(rid: str, image: str) -> dict[str, Any]:
+        return agent.op_container_switch(host, args(id=rid, container={"image": image}))
+
+    assert switch("web-1", ids[0])["prior_image"] is None
+    assert switch("web-2", ids[1])["prior_image"] == ids[0]
+    for _ in range(2):  # a recover may run the backout again: the same end state
+        agent.op_container_revert(host, args(id="web-2"))
+        assert running(fleet, "h1") == (ids[0], True)
+    # a redeploy of what already runs changes nothing, so its backout changes nothing
+    assert switch("web-1", ids[0])["already"] is True
+    assert agent.op_container_revert(host, args(id="web-1"))["unchanged"] is True
+    assert running(fleet, "h1") == (ids[0], True)
+    assert agent.op_container_health(
+        host, args(command="wget -qO- http://127.0.0.1:8081/ok", timeout=20)
+    )["ok"]
