@@ -118,6 +118,7 @@ def write(r: Results, out: Path) -> None:
     lines += _scale(r, notes)
     lines += _where(notes)
     lines += _workers(r, notes)
+    lines += _images(r)
     lines += _details(r, notes)
     lines += _machine(m, notes)
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -430,6 +431,29 @@ WORKER_ROWS = [
     ("workers-noop", "no-op redeploy"),
 ]
 WORKER_TOOLS = ["ferry local", "ferry prefect 1 worker", "ferry prefect 2 workers"]
+
+
+def _images(r: Results) -> list[str]:
+    """Issue 13: an image release to 10 hosts vs docker save | ssh docker load (if run)."""
+    cells = [
+        c for k, c in r.cells.items()
+        if not k.startswith("_") and c.get("scenario") in ("image-cold", "image-layer")
+    ]  # fmt: skip
+    if not cells:
+        return []
+    lines = [
+        "## Image release units (issue 13)",
+        "",
+        "| scenario | tool | hosts | seconds (median) | image bytes sent |",
+        "|---|---|---|---|---|",
+    ]
+    for c in sorted(cells, key=lambda c: (c["scenario"], c["tool"])):
+        sent = c.get("image_bytes_sent")
+        lines.append(
+            f"| {c['scenario']} | {c['tool']} | {c['hosts']} | "
+            f"{_s(median(c.get('seconds', [])))} | {median(sent) if sent else '—'} |"
+        )
+    return [*lines, ""]
 
 
 def _workers(r: Results, notes: dict[str, Any]) -> list[str]:

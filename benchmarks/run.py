@@ -27,7 +27,7 @@ from benchmarks.common import BENCH, WORK, log
 from benchmarks.ferry_side import PrefectServer
 from orchestrator.lab.fleet import Fleet
 
-ALL = ["push", "noop", "workers", "embedded", "dml", "noop1000"]
+ALL = ["push", "noop", "workers", "embedded", "dml", "noop1000", "images"]
 # push at one size only (keeps the other size's cells): push20, push50 (quick: push5, push10)
 ALIASES = {
     "cold": "push", "incremental": "push", "backout": "push", "overhead": "noop",
@@ -41,6 +41,7 @@ CELLS = {  # which results.json scenarios each --only name re-measures
     "embedded": {"embedded"},
     "dml": {"dml"},
     "profile": set(),
+    "images": {"image", "image-cold", "image-layer"},
 }
 
 
@@ -120,7 +121,7 @@ def main() -> None:
         results.cells.get("_notes", {}).pop("noop_big_not_measured", None)
     try:
         # the embedded scenario runs without it (its own warm server), dml needs no Prefect
-        prefect = {"push", "noop", "workers", "noop1000", "profile"}
+        prefect = {"push", "noop", "workers", "noop1000", "profile", "images"}
         url = server.start() if set(chosen) & prefect else ""
         log(f"Prefect server at {url}" if url else "no Prefect server needed")
         if set(chosen) & {"push", "noop", "workers", "embedded", "profile"}:
@@ -149,6 +150,10 @@ def main() -> None:
             scenarios.dml(bench)
         if "profile" in chosen:
             scenarios.profile_cold(bench, sizes.cold_hosts[0], spec1, out_dir / "profile-cold.txt")
+        if "images" in chosen:  # a fleet of its own, each host its own Docker engine
+            from benchmarks import images
+
+            images.images(bench)
         if "noop1000" in chosen:  # last, on a fleet of its own, with no other fleet of ours up
             if fleet is not None:
                 fleet.down()

@@ -64,6 +64,8 @@ def collect(spec_path: Path, units: dict[str, Unit], skip: list[Path] | None = N
     try:
         for name in sorted(units):
             unit = units[name]
+            if unit.image is not None:
+                continue  # an image's blobs are not files (dml/image.py)
             if unit.source is not None:
                 root = (base / unit.source).resolve()
                 files += _walk_dir(spec_path, name, unit, root, [p.resolve() for p in skip or []])

@@ -7,6 +7,7 @@ units:
   app:    {source: build/app}                          # relative to the spec file
   config: {source: config, include: ["*.j2", "*.toml"], exclude: ["*.bak"]}
   schema: {git: ../schema-repo, ref: v7, path: migrations}
+  web:    {image: "shop-web:1.4"}                      # or docker-archive:web.tar (dml/image.py)
 ```
 
 Every problem becomes one SpecError naming the file, the field and the fix. YAML itself
@@ -50,6 +51,9 @@ class Unit(BaseModel):
     git: str | None = Field(None, description="git repository: URL or path relative to spec")
     ref: str | None = Field(None, description="branch, tag or commit (git units; default HEAD)")
     path: str | None = Field(None, description="subdirectory inside the git tree (git units)")
+    image: str | None = Field(
+        None, description="container image: NAME:TAG in the local engine, or docker-archive:FILE"
+    )
     include: list[str] = Field(default_factory=list, description="globs to take (all if empty)")
     exclude: list[str] = Field(default_factory=list, description="globs to leave out")
 
@@ -94,8 +98,13 @@ class Unit(BaseModel):
 
     @model_validator(mode="after")
     def _one_origin(self) -> Unit:
-        if (self.source is None) == (self.git is None):
-            raise ValueError("give exactly one of 'source' (a directory) or 'git' (a repository)")
+        if [self.source, self.git, self.image].count(None) != 2:
+            raise ValueError(
+                "give exactly one of 'source' (a directory), 'git' (a repository) or "
+                "'image' (a container image)"
+            )
+        if self.image is not None and (self.include or self.exclude or self.ref or self.path):
+            raise ValueError("an image unit takes no include/exclude/ref/path; remove them")
         if self.source is not None and (self.ref is not None or self.path is not None):
             raise ValueError("'ref' and 'path' belong to git units; remove them or use 'git'")
         return self

@@ -27,6 +27,7 @@ from typing import Any
 from dml import signing
 from dml.digest import bytes_digest, content_digest, hash_file, hex_of
 from dml.fsutil import atomic_write, locked, move_into_place
+from dml.image import image_index, verify_blobs
 from dml.keyring import Keyring
 from dml.package import ARCHIVE_FORMAT, BuiltArchive
 from dml.ref import ReleaseRef
@@ -221,6 +222,7 @@ class DML:
                     "signature": signature_digest,
                     "archive": archive_digest,
                     "key_id": kid,
+                    **image_index(built.content),
                     "stored_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 }
                 atomic_write(
@@ -332,6 +334,8 @@ class DML:
                     f"{release}: archive blob {archive_digest} is corrupt "
                     f"(its bytes hash to sha256:{sha})"
                 )
+        if verify_archive and content.get("images"):
+            verify_blobs(release, content, self.blob_path, _hashed_unchanged, _remember_hashed)
         return VerifiedPackage(
             release=release,
             name=content["name"],
@@ -400,6 +404,8 @@ class DML:
             for role in ("manifest", "signature", "archive"):
                 if isinstance(idx.get(role), str):
                     roles[idx[role]] = f"{role} of {release}"
+            for digest in idx.get("images") or []:
+                roles.setdefault(str(digest), f"image blob of {release}")
         return roles
 
     def gc(self, keep: set[str] | None = None, delete: bool = False) -> Report:

@@ -61,7 +61,7 @@ class BackoutRunner:
         self._steps = {
             "revert": self._revert,
             "reactivate": self._hook("reactivate"),
-            "restore": self._hook("restore"),
+            "restore": self._restore,
             "recheck": self._recheck,
         }
         step_table.dispatch_table(self._steps, "backout")
@@ -116,7 +116,24 @@ class BackoutRunner:
         return result
 
     def _revert(self, ops: HostOps, host: HostAction, _: StepCommand) -> dict[str, Any]:
-        return ops.switch(host.prior.release_id if host.prior else None, step="revert")
+        detail = ops.switch(host.prior.release_id if host.prior else None, step="revert")
+        if self.rollout.containers:
+            from orchestrator import containers
+
+            detail.update(containers.revert(ops, self.rollout))
+        return detail
+
+    def _restore(self, ops: HostOps, host: HostAction, command: StepCommand) -> dict[str, Any]:
+        if not self.rollout.containers:
+            return run_hook(ops, "restore", command.command, host.backout_context)
+        from orchestrator import containers
+
+        # the data goes back with the containers stopped, and they start on it afterwards
+        containers.set_state(ops, self.rollout, "stop")
+        try:
+            return run_hook(ops, "restore", command.command, host.backout_context)
+        finally:
+            containers.set_state(ops, self.rollout, "start")
 
     def _hook(self, step: str) -> Callable[[HostOps, HostAction, StepCommand], dict[str, Any]]:
         def run(ops: HostOps, host: HostAction, command: StepCommand) -> dict[str, Any]:

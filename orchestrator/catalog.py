@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from dml.image import add_images
 from dml.package import build_archive
 from dml.provenance import build_provenance
 from dml.ref import ReleaseRef
@@ -64,6 +65,8 @@ def build_release(
     say = progress or (lambda _msg: None)
     with collect(spec_path, units, skip=[dml.root]) as sources:
         for unit in units:
+            if units[unit].image is not None:
+                continue
             if not any(f.path.startswith(unit + "/") for f in sources.files):
                 field = "include" if units[unit].include else "source"
                 raise SpecError(
@@ -92,6 +95,7 @@ def build_release(
             dml.tmp_dir,
             report if total > 256 << 20 else None,
         )
+        built = add_images(built, spec_path, units, dml, sources.provenance, say)
         prov = build_provenance(spec_path, sources.provenance, actor)
     stored = dml.store(built, prov)
     pkg = dml.open(stored.release, verify_archive=False)

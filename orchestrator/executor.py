@@ -156,13 +156,14 @@ class Executor:
             )
             with self._lock:
                 self.already.add(ops.name)
-                if running:
+                if running and not self.rollout.containers:
                     self.current.add(ops.name)
             return {
                 "bytes_sent": 0,
                 "already": True,
                 "already_current": running,
                 "inspect_s": round(inspected, 3),
+                **self._stage_images(ops),
             }
         if info["check"].get("set_aside"):
             self.progress(f"  {ops.name}: its copy of {rid} was altered; staging it afresh")
@@ -171,7 +172,16 @@ class Executor:
             self.bytes_sent[ops.name] = result.get("bytes_sent", 0)
         result["inspect_s"] = round(inspected, 3)
         result["transfer_s"] = round(time.monotonic() - started - inspected, 3)
+        result.update(self._stage_images(ops))
         return result
+
+    def _stage_images(self, ops: HostOps) -> dict[str, Any]:
+        """Image units: only the layers the host's engine lacks (orchestrator.containers)."""
+        if not self.rollout.containers:
+            return {}
+        from orchestrator import containers
+
+        return containers.stage(ops, self.rollout, self.package)
 
     def _verify(self, ops: HostOps, action: HostAction, _: StepCommand) -> dict[str, Any]:
         rid = self.rollout.release_id
@@ -196,6 +206,10 @@ class Executor:
 
     def _activate(self, ops: HostOps, action: HostAction, command: StepCommand) -> dict[str, Any]:
         detail = ops.switch(self.rollout.release_id)
+        if self.rollout.containers:
+            from orchestrator import containers
+
+            detail.update(containers.activate(ops, self.rollout))
         detail.update(run_hook(ops, "activate", command.command, action.context))
         return detail
 
@@ -223,6 +237,12 @@ class Executor:
             if not back.get("ok"):
                 why = "; ".join(back["mismatches"][:3])
                 return HostOutcome(o.host, False, "readback", why, "", True, "integrity")
+            if self.rollout.containers:
+                from orchestrator import containers
+
+                ok, evidence = containers.health(ops, self.rollout)
+                if not ok:
+                    return HostOutcome(o.host, False, "milestone", evidence, "", True)
             for check in action.checks:
                 ok, evidence = ops.check(check)
                 if not ok:

@@ -37,6 +37,8 @@ els:                               # early life support after success (`ferry el
 pilot: canary                      # an inventory group deployed first, as its own wave
 acceptance:                        # after the last milestone (and the pilot's): evidence
   - {name: smoke, type: functional, http: "http://127.0.0.1:8080/", status: 200}
+containers:                        # how image units run (orchestrator/container_plan.py)
+  web: {volumes: ["/srv/app/shared/data:/data"], health: "wget -qO- http://127.0.0.1:8081/ok"}
 ```
 Waves are cumulative: `[1, 10%, 50%, 100%]` means 1 host, then up to 10% of the targets,
 then 50%, then all; a count is hosts, `N%` rounds up, a group name takes the group's
@@ -56,16 +58,19 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StringConstraints,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from orchestrator.container_plan import ContainerSpec
 from orchestrator.context import RESERVED
 from orchestrator.errors import SpecError
 from orchestrator.inventory import deploy_root_problem
 from orchestrator.yamlfile import parse_model
 
+UNIT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # dml.ref.NAME_RE: a release spec's unit
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
 
@@ -300,6 +305,8 @@ class DeployPlan(BaseModel):
     acceptance: tuple[AcceptanceTest, ...] = ()
     pilot: str | None = Field(None, min_length=1, description="inventory group: the first wave")
     notify: Notify | None = None
+    # how the release's image units run (orchestrator/container_plan.py)
+    containers: dict[Annotated[str, StringConstraints(pattern=UNIT_NAME)], ContainerSpec] = {}
 
     @field_validator("acceptance")
     @classmethod

@@ -90,6 +90,10 @@ def prepare(request: DeployRequest, settings: Settings) -> Prepared:
         plan_file=plan_file,
         plan_hash=plan_hash(request.plan_path, templates),
     )
+    if plan.containers or package.content.get("images"):
+        from orchestrator.containers import attach
+
+        rollout = attach(rollout, plan, package.content, plan_file)
     groups = {h.name: list(h.groups) for h in hosts}
     from orchestrator import ci
 

@@ -59,6 +59,16 @@ def deployment_report(rec: RecordedDeployment, journal: list[dict[str, Any]]) ->
         ),
         "plan_hash": ro.get("plan_hash"),
     }
+    if ro.get("containers"):  # image units: layer bytes sent, apart from the files'
+        report["image_bytes_sent"] = sum(
+            int(r["detail"].get("image_bytes_sent", 0)) for r in journal if r["step"] == "stage"
+        )
+        # the switch's downtime per host: from the old container's stop to the new start
+        report["container_downtime_s"] = {
+            r["host"]: max(c.get("downtime_s", 0.0) for c in r["detail"]["containers"].values())
+            for r in journal
+            if r["step"] == "activate" and (r.get("detail") or {}).get("containers")
+        }
     for key in ("reason", "reasons", "message", "crash_log", "halted_before_wave", "logins"):
         if ev.get(key) is not None:
             report[key] = ev[key]

@@ -125,6 +125,8 @@ class Rollout:
     plan_hash: str = ""
     shard_size: int | None = None  # on a Prefect work pool: hosts per shard flow run
     pilot: str | None = None  # the inventory group of wave 1, a pilot (evidence of its own)
+    # image unit → its container's run spec, by image ID (orchestrator/containers.py)
+    containers: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def hosts(self) -> list[HostAction]:
         return [h for w in self.waves for h in w.hosts]
@@ -140,6 +142,12 @@ class Rollout:
         """Values of secret-looking plan vars (password, token, …): never printed."""
         found = {
             str(v) for h in self.hosts() for k, v in h.context.items() if looks_secret(k) and str(v)
+        }
+        found |= {
+            str(v)
+            for c in self.containers.values()
+            for k, v in (c.get("env") or {}).items()
+            if looks_secret(k) and str(v)
         }
         return tuple(sorted(found, key=len, reverse=True))
 
@@ -172,6 +180,7 @@ class Rollout:
             "hosts": {h.host: _host_record(h) for h in self.hosts()},
             "notes": list(self.notes),
             "pilot": self.pilot,
+            **({"containers": self.containers} if self.containers else {}),
         }
 
     @classmethod
@@ -207,6 +216,7 @@ class Rollout:
             plan_hash=data.get("plan_hash", ""),
             shard_size=data.get("shard_size"),
             pilot=data.get("pilot"),
+            containers=dict(data.get("containers") or {}),
         )
 
     def bind(self, deployment_id: int) -> Rollout:

@@ -119,6 +119,9 @@ def audit_drift(
         rows = list(s.scalars(q))
         baselines = {b.host: (b.release, release_id(b.release, b.package_digest)) for b in rows}
         digests = {b.host: b.package_digest for b in rows}
+        from orchestrator import containers
+
+        images = containers.baseline_images(s, set(digests.values()))
     inventory = _inventory(settings, url, inventory_path, environment)
     roots = deploy_roots(url, list(baselines))
     managed = [h for h in baselines if h in inventory.hosts]
@@ -140,7 +143,15 @@ def audit_drift(
         )
         try:
             back = ops.readback(expected, full, rehash=full, digest=digests.get(name))
-            return judge(name, expected, release, back)
+            verdict = judge(name, expected, release, back)
+            want = images.get(digests.get(name) or "")
+            if verdict.state == "ok" and want:
+                seen = containers.inspect(ops, list(want))["containers"]
+                if problems := containers.drift(want, seen):
+                    verdict = HostDrift(
+                        name, "drifted", expected, release, back.get("current"), "; ".join(problems)
+                    )
+            return verdict
         except TransportError as exc:
             why = exc.message.removeprefix(f"{name}: ").removeprefix("unreachable: ")
             return HostDrift(name, "unreachable", expected, release, None, why)

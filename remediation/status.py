@@ -138,6 +138,7 @@ def gather(
             deps = deps.where(Deployment.id.in_(touched))
         env_rows = [_baseline(e, "environment") for e in s.scalars(envs)]
         host_rows = [_baseline(h, "host") for h in s.scalars(hosts)]
+        _add_images(s, host_rows)
         recent = [deployments.detach(d) for d in s.scalars(deps.limit(limit))]
         # anything unfinished or failed needs looking at, however old
         open_q = deps.where(Deployment.status.in_((*lifecycle.OPEN, "failed", "aborted")))
@@ -216,6 +217,16 @@ def _baseline(row: EnvironmentBaseline | HostBaseline, key: str) -> dict[str, An
     if isinstance(row, HostBaseline):
         out["environment"] = row.environment
     return out
+
+
+def _add_images(s: Any, rows: list[dict[str, Any]]) -> None:
+    """Each host row's image units by image ID (from the package's provenance), if any."""
+    from orchestrator.containers import baseline_images
+
+    images = baseline_images(s, {r["digest"] for r in rows})
+    for r in rows:
+        if images.get(r["digest"]):
+            r["images"] = images[r["digest"]]
 
 
 def _journal_hosts(s: Any, ids: list[int]) -> dict[int, list[str]]:

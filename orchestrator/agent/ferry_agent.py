@@ -5,10 +5,12 @@
     python3 ferry_agent.py serve --root DEPLOY_ROOT          (one session, many requests)
 
 OPs: state, pin, inspect, receive, verify, config, switch, readback, check, prune, run,
-probe. In `serve` mode the agent reads one request per line on stdin, `{"op": OP, "args":
-{...}, "payload": N}` followed by N payload bytes, and answers each with one `RESULT
-{json}` line (its `_code` is the exit code the one-shot form would have had); `receive`
-also writes its `NEED [...]` line and then reads the objects from the same stream. Ferry
+probe; for container release units (the host's Docker engine): images, image_load,
+container_switch, container_health, container_state, container_revert. In `serve` mode
+the agent reads one request per line on stdin, `{"op": OP, "args": {...}, "payload": N}`
+followed by N payload bytes, and answers each with one `RESULT {json}` line (its `_code`
+is the exit code the one-shot form would have had); `receive` also writes its `NEED [...]`
+line and then reads the objects from the same stream (`image_load` reads its blobs). Ferry
 starts it by sending this very source over the SSH session (`python3 -c BOOT`), so the code
 that runs is the code Ferry holds, never a file on the host that someone could have edited.
 Exit codes: 0 ok, 10 integrity (signature/checksum/pinned key), 11 bad input, 12 OS error
@@ -789,6 +791,319 @@ def op_probe(host, args):
         return {"ok": False, "got": "error %s" % (e,)}
 
 
+# --- container release units (image layers, containers): see orchestrator/containers.py --
+# The host's own Docker engine, through the `docker` CLI: DOCKER_HOST, else the endpoint
+# in ROOT/.ferry/docker-host (a lab host's own engine), else docker's default socket.
+# Containers are named ferry-<unit>; the one they replace is kept stopped as
+# ferry-<unit>-prior until the next switch, so a backout restarts it as it was.
+
+
+def _docker_env(host):
+    env = dict(os.environ)
+    if not env.get("DOCKER_HOST"):
+        try:
+            with open(os.path.join(host.root, ".ferry", "docker-host")) as f:
+                endpoint = f.read().strip()
+            if endpoint:
+                env["DOCKER_HOST"] = endpoint
+        except FileNotFoundError:
+            pass
+    return env
+
+
+def _docker(host, argv, timeout=120, stdin=None, check=True):
+    """(rc, output) of one docker CLI command; `check`: a failure is an AgentError."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(
+            ["docker"] + list(argv),
+            env=_docker_env(host),
+            stdin=stdin if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        )
+    except FileNotFoundError:
+        raise AgentError("docker", "no docker CLI on this host", EXIT_OS)
+    except subprocess.TimeoutExpired:
+        raise AgentError("docker", "docker %s timed out after %ss" % (argv[0], timeout), EXIT_OS)
+    out = proc.stdout.decode(errors="replace").strip()
+    if check and proc.returncode != 0:
+        raise AgentError("docker", "docker %s: %s" % (" ".join(argv[:2]), out[-800:]), EXIT_OS)
+    return proc.returncode, out
+
+
+def _engine_images(host):
+    """image id → its layers' diff_ids, for every image the engine holds."""
+    _, out = _docker(host, ["image", "ls", "-q", "--no-trunc"])
+    ids = sorted(set(out.split()))
+    if not ids:
+        return {}
+    _, out = _docker(host, ["image", "inspect", "--format", "{{json .}}"] + ids)
+    images = {}
+    for line in out.splitlines():
+        info = json.loads(line)
+        images[info["Id"]] = list((info.get("RootFS") or {}).get("Layers") or [])
+    return images
+
+
+def _container(host, name):
+    """{"image", "running", "status"} of a container, or None when there is none."""
+    rc, out = _docker(host, ["container", "inspect", "--format", "{{json .}}", name], check=False)
+    if rc != 0:
+        return None
+    info = json.loads(out.splitlines()[0])
+    return {
+        "image": info["Image"],
+        "running": bool(info["State"]["Running"]),
+        "status": info["State"]["Status"],
+        "release": (info["Config"].get("Labels") or {}).get("ferry.release"),
+    }
+
+
+def op_images(host, args):
+    """What the engine holds: images with their layers, and Ferry's containers."""
+    units = list(args.units or [])
+    return {
+        "images": _engine_images(host),
+        "containers": {u: _container(host, "ferry-" + u) for u in units},
+        "priors": {u: _container(host, "ferry-%s-prior" % u) for u in units},
+    }
+
+
+def _signed_images(host, rid, digest):
+    """The image records of the release's signed manifest (published, or just received)."""
+    if os.path.exists(os.path.join(host.meta, rid + ".json")):
+        manifest = host.load_manifest(rid, expect=digest)
+    else:
+        with open(os.path.join(host.incoming, rid + ".manifest"), "rb") as f:
+            raw = f.read()
+        with open(os.path.join(host.incoming, rid + ".sig"), "rb") as f:
+            sig = f.read()
+        manifest = host.check_manifest(raw, sig)
+    return manifest["content"].get("images") or {}
+
+
+def _receive_blob(inp, path, digest, size):
+    import hashlib
+
+    h, left = hashlib.sha256(), size
+    view = memoryview(bytearray(CHUNK))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        while left:
+            n = inp.readinto(view[: min(CHUNK, left)])
+            if not n:
+                raise bad_input("stream ended inside blob %s" % digest)
+            h.update(view[:n])
+            written = 0
+            while written < n:
+                written += os.write(fd, view[written:n])
+            left -= n
+    finally:
+        os.close(fd)
+    if "sha256:" + h.hexdigest() != digest:
+        os.unlink(path)
+        raise integrity("image blob %s arrived corrupted" % digest)
+
+
+def op_image_load(host, args):
+    """Read the image's config and the layers Ferry sends (the engine has the others),
+    check each against the release's signed manifest, and `docker load` them."""
+    import io
+    import shutil
+    import subprocess
+    import tarfile
+
+    rid, unit = safe_id(args.id), safe_id(args.unit)
+    record = _signed_images(host, rid, args.digest).get(unit)
+    if record is None:
+        raise integrity("release %s has no image unit %s" % (rid, unit))
+    layers = record["layers"]
+    sizes = dict((b["digest"], int(b["size"])) for b in layers)
+    send = list(args.send or [])
+    if any(d not in sizes for d in send):
+        raise integrity("a layer sent is not in the signed manifest")
+    work = os.path.join(host.incoming, "image-" + unit)
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    inp = sys.stdin.buffer
+    config = record["config"]
+    try:
+        _receive_blob(inp, os.path.join(work, "config.json"), config["digest"], int(config["size"]))
+        nbytes = 0
+        for digest in send:
+            _receive_blob(inp, os.path.join(work, digest[7:]), digest, sizes[digest])
+            nbytes += sizes[digest]
+        # a docker-save archive holding only the layers sent: the engine's loader takes
+        # the layers it has (same chain) from its own store and never opens their files
+        proc = subprocess.Popen(
+            ["docker", "load", "-q"],
+            env=_docker_env(host),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        names = [b["digest"][7:] + "/layer.tar" for b in layers]
+        manifest = [{"Config": "config.json", "RepoTags": None, "Layers": names}]
+        try:
+            with tarfile.open(fileobj=proc.stdin, mode="w|") as tar:
+                tar.add(os.path.join(work, "config.json"), "config.json")
+                for digest in send:
+                    tar.add(os.path.join(work, digest[7:]), digest[7:] + "/layer.tar")
+                raw = json.dumps(manifest).encode()
+                info = tarfile.TarInfo("manifest.json")
+                info.size = len(raw)
+                tar.addfile(info, io.BytesIO(raw))
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        out = proc.stdout.read().decode(errors="replace")
+        if proc.wait() != 0:
+            raise AgentError("docker", "docker load: %s" % out.strip()[-800:], EXIT_OS)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if config["digest"] not in _engine_images(host):
+        raise integrity("the engine did not load image %s" % config["digest"])
+    tag = "ferry/%s:%s" % (unit.lower(), config["digest"][7:19])
+    _docker(host, ["tag", config["digest"], tag])
+    return {"image": config["digest"], "tag": tag, "layers_sent": len(send), "bytes": nbytes}
+
+
+def op_container_switch(host, args):
+    """Start ferry-<unit> on the release's image; the container it replaces is stopped
+    and kept as ferry-<unit>-prior. Downtime: from the old one's stop to the new start."""
+    unit = safe_id(args.unit)
+    spec = args.container or {}
+    name, prior = "ferry-" + unit, "ferry-%s-prior" % unit
+    image = spec["image"]
+    now = _container(host, name)
+    if now and now["image"] == image and now["running"]:
+        _note_switch(host, unit, args.id, changed=False)
+        return {"container": name, "image": image, "already": True, "downtime_s": 0.0}
+    run = ["run", "-d", "--name", name, "--network", "host", "--restart", "no"]
+    run += ["--label", "ferry.unit=" + unit, "--label", "ferry.release=" + safe_id(args.id)]
+    env = spec.get("env") or {}
+    env_file = os.path.join(host.incoming, "env-" + unit)
+    if env:  # a file only root reads, not the command line (any user sees that in ps)
+        host.ensure_dirs()
+        lines = ["%s=%s" % (k, str(env[k]).replace("\n", " ")) for k in sorted(env)]
+        fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        run += ["--env-file", env_file]
+    for v in spec.get("volumes") or []:
+        run += ["-v", v]
+    run.append(image)
+    run += list(spec.get("command") or [])
+    replaced = None
+    started = time.monotonic()
+    if now is not None:
+        if _container(host, prior) is not None:
+            _docker(host, ["rm", "-f", prior])
+        _docker(host, ["stop", "-t", str(int(spec.get("stop_timeout", 10))), name])
+        _docker(host, ["rename", name, prior])
+        replaced = now["image"]
+    try:
+        rc, out = _docker(host, run, check=False)
+    finally:
+        if env:
+            os.unlink(env_file)
+    if rc != 0:
+        _docker(host, ["rm", "-f", name], check=False)
+        if replaced is not None:  # put the old one back as it was: the switch did not happen
+            _docker(host, ["rename", prior, name], check=False)
+            _docker(host, ["start", name], check=False)
+        raise AgentError("docker", "docker run: %s" % out[-800:], EXIT_OS)
+    _note_switch(host, unit, args.id, changed=True)
+    return {
+        "container": name,
+        "image": image,
+        "prior_image": replaced,
+        "downtime_s": round(time.monotonic() - started, 3),
+    }
+
+
+def op_container_health(host, args):
+    """Run the health command inside the container until it passes or the time is up."""
+    name = "ferry-" + safe_id(args.unit)
+    deadline = time.monotonic() + float(args.timeout or 30)
+    attempts, rc, out = 0, None, ""
+    while True:
+        attempts += 1
+        state = _container(host, name)
+        if state is None or not state["running"]:
+            rc, out = 125, "container %s is %s" % (name, state["status"] if state else "missing")
+        elif args.command:
+            rc, out = _docker(
+                host, ["exec", name, "/bin/sh", "-c", args.command], timeout=30, check=False
+            )
+        else:
+            rc, out = 0, "running"
+        if rc == 0 or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    return {"ok": rc == 0, "rc": rc, "output": out[-1000:], "attempts": attempts}
+
+
+def _switches_path(host):
+    return os.path.join(host.root, ".ferry", "containers.json")
+
+
+def _note_switch(host, unit, rid, changed, reverted=False):
+    """Which release last switched each unit, whether it changed the container, whether
+    it was reverted: a backout of a release that found its container already running, or
+    one already reverted (a recover run again), leaves the containers alone."""
+    try:
+        with open(_switches_path(host)) as f:
+            st = json.load(f)
+    except (FileNotFoundError, ValueError):
+        st = {}
+    st[unit] = {"release": rid, "changed": changed, "reverted": reverted}
+    host.ensure_dirs()
+    write_atomic(_switches_path(host), json.dumps(st, indent=1).encode())
+
+
+def _switched(host, unit):
+    try:
+        with open(_switches_path(host)) as f:
+            return json.load(f).get(unit) or {}
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def op_container_state(host, args):
+    """Stop or start ferry-<unit> (a backout restores a volume's data with it stopped: a
+    restore that replaces the directory would leave a running container on the old one)."""
+    name = "ferry-" + safe_id(args.unit)
+    if args.action not in ("stop", "start"):
+        raise bad_input("action is stop or start, not %r" % (args.action,))
+    if _container(host, name) is None:
+        return {"container": name, "present": False}
+    _docker(host, [args.action, name])
+    return {"container": name, "present": True, args.action: True}
+
+
+def op_container_revert(host, args):
+    """Backout: the new container goes; ferry-<unit>-prior (if any) runs again as before."""
+    unit = safe_id(args.unit)
+    name, prior = "ferry-" + unit, "ferry-%s-prior" % unit
+    last = _switched(host, unit)
+    if args.id and last.get("release") == args.id:
+        if last.get("changed") is False or last.get("reverted"):
+            return {"container": name, "image": None, "unchanged": True}
+    old = _container(host, prior)
+    if _container(host, name) is not None:
+        _docker(host, ["rm", "-f", name])
+    if old is not None:
+        _docker(host, ["rename", prior, name])
+        _docker(host, ["start", name])
+    if args.id:
+        _note_switch(host, unit, args.id, changed=True, reverted=True)
+    return {"container": name, "image": old["image"] if old else None}
+
+
 OPS = {
     "state": op_state,
     "inspect": op_inspect,
@@ -802,12 +1117,20 @@ OPS = {
     "prune": op_prune,
     "run": op_run,
     "probe": op_probe,
+    # container release units
+    "images": op_images,
+    "image_load": op_image_load,
+    "container_switch": op_container_switch,
+    "container_health": op_container_health,
+    "container_revert": op_container_revert,
+    "container_state": op_container_state,
 }
 DEFAULTS = {
     "id": None, "key": None, "none": False, "full": False, "keep": 3, "protect": None,
     "payload": None, "command": None, "env": None, "cwd": None, "timeout": None,
     "kind": None, "target": None, "port": None, "status": 200, "rehash": False,
     "digest": None, "rotations": None,
+    "unit": None, "units": None, "send": None, "container": None, "action": None,
 }  # fmt: skip
 
 
@@ -851,7 +1174,7 @@ def serve(root):
         result, code = dispatch(host, op, args)
         result["_code"] = code
         reply(result)
-        if op == "receive" and code:
+        if op in ("receive", "image_load") and code:
             return code  # objects may still be on the wire: the stream is out of step
 
 

@@ -30,6 +30,9 @@ def up(
         str, typer.Option(help="auto, netns (root) or loopback (127.0.1.x, any user)")
     ] = "auto",
     deploy_root: Annotated[str, typer.Option(help="the deploy root on every host")] = "/srv/app",
+    docker: Annotated[
+        bool, typer.Option("--docker", help="a Docker engine per host (own data-root, socket)")
+    ] = False,
     fmt: OutputOpt = out.Format.text,
 ) -> None:
     """Start N hosts; write inventory.yaml, ssh_config, known_hosts and client_key in --dir."""
@@ -37,6 +40,15 @@ def up(
     from orchestrator.lab.fleet import Fleet
 
     fleet = Fleet.up(directory, n, mode=mode, deploy_root=deploy_root, progress=out.progress)
+    engines: dict[str, float] = {}
+    if docker:
+        from orchestrator.lab import docker as lab_docker
+
+        try:
+            engines = lab_docker.start(fleet, out.progress)
+        except BaseException:
+            fleet.down()
+            raise
     data = {
         "hosts": fleet.hosts,
         "inventory": str(fleet.inventory_path),
@@ -44,6 +56,7 @@ def up(
         "dir": str(fleet.dir),
         "mode": fleet.mode,
         "up_seconds": fleet.up_seconds,
+        **({"docker_ready_s": engines} if docker else {}),
     }
     note = "" if fleet.mode == "netns" else "\n(loopback mode: no namespaces; see docs/fleet.md)"
     out.result(

@@ -71,7 +71,8 @@ def print_status(data: dict[str, Any]) -> None:
     _p("Hosts:")
     by_release: dict[str, list[str]] = {}
     for h in data["hosts"]:
-        by_release.setdefault(f"{h['environment']}: {h['release']}", []).append(h["host"])
+        images = "".join(f"  {u}={i[:19]}" for u, i in sorted((h.get("images") or {}).items()))
+        by_release.setdefault(f"{h['environment']}: {h['release']}{images}", []).append(h["host"])
     for key, names in by_release.items():
         _p(f"  {key}  ({len(names)}): {', '.join(names)}")
     if not data["hosts"]:

@@ -232,6 +232,9 @@ class Fleet:
     def down(self) -> None:
         """End every process, delete every namespace and link, restore shared state. Idempotent."""
         self.refresh()
+        from orchestrator.lab import docker
+
+        docker.stop(self)  # engines first: they unmount their layers while the host lives
         st = self.state
         every = build.machines(st)
         pids = {h.pid for h in every if procs.is_ours(h.pid, h.pid_start)}

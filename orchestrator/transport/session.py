@@ -363,6 +363,28 @@ class AgentSession:
         out["bytes_sent"] = sent
         return out
 
+    def stream(
+        self, step: str, op: str, args: dict[str, Any], paths: list[Path], *, timeout: float
+    ) -> dict[str, Any]:
+        """One request whose bytes follow it on the stream: each file of `paths`, in order
+        (the agent knows their sizes from the signed manifest); `bytes_sent` counts them."""
+        with self._lock, self._session():
+            deadline = time.monotonic() + timeout
+            self._write(json.dumps({"op": op, "args": args}).encode() + b"\n", deadline, step)
+            sent = 0
+            assert self._pipe is not None
+            for path in paths:
+                try:
+                    sent += self._pipe.sendfile(path, deadline)
+                except OSError as exc:
+                    raise self._broken(step, f"transfer failed ({exc})") from None
+            result = self._result(deadline, step)
+            if result.get("_code"):
+                self._drop()  # the agent ends a failed stream: it is out of step
+        out = _checked(self.name, step, result)
+        out["bytes_sent"] = sent
+        return out
+
 
 def _checked(host: str, step: str, result: dict[str, Any]) -> dict[str, Any]:
     code = result.pop("_code", 0)
