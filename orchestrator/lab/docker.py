@@ -267,7 +267,10 @@ def test_image(
             path = work / f"{i}.tar"
             path.write_bytes(data)
             layers.append((path, "sha256:" + hashlib.sha256(data).hexdigest()))
-        cmd = ["/bin/httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", "/www"]
+        # a shell that ends on SIGTERM, as a real service does: httpd as PID 1 ignores it,
+        # so every `docker stop` of the old container waited out its whole grace (10 s)
+        serve = f"/bin/httpd -f -p 127.0.0.1:{port} -h /www"
+        cmd = ["/bin/sh", "-c", f"trap 'exit 0' TERM; {serve} & wait"]
         config = image_config([d for _, d in layers], cmd)
         with open(out, "wb") as fh:
             write_archive(fh, config, [p for p, _ in layers])

@@ -142,7 +142,8 @@ def test_phased_image_deployment_runs_the_image_by_digest_and_sends_only_missing
     assert v1["digest"] != second.json()["digest"]
     assert second.json()["image_bytes_sent"] == 4 * layers[1].size
     downtime = second.json()["container_downtime_s"]
-    assert set(downtime) == set(fleet.hosts) and all(0 < s < 30 for s in downtime.values())
+    # the old container ends on SIGTERM: the switch never waits out docker stop's 10 s grace
+    assert set(downtime) == set(fleet.hosts) and all(0 < s < 8 for s in downtime.values())
 
 
 def _has_image(fleet, host: str, image: str) -> bool:
