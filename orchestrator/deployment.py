@@ -84,6 +84,13 @@ class DeploymentRun:
         self._dml: Any = None
         self.done_waves: list[int] = []
         self.last_verdict: Verdict | None = None
+        self.pull: Any = None
+        if self.rollout.method == "pull":  # the agents pull; waves wait for their reports
+            from orchestrator.pull import PullDriver
+
+            self.pull = PullDriver(
+                self.url, self.id, self.rollout, self.record, progress, self.stop
+            )
         from orchestrator.notify import Notifier
 
         self.notifier = Notifier(
@@ -200,6 +207,11 @@ class DeploymentRun:
             f"{_names(wave.names)}"
         )
         last = index == len(self.rollout.waves)  # its sessions stay for the final prune
+        if self.pull is not None:
+            outcomes, elapsed = self.pull.run_wave(wave)
+            self.record.append_evidence("outcomes", [o.to_dict() for o in outcomes])
+            self._tell(outcomes, "reported deployed")
+            return self._judge(index, outcomes, elapsed)
         if shards is None:
             outcomes = self._deploy(wave, keep_open=last)
             self.record.append_evidence("outcomes", [o.to_dict() for o in outcomes])
@@ -377,7 +389,11 @@ class DeploymentRun:
                 f"backing out {len(needed)} host(s) to their prior baselines"
                 + (f" ({untouched} never switched)" if untouched else "")
             )
-        results = BackoutRunner(self.rollout, self.sessions, self.record, self.progress).run(needed)
+        if self.pull is not None:
+            results = self.pull.back_out(needed, everyone=only is None)
+        else:
+            runner = BackoutRunner(self.rollout, self.sessions, self.record, self.progress)
+            results = runner.run(needed)
         if results:
             self.record.append_evidence("backout", [r.to_dict() for r in results])
         return results
@@ -395,7 +411,10 @@ class DeploymentRun:
         ro = self.rollout
         outcomes = self._outcomes()
         ok_hosts = [a for a in ro.hosts() if outcomes.get(a.host, {}).get("ok")]
-        current = self.executor.prune(ok_hosts)  # retention, and `current` read back
+        if self.pull is not None:  # what each agent read back at the end of its steps
+            current = self.pull.current(ok_hosts)
+        else:
+            current = self.executor.prune(ok_hosts)  # retention, and `current` read back
         flagged: list[dict[str, Any]] = []
         for host, got in current.items():
             if isinstance(got, Exception):

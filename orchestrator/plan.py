@@ -66,7 +66,6 @@ from pydantic import (
 
 from orchestrator.container_plan import ContainerSpec
 from orchestrator.context import RESERVED
-from orchestrator.errors import SpecError
 from orchestrator.inventory import deploy_root_problem
 from orchestrator.yamlfile import parse_model
 
@@ -247,6 +246,49 @@ class Timeouts(BaseModel):
     connect: PositiveDuration = 10.0
 
 
+_HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
+
+
+class PullWindow(BaseModel):
+    """A host's own maintenance window, UTC, "HH:MM" to "HH:MM" (may pass midnight)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    start: str
+    end: str
+
+    @field_validator("start", "end")
+    @classmethod
+    def _hhmm(cls, value: str) -> str:
+        if not _HHMM.match(value):
+            raise ValueError(f"{value!r}: a window time is HH:MM (UTC), e.g. 02:00")
+        return value
+
+
+class Pull(BaseModel):
+    """`method: pull` (issue 12): hosts pull the release from `ferry dml serve`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    server: str
+    poll: PositiveDuration = 30.0
+    heartbeat: PositiveDuration = 10.0
+    apply: Literal["now", "window", "boot"] = "now"
+    window: PullWindow | None = None
+
+    @field_validator("server")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise ValueError(f"{value!r}: the DML server is https://HOST:PORT")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _window(self) -> Pull:
+        if self.apply == "window" and self.window is None:
+            raise ValueError("apply: window needs window: {start: HH:MM, end: HH:MM}")
+        return self
+
+
 WaveEntry = int | str
 
 
@@ -290,6 +332,7 @@ class DeployPlan(BaseModel):
     strategy: Literal["big-bang", "phased"]
     waves: tuple[WaveEntry | ApprovedWave, ...] | None = None
     method: Literal["push", "pull"] = "push"
+    pull: Pull | None = None
     deploy_root: str | None = None
     concurrency: int = Field(20, ge=1, le=1000)
     # run by a Prefect worker: a wave of more hosts runs as shard flow runs on its work pool
@@ -365,6 +408,14 @@ class DeployPlan(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _pull(self) -> DeployPlan:
+        if self.method == "pull" and self.pull is None:
+            raise ValueError("method pull needs pull: {server: https://HOST:PORT}")
+        if self.method == "push" and self.pull is not None:
+            raise ValueError("pull: settings need method: pull")
+        return self
+
+    @model_validator(mode="after")
     def _strategy(self) -> DeployPlan:
         if self.strategy == "phased" and not self.waves:
             raise ValueError("strategy phased needs waves, e.g. waves: [1, 10%, 100%]")
@@ -374,9 +425,4 @@ class DeployPlan(BaseModel):
 
 
 def load_plan(path: Path) -> DeployPlan:
-    plan = parse_model(DeployPlan, path)
-    if plan.method == "pull":
-        raise SpecError(
-            str(path), "method", "the pull method is not available yet", "use method: push"
-        )
-    return plan
+    return parse_model(DeployPlan, path)

@@ -184,6 +184,7 @@ def plan_rollout(
         plan_file=plan_file,
         plan_hash=plan_hash,
         pilot=plan.pilot,
+        pull=plan.pull.model_dump(mode="json") if plan.pull else None,
     )
 
 

@@ -127,6 +127,8 @@ class Rollout:
     pilot: str | None = None  # the inventory group of wave 1, a pilot (evidence of its own)
     # image unit → its container's run spec, by image ID (orchestrator/containers.py)
     containers: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    # method pull: server, poll, apply, window (plan.Pull)
+    pull: dict[str, Any] | None = field(default=None, hash=False, compare=False)
 
     def hosts(self) -> list[HostAction]:
         return [h for w in self.waves for h in w.hosts]
@@ -181,6 +183,7 @@ class Rollout:
             "notes": list(self.notes),
             "pilot": self.pilot,
             **({"containers": self.containers} if self.containers else {}),
+            **({"pull": self.pull} if self.pull else {}),
         }
 
     @classmethod
@@ -217,6 +220,7 @@ class Rollout:
             shard_size=data.get("shard_size"),
             pilot=data.get("pilot"),
             containers=dict(data.get("containers") or {}),
+            pull=data.get("pull"),
         )
 
     def bind(self, deployment_id: int) -> Rollout:

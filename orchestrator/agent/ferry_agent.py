@@ -3,6 +3,9 @@
 
     python3 ferry_agent.py OP --root DEPLOY_ROOT [args]      (prints one JSON object)
     python3 ferry_agent.py serve --root DEPLOY_ROOT          (one session, many requests)
+    python3 ferry_agent.py pull --root DEPLOY_ROOT           (the pull daemon, see below)
+    python3 ferry_agent.py apply-now --root DEPLOY_ROOT      (a person on the host: apply
+                                                              the pending release at once)
 
 OPs: state, pin, inspect, receive, verify, config, switch, readback, check, prune, run,
 probe; for container release units (the host's Docker engine): images, image_load,
@@ -1178,8 +1181,445 @@ def serve(root):
             return code  # objects may still be on the wire: the stream is out of step
 
 
+# --- pull mode: the same operations, driven by the agent itself ------------------------------
+# ROOT/.ferry/pull/config.json   {"server", "host", "poll", "heartbeat"} written at install
+# ROOT/.ferry/pull/token         this host's token (0600); it is never logged or reported
+# ROOT/.ferry/pull/ca.pem        the pinned CA of Ferry's DML server (no other CA is trusted)
+# ROOT/.ferry/pull/state.json    last generation applied, releases backed out, pending work,
+#                                reports not yet delivered (the server may be down)
+# ROOT/.ferry/pull/apply-now     a person's request (`apply-now`): apply what is pending
+PULL_DIR = os.path.join(".ferry", "pull")
+
+
+def _plog(msg):
+    sys.stderr.write(
+        "%s ferry-agent: %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), msg)
+    )
+    sys.stderr.flush()
+
+
+class Refused(Exception):
+    """The server refused us (401/403): retrying at once would not change its mind."""
+
+
+class PullAgent:
+    def __init__(self, root):
+        self.host = Host(root)
+        self.dir = os.path.join(self.host.root, PULL_DIR)
+        with open(os.path.join(self.dir, "config.json")) as f:
+            self.cfg = json.load(f)
+        with open(os.path.join(self.dir, "token")) as f:
+            self.token = f.read().strip()
+        self.server = self.cfg["server"].rstrip("/")
+        self.name = self.cfg["host"]
+        self.poll = float(self.cfg.get("poll", 30))
+        self.beat = float(self.cfg.get("heartbeat", 10))
+        self.ctx = None
+        if self.server.startswith("https://"):
+            import ssl
+
+            # only the pinned CA: a certificate any other authority signed is refused
+            self.ctx = ssl.create_default_context(cafile=os.path.join(self.dir, "ca.pem"))
+        elif not self.cfg.get("insecure_http"):
+            raise bad_input("the server is not https:// and insecure_http was not chosen")
+        self.state_path = os.path.join(self.dir, "state.json")
+        self.st = self._load()
+        self.booted = True  # the first answer after a start is the host's "boot"
+        self.applying = None
+        self.nudge = -1
+        self.lock = __import__("threading").Lock()
+
+    # -- local state ---------------------------------------------------------------------
+    def _load(self):
+        try:
+            with open(self.state_path) as f:
+                st = json.load(f)
+        except (OSError, ValueError):
+            st = {}
+        st.setdefault("generation", 0)
+        st.setdefault("backed_out", [])
+        st.setdefault("outbox", [])
+        st.setdefault("pending", None)
+        return st
+
+    def _save(self):
+        write_atomic(self.state_path, json.dumps(self.st).encode(), 0o600)
+
+    # -- the wire ------------------------------------------------------------------------
+    def call(self, method, path, body=None, timeout=30, raw=False):
+        import urllib.error
+        import urllib.request
+
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.server + path, data=data, method=method)
+        req.add_header("Authorization", "Bearer " + self.token)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout, context=self.ctx) as r:
+                payload = r.read()
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                raise Refused("%s %s: refused (%d)" % (method, path.split("?")[0], e.code))
+            raise
+        return payload if raw else json.loads(payload.decode() or "{}")
+
+    def report(self, d, step, ok, detail=None):
+        item = {
+            "generation": d["generation"], "deployment": d.get("deployment"),
+            "release_id": d.get("release_id"), "step": step, "ok": bool(ok),
+            "detail": detail or {}, "host": self.name,
+        }  # fmt: skip
+        with self.lock:
+            self.st["outbox"].append(item)
+            self._save()
+        self.flush()
+
+    def flush(self):
+        """Deliver what the server has not acknowledged yet, in order (kept across restarts)."""
+        with self.lock:
+            items = list(self.st["outbox"])
+        if not items:
+            return True
+        try:
+            self.call("POST", "/v1/hosts/%s/reports" % self.name, items, timeout=20)
+        except Refused as exc:
+            _plog("reports refused: %s" % exc)
+            return False
+        except Exception as exc:  # the server down or slow: keep them, try later
+            _plog("reports kept for later: %s" % (exc,))
+            return False
+        with self.lock:
+            self.st["outbox"] = self.st["outbox"][len(items) :]
+            self._save()
+        return True
+
+    def heartbeats(self):
+        while True:
+            try:
+                pending = (self.st.get("pending") or {}).get("release_id")
+                beat = {"current": self.host.current(), "pending": pending,
+                        "applying": self.applying, "backed_out": len(self.st["backed_out"]),
+                        "agent": "pull"}  # fmt: skip
+                self.call("POST", "/v1/hosts/%s/heartbeat" % self.name, beat, timeout=10)
+            except Exception as exc:  # a missed heartbeat is what the server looks for
+                _plog("heartbeat not delivered: %s" % (exc,))
+            time.sleep(self.beat)
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self):
+        import random
+        import threading
+
+        threading.Thread(target=self.heartbeats, daemon=True).start()
+        _plog("pull agent for %s started, server %s" % (self.name, self.server))
+        backoff = 1.0
+        while True:
+            try:
+                self.flush()
+                wait = self.poll if self.st.get("pending") is None else min(self.poll, 2.0)
+                path = "/v1/hosts/%s/desired?after=%d&nudge=%d&wait=%d" % (
+                    self.name,
+                    self.st["generation"] if not self.booted else -1,
+                    self.nudge,
+                    wait,
+                )
+                ans = self.call("GET", path, timeout=wait + 30)
+                backoff = 1.0
+                self.nudge = ans.get("nudge", self.nudge)
+                if ans.get("changed") and ans.get("purpose"):
+                    self.consider(ans)
+                elif ans.get("changed"):
+                    self.st["generation"] = ans.get("generation", 0)
+                self.booted = False
+                pending = self.st.get("pending")
+                if pending is not None and self.time_has_come(pending, nudge=False):
+                    self.st["pending"] = None
+                    self._save()
+                    self.apply(pending)
+            except Refused as exc:
+                _plog("%s; retrying in 30s" % exc)
+                time.sleep(30 * random.uniform(0.8, 1.2))
+            except Exception as exc:  # down, slow, a certificate that does not verify, …
+                _plog(
+                    "server not usable: %s: %s; retrying in %.0fs"
+                    % (type(exc).__name__, exc, backoff)
+                )
+                # jitter: agents that lost the server together do not return together
+                time.sleep(backoff * random.uniform(0.5, 1.5))
+                backoff = min(backoff * 2, 30.0)
+
+    def time_has_come(self, d, nudge=False):
+        if os.path.exists(os.path.join(self.dir, "apply-now")):
+            try:
+                os.unlink(os.path.join(self.dir, "apply-now"))
+            except OSError:
+                pass
+            return True
+        how = d.get("apply") or "now"
+        if how == "now" or d.get("purpose") == "backout":
+            return True
+        if how == "boot":
+            return self.booted
+        if how == "window":
+            return in_window((d.get("spec") or {}).get("window"), time.gmtime())
+        return False
+
+    def consider(self, d):
+        gen = int(d["generation"])
+        rid = d.get("release_id")
+        if gen == self.st["generation"]:
+            pending = self.st.get("pending")
+            if pending is None or pending.get("generation") != gen:
+                return  # handled before (also before a restart): never applied twice
+        self.st["generation"] = gen
+        self.st["pending"] = None
+        self._save()
+        if d["purpose"] == "deploy" and [d.get("deployment"), rid] in self.st["backed_out"]:
+            self.report(
+                d,
+                "refused",
+                False,
+                {
+                    "reason": "release %s was backed out of deployment %s on this host; "
+                    "it is never applied again" % (rid, d.get("deployment"))
+                },
+            )
+            return
+        if rid == self.host.current() and not (d.get("spec") or {}).get("actions"):
+            self.report(d, "done", True, {"current": rid})
+            return
+        if not self.time_has_come(d):
+            self.st["pending"] = d
+            self._save()
+            self.report(d, "pending", True, {"apply": d.get("apply")})
+            return
+        self.apply(d)
+
+    # -- one desired state, applied --------------------------------------------------------
+    def apply(self, d):
+        rid = d.get("release_id")
+        spec = d.get("spec") or {}
+        self.applying = rid
+        try:
+            for action in spec.get("actions", []):
+                step = action["step"]
+                try:
+                    detail = self.do(d, action, spec) or {}
+                except AgentError as exc:
+                    self.report(
+                        d,
+                        step,
+                        False,
+                        {
+                            "error": exc.message,
+                            "kind": exc.kind,
+                            "output": getattr(exc, "output", "")[-1000:],
+                        },
+                    )
+                    if action.get("warn_only"):
+                        continue
+                    return
+                except OSError as exc:
+                    kind = "disk-full" if exc.errno == errno.ENOSPC else "os"
+                    self.report(d, step, False, {"error": str(exc), "kind": kind})
+                    if action.get("warn_only"):
+                        continue
+                    return
+                self.report(d, step, True, detail)
+            if d["purpose"] == "backout" and spec.get("leaving"):
+                self.st["backed_out"].append([d.get("deployment"), spec["leaving"]])
+                self.st["backed_out"] = self.st["backed_out"][-100:]
+                self._save()
+            args = SimpleNamespace(
+                **dict(DEFAULTS, id=rid, full=bool(spec.get("full", True)), digest=d.get("digest"))
+            )
+            back = (
+                op_readback(self.host, args)
+                if rid
+                else {
+                    "current": self.host.current(),
+                    "ok": self.host.current() is None,
+                    "mismatches": [],
+                }
+            )
+            self.report(
+                d,
+                "done",
+                bool(back.get("ok")) and back.get("current") == rid,
+                {"current": back.get("current"), "mismatches": back.get("mismatches", [])[:5]},
+            )
+        finally:
+            self.applying = None
+
+    def do(self, d, action, spec):
+        step, rid = action["step"], d.get("release_id")
+        result = {}
+        if step == "stage":
+            return self.stage(rid, d.get("digest"))
+        if step == "verify":
+            return op_verify(self.host, SimpleNamespace(**dict(DEFAULTS, id=rid)))
+        if "config" in action and action["config"]:
+            payload = json.dumps(action["config"]).encode()
+            result.update(
+                op_config(self.host, SimpleNamespace(**dict(DEFAULTS, id=rid, payload=payload)))
+            )
+        if "switch" in action:
+            target = action["switch"]
+            result.update(
+                op_switch(
+                    self.host, SimpleNamespace(**dict(DEFAULTS, id=target, none=target is None))
+                )
+            )
+        if action.get("run"):
+            res = op_run(
+                self.host,
+                SimpleNamespace(
+                    **dict(
+                        DEFAULTS,
+                        command=action["run"],
+                        env=spec.get("env") or {},
+                        cwd=spec.get("cwd"),
+                        timeout=spec.get("timeout", 300),
+                    )
+                ),
+            )
+            if res["rc"] != 0:
+                err = bad_input("%s: hook exited %s" % (step, res["rc"]))
+                err.kind, err.output = "hook", res["output"]
+                raise err
+            result["output"] = res["output"][-500:]
+        evidence = []
+        for check in action.get("checks") or []:
+            ok, ev = self.check(check, spec)
+            evidence.append(ev)
+            if not ok:
+                err = bad_input("%s failed: %s" % (check.get("label"), ev))
+                err.kind, err.output = "check", ev
+                raise err
+        if evidence:
+            result["checks"] = evidence
+        return result
+
+    def check(self, c, spec):
+        if c["kind"] == "command":
+            res = op_run(
+                self.host,
+                SimpleNamespace(
+                    **dict(
+                        DEFAULTS,
+                        command=c["target"],
+                        env=spec.get("env") or {},
+                        cwd=None,
+                        timeout=c.get("timeout", 10),
+                    )
+                ),
+            )
+            return res["rc"] == 0, "%s: exit %s %s" % (
+                c["label"],
+                res["rc"],
+                res["output"].strip()[-300:],
+            )
+        res = op_probe(
+            self.host,
+            SimpleNamespace(
+                **dict(
+                    DEFAULTS,
+                    kind=c["kind"],
+                    target=c["target"],
+                    port=c.get("port"),
+                    status=c.get("status", 200),
+                    timeout=c.get("timeout", 10),
+                )
+            ),
+        )
+        return bool(res["ok"]), "%s: %s" % (c["label"], res["got"])
+
+    def stage(self, rid, digest):
+        """The signed manifest first, checked against the pinned key before anything else is
+        fetched; then only the objects this host lacks, each checked against its sha256."""
+        import hashlib
+
+        self.host.ensure_dirs()
+        check = op_check(
+            self.host, SimpleNamespace(**dict(DEFAULTS, id=rid, full=True, digest=digest))
+        )
+        if check["ok"]:
+            return {"already": True, "bytes": 0}
+        raw = self.call("GET", "/v1/releases/%s/manifest" % rid, raw=True, timeout=60)
+        sig = self.call("GET", "/v1/releases/%s/signature" % rid, raw=True, timeout=60)
+        manifest = self.host.check_manifest(raw, sig)  # raises: nothing fetched, nothing run
+        if digest and manifest.get("digest") != digest:
+            raise integrity(
+                "the server's manifest for %s is %s, not %s" % (rid, manifest.get("digest"), digest)
+            )
+        write_atomic(os.path.join(self.host.incoming, rid + ".manifest"), raw)
+        write_atomic(os.path.join(self.host.incoming, rid + ".sig"), sig)
+        known = self.host.known_objects()
+        wanted = {}
+        for e in manifest["content"]["files"]:
+            if e["sha256"] not in known:
+                wanted[e["sha256"]] = e["size"]
+        nbytes = 0
+        import urllib.request
+
+        for sha, size in sorted(wanted.items()):
+            part = os.path.join(self.host.incoming, sha + ".part")
+            req = urllib.request.Request("%s/v1/objects/%s" % (self.server, sha))
+            h, got = hashlib.sha256(), 0
+            with (
+                urllib.request.urlopen(req, timeout=120, context=self.ctx) as r,
+                open(part, "wb") as out,
+            ):
+                while True:
+                    chunk = r.read(CHUNK)
+                    if not chunk:
+                        break
+                    got += len(chunk)
+                    if got > size:
+                        break
+                    h.update(chunk)
+                    out.write(chunk)
+            if got != size or h.hexdigest() != sha:
+                os.unlink(part)
+                raise integrity(
+                    "object %s arrived corrupted (sha256 %s, %d bytes)" % (sha, h.hexdigest(), got)
+                )
+            os.replace(part, os.path.join(self.host.incoming, sha))
+            nbytes += size
+        return {"needed": len(wanted), "bytes": nbytes}
+
+
+def in_window(window, now):
+    """Is `now` (a UTC struct_time) inside {"start": "HH:MM", "end": "HH:MM"} (UTC)?"""
+    if not window:
+        return False
+    minute = now.tm_hour * 60 + now.tm_min
+    start = [int(x) for x in window["start"].split(":")]
+    end = [int(x) for x in window["end"].split(":")]
+    a, b = start[0] * 60 + start[1], end[0] * 60 + end[1]
+    return a <= minute < b if a <= b else (minute >= a or minute < b)
+
+
+def pull_main(mode, root):
+    if mode == "apply-now":
+        path = os.path.join(os.path.abspath(root), PULL_DIR, "apply-now")
+        write_atomic(path, b"1\n")
+        reply({"apply_now": True})
+        return 0
+    try:
+        agent = PullAgent(root)
+    except (OSError, ValueError, KeyError, AgentError) as exc:
+        _plog("cannot start: %s" % (exc,))
+        return EXIT_INPUT
+    agent.run()
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["pull"], ["apply-now"]) and len(argv) == 3 and argv[1] == "--root":
+        return pull_main(argv[0], argv[2])
     if argv[:1] == ["serve"] and len(argv) == 3 and argv[1] == "--root":
         return serve(argv[2])  # the session's own start: no argparse to import
     import argparse

@@ -228,3 +228,16 @@ def gc(
         else f"{n} unreferenced item(s); run with --yes to remove them"
     )
     out.result(data, "\n".join([text, *(f"  {d}" for d in report.unreferenced)]))
+
+
+@app.command()
+def serve(
+    listen: Annotated[str, typer.Option("--listen", help="ADDR:PORT to listen on")],
+    insecure_http: Annotated[
+        bool, typer.Option("--insecure-http", help="plain HTTP, for labs only (no TLS)")
+    ] = False,
+) -> None:
+    """Serve signed manifests, objects and the pull agents' desired state over HTTPS."""
+    from orchestrator.dmlserver import serve as run_server
+
+    run_server(listen, insecure_http=insecure_http, progress=out.progress)

@@ -101,12 +101,13 @@ COMMANDS = (
         kind="command",
     ),
     CommandEntry("release", "Build release packages from release specs."),
-    CommandEntry("dml", "The Definitive Media Library: key, list, verify, gc."),
+    CommandEntry("dml", "The Definitive Media Library: key, list, verify, gc, serve."),
     CommandEntry("rfc", "Requests for change: raise, approve, show, wait."),
     CommandEntry("calendar", "Change windows and blackouts."),
     CommandEntry("remediate", "On-call: backout, recover, drift audit."),
     CommandEntry("els", "Early life support: re-run deployments' ELS checks during their period."),
     CommandEntry("lab", "A lab fleet of real sshd hosts on this machine."),
+    CommandEntry("agent", "Pull agents on hosts: install (over SSH), status, nudge, revoke."),
     CommandEntry("cms", "The CMS: apply migrations, verify the audit log.", kind="app"),
     CommandEntry(
         "prefect", "The Prefect server that runs Ferry's flows on the embedded default.", kind="app"

@@ -306,3 +306,53 @@ class HostLock(Base):
     pid_start: Mapped[str] = mapped_column(String(40), default="")
     acquired_at: Mapped[datetime]
     expires_at: Mapped[datetime]
+
+
+class PullAgent(Base):
+    """A host's pull agent (issue 12): its token, stored hashed (scrypt, never the token),
+    revocable, and its last heartbeat, which is kept apart from outcome reports so a silent
+    agent and a failed deployment are told apart."""
+
+    __tablename__ = "pull_agents"
+    host: Mapped[str] = mapped_column(String(200), primary_key=True)
+    token_salt: Mapped[str] = mapped_column(String(64))
+    token_hash: Mapped[str] = mapped_column(String(128))
+    issued_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    heartbeat: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    nudge: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class PullDesired(Base):
+    """The release a host should run (pull method): set by a deployment's wave or backout,
+    long-polled by the host's agent through `ferry dml serve`. `generation` grows with every
+    change, so an agent asks "anything after N?"."""
+
+    __tablename__ = "pull_desired"
+    host: Mapped[str] = mapped_column(String(200), primary_key=True)
+    generation: Mapped[int] = mapped_column(Integer, index=True)
+    environment: Mapped[str] = mapped_column(String(100))
+    deployment_id: Mapped[int | None] = mapped_column(default=None)
+    purpose: Mapped[str] = mapped_column(String(20))  # deploy | backout
+    release: Mapped[str | None] = mapped_column(String(300), default=None)
+    digest: Mapped[str | None] = mapped_column(String(80), default=None)
+    release_id: Mapped[str | None] = mapped_column(String(300), default=None)
+    apply: Mapped[str] = mapped_column(String(20), default="now")
+    spec: Mapped[dict[str, Any]] = mapped_column(default=dict)  # rendered hooks and checks
+    set_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PullReport(Base):
+    """One step or check result an agent reported for one desired generation."""
+
+    __tablename__ = "pull_reports"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    host: Mapped[str] = mapped_column(String(200), index=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    deployment_id: Mapped[int | None] = mapped_column(default=None, index=True)
+    release_id: Mapped[str | None] = mapped_column(String(300), default=None)
+    step: Mapped[str] = mapped_column(String(40))
+    ok: Mapped[bool] = mapped_column(default=False)
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    at: Mapped[datetime] = mapped_column(default=utcnow)

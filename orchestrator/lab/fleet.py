@@ -354,6 +354,10 @@ class Fleet:
             "network": self.state.bridge_cidr,
             "bridge": self.state.bridge,
             "bastion": self.bastion,
+            # where the hosts reach this machine (a DML server for pull agents listens there)
+            "gateway": self.state.bridge_cidr.split("/")[0]
+            if self.state.bridge_cidr
+            else "127.0.0.1",
             "up_seconds": self.state.up_seconds,
             "hosts": [
                 {

@@ -1,0 +1,61 @@
+"""`ferry dml serve`: the DML over HTTPS for pull agents (orchestrator.dmlserver.app)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable
+
+from orchestrator.errors import BadInput
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """ADDR:PORT (an IPv4 address, or [IPv6]) → (address, port), or exit 2 saying how."""
+    addr, sep, port = listen.rpartition(":")
+    addr = addr.strip("[]")
+    try:
+        ipaddress.ip_address(addr)
+        number = int(port)
+        if not sep or not 1 <= number <= 65535:
+            raise ValueError
+    except ValueError:
+        raise BadInput(
+            f"--listen {listen!r}: give ADDR:PORT, e.g. 198.18.0.1:8443 (`ferry lab status` "
+            "names the gateway address lab hosts reach)"
+        ) from None
+    return addr, number
+
+
+def serve(listen: str, *, insecure_http: bool, progress: Callable[[str], None]) -> None:
+    import uvicorn
+
+    from dml.store import DML
+    from orchestrator.dmlserver import tls
+    from orchestrator.dmlserver.app import make_app
+    from orchestrator.settings import get_settings
+
+    addr, port = parse_listen(listen)
+    settings = get_settings()
+    settings.log_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(settings.log_dir / "dmlserver.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log = logging.getLogger("ferry.dmlserver")
+    log.addHandler(handler)
+    log.addHandler(logging.StreamHandler())
+    log.setLevel(logging.INFO)
+    app = make_app(settings.cms_url, DML.from_settings(), settings.home / "dmlserver")
+    options: dict[str, object] = {}
+    scheme = "http"
+    if not insecure_http:
+        cert, key = tls.server_certificate(settings.home, [addr])
+        options = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+        scheme = "https"
+    progress(
+        f"serving the DML on {scheme}://{listen}"
+        + ("" if insecure_http else f" (CA: {tls.pki_dir(settings.home) / 'ca.pem'})")
+    )
+    config = uvicorn.Config(
+        app, host=addr, port=port, log_level="warning", access_log=False,
+        timeout_keep_alive=75, backlog=4096, **options,  # type: ignore[arg-type]
+    )  # fmt: skip
+    uvicorn.Server(config).run()

@@ -1,0 +1,276 @@
+"""The DML server (Act): signed manifests, content-addressed objects and the desired-state
+API of the pull method, as one ASGI app (Starlette) that `ferry dml serve` runs on uvicorn.
+
+    GET  /v1/health
+    GET  /v1/releases/<release-id>/manifest | /signature   signed, immutable, cacheable
+    GET  /v1/objects/<sha256>                              one file's bytes (range requests)
+    GET  /v1/hosts/<host>/desired?after=N&wait=S           long-poll: answers the moment the
+                                                           host's desired state passes N
+    POST /v1/hosts/<host>/reports                          step and check results
+    POST /v1/hosts/<host>/heartbeat                        alive, apart from outcomes
+
+Manifests and objects need no token: they are signed (the agent checks the signature with
+its pinned DML key and every sha256 before anything runs) and content-addressed, so any web
+server or object store could serve them. The host API needs the host's own token (Bearer);
+a token of another host, a forged or a revoked one is refused with 401/403 and logged —
+the host, the path and the reason, never the token. The desired state and the reports live
+in the CMS; the server holds nothing a restart could lose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from orchestrator import pullstate
+
+log = logging.getLogger("ferry.dmlserver")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
+TICK = 0.25  # how often the server looks for changed desired state in the CMS
+MAX_WAIT = 60.0
+IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable"}
+
+
+class Refused(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+class ServerState:
+    def __init__(self, cms_url: str, dml: Any, cache: Path) -> None:
+        self.url = cms_url
+        self.dml = dml
+        self.cache = cache
+        self.generations: dict[str, int] = {}
+        self.nudges: dict[str, int] = {}
+        self.changed = asyncio.Event()
+        self._verified: dict[tuple[str, str], str] = {}  # (host, sha256 of token) → hash
+        self._packages: dict[str, tuple[bytes, bytes, Any]] = {}
+        self._lock = threading.Lock()
+        self.refused = 0
+
+    # -- the CMS, watched ------------------------------------------------------------------
+    def poll(self) -> bool:
+        gens = pullstate.generations(self.url)
+        nudges = {h: a.nudge for h, a in pullstate.agents(self.url).items()}
+        moved = gens != self.generations or nudges != self.nudges
+        self.generations, self.nudges = gens, nudges
+        return moved
+
+    async def watch(self) -> None:
+        while True:
+            try:
+                if await run_in_threadpool(self.poll):
+                    event, self.changed = self.changed, asyncio.Event()
+                    event.set()
+            except Exception as exc:  # noqa: BLE001 - the CMS may be busy: try next tick
+                log.warning("desired state not read: %s", exc)
+            await asyncio.sleep(TICK)
+
+    # -- tokens ----------------------------------------------------------------------------
+    def authorize(self, request: Request, host: str) -> None:
+        header = request.headers.get("authorization", "")
+        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        if not token:
+            raise Refused(401, "no token")
+        parts = pullstate.split_token(token)
+        if parts is None:
+            raise Refused(401, "malformed token")
+        if parts[0] != host:
+            raise Refused(403, f"a token of host {parts[0]!r} asked for host {host!r}")
+        row = pullstate.agents(self.url).get(host)
+        if row is None:
+            raise Refused(401, "no agent installed for this host")
+        if row.revoked:
+            raise Refused(401, "token revoked")
+        key = (host, hashlib.sha256(token.encode()).hexdigest())
+        if self._verified.get(key) == row.digest:
+            return  # scrypt once per token, not once per request
+        if not pullstate.token_matches(token, host, row.salt, row.digest):
+            raise Refused(401, "token does not match")
+        self._verified[key] = row.digest
+
+    # -- packages --------------------------------------------------------------------------
+    def package(self, release_id: str) -> tuple[bytes, bytes, Any]:
+        """(manifest, signature, object cache) of a release some host is pointed at."""
+        with self._lock:
+            got = self._packages.get(release_id)
+            if got is not None:
+                return got
+            wanted = [
+                d for d in pullstate.desired_all(self.url).values() if d.release_id == release_id
+            ]
+            if not wanted or wanted[0].release is None:
+                raise Refused(404, f"no host is pointed at release {release_id}")
+            from orchestrator.objects import ObjectCache
+
+            pkg = self.dml.open(wanted[0].release)  # signature + every checksum
+            if pkg.digest != wanted[0].digest:
+                raise Refused(409, f"the DML's {wanted[0].release} is not {wanted[0].digest}")
+            objects = ObjectCache(pkg, self.cache)
+            objects.ensure()
+            got = (pkg.manifest_bytes, self.dml.signature_for_hosts(pkg), objects)
+            self._packages[release_id] = got
+            return got
+
+
+def _refuse(request: Request, host: str, exc: Refused) -> Response:
+    state: ServerState = request.app.state.ferry
+    state.refused += 1
+    client = request.client.host if request.client else "?"
+    log.warning(
+        "refused %s %s for host %s from %s: %s",
+        request.method, request.url.path, host, client, exc.reason,
+    )  # fmt: skip
+    return JSONResponse({"error": "refused", "reason": exc.reason}, status_code=exc.status)
+
+
+async def _authorized(request: Request) -> tuple[ServerState, str] | Response:
+    state: ServerState = request.app.state.ferry
+    host = request.path_params["host"]
+    if not _NAME.match(host):
+        return _refuse(request, host[:60], Refused(400, "bad host name"))
+    try:
+        await run_in_threadpool(state.authorize, request, host)
+    except Refused as exc:
+        return _refuse(request, host, exc)
+    return state, host
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"ok": True})
+
+
+async def release_file(request: Request) -> Response:
+    state: ServerState = request.app.state.ferry
+    rid, part = request.path_params["rid"], request.path_params["part"]
+    if not _NAME.match(rid) or part not in ("manifest", "signature"):
+        return JSONResponse({"error": "not found"}, status_code=404)
+    try:
+        manifest, signature, _ = await run_in_threadpool(state.package, rid)
+    except Refused as exc:
+        return JSONResponse({"error": exc.reason}, status_code=exc.status)
+    body = manifest if part == "manifest" else signature
+    return Response(body, media_type="application/octet-stream", headers=IMMUTABLE)
+
+
+async def object_file(request: Request) -> Response:
+    state: ServerState = request.app.state.ferry
+    sha = request.path_params["sha"]
+    path = state.cache / "objects" / sha
+    if not _SHA.match(sha) or not path.is_file():
+        return JSONResponse({"error": "not found"}, status_code=404)
+    return FileResponse(path, media_type="application/octet-stream", headers=IMMUTABLE)
+
+
+async def desired(request: Request) -> Response:
+    got = await _authorized(request)
+    if isinstance(got, Response):
+        return got
+    state, host = got
+    try:
+        after = int(request.query_params.get("after", "-1"))
+        seen_nudge = int(request.query_params.get("nudge", "-1"))
+        wait = min(float(request.query_params.get("wait", "25")), MAX_WAIT)
+    except ValueError:
+        return JSONResponse({"error": "after, nudge and wait are numbers"}, status_code=400)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max(0.0, wait)
+    while True:
+        gen = state.generations.get(host, 0)
+        nudge = state.nudges.get(host, 0)
+        if gen > after or (seen_nudge >= 0 and nudge != seen_nudge):
+            break
+        left = deadline - loop.time()
+        if left <= 0:
+            return JSONResponse({"changed": False, "generation": gen, "nudge": nudge})
+        try:
+            await asyncio.wait_for(state.changed.wait(), timeout=left)
+        except TimeoutError:
+            pass
+    d = await run_in_threadpool(pullstate.desired, state.url, host)
+    body: dict[str, Any] = {"changed": True, "nudge": state.nudges.get(host, 0)}
+    body.update(d.to_dict() if d else {"generation": 0, "release_id": None, "purpose": None})
+    return JSONResponse(body)
+
+
+async def report(request: Request) -> Response:
+    got = await _authorized(request)
+    if isinstance(got, Response):
+        return got
+    state, host = got
+    try:
+        body = await request.json()
+        items = body if isinstance(body, list) else [body]
+        for item in items:
+            if item.get("host", host) != host:
+                raise Refused(403, f"host {host} reported for host {item.get('host')!r}")
+            int(item["generation"]), str(item["step"]), bool(item["ok"])
+    except Refused as exc:
+        return _refuse(request, host, exc)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return JSONResponse({"error": "a report is {generation, step, ok, …}"}, status_code=400)
+    current = await run_in_threadpool(pullstate.desired, state.url, host)
+    for item in items:
+        if current is None or int(item["generation"]) > current.generation:
+            return _refuse(
+                request, host, Refused(403, f"report for generation {item['generation']} "
+                                            "this host was never given")
+            )  # fmt: skip
+    for item in items:
+        await run_in_threadpool(pullstate.add_report, state.url, host, item)
+    return JSONResponse({"recorded": len(items)})
+
+
+async def heartbeat(request: Request) -> Response:
+    got = await _authorized(request)
+    if isinstance(got, Response):
+        return got
+    state, host = got
+    try:
+        data = await request.json()
+        if not isinstance(data, dict):
+            raise ValueError
+    except ValueError:
+        return JSONResponse({"error": "a heartbeat is a JSON object"}, status_code=400)
+    keep = {k: data.get(k) for k in ("current", "pending", "applying", "backed_out", "agent")}
+    await run_in_threadpool(pullstate.heartbeat, state.url, host, keep)
+    return JSONResponse({"ok": True})
+
+
+def make_app(cms_url: str, dml: Any, cache: Path) -> Starlette:
+    state_box: dict[str, Any] = {}
+
+    async def lifespan(app: Starlette):  # type: ignore[no-untyped-def]
+        state = ServerState(cms_url, dml, cache)
+        await run_in_threadpool(state.poll)
+        app.state.ferry = state
+        task = asyncio.create_task(state.watch())
+        state_box["state"] = state
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    routes = [
+        Route("/v1/health", health),
+        Route("/v1/releases/{rid}/{part}", release_file),
+        Route("/v1/objects/{sha}", object_file),
+        Route("/v1/hosts/{host}/desired", desired),
+        Route("/v1/hosts/{host}/reports", report, methods=["POST"]),
+        Route("/v1/hosts/{host}/heartbeat", heartbeat, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

@@ -1,0 +1,147 @@
+"""Pull agents on hosts (Act): install over SSH, and the supervised daemon they run.
+
+`install` reaches each host the way a push deployment does (the inventory's SSH settings,
+strict host keys, the verified agent session), pins the DML key there, writes the agent,
+its config, the CA that signed the DML server's certificate and a new token (0600, the
+only copy outside the CMS's hash), and starts the daemon: a systemd unit where there is
+systemd, else a supervised loop (`supervise.sh`) that checks the agent file's sha256
+before every start and restarts it when it ends. Lab hosts run the loop; `ferry lab down`
+ends it with every other process of the hosts' namespaces.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from orchestrator import pullstate
+from orchestrator.errors import FerryError
+from orchestrator.inventory import Host, SSHSettings
+
+AGENT_FILE = Path(__file__).parent / "agent" / "ferry_agent.py"
+PULL_DIR = ".ferry/pull"
+
+SUPERVISOR = """#!/bin/sh
+# Ferry's pull agent, supervised (no systemd here): the agent file runs only while its
+# sha256 is the one Ferry installed; when the agent ends it starts again.
+d="$1"; root="$2"; want="$3"
+while :; do
+  got=$(sha256sum "$d/ferry_agent.py" | cut -d' ' -f1)
+  if [ "$got" != "$want" ]; then
+    echo "agent file $d/ferry_agent.py was modified (sha256 $got): not run"
+    sleep 30
+    continue
+  fi
+  python3 "$d/ferry_agent.py" pull --root "$root" &
+  echo $! > "$d/agent.pid"
+  wait $!
+  sleep 1
+done
+"""
+
+INSTALL = r"""set -e
+d="$FERRY_ROOT/.ferry/pull"
+mkdir -p "$d"
+chmod 700 "$d"
+if [ -s "$d/daemon.pid" ]; then kill -TERM -- "-$(cat "$d/daemon.pid")" 2>/dev/null || true; fi
+umask 077
+printf %s "$FERRY_AGENT_B64" | base64 -d > "$d/ferry_agent.py.tmp"
+mv "$d/ferry_agent.py.tmp" "$d/ferry_agent.py"
+printf %s "$FERRY_SUPERVISOR" > "$d/supervise.sh"
+printf %s "$FERRY_CONFIG" > "$d/config.json"
+printf %s "$FERRY_TOKEN" > "$d/token"
+printf %s "$FERRY_CA" > "$d/ca.pem"
+setsid sh "$d/supervise.sh" "$d" "$FERRY_ROOT" "$FERRY_AGENT_SHA" \
+  >> "$d/agent.log" 2>&1 < /dev/null &
+echo $! > "$d/daemon.pid"
+echo "started $(cat "$d/daemon.pid")"
+"""
+
+STOP = r"""d="$FERRY_ROOT/.ferry/pull"
+if [ -s "$d/daemon.pid" ]; then kill -TERM -- "-$(cat "$d/daemon.pid")" 2>/dev/null || true; fi
+rm -f "$d/daemon.pid" "$d/token"
+echo stopped
+"""
+
+Progress = Callable[[str], None]
+
+
+def agent_source() -> bytes:
+    return AGENT_FILE.read_bytes()
+
+
+def install(
+    url: str,
+    hosts: list[Host],
+    ssh: SSHSettings,
+    roots: dict[str, str],
+    *,
+    pull: dict[str, Any],
+    key_hex: str,
+    rotations: list[dict[str, str]],
+    ca_pem: str,
+    progress: Progress,
+    concurrency: int = 10,
+) -> list[dict[str, Any]]:
+    """Install and start the agent on every host; one result per host (error as data)."""
+    from orchestrator.hostops import HostOps
+
+    source = agent_source()
+    sha = hashlib.sha256(source).hexdigest()
+    insecure = str(pull["server"]).startswith("http://")
+
+    def one(h: Host) -> dict[str, Any]:
+        root = roots[h.name]
+        try:
+            ops = HostOps.open(h, ssh, root, timeout=60, connect_timeout=ssh.connect_timeout)
+        except FerryError as exc:
+            return {"host": h.name, "installed": False, "error": exc.message}
+        try:
+            ops.call("install", "pin", key=key_hex, rotations=rotations)
+            token = pullstate.issue_token(url, h.name)
+            config = {
+                "server": pull["server"],
+                "host": h.name,
+                "poll": pull.get("poll", 30),
+                "heartbeat": pull.get("heartbeat", 10),
+                "insecure_http": insecure,
+            }
+            env = {
+                "FERRY_ROOT": root,
+                "FERRY_AGENT_B64": base64.b64encode(source).decode(),
+                "FERRY_AGENT_SHA": sha,
+                "FERRY_SUPERVISOR": SUPERVISOR,
+                "FERRY_CONFIG": json.dumps(config),
+                "FERRY_TOKEN": token,
+                "FERRY_CA": "" if insecure else ca_pem,
+            }
+            res = ops.run("install", INSTALL, env, None)
+            if res["rc"] != 0:
+                why = res["output"].replace(token, "***")[-500:]  # never a token in a record
+                return {"host": h.name, "installed": False, "error": f"install failed: {why}"}
+            progress(f"  {h.name}: agent started (pull from {pull['server']})")
+            return {"host": h.name, "installed": True, "agent_sha256": sha, "root": root}
+        except FerryError as exc:
+            return {"host": h.name, "installed": False, "error": exc.message}
+        finally:
+            ops.close()
+
+    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(hosts)))) as pool:
+        return list(pool.map(one, hosts))
+
+
+def stop(host: Host, ssh: SSHSettings, root: str) -> dict[str, Any]:
+    """End the host's daemon and remove its token file (revoke does the CMS side)."""
+    from orchestrator.hostops import HostOps
+
+    ops = HostOps.open(host, ssh, root, timeout=30, connect_timeout=ssh.connect_timeout)
+    try:
+        res = ops.run("install", STOP, {"FERRY_ROOT": root}, None)
+        return {"host": host.name, "stopped": res["rc"] == 0}
+    finally:
+        ops.close()
