@@ -9,7 +9,14 @@ from pathlib import Path
 import yaml
 
 from tests.deploy.helpers import (
-    BROKEN_CHECK, HOOKS, build, deploy, files_match, host_release, rfc, rid,
+    BROKEN_CHECK,
+    HOOKS,
+    build,
+    deploy,
+    files_match,
+    host_release,
+    rfc,
+    rid,
 )  # fmt: skip
 
 HOSTS = [f"h{i}" for i in range(1, 13)]
@@ -85,3 +92,33 @@ def test_phased_pull_to_12_hosts_and_a_down_host_converges_when_it_is_up(
     )
     report = agent_status(run_ferry)["h12"]["last_report"]
     assert report["ok"] and report["release_id"] == target
+
+
+def test_a_failing_check_on_a_wave_2_host_backs_waves_1_and_2_out_through_the_agents(
+    pull_fleet, dml_server, run_ferry, ferry_home
+):
+    fleet = pull_fleet
+    build(ferry_home, "1.0")
+    build(ferry_home, "2.0")
+    p = pull_plan(ferry_home, fleet, dml_server)
+    install(run_ferry, p)
+    res = deploy(run_ferry, p, "shop@1.0", rfc(run_ferry, "shop@1.0"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    old, new = rid("shop@1.0"), rid("shop@2.0")
+    (fleet.root_dir("h3") / "shared" / "broken-2.0").write_text("x")  # wave 2: h2, h3
+    res = deploy(run_ferry, p, "shop@2.0", rfc(run_ferry, "shop@2.0"))
+    assert res.returncode == 4, res.stdout + res.stderr  # backed out, as for push
+    out = res.json()
+    restored = {r["host"] for r in out["backout"] if r["restored"]}
+    assert restored == {"h1", "h2", "h3"}, out["backout"]
+    for h in HOSTS:
+        assert host_release(fleet, h) == old, h
+        assert files_match(fleet, h, "shop@1.0"), h
+    for h in HOSTS[3:]:  # wave 3 never received the new release
+        assert not (fleet.root_dir(h) / "releases" / new).exists(), h
+    status = agent_status(run_ferry)
+    assert {h: status[h]["desired"] for h in HOSTS} == dict.fromkeys(HOSTS, old)
+    # the agents remember: pointed at the backed-out release of that deployment again,
+    # they refuse it
+    state = (fleet.root_dir("h1") / ".ferry" / "pull" / "state.json").read_text()
+    assert new in state
