@@ -172,7 +172,7 @@ def test_the_server_killed_and_restarted_mid_wave_loses_nothing(
 ):
     fleet = pull_fleet
     build(ferry_home, "1.0")
-    hooks = {"install": "sleep 6 && mkdir -p {{ shared }}/data && echo ok > {{ shared }}/data/i"}
+    hooks = {"install": "sleep 10 && mkdir -p {{ shared }}/data && echo ok > {{ shared }}/data/i"}
     p = pull_plan(ferry_home, fleet, dml_server, targets=["h1", "h2", "h3"], strategy="big-bang",
                   waves=None, hooks=hooks)  # fmt: skip
     install(run_ferry, p)
@@ -184,14 +184,20 @@ def test_the_server_killed_and_restarted_mid_wave_loses_nothing(
     t = threading.Thread(target=run)
     t.start()
     # mid-wave: every host's agent has started the install hook
-    wait_for(
-        lambda: all((agent_status(run_ferry).get(h) or {}).get("last_report") and
-                    agent_status(run_ferry)[h]["last_report"]["step"] in ("verify", "snapshot")
-                    for h in ("h1", "h2", "h3")),
-        180, "the wave to be under way",
-    )  # fmt: skip
+    from orchestrator import pullstate
+    from orchestrator.settings import get_settings
+
+    def steps() -> dict[str, set[str]]:
+        got: dict[str, set[str]] = {"h1": set(), "h2": set(), "h3": set()}
+        for r in pullstate.reports(get_settings().cms_url, list(got)):
+            got[r.host].add(r.step)
+        return got
+
+    wait_for(lambda: all("verify" in s for s in steps().values()), 180, "the wave under way")
+    assert not any("install" in s for s in steps().values())  # the install hooks still run
     dml_server.stop(signal.SIGKILL)
-    time.sleep(8)  # the hooks finish while the server is away: their reports wait
+    time.sleep(12)  # the hooks finish while the server is away: their reports wait
+    assert not any("install" in s for s in steps().values())
     dml_server.start()
     t.join(timeout=300)
     res = result["res"]
