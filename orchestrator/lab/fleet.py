@@ -241,6 +241,7 @@ class Fleet:
         pids |= {h.proxy_pid for h in every if procs.is_ours(h.proxy_pid, h.proxy_start)}
         ns_files = [Path("/run/netns") / h.netns for h in every if h.netns]
         pids |= procs.in_namespaces(ns_files)
+        pids |= _pull_agents(every)  # loopback hosts' daemons left their sshd's tree
         pids |= procs.descendants(p for p in pids if p)
         procs.kill_and_reap(p for p in pids if p)
         if st.mode == "netns":
@@ -371,6 +372,25 @@ class Fleet:
                 for n, h in self.state.hosts.items()
             ],
         }
+
+
+def _pull_agents(hosts: list[HostState]) -> set[int]:
+    """The pull agent daemons the hosts run (`ferry agent install` wrote their pid files):
+    only a pid whose command line is the agent's supervisor, never a reused one."""
+    found: set[int] = set()
+    for h in hosts:
+        root = getattr(h, "root_dir", None)
+        if not root:
+            continue
+        pidfile = Path(root) / ".ferry" / "pull" / "daemon.pid"
+        try:
+            pid = int(pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if b"supervise.sh" in cmdline:
+            found.add(pid)
+    return found
 
 
 def _json_links() -> list[dict[str, Any]]:

@@ -1,0 +1,149 @@
+"""The pull method's pure parts (issue 12): plan settings, the steps an agent is given,
+tokens, and the agent's own window rule. The fleet tests are in tests/pull/."""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.agent import ferry_agent
+from orchestrator.backout import BackoutAction
+from orchestrator.errors import ExitCode, SpecError
+from orchestrator.plan import Milestone, Timeouts, load_plan
+from orchestrator.pull import backout_spec, forward_spec
+from orchestrator.pullstate import hash_secret, split_token, token_matches
+from orchestrator.rollout import Baseline, HostAction, RenderedCheck, Rollout, StepCommand, WavePlan
+
+PLAN = "environment: dev\nstrategy: big-bang\n"
+
+
+def refused(path: Path, text: str) -> str:
+    path.write_text(textwrap.dedent(text))
+    with pytest.raises(SpecError) as caught:
+        load_plan(path)
+    assert caught.value.exit_code == ExitCode.BAD_INPUT
+    assert "\n" not in caught.value.message and str(path) in caught.value.message
+    return caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ("method: pull\n", "method pull needs pull: {server"),
+        ("pull: {server: 'https://198.18.0.1:8443'}\n", "pull: settings need method: pull"),
+        ("method: pull\npull: {server: 'ftp://x'}\n", "the DML server is https://"),
+        ("method: pull\npull: {server: 'https://a:1', apply: window}\n", "apply: window needs"),
+        ("method: pull\npull: {server: 'https://a:1', apply: later}\n", "pull.apply"),
+        (
+            "method: pull\npull: {server: 'https://a:1', apply: window, "
+            "window: {start: '25:00', end: '03:00'}}\n",
+            "a window time is HH:MM",
+        ),
+    ],
+)
+def test_bad_pull_settings_are_exit_2_naming_the_field(tmp_path: Path, extra: str, says: str):
+    assert says in refused(tmp_path / "plan.yaml", PLAN + extra)
+
+
+def test_good_pull_settings_load(tmp_path: Path) -> None:
+    (tmp_path / "plan.yaml").write_text(
+        PLAN + "method: pull\npull: {server: 'https://198.18.0.1:8443/', poll: 10s, apply: boot}\n"
+    )
+    plan = load_plan(tmp_path / "plan.yaml")
+    assert plan.pull is not None
+    assert (plan.pull.server, plan.pull.poll, plan.pull.apply) == (
+        "https://198.18.0.1:8443", 10.0, "boot",
+    )  # fmt: skip
+
+
+CHECK = RenderedCheck("health", "http", "http://127.0.0.1/health")
+
+
+def rollout(action: HostAction) -> Rollout:
+    return Rollout(
+        release="shop@2.0", digest="sha256:" + "b" * 64, release_id="shop-2.0-bbbbbbbbbbbb",
+        environment="dev", strategy="big-bang", method="pull", concurrency=5,
+        waves=(WavePlan(1, (action,)),), milestone=Milestone(), timeouts=Timeouts(step=30),
+        pull={"server": "https://a:1", "apply": "now"},
+    )  # fmt: skip
+
+
+ACTION = HostAction(
+    host="h1", address="198.18.0.2", port=22, deploy_root="/srv/app",
+    steps=("stage", "verify", "install", "activate", "check"),
+    prior=Baseline("shop@1.0", "sha256:" + "a" * 64),
+    forward={
+        "install": StepCommand("make install", (("app.conf", "x=1\n"),)),
+        "activate": StepCommand("systemctl reload shop"),
+        "check": StepCommand("./health"),
+    },
+    backout={
+        "reactivate": StepCommand("systemctl reload shop"),
+        "recheck": StepCommand("./health", checks=(CHECK,)),
+    },
+    checks=(CHECK,),
+    context={"release_path": "/srv/app/releases/shop-2.0-bbbbbbbbbbbb", "version": "2.0"},
+    backout_context={"release_path": "/srv/app/releases/shop-1.0-aaaaaaaaaaaa"},
+)  # fmt: skip
+
+
+def test_the_agent_is_given_the_planners_steps_in_order_then_the_milestone_checks() -> None:
+    spec = forward_spec(rollout(ACTION), ACTION)
+    assert [a["step"] for a in spec["actions"]] == [*ACTION.steps, "milestone"]
+    by = {a["step"]: a for a in spec["actions"]}
+    assert by["install"] == {
+        "step": "install",
+        "run": "make install",
+        "config": {"app.conf": "x=1\n"},
+    }
+    assert by["activate"]["switch"] == "shop-2.0-bbbbbbbbbbbb"
+    assert "run" not in by["stage"] and "switch" not in by["check"]
+    assert by["milestone"]["checks"][0]["target"] == "http://127.0.0.1/health"
+    assert spec["env"]["FERRY_VERSION"] == "2.0"
+    assert spec["cwd"] == ACTION.context["release_path"] and spec["timeout"] == 30
+
+
+def test_backout_points_the_agent_at_its_prior_and_only_revert_may_stop_it() -> None:
+    b = BackoutAction("h1", ACTION.prior, ("revert", "reactivate", "recheck"))
+    spec = backout_spec(rollout(ACTION), ACTION, b)
+    steps = [a["step"] for a in spec["actions"]]
+    assert steps == ["stage", "verify", "revert", "reactivate", "recheck"]
+    by = {a["step"]: a for a in spec["actions"]}
+    assert by["revert"] == {"step": "revert", "switch": "shop-1.0-aaaaaaaaaaaa"}
+    assert by["reactivate"]["warn_only"] and by["recheck"]["warn_only"]
+    assert by["recheck"]["checks"][0]["label"] == "health"
+    assert spec["leaving"] == "shop-2.0-bbbbbbbbbbbb"  # the agent remembers it was backed out
+    # no prior: back to nothing, nothing to stage
+    none = backout_spec(rollout(ACTION), ACTION, BackoutAction("h1", None, ("revert",)))
+    assert none["actions"] == [{"step": "revert", "switch": None}]
+
+
+def test_a_token_answers_only_for_its_own_host() -> None:
+    salt = "00" * 16
+    digest = hash_secret("s3cret", salt)
+    assert token_matches("h1.s3cret", "h1", salt, digest)
+    assert not token_matches("h2.s3cret", "h1", salt, digest)
+    assert not token_matches("h1.s3cret2", "h1", salt, digest)
+    assert not token_matches("s3cret", "h1", salt, digest)
+    assert split_token("web.1.abc") == ("web.1", "abc")
+    assert digest != hash_secret("s3cret", "11" * 16)  # salted
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "hhmm", "inside"),
+    [
+        ("02:00", "04:00", (3, 0), True),
+        ("02:00", "04:00", (4, 0), False),
+        ("02:00", "04:00", (1, 59), False),
+        ("22:00", "02:00", (23, 30), True),  # past midnight
+        ("22:00", "02:00", (1, 0), True),
+        ("22:00", "02:00", (12, 0), False),
+    ],
+)
+def test_the_agents_window_rule(start: str, end: str, hhmm: tuple[int, int], inside: bool):
+    now = time.struct_time((2026, 1, 1, hhmm[0], hhmm[1], 0, 3, 1, 0))
+    assert ferry_agent.in_window({"start": start, "end": end}, now) is inside
+    assert ferry_agent.in_window(None, now) is False
