@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from dml.store import DML
 from tests.deploy.helpers import (
     BROKEN_CHECK,
     HOOKS,
@@ -120,5 +121,23 @@ def test_a_failing_check_on_a_wave_2_host_backs_waves_1_and_2_out_through_the_ag
     assert {h: status[h]["desired"] for h in HOSTS} == dict.fromkeys(HOSTS, old)
     # the agents remember: pointed at the backed-out release of that deployment again,
     # they refuse it
-    state = (fleet.root_dir("h1") / ".ferry" / "pull" / "state.json").read_text()
-    assert new in state
+    from orchestrator import pullstate
+    from orchestrator.settings import get_settings
+
+    url = get_settings().cms_url
+    again = pullstate.desired(url, "h1")
+    assert again is not None and again.purpose == "backout"
+    gen = pullstate.set_desired(url, "dev", [{
+        "host": "h1", "deployment_id": res.json()["id"], "purpose": "deploy",
+        "release": "shop@2.0", "digest": DML.from_settings().open("shop@2.0").digest,
+        "release_id": new, "spec": {},
+    }])["h1"]  # fmt: skip
+
+    def refused() -> bool:
+        return any(
+            r.generation == gen and r.step == "refused" and not r.ok
+            for r in pullstate.reports(url, ["h1"])
+        )
+
+    wait_for(refused, 60, "h1's agent to refuse the backed-out release")
+    assert host_release(fleet, "h1") == old

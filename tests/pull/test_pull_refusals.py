@@ -110,6 +110,15 @@ def test_a_tampered_object_and_a_wrong_signature_are_refused_before_anything_run
         assert host_release(fleet, h) is None
         assert shared_file(fleet, h, "data/schema") is None  # no hook ran
         assert not (fleet.root_dir(h) / "releases" / rid("shop@1.0")).exists()
+    # objects are static and content-addressed: range requests for resumable downloads
+    other = next(f for f in pkg.files if f.sha256 != victim.sha256 and f.size > 2)
+    req = urllib.request.Request(
+        f"{dml_server.url}/v1/objects/{other.sha256}", headers={"Range": "bytes=0-1"}
+    )
+    ctx = ssl.create_default_context(cafile=str(dml_server.ca))
+    with urllib.request.urlopen(req, timeout=30, context=ctx) as r:
+        assert r.status == 206 and len(r.read()) == 2
+        assert "immutable" in r.headers["Cache-Control"]
 
 
 def test_a_swapped_server_certificate_is_refused_by_the_agent(
