@@ -130,6 +130,10 @@ def test_a_token_answers_only_for_its_own_host() -> None:
     assert not token_matches("s3cret", "h1", salt, digest)
     assert split_token("web.1.abc") == ("web.1", "abc")
     assert digest != hash_secret("s3cret", "11" * 16)  # salted
+    assert digest.startswith("scrypt:2048:8:1:")  # its parameters travel with it
+    older = hash_secret("s3cret", salt, {"n": 2**14, "r": 8, "p": 1})
+    assert token_matches("h1.s3cret", "h1", salt, older)
+    assert not token_matches("h1.s3cret", "h1", salt, "not-a-hash")
 
 
 @pytest.mark.parametrize(
