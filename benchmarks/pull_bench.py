@@ -1,0 +1,247 @@
+"""Pull deployment benchmarks (issue 12). NOT run by the test suite; not yet run at all.
+
+    .venv/bin/python -m benchmarks.pull_bench throughput --hosts 50 --mib 100
+    .venv/bin/python -m benchmarks.pull_bench idle --agents 200 --polls 10000
+
+throughput: one release of --mib MiB to --hosts fresh lab hosts, three ways, on the same
+  fleet: Ferry push (`method: push`), Ferry pull (`method: pull`, agents installed by
+  `ferry agent install`, the server `ferry dml serve` on the fleet's gateway), and raw HTTP:
+  every host downloading the package's files from the same server at once (the ceiling pull
+  is held to: pull ≥ 0.8× its throughput).
+idle: --agents real agents idling on a fleet, plus --polls simulated long-polls from one
+  asyncio load generator on 127.0.0.1 (hosts `sim-N`, each with its own token); the server's
+  CPU and memory while they wait, and the time from a wave's desired state to the last
+  simulated agent's answer (when it would begin its download).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks.common import FERRY_BIN, log
+from benchmarks.content import make_tree
+from benchmarks.ferry_side import FerryHome, PrefectServer, write_plan
+from orchestrator.lab.fleet import Fleet
+
+
+def _free_port(addr: str) -> int:
+    with socket.socket() as s:
+        s.bind((addr, 0))
+        return int(s.getsockname()[1])
+
+
+class DMLServer:
+    def __init__(self, home: FerryHome, listen: str) -> None:
+        self.home, self.listen, self.proc = home, listen, None
+
+    def start(self) -> None:
+        self.log = open(self.home.dir / "dmlserver.out", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [str(FERRY_BIN), "dml", "serve", "--listen", self.listen],
+            env=self.home.env, cwd=self.home.dir, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        addr, port = self.listen.split(":")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection((addr, int(port)), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError("ferry dml serve did not listen within 60 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(30)
+
+    def usage(self) -> dict[str, float]:
+        """CPU seconds and RSS of the server process (from /proc)."""
+        assert self.proc is not None
+        stat = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        rss = int(Path(f"/proc/{self.proc.pid}/statm").read_text().split()[1])
+        return {
+            "cpu_s": (int(stat[11]) + int(stat[12])) / tick,
+            "rss_mib": rss * os.sysconf("SC_PAGE_SIZE") / 2**20,
+        }
+
+
+def pull_plan(path: Path, inventory: Path, server: str, hosts: int) -> Path:
+    doc = {
+        "environment": "dev", "inventory": str(inventory), "targets": "all",
+        "strategy": "big-bang", "method": "pull", "concurrency": hosts,
+        "pull": {"server": server, "poll": "30s", "heartbeat": "10s"},
+        "hooks": {"activate": "true"},
+        "milestone": {"max_failed": 0, "deadline": "900s",
+                      "checks": [{"command": "test -f {{ release_path }}/app/VERSION"}]},
+        "timeouts": {"step": "900s", "connect": "30s"},
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def throughput(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="ferry-pullbench-"))
+    fleet = Fleet.up(work / "lab", args.hosts)
+    prefect = PrefectServer(work / "prefect")
+    out: dict[str, Any] = {"hosts": args.hosts, "mib": args.mib}
+    try:
+        url = prefect.start()
+        home = FerryHome(work / "home", url)
+        pkg = home.build(make_tree(work / "src", "1.0", args.mib * 2**20, 200))
+        total = pkg.size * args.hosts
+        # push
+        plan = write_plan(work / "push.yaml", fleet.inventory_path, concurrency=args.hosts)
+        d = home.deploy(plan, pkg.release)
+        out["push_s"] = d.wall
+        fleet.wipe()
+        # pull
+        gateway = fleet.status()["gateway"]
+        server = DMLServer(home, f"{gateway}:{_free_port(gateway)}")
+        server.start()
+        try:
+            plan = pull_plan(work / "pull.yaml", fleet.inventory_path,
+                             f"https://{server.listen}", args.hosts)  # fmt: skip
+            home.cli("agent", "install", "--plan", str(plan))
+            d = home.deploy(plan, pkg.release)
+            out["pull_s"] = d.wall
+            out["pull_server"] = server.usage()
+            # raw HTTP: every host fetches every file of the package at once (no checks)
+            ca = home.home / "pki" / "ca.pem"
+            shas = sorted(set(pkg.manifest.values()))
+            script = (
+                "import ssl,urllib.request,sys;c=ssl.create_default_context(cafile=sys.argv[1])\n"
+                "for s in sys.argv[3:]:\n"
+                "  r=urllib.request.urlopen(sys.argv[2]+'/v1/objects/'+s,context=c)\n"
+                "  while r.read(1<<20): pass\n"
+            )
+            for h in fleet.hosts:
+                (fleet.root_dir(h) / "ca.pem").write_bytes(ca.read_bytes())
+                (fleet.root_dir(h) / "get.py").write_text(script)
+            t0 = time.perf_counter()
+            threads = [
+                threading.Thread(target=fleet.ssh, args=(h, " ".join([
+                    "python3", f"{fleet.deploy_root(h)}/get.py", f"{fleet.deploy_root(h)}/ca.pem",
+                    f"https://{server.listen}", *shas]),), kwargs={"timeout": 1800})
+                for h in fleet.hosts
+            ]  # fmt: skip
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            out["raw_http_s"] = time.perf_counter() - t0
+        finally:
+            server.stop()
+        out["pull_mib_s"] = total / 2**20 / out["pull_s"]
+        out["raw_http_mib_s"] = total / 2**20 / out["raw_http_s"]
+        out["pull_vs_raw"] = out["pull_mib_s"] / out["raw_http_mib_s"]
+        out["target_met"] = out["pull_vs_raw"] >= 0.8
+    finally:
+        prefect.stop()
+        fleet.down()
+    return out
+
+
+async def _long_polls(url: str, tokens: dict[str, str], ca: Path, ready: asyncio.Event,
+                      answered: dict[str, float]) -> None:  # fmt: skip
+    """One long-poll per simulated host, over raw asyncio streams (HTTP/1.1 by hand)."""
+    addr, port = url.removeprefix("https://").split(":")
+    ctx = ssl.create_default_context(cafile=str(ca))
+
+    async def one(host: str, token: str) -> None:
+        reader, writer = await asyncio.open_connection(addr, int(port), ssl=ctx)
+        writer.write(
+            f"GET /v1/hosts/{host}/desired?after=0&wait=600 HTTP/1.1\r\nHost: {addr}\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n".encode()
+        )
+        await writer.drain()
+        await reader.readline()
+        answered[host] = time.monotonic()
+        writer.close()
+
+    tasks = [asyncio.create_task(one(h, t)) for h, t in tokens.items()]
+    ready.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def idle(args: argparse.Namespace) -> dict[str, Any]:
+    from orchestrator import pullstate
+
+    work = Path(tempfile.mkdtemp(prefix="ferry-pullidle-"))
+    fleet = Fleet.up(work / "lab", args.agents)
+    out: dict[str, Any] = {"agents": args.agents, "polls": args.polls}
+    try:
+        home = FerryHome(work / "home", None)
+        gateway = fleet.status()["gateway"]
+        server = DMLServer(home, f"{gateway}:{_free_port(gateway)}")
+        server.start()
+        try:
+            plan = pull_plan(work / "pull.yaml", fleet.inventory_path,
+                             f"https://{server.listen}", args.agents)  # fmt: skip
+            home.cli("agent", "install", "--plan", str(plan))
+            url = f"sqlite:///{home.home / 'cms.db'}"
+            tokens = {f"sim-{i}": pullstate.issue_token(url, f"sim-{i}") for i in range(args.polls)}
+            answered: dict[str, float] = {}
+            ready = asyncio.Event()
+
+            def load() -> None:
+                asyncio.run(_long_polls(f"https://{server.listen}", tokens,
+                                        home.home / "pki" / "ca.pem", ready, answered))  # fmt: skip
+
+            gen = threading.Thread(target=load, daemon=True)
+            gen.start()
+            time.sleep(args.settle)
+            before = server.usage()
+            time.sleep(args.idle)
+            after = server.usage()
+            out["idle_cpu_pct"] = 100 * (after["cpu_s"] - before["cpu_s"]) / args.idle
+            out["idle_rss_mib"] = after["rss_mib"]
+            t0 = time.monotonic()
+            pullstate.set_desired(url, "dev", [
+                {"host": h, "purpose": "deploy", "release": None, "release_id": None, "spec": {}}
+                for h in tokens
+            ])  # fmt: skip
+            gen.join(timeout=600)
+            out["wave_start_to_last_answer_s"] = max(answered.values(), default=t0) - t0
+            out["answered"] = len(answered)
+        finally:
+            server.stop()
+    finally:
+        fleet.down()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="benchmarks.pull_bench")
+    sub = p.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("throughput")
+    t.add_argument("--hosts", type=int, default=50)
+    t.add_argument("--mib", type=int, default=100)
+    i = sub.add_parser("idle")
+    i.add_argument("--agents", type=int, default=200)
+    i.add_argument("--polls", type=int, default=10000)
+    i.add_argument("--settle", type=float, default=60.0)
+    i.add_argument("--idle", type=float, default=60.0)
+    args = p.parse_args()
+    result = throughput(args) if args.what == "throughput" else idle(args)
+    log(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
