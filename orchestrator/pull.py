@@ -163,7 +163,10 @@ class PullDriver:
             if p.pending and not p.final:
                 self.pending.add(a.host)
                 continue
-            outcomes.append(self._outcome(a.host, p))
+            outcome = self._outcome(a.host, p)
+            if p.open_step is not None:  # begun before its desired state; never reported
+                self.record.end(p.open_step, "failed", {"error": outcome.reason})
+            outcomes.append(outcome)
         if self.pending:
             self.record.append_evidence(
                 "pending", [{"host": h, "apply": self.apply} for h in sorted(self.pending)]
@@ -319,6 +322,8 @@ class PullDriver:
                 r.current = p.failed[1].get("current")
             else:
                 r.error = self._silence(b.host)
+            if p.open_step is not None:
+                self.record.end(p.open_step, "failed", {"error": r.error})
             results.append(r)
             mark = "↩" if r.restored else "✗"
             what = f"restored to {r.current}" if r.restored else f"NOT restored: {r.error}"
