@@ -280,3 +280,25 @@ def forget(url: str, host: str) -> None:
     """Remove a host's desired state (its agent then keeps what it runs)."""
     with session_scope(url) as s:
         s.execute(delete(PullDesired).where(PullDesired.host == host))
+
+
+def pending(url: str, environment: str | None = None) -> list[dict[str, Any]]:
+    """Hosts whose agent holds a desired release until its own time (apply: boot/window):
+    the last report for their current desired generation says `pending`."""
+    out = []
+    with session_scope(url) as s:
+        q = select(PullDesired).where(PullDesired.purpose == "deploy")
+        if environment is not None:
+            q = q.where(PullDesired.environment == environment)
+        for d in s.scalars(q):
+            last = s.scalars(
+                select(PullReport)
+                .where(PullReport.host == d.host, PullReport.generation == d.generation)
+                .order_by(PullReport.id.desc())
+            ).first()
+            if last is not None and last.step == "pending":
+                out.append(
+                    {"host": d.host, "release_id": d.release_id, "apply": d.apply,
+                     "deployment": d.deployment_id, "environment": d.environment}
+                )  # fmt: skip
+    return sorted(out, key=lambda p: p["host"])

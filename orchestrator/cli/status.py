@@ -47,6 +47,12 @@ def status(
     data = gather(
         get_settings().cms_url, environment=env, deployment=deployment, host=host, limit=limit
     )
+    if deployment is None:  # pull hosts waiting for their own time: pending, not deployed
+        from orchestrator.pullstate import pending
+
+        data["pending"] = [
+            p for p in pending(get_settings().cms_url, env) if host is None or p["host"] == host
+        ]
     if deployment is not None:
         out.result(data, lambda: print_detail(data["deployment"]))
     else:
@@ -77,6 +83,8 @@ def print_status(data: dict[str, Any]) -> None:
         _p(f"  {key}  ({len(names)}): {', '.join(names)}")
     if not data["hosts"]:
         _p("  (no host baseline recorded)")
+    for p in data.get("pending", []):
+        _p(f"  {p['host']}: pending {p['release_id']} (apply: {p['apply']}, pull)")
     _p("Recent deployments:")
     for d in data["deployments"]:
         live = f" [{d['liveness']}]" if d["liveness"] else ""

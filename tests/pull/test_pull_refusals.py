@@ -244,6 +244,9 @@ def test_apply_boot_hosts_are_pending_until_their_agent_restarts(
     status = run_ferry("status", "-o", "json")
     assert status.returncode == 0 and "hosts" in status.json()
     assert target not in json.dumps(status.json()["hosts"])  # never shown as deployed
+    assert [(p["host"], p["release_id"]) for p in status.json()["pending"]] == [
+        ("h1", target), ("h2", target),
+    ]  # fmt: skip
     # h1's agent restarts (its supervisor starts it again): now it applies
     pid = int((fleet.root_dir("h1") / ".ferry" / "pull" / "agent.pid").read_text())
     os.kill(pid, signal.SIGTERM)
@@ -251,3 +254,8 @@ def test_apply_boot_hosts_are_pending_until_their_agent_restarts(
     time.sleep(3)
     assert host_release(fleet, "h2") is None
     assert agent_status(run_ferry)["h2"]["pending"] == target
+    wait_for(
+        lambda: [p["host"] for p in run_ferry("status", "-o", "json").json()["pending"]]
+        == ["h2"],
+        30, "ferry status to show only h2 pending",
+    )  # fmt: skip
