@@ -64,6 +64,8 @@ def test_tokens_see_and_report_only_their_own_host_and_refusals_are_logged_witho
     assert run_ferry("agent", "revoke", "h2").returncode == 0
     assert call(dml_server, "/v1/hosts/h2/desired?wait=0", t2)[0] == 401
     assert call(dml_server, "/v1/hosts/h2/heartbeat", t2, {"current": None})[0] == 401
+    assert run_ferry("agent", "nudge", "h1").returncode == 0
+    assert run_ferry("agent", "nudge", "h2").returncode == 2  # revoked: no active agent
     unknown = run_ferry("agent", "revoke", "h9")
     assert unknown.returncode == 2 and "h9" in unknown.stderr, unknown.stderr  # one line, no trace
     assert "Traceback" not in unknown.stderr
@@ -259,3 +261,8 @@ def test_apply_boot_hosts_are_pending_until_their_agent_restarts(
         == ["h2"],
         30, "ferry status to show only h2 pending",
     )  # fmt: skip
+    # a person on h2 applies at once with the agent's local command
+    agent = f"{fleet.deploy_root('h2')}/.ferry/pull/ferry_agent.py"
+    done = fleet.ssh("h2", f"python3 {agent} apply-now --root {fleet.deploy_root('h2')}")
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: host_release(fleet, "h2") == target, 60, "h2 to apply at once")
