@@ -66,15 +66,13 @@ def install(
         rotations=dml.rotations(), ca_pem=ca, progress=out.progress,
     )  # fmt: skip
     bad = [r for r in results if not r["installed"]]
-    out.result(
-        {"installed": results},
-        f"agent installed on {len(results) - len(bad)} of {len(results)} host(s)"
-        + "".join(f"\n  ✗ {r['host']}: {r['error']}" for r in bad),
-    )
-    if bad:
+    if bad:  # one error (exit 1, as an unreachable host is for push), every host's result in it
         raise FerryError(
-            f"{len(bad)} host(s) without an agent: {bad[0]['host']}: {bad[0]['error']}"
+            f"{len(bad)} of {len(results)} host(s) without an agent; first: {bad[0]['host']}: "
+            f"{bad[0]['error']}",
+            details={"installed": results},
         )
+    out.result({"installed": results}, f"agent installed on {len(results)} host(s)")
 
 
 @app.command()
