@@ -196,7 +196,7 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
                              f"https://{server.listen}", args.agents)  # fmt: skip
             home.cli("agent", "install", "--plan", str(plan))
             url = f"sqlite:///{home.home / 'cms.db'}"
-            tokens = {f"sim-{i}": pullstate.issue_token(url, f"sim-{i}") for i in range(args.polls)}
+            tokens = pullstate.issue_tokens(url, [f"sim-{i}" for i in range(args.polls)])
             answered: dict[str, float] = {}
             ready = asyncio.Event()
 

@@ -60,16 +60,23 @@ def token_matches(token: str, host: str, salt: str, digest: str) -> bool:
 
 def issue_token(url: str, host: str) -> str:
     """A new token for `host` (any earlier one stops working); returned once, never stored."""
-    secret = secrets.token_urlsafe(32)
-    salt = secrets.token_hex(16)
+    return issue_tokens(url, [host])[host]
+
+
+def issue_tokens(url: str, hosts: list[str]) -> dict[str, str]:
+    """New tokens for many hosts in one transaction (an install of a whole fleet)."""
+    tokens: dict[str, str] = {}
     with session_scope(url) as s:
-        row = s.get(PullAgent, host)
-        if row is None:
-            row = PullAgent(host=host, heartbeat={}, nudge=0)
-            s.add(row)
-        row.token_salt, row.token_hash = salt, hash_secret(secret, salt)
-        row.issued_at, row.revoked_at = utcnow(), None
-    return f"{host}.{secret}"
+        for host in hosts:
+            secret, salt = secrets.token_urlsafe(32), secrets.token_hex(16)
+            row = s.get(PullAgent, host)
+            if row is None:
+                row = PullAgent(host=host, heartbeat={}, nudge=0)
+                s.add(row)
+            row.token_salt, row.token_hash = salt, hash_secret(secret, salt)
+            row.issued_at, row.revoked_at = utcnow(), None
+            tokens[host] = f"{host}.{secret}"
+    return tokens
 
 
 def revoke(url: str, host: str) -> None:
@@ -99,12 +106,20 @@ class AgentRow:
     nudge: int
 
 
+def _row(r: PullAgent) -> AgentRow:
+    return AgentRow(r.host, r.token_salt, r.token_hash, r.revoked_at is not None, r.nudge)
+
+
 def agents(url: str) -> dict[str, AgentRow]:
     with session_scope(url) as s:
-        return {
-            r.host: AgentRow(r.host, r.token_salt, r.token_hash, r.revoked_at is not None, r.nudge)
-            for r in s.scalars(select(PullAgent))
-        }
+        return {r.host: _row(r) for r in s.scalars(select(PullAgent))}
+
+
+def agent(url: str, host: str) -> AgentRow | None:
+    """One host's agent row: what the server reads for every request it authorizes."""
+    with session_scope(url) as s:
+        r = s.get(PullAgent, host)
+        return None if r is None else _row(r)
 
 
 def heartbeat(url: str, host: str, data: dict[str, Any]) -> None:
