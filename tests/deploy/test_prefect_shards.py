@@ -80,8 +80,13 @@ def test_a_wave_runs_as_shards_on_two_workers_and_a_dead_worker_fails_only_its_h
     # each host's install takes 15 s, so a shard outlasts the few seconds a worker needs to
     # start the other shard's flow run: overlapping is then the workers' doing, not luck
     slow = plan(work, fleet, "slow.yaml", hooks={**HOOKS, "activate": "sleep 15"}, **doc)
-    # a dead worker's shard is waited for until the milestone's deadline (+30 s): keep it short
-    p = plan(work, fleet, **{**doc, "milestone": {**doc["milestone"], "deadline": "60s"}})
+    # a dead worker's shard is waited for until the milestone's deadline (+30 s): keep it
+    # short; the hooks stay slow, so the kill lands mid-shard (fast shards ended before the
+    # test saw both start, under load)
+    p = plan(
+        work, fleet, "dies.yaml", hooks={**HOOKS, "activate": "sleep 15"},
+        **{**doc, "milestone": {**doc["milestone"], "deadline": "90s"}},
+    )  # fmt: skip
     build(work, "1.0")
     ok = deploy(
         run_ferry, slow, "shop@1.0", rfc(run_ferry, "shop@1.0"), "--via", "prefect", "--pool", POOL
