@@ -49,6 +49,28 @@ class AgentError(Exception):
         self.kind, self.message, self.code = kind, message, code
 
 
+def copy_hashed(inp, path, size, view, what):
+    """Write the next `size` bytes of `inp` to a new 0600 file at `path`, hashing them as
+    they pass through one reused buffer `view` (no second read); the sha256 hex digest."""
+    import hashlib
+
+    h, left = hashlib.sha256(), size
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        while left:  # no allocation or copy per chunk
+            n = inp.readinto(view[: min(CHUNK, left)])
+            if not n:
+                raise bad_input("stream ended inside %s" % what)
+            h.update(view[:n])
+            written = 0
+            while written < n:
+                written += os.write(fd, view[written:n])
+            left -= n
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
 def integrity(msg):
     return AgentError("integrity", msg, EXIT_INTEGRITY)
 
@@ -440,8 +462,6 @@ def _read_exact(stream, n):
 
 def op_receive(host, args):
     """Read manifest + signature, say which objects are missing, then read those objects."""
-    import hashlib
-
     host.ensure_dirs()
     rid = safe_id(args.id)
     inp, out = sys.stdin.buffer, sys.stdout
@@ -471,21 +491,7 @@ def op_receive(host, args):
         if sha not in wanted or wanted[sha] != size:
             raise integrity("object %s was not asked for" % sha)
         part = os.path.join(host.incoming, sha + ".part")
-        h, left = hashlib.sha256(), size
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            while left:  # one reused buffer: no allocation or copy per chunk
-                n = inp.readinto(view[: min(CHUNK, left)])
-                if not n:
-                    raise bad_input("stream ended inside object %s" % sha)
-                h.update(view[:n])
-                written = 0
-                while written < n:
-                    written += os.write(fd, view[written:n])
-                left -= n
-        finally:
-            os.close(fd)
-        if h.hexdigest() != sha:
+        if copy_hashed(inp, part, size, view, "object %s" % sha) != sha:
             os.unlink(part)
             raise integrity("object %s arrived corrupted" % sha)
         os.replace(part, os.path.join(host.incoming, sha))
@@ -889,24 +895,8 @@ def _signed_images(host, rid, digest):
 
 
 def _receive_blob(inp, path, digest, size):
-    import hashlib
-
-    h, left = hashlib.sha256(), size
     view = memoryview(bytearray(CHUNK))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        while left:
-            n = inp.readinto(view[: min(CHUNK, left)])
-            if not n:
-                raise bad_input("stream ended inside blob %s" % digest)
-            h.update(view[:n])
-            written = 0
-            while written < n:
-                written += os.write(fd, view[written:n])
-            left -= n
-    finally:
-        os.close(fd)
-    if "sha256:" + h.hexdigest() != digest:
+    if "sha256:" + copy_hashed(inp, path, size, view, "blob %s" % digest) != digest:
         os.unlink(path)
         raise integrity("image blob %s arrived corrupted" % digest)
 
