@@ -70,6 +70,24 @@ def configure_prefect(progress: Callable[[str], None] | None = None) -> str:
     'server <url>', 'embedded server <url> (kept warm; …)' or 'embedded <home>' (ephemeral).
     `progress` hears about a first start (~6–20 s); by default it goes to stderr.
     """
+    said = _configure(progress)
+    refresh_imported()
+    return said
+
+
+def refresh_imported() -> None:
+    """Prefect already imported (a warm child, orchestrator/zygote.py): it built its settings
+    and its logging at import from another environment; build both again from this one."""
+    context = sys.modules.get("prefect.context")
+    if context is None:
+        return
+    context.refresh_global_settings_context()
+    logging_config = sys.modules.get("prefect.logging.configuration")
+    if logging_config is not None and logging_config.PROCESS_LOGGING_CONFIG:
+        logging_config.setup_logging(incremental=False)
+
+
+def _configure(progress: Callable[[str], None] | None) -> str:
     for key, value in QUIET.items():
         os.environ.setdefault(key, value)
     _exit_quickly()

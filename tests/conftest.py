@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,19 @@ from orchestrator.cms import db
 from orchestrator.settings import reset_settings
 
 FERRY_BIN = Path(sys.executable).with_name("ferry")
+
+# No test's `ferry` starts a warm process unless it asks to (FERRY_WARM=1 and a directory
+# of its own); any that does anyway is ended at the session's end, by the PID it recorded.
+os.environ["FERRY_WARM"] = "0"
+os.environ["FERRY_WARM_DIR"] = tempfile.mkdtemp(prefix="ferry-warm-tests-")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_warm_process_left() -> Any:
+    yield
+    from orchestrator import zygote
+
+    zygote.stop_all()
 
 
 @dataclass
@@ -45,6 +59,9 @@ def ferry_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     # a test's `ferry deploy` without a Prefect server fixture gets a per-command server,
     # not a warm one left running in its temporary home (tests of the warm server opt in)
     monkeypatch.setenv("FERRY_PREFECT", "ephemeral")
+    # every command runs cold in its own process (a test kills `ferry deploy` by PID and
+    # means that process); tests/deploy/test_warm.py opts in to the warm start
+    monkeypatch.setenv("FERRY_WARM", "0")
     monkeypatch.setenv("FERRY_USER", "alice")
     reset_settings()
     db.dispose_all()

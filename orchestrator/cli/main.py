@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
@@ -111,6 +112,9 @@ COMMANDS = (
     CommandEntry("cms", "The CMS: apply migrations, verify the audit log.", kind="app"),
     CommandEntry(
         "prefect", "The Prefect server that runs Ferry's flows on the embedded default.", kind="app"
+    ),
+    CommandEntry(
+        "warm", "The warm process: Ferry's modules imported once, a child forked per command."
     ),
 )
 
@@ -209,7 +213,26 @@ def _root(
     """The root's options; every command is LazyGroup's."""
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, warm_tried: bool = False) -> int:
+    # pydantic looks for plugins by scanning every installed distribution's entry points the
+    # first time a model is built: ~0.3 s of every command's start-up here, for plugins Ferry
+    # does not use. Set PYDANTIC_DISABLE_PLUGINS to anything else (even empty) to have them.
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+    from orchestrator import zygote  # stdlib only
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    warm = None if warm_tried else zygote.run_warm(args)
+    if warm is not None:  # a warm process ran it (orchestrator/zygote.py)
+        sys.exit(warm)
+    try:
+        code = _run(args)
+    finally:
+        if zygote.worth_starting(args):
+            zygote.start_in_background()
+    sys.exit(int(code))
+
+
+def _run(argv: list[str]) -> int:
     # get_command (the root's callback makes it a group): it adds --install-completion
     command = typer.main.get_command(app)
     try:
@@ -236,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             f"internal error: {type(exc).__name__}: {exc} (traceback: {where})",
         )
         code = ExitCode.INTERNAL
-    sys.exit(int(code))
+    return int(code)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,12 @@ from tests.cms.conftest import sqlite_url
 from tests.pg import PostgresServer
 
 
+def test_the_named_head_is_the_migration_scripts_head() -> None:
+    # opening the CMS compares against db.HEAD_REVISION without importing alembic: a new
+    # migration must name itself there
+    assert db.head_revision() == db.scripts_head_revision() == db.HEAD_REVISION
+
+
 def test_upgrade_migrates_an_empty_database_to_head(cms_url: str) -> None:
     before, after = db.upgrade(cms_url)
 
