@@ -102,15 +102,24 @@ class Package:
     archive_size: int
 
 
+# Every home's commands share one warm-start directory (orchestrator/zygote.py), so the
+# run's warm processes are known and ended by their PIDs at its end (run.py).
+WARM_DIR = Path(__file__).resolve().parent / "work" / "warm"
+
+
 class FerryHome:
-    """One FERRY_HOME (CMS, DML, object cache) in a fresh working directory."""
+    """One FERRY_HOME (CMS, DML, object cache) in a fresh working directory. Commands run as
+    a user's would: warm from the second on (the warm start, orchestrator/zygote.py)."""
 
     def __init__(self, path: Path, prefect_url: str | None, **env: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
         self.dir = path
         self.home = path / ".ferry"
-        extra = {"FERRY_HOME": str(self.home), "FERRY_USER": "alice", **QUIET, **env}
+        extra = {
+            "FERRY_HOME": str(self.home), "FERRY_USER": "alice", "FERRY_WARM_DIR": str(WARM_DIR),
+            **QUIET, **env,
+        }  # fmt: skip
         if prefect_url:
             extra["PREFECT_API_URL"] = prefect_url
         self.env = clean_env(**extra)
@@ -146,12 +155,33 @@ class FerryHome:
         assert data["status"] in ("authorized", "scheduled"), data
         return str(data["id"])
 
-    def deploy(self, plan: Path, release: str, *, expect: int = 0) -> Deployed:
+    def warm_up(self) -> bool:
+        """Make sure a warm process answers (a cold command starts one); False when the warm
+        start is off for this home's environment."""
+        if self.env.get("FERRY_WARM") == "0":
+            return False
+        if not list(WARM_DIR.glob("warm-*.sock")):
+            self.cli("status", "-o", "json")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if list(WARM_DIR.glob("warm-*.sock")):
+                return True
+            time.sleep(0.2)
+        raise RuntimeError("no warm process: " + "\n".join(_warm_log()))
+
+    def deploy(self, plan: Path, release: str, *, expect: int = 0, cold: bool = False) -> Deployed:
         rfc = self.rfc(release)
+        env = {**self.env, "FERRY_WARM": "0"} if cold else self.env
+        served = _warm_children()
         wall, proc, cpu, rss = timed_rusage(
             [str(FERRY_BIN), "deploy", str(plan), "--release", release, "--rfc", rfc, "-o", "json"],
-            env=self.env, cwd=self.dir, check=False,
+            env=env, cwd=self.dir, check=False,
         )  # fmt: skip
+        child = [pid for pid in _warm_children() if pid not in served]
+        if child:  # it ran warm: its work is the child's, whose rusage the warm process logs
+            used = _warm_rusage(child[-1])
+            cpu += used[0]
+            rss = max(rss, used[1])
         try:
             report = json.loads(proc.stdout)
         except ValueError:
@@ -248,6 +278,31 @@ class FerryHome:
                 (deployment,),
             ).fetchone()
         return (_ts(last) - _ts(verdict)).total_seconds(), hosts
+
+
+def _warm_log() -> list[str]:
+    path = WARM_DIR / "warm.log"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def _warm_children() -> list[int]:
+    """The PIDs of the children the warm processes forked (their log), in order."""
+    return [int(x.split(" child ", 1)[1].split(":", 1)[0]) for x in _warm_log()
+            if " child " in x and " done: " not in x]  # fmt: skip
+
+
+def _warm_rusage(pid: int, timeout: float = 10.0) -> tuple[float, int]:
+    """(CPU seconds, peak RSS KiB) of warm child `pid` with what it reaped, from wait4 in
+    the warm process (logged within a second of its end)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for x in _warm_log():
+            if f" child {pid} done: " in x:
+                cpu = float(x.split(", cpu ", 1)[1].split(" s", 1)[0])
+                rss = int(x.split(", maxrss ", 1)[1].split(" KiB", 1)[0])
+                return cpu, rss
+        time.sleep(0.1)
+    raise RuntimeError(f"the warm process logged no end of child {pid}")
 
 
 def _ts(value: str) -> datetime:

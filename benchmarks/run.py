@@ -35,7 +35,7 @@ ALIASES = {
 }  # fmt: skip
 CELLS = {  # which results.json scenarios each --only name re-measures
     "push": {"cold", "incremental", "backout"},
-    "noop": {"noop", "tiny", "overhead", "fixed", "fanout", "help"},
+    "noop": {"noop", "tiny", "overhead", "fixed", "fixed-cold", "fanout", "help"},
     "noop1000": {"noop-big", "fanout-big", "lab-up"},
     "workers": set(workers.SCENARIOS),
     "embedded": {"embedded"},
@@ -57,6 +57,11 @@ def parse() -> argparse.Namespace:
         type=int,
         default=None,
         help="repetitions of the peers' cold push at the backout size (default: --reps)",
+    )
+    ap.add_argument(
+        "--peers",
+        default="",
+        help="the no-op's peers, comma-separated (default: pyinfra,ansible,raw)",
     )
     ap.add_argument(
         "--big-hosts",
@@ -82,6 +87,8 @@ def main() -> None:
         sizes.big_peer_reps = args.big_peer_reps
     if args.big_hosts:
         sizes.big_hosts = args.big_hosts
+    if args.peers:
+        sizes.peers = tuple(x for x in args.peers.split(",") if x)
     if sizes_only:
         sizes.cold_hosts = tuple(n for n in sizes.cold_hosts if n in sizes_only)
     out_dir = WORK / "quick" if args.quick else BENCH
@@ -163,6 +170,11 @@ def main() -> None:
         if fleet is not None:
             fleet.down()
         server.stop()
+        from benchmarks.ferry_side import WARM_DIR
+        from orchestrator import zygote
+
+        stopped = zygote.stop_all(WARM_DIR)  # the warm processes the run's commands started
+        log(f"warm processes stopped: {stopped}")
         if not scoped:
             results.note("run_minutes", round((time.monotonic() - started) / 60, 1))
     report.write(results, out_dir)

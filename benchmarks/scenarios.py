@@ -52,6 +52,7 @@ class Sizes:
     # many repetitions of it; their rollback is timed every repetition all the same (on v1
     # and v2 laid down from the root namespace when their cold push did not run)
     big_peer_reps: int = 3
+    peers: tuple[str, ...] = ("pyinfra", "ansible", "raw")  # the no-op's peers (--peers)
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -277,8 +278,13 @@ def noop_and_overhead(bench: Bench) -> None:
         log(f"no-op / overhead, {n} hosts, rep {rep + 1}/{s.reps}: ferry")
         fh = bench.home(f"noop-{rep}")
         pkg = fh.build(spec)
+        cold = fh.deploy(plan_one, pkg.release, cold=True)
+        announce("1 host, cold (FERRY_WARM=0: a fresh Python process)", cold)
+        res.add("fixed-cold", "ferry", 1, "seconds", cold.wall)
+        res.add("fixed-cold", "ferry", 1, "cpu_seconds", cold.cpu)
+        fh.warm_up()
         one = fh.deploy(plan_one, pkg.release)
-        announce("1 host (fixed cost)", one)
+        announce("1 host (fixed cost, warm start)", one)
         res.add("fixed", "ferry", 1, "seconds", one.wall)
         res.add("fixed", "ferry", 1, "cpu_seconds", one.cpu)
         res.add("fixed", "ferry", 1, "flow_seconds", fh.flow_seconds(one.report["id"]))
@@ -305,7 +311,7 @@ def noop_and_overhead(bench: Bench) -> None:
     seed_peer_release(bench, hosts, pkg, "bench-1.0", flip=True)
     verify.release_on(fleet, hosts, "bench-1.0", pkg.manifest)
     for rep in range(s.reps):
-        for tool in rotate(["pyinfra", "ansible", "raw"], rep):
+        for tool in rotate([t for t in ["pyinfra", "ansible", "raw"] if t in s.peers], rep):
             log(f"no-op {n} hosts, rep {rep + 1}/{s.reps}: {tool}")
             if tool == "raw":
                 raw_fanout(bench, "fanout", hosts)

@@ -329,14 +329,21 @@ def _still_ours(path: Path, inode: int, stamp: str | None) -> bool:
 
 
 def _reaped(children: set[int]) -> set[int]:
+    """The children that ended; each logged with its exit code and its resource use (a
+    warm command's CPU is its child's, not its caller's: benchmarks read it here)."""
     done = set()
     for pid in children:
         try:
-            got, _ = os.waitpid(pid, os.WNOHANG)
+            got, status, ru = os.wait4(pid, os.WNOHANG)
         except ChildProcessError:
-            got = pid
+            done.add(pid)
+            continue
         if got:
             done.add(pid)
+            code = os.waitstatus_to_exitcode(status)
+            cpu = ru.ru_utime + ru.ru_stime
+            print(f"{time.strftime('%H:%M:%S')} child {pid} done: exit {code}, "
+                  f"cpu {cpu:.3f} s, maxrss {ru.ru_maxrss} KiB", flush=True)  # fmt: skip
     return done
 
 
@@ -470,11 +477,12 @@ def _hang_up_with(conn: socket.socket) -> None:
 
 
 # -- `ferry warm` -------------------------------------------------------------------------
-def running() -> list[dict[str, object]]:
-    """Every warm process of this user: pid, socket, whether it runs the current code."""
-    out = []
+def running(base: Path | None = None) -> list[dict[str, object]]:
+    """Every warm process of this user (in `base`, default warm_dir()): pid, socket,
+    whether it runs the current code."""
+    out: list[dict[str, object]] = []
     here = code_stamp()
-    base = warm_dir()
+    base = base or warm_dir()
     if not base.is_dir():
         return out
     for pidfile in sorted(base.glob("warm-*.pid")):
@@ -499,9 +507,9 @@ def _is_warm_process(pid: int) -> bool:
     return b"orchestrator.zygote" in cmdline
 
 
-def stop_all(timeout: float = 10.0) -> list[int]:
+def stop_all(base: Path | None = None, timeout: float = 10.0) -> list[int]:
     """SIGTERM every warm process of this user (by the PID it recorded); wait for them."""
-    pids = [int(p["pid"]) for p in running()]  # type: ignore[call-overload]
+    pids = [int(p["pid"]) for p in running(base)]  # type: ignore[call-overload]
     for pid in pids:
         try:
             os.kill(pid, signal.SIGTERM)

@@ -37,7 +37,8 @@ def status(fmt: OutputOpt = out.Format.text) -> None:
     from orchestrator import zygote
 
     procs = zygote.running()
-    data = {"enabled": zygote.enabled(here=False), "dir": str(zygote.warm_dir()), "processes": procs}
+    on = zygote.enabled(here=False)
+    data = {"enabled": on, "dir": str(zygote.warm_dir()), "processes": procs}
     lines = [
         f"warm start {'on' if data['enabled'] else 'off'} ({data['dir']})",
         *(

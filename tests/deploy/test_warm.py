@@ -46,7 +46,8 @@ def _wait_warm(env: dict[str, str], timeout: float = 120) -> int:
 def _served(env: dict[str, str]) -> list[str]:
     """The commands the warm process forked a child for (its log: the command word only)."""
     log = Path(env["FERRY_WARM_DIR"]) / "warm.log"
-    return [line.split(": ", 1)[1] for line in log.read_text().splitlines() if " child " in line]
+    lines = log.read_text().splitlines()
+    return [x.split(": ", 1)[1] for x in lines if " child " in x and " done: " not in x]
 
 
 def _stop(pid: int) -> None:
