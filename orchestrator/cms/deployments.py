@@ -507,17 +507,26 @@ class DeploymentRecord:
         environment's too when given (with `only_if_environment_was`: only when the
         environment's baseline was recorded by that deployment)."""
         with self._lock, session_scope(self.url) as s:
+            # one query for the rows there are (not a get and a merge per host: at 200
+            # hosts that was ~5 s of CPU at the end of every deployment)
+            names = list(hosts)
+            rows: dict[str, HostBaseline] = {}
+            for i in range(0, len(names), 500):  # SQLite's bound-parameter limit
+                chunk = select(HostBaseline).where(HostBaseline.host.in_(names[i : i + 500]))
+                rows.update((r.host, r) for r in s.scalars(chunk))
+            now = utcnow()
             for host, baseline in hosts.items():
-                row = s.get(HostBaseline, host)
+                row = rows.get(host)
                 if baseline is None:
                     if row is not None:
                         s.delete(row)
                     continue
-                row = row or HostBaseline(host=host)
+                if row is None:
+                    row = HostBaseline(host=host)
+                    s.add(row)
                 row.environment, row.release = environment, baseline.release
                 row.package_digest, row.deployment_id = baseline.digest, self.id
-                row.recorded_at = utcnow()
-                s.merge(row)
+                row.recorded_at = now
             if environment_baseline is not None:
                 env = s.get(EnvironmentBaseline, environment)
                 if only_if_environment_was is not None and (

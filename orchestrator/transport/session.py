@@ -92,7 +92,12 @@ class _OpenSSHPipe:
     def write(self, data: bytes, deadline: float) -> None:
         timer = self._watch(deadline)
         try:
-            self.stdin.write(data)
+            # the pipe is unbuffered: a write a signal interrupts returns what it wrote so
+            # far (Ctrl-C's handler, a profiler attaching); the rest must follow, or the
+            # agent waits for it until the step's deadline
+            view = memoryview(data)
+            while view:
+                view = view[self.stdin.write(view) or 0 :]
         finally:
             timer.cancel()
 
