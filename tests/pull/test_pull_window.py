@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 import yaml
 
 from tests.deploy.helpers import BROKEN_CHECK, build, deploy, files_match, host_release, rfc, rid
-from tests.pull.test_pull_deploy import agent_status, install, pull_plan, wait_for
+from tests.pull.test_pull_deploy import agent_status, pull_plan, wait_for
 
 THREE = ["h1", "h2", "h3"]
 
@@ -57,7 +57,13 @@ def test_apply_window_hosts_apply_in_their_own_inventory_window_and_the_rest_are
                   milestone={"max_failed": 0, "deadline": "45s", "checks": [BROKEN_CHECK]},
                   pull={"server": dml_server.url, "poll": "5s", "heartbeat": "2s",
                         "apply": "window"})  # fmt: skip
-    install(run_ferry, p)
+    res = run_ferry("agent", "install", "--plan", str(p), "-o", "json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    installed = res.json()["installed"]
+    assert all(r["installed"] for r in installed)
+    # no systemd on the lab's hosts (their PID 1 is not systemd): the supervised loop
+    assert {r["supervisor"] for r in installed} == {"loop"}
+    assert all("not systemd" in r["supervisor_why"] for r in installed)
     wait_for(
         lambda: all(agent_status(run_ferry)[h]["last_heartbeat"] for h in THREE), 30,
         "the agents' heartbeats",

@@ -43,6 +43,7 @@ DECIDE_MODULES = (
     "orchestrator/rollout.py",
     "orchestrator/planner.py",
     "orchestrator/pullwindow.py",
+    "orchestrator/pulldaemon.py",
     "orchestrator/lifecycle.py",
     "orchestrator/els.py",
     "remediation/decisions.py",
