@@ -142,19 +142,30 @@ def heartbeats(url: str, beats: dict[str, tuple[datetime, dict[str, Any]]]) -> N
             s.execute(update(PullAgent), rows)  # ORM bulk UPDATE by primary key
 
 
-def nudge_signature(url: str) -> tuple[int, int]:
-    """(agents, sum of nudges): nudges only grow, so any nudge or install changes it; the
-    server reads every agent's nudge only when it did."""
+def agent_signature(url: str) -> tuple[Any, ...]:
+    """Changes whenever any agent is installed, re-issued, revoked or nudged (nudges only
+    grow; issue and revoke stamp times), so the server re-reads the agents only then."""
     with session_scope(url) as s:
-        n, total = s.execute(
-            select(func.count(), func.coalesce(func.sum(PullAgent.nudge), 0))
-        ).one()
-        return int(n), int(total)
+        return tuple(
+            s.execute(
+                select(
+                    func.count(), func.coalesce(func.sum(PullAgent.nudge), 0),
+                    func.max(PullAgent.issued_at), func.max(PullAgent.revoked_at),
+                    func.count(PullAgent.revoked_at),
+                )
+            ).one()
+        )  # fmt: skip
 
 
-def nudges(url: str) -> dict[str, int]:
+def agent_rows(url: str) -> dict[str, AgentRow]:
+    """Every agent's token hash, revocation and nudge (no heartbeat: the columns only)."""
+    cols = (PullAgent.host, PullAgent.token_salt, PullAgent.token_hash, PullAgent.revoked_at,
+            PullAgent.nudge)  # fmt: skip
     with session_scope(url) as s:
-        return dict(s.execute(select(PullAgent.host, PullAgent.nudge)).all())
+        return {
+            h: AgentRow(h, salt, digest, revoked is not None, nudge)
+            for h, salt, digest, revoked, nudge in s.execute(select(*cols))
+        }
 
 
 # -- desired state ---------------------------------------------------------------------------

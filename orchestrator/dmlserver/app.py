@@ -62,8 +62,8 @@ class Changes:
     generations: dict[str, int] = field(default_factory=dict)
     bodies: dict[str, dict[str, Any]] = field(default_factory=dict)
     full: dict[str, int] | None = None  # every host's generation (a resync), or None
-    nudges: dict[str, int] | None = None  # every agent's nudge, when they moved
-    nudge_signature: tuple[int, int] | None = None
+    agents: dict[str, pullstate.AgentRow] | None = None  # every agent, when any changed
+    agent_signature: tuple[Any, ...] | None = None
 
 
 class ServerState:
@@ -88,7 +88,8 @@ class ServerState:
         self.bodies: dict[str, dict[str, Any]] = {}  # answers read since they changed
         self.waiters: dict[str, set[asyncio.Future[None]]] = {}
         self.beats: dict[str, tuple[datetime, dict[str, Any]]] = {}
-        self._nudge_signature: tuple[int, int] | None = None
+        self.agents: dict[str, pullstate.AgentRow] = {}  # as of the last look
+        self._agent_signature: tuple[Any, ...] | None = None
         self._ticks = 0
         self._verified: dict[tuple[str, str], str] = {}  # (host, sha256 of token) → hash
         self._packages: dict[str, tuple[bytes, bytes, Any]] = {}
@@ -96,7 +97,7 @@ class ServerState:
         self.refused = 0
 
     # -- the CMS, watched ------------------------------------------------------------------
-    def read(self, top: int, signature: tuple[int, int] | None, resync: bool) -> Changes:
+    def read(self, top: int, signature: tuple[Any, ...] | None, resync: bool) -> Changes:
         """One look at the CMS (in a worker thread): touches no shared state."""
         ch = Changes()
         for d in pullstate.desired_since(self.url, top):
@@ -104,9 +105,9 @@ class ServerState:
             ch.bodies[d.host] = d.to_dict()
         if resync:
             ch.full = pullstate.generations(self.url)
-        sig = pullstate.nudge_signature(self.url)
+        sig = pullstate.agent_signature(self.url)
         if sig != signature:
-            ch.nudges, ch.nudge_signature = pullstate.nudges(self.url), sig
+            ch.agents, ch.agent_signature = pullstate.agent_rows(self.url), sig
         return ch
 
     def apply(self, ch: Changes) -> set[str]:
@@ -126,17 +127,19 @@ class ServerState:
             self.generations[host] = gen
             self.bodies[host] = ch.bodies[host]
         self.top = max([self.top, *ch.generations.values()])
-        if ch.nudges is not None:
+        if ch.agents is not None:
+            nudges = {h: a.nudge for h, a in ch.agents.items()}
             moved |= {
-                h for h in set(ch.nudges) | set(self.nudges)
-                if ch.nudges.get(h, 0) != self.nudges.get(h, 0)
+                h for h in set(nudges) | set(self.nudges)
+                if nudges.get(h, 0) != self.nudges.get(h, 0)
             }  # fmt: skip
-            self.nudges, self._nudge_signature = ch.nudges, ch.nudge_signature
+            self.nudges, self.agents = nudges, ch.agents
+            self._agent_signature = ch.agent_signature
         return moved
 
     def poll(self) -> set[str]:
         """A whole look, synchronously (the server's start)."""
-        return self.apply(self.read(self.top, self._nudge_signature, resync=True))
+        return self.apply(self.read(self.top, self._agent_signature, resync=True))
 
     def wake(self, hosts: set[str]) -> None:
         for host in hosts:
@@ -156,7 +159,7 @@ class ServerState:
                 self.beats = {**beats, **self.beats}
             try:
                 ch = await run_in_threadpool(
-                    self.read, self.top, self._nudge_signature, self._ticks % RESYNC == 0
+                    self.read, self.top, self._agent_signature, self._ticks % RESYNC == 0
                 )
                 self.wake(self.apply(ch))
             except Exception as exc:  # noqa: BLE001 - the CMS may be busy: try next tick
@@ -201,6 +204,15 @@ class ServerState:
         if not pullstate.token_matches(token, host, row.salt, row.digest):
             raise Refused(401, "token does not match")
         self._verified[key] = row.digest
+
+    def still_authorized(self, request: Request, host: str) -> bool:
+        """After a long wait, without the CMS: is the token this request was authorized
+        with (by its row, at its start) neither revoked nor re-issued since the server's
+        last look? So 10,000 long-polls woken by one wave cost no 10,000 row reads."""
+        header = request.headers.get("authorization", "")
+        key = (host, hashlib.sha256(header[7:].strip().encode()).hexdigest())
+        row = self.agents.get(host)
+        return row is not None and not row.revoked and self._verified.get(key) == row.digest
 
     # -- packages --------------------------------------------------------------------------
     def package(self, release_id: str) -> tuple[bytes, bytes, Any]:
@@ -313,7 +325,8 @@ async def desired(request: Request) -> Response:
             return JSONResponse({"changed": False, "generation": gen, "nudge": nudge})
         await state.wait(host, left)
         waited = True
-    if waited:  # a token revoked while its long-poll waited is not answered with the state
+    if waited and not state.still_authorized(request, host):
+        # revoked or re-issued while its long-poll waited: the CMS says which, and it is logged
         again = await _authorized(request)
         if isinstance(again, Response):
             return again

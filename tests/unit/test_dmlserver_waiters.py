@@ -86,8 +86,10 @@ def test_a_change_wakes_only_its_hosts_and_everyone_else_hears_no_change_in_time
             [{"host": h, "purpose": "deploy", "release": None, "release_id": None, "spec": {}}
              for h in changed],
         )  # fmt: skip
+        with counting("wave") as wave:  # the server's next look, and the answers
+            await asyncio.gather(*tasks[:10])
         done = await asyncio.gather(*tasks)
-        return {"done": done, "idle": idle, "woken": woken}
+        return {"done": done, "idle": idle, "woken": woken, "wave": wave}
 
     got = asyncio.run(_serve(cms, ferry_home / "cache", body))
     by_host = {h: (at, ans) for h, at, ans in got["done"]}
@@ -96,6 +98,9 @@ def test_a_change_wakes_only_its_hosts_and_everyone_else_hears_no_change_in_time
         assert ans["changed"] and ans["generation"] > 0 and ans["purpose"] == "deploy", ans
         assert took < 6 * 0.8, h  # before any "no change" could have come
     assert sorted(set(got["woken"])) == sorted(changed)  # nobody else was woken
+    # woken, they were answered from what the server's look read: no row per host
+    assert not [q for q in got["wave"] if "FROM pull_agents" in q and "host =" in q], got["wave"]
+    assert not [q for q in got["wave"] if "FROM pull_desired" in q and "host =" in q]
     for h in HOSTS[10:]:  # "no change" before the poll's 6 s, so the client re-polls
         took, ans = by_host[h]
         assert ans == {"changed": False, "generation": 0, "nudge": 0}, ans
@@ -141,11 +146,53 @@ def test_a_look_at_the_cms_wakes_exactly_the_hosts_whose_answer_changed() -> Non
     body = {"generation": 7, "host": "c"}
     assert state.apply(Changes(generations={"c": 7}, bodies={"c": body})) == {"c"}
     assert state.top == 7 and state.bodies["c"] == body
-    # nudges moved for b only
-    assert state.apply(Changes(nudges={"a": 0, "b": 2}, nudge_signature=(2, 2))) == {"b"}
+    # an agent row changed: the nudge moved for b only
+    rows = {h: pullstate.AgentRow(h, "00", "scrypt:x", False, n) for h, n in (("a", 0), ("b", 2))}
+    assert state.apply(Changes(agents=rows, agent_signature=(2, 2, None, None, 0))) == {"b"}
+    assert state.agents == rows
     # a resync: a forgotten (deleted) host and one set late under an older generation
     assert state.apply(Changes(full={"a": 4, "c": 7})) == {"a", "b"}
     assert state.generations == {"a": 4, "c": 7} and "a" not in state.bodies
     # a resync read after the incremental look saw a newer generation: the older is ignored
     ch = Changes(generations={"c": 8}, bodies={"c": {"generation": 8}}, full={"a": 4, "c": 9})
     assert state.apply(ch) == {"c"} and state.generations["c"] == 9 and "c" not in state.bodies
+
+
+def test_a_woken_long_poll_is_answered_only_while_its_token_still_holds(
+    cms: str, ferry_home: Path
+) -> None:
+    """Revoked (or re-issued) while it waited: the wave's answer is refused, 401, logged."""
+    tokens = pullstate.issue_tokens(cms, ["h1", "h2"])
+
+    async def body(state: ServerState, client: httpx.AsyncClient) -> dict[str, int]:
+        async def poll(host: str) -> int:
+            r = await client.get(f"/v1/hosts/{host}/desired?after=0&wait=20",
+                                 headers={"Authorization": f"Bearer {tokens[host]}"})  # fmt: skip
+            return r.status_code
+
+        tasks = {h: asyncio.create_task(poll(h)) for h in ("h1", "h2")}
+        while len(state.waiters) < 2:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(pullstate.revoke, cms, "h2")
+        await asyncio.sleep(server.TICK * 3)  # the server's look sees the revocation
+        await asyncio.to_thread(
+            pullstate.set_desired, cms, "dev",
+            [{"host": h, "purpose": "deploy", "release": None, "release_id": None, "spec": {}}
+             for h in ("h1", "h2")],
+        )  # fmt: skip
+        return {h: await t for h, t in tasks.items()}
+
+    assert asyncio.run(_serve(cms, ferry_home / "cache", body)) == {"h1": 200, "h2": 401}
+
+
+def test_the_servers_tls_connections_read_through_a_small_buffer() -> None:
+    import asyncio.sslproto
+
+    from orchestrator import dmlserver
+
+    before = asyncio.sslproto.SSLProtocol.max_size
+    try:
+        dmlserver._small_tls_buffers()
+        assert asyncio.sslproto.SSLProtocol.max_size == dmlserver.TLS_READ_BUFFER == 32 * 1024
+    finally:
+        asyncio.sslproto.SSLProtocol.max_size = before
