@@ -45,7 +45,9 @@ _SHA = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 TICK = 0.25  # how often the server looks for changed desired state in the CMS
 RESYNC = 40  # every 10 s, every host's generation (catches a forgotten host)
-MAX_WAIT = 60.0
+# a long-poll's longest wait: a large fleet polls long (`pull.poll: 300s`), since every
+# re-poll costs the server ~4 ms of CPU in its Python TLS and HTTP stack on this machine
+MAX_WAIT = 300.0
 IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable"}
 
 
