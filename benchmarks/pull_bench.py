@@ -1,4 +1,4 @@
-"""Pull deployment benchmarks (issue 12). NOT run by the test suite; not yet run at all.
+"""Pull deployment benchmarks (issue 12). NOT run by the test suite.
 
     .venv/bin/python -m benchmarks.pull_bench throughput --hosts 50 --mib 100
     .venv/bin/python -m benchmarks.pull_bench idle --agents 200 --polls 10000
@@ -9,9 +9,10 @@ throughput: one release of --mib MiB to --hosts fresh lab hosts, three ways, on 
   every host downloading the package's files from the same server at once (the ceiling pull
   is held to: pull ≥ 0.8× its throughput).
 idle: --agents real agents idling on a fleet, plus --polls simulated long-polls from one
-  asyncio load generator on 127.0.0.1 (hosts `sim-N`, each with its own token); the server's
-  CPU and memory while they wait, and the time from a wave's desired state to the last
-  simulated agent's answer (when it would begin its download).
+  asyncio load generator (hosts `sim-N`, each with its own token, re-polling on each "no
+  change" as an agent does); the server's CPU and memory while they wait, the time from a
+  wave's desired state to the last simulated agent's answer (when it would begin its
+  download), and how many got it.
 """
 
 from __future__ import annotations
@@ -159,21 +160,43 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _long_polls(url: str, tokens: dict[str, str], ca: Path, ready: asyncio.Event,
-                      answered: dict[str, float]) -> None:  # fmt: skip
-    """One long-poll per simulated host, over raw asyncio streams (HTTP/1.1 by hand)."""
+                      answered: dict[str, float], counts: dict[str, int],
+                      wait: float) -> None:  # fmt: skip
+    """One long-poll per simulated host, as an agent polls: HTTP/1.1 by hand over one
+    kept-alive TLS connection, re-polling on each "no change" until its state changes."""
     addr, port = url.removeprefix("https://").split(":")
     ctx = ssl.create_default_context(cafile=str(ca))
 
     async def one(host: str, token: str) -> None:
-        reader, writer = await asyncio.open_connection(addr, int(port), ssl=ctx)
-        writer.write(
-            f"GET /v1/hosts/{host}/desired?after=0&wait=600 HTTP/1.1\r\nHost: {addr}\r\n"
-            f"Authorization: Bearer {token}\r\n\r\n".encode()
-        )
-        await writer.drain()
-        await reader.readline()
-        answered[host] = time.monotonic()
-        writer.close()
+        try:
+            reader, writer = await asyncio.open_connection(addr, int(port), ssl=ctx)
+        except OSError:
+            counts["connect_failed"] += 1
+            return
+        try:
+            while True:
+                writer.write(
+                    f"GET /v1/hosts/{host}/desired?after=0&wait={wait:.0f} HTTP/1.1\r\n"
+                    f"Host: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+                )
+                await writer.drain()
+                status = await asyncio.wait_for(reader.readline(), wait + 30)
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                body = json.loads(await reader.readexactly(length)) if length else {}
+                if not status.startswith(b"HTTP/1.1 200"):
+                    counts["errors"] += 1
+                    return
+                if body.get("changed"):
+                    answered[host] = time.monotonic()
+                    return
+                counts["no_change"] += 1  # answered before the poll's length: poll again
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
+            counts["lost"] += 1
+        finally:
+            writer.close()
 
     tasks = [asyncio.create_task(one(h, t)) for h, t in tokens.items()]
     ready.set()
@@ -198,11 +221,13 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
             url = f"sqlite:///{home.home / 'cms.db'}"
             tokens = pullstate.issue_tokens(url, [f"sim-{i}" for i in range(args.polls)])
             answered: dict[str, float] = {}
+            counts = dict.fromkeys(("no_change", "errors", "lost", "connect_failed"), 0)
             ready = asyncio.Event()
 
             def load() -> None:
                 asyncio.run(_long_polls(f"https://{server.listen}", tokens,
-                                        home.home / "pki" / "ca.pem", ready, answered))  # fmt: skip
+                                        home.home / "pki" / "ca.pem", ready, answered,
+                                        counts, args.wait))  # fmt: skip
 
             gen = threading.Thread(target=load, daemon=True)
             gen.start()
@@ -220,6 +245,7 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
             gen.join(timeout=600)
             out["wave_start_to_last_answer_s"] = max(answered.values(), default=t0) - t0
             out["answered"] = len(answered)
+            out.update(counts)
         finally:
             server.stop()
     finally:
@@ -238,6 +264,7 @@ def main() -> None:
     i.add_argument("--polls", type=int, default=10000)
     i.add_argument("--settle", type=float, default=60.0)
     i.add_argument("--idle", type=float, default=60.0)
+    i.add_argument("--wait", type=float, default=30.0, help="each long-poll's length (s)")
     args = p.parse_args()
     result = throughput(args) if args.what == "throughput" else idle(args)
     log(json.dumps(result, indent=1))

@@ -12,7 +12,10 @@ deploy_root: /srv/app         # default for every host
 hosts:
   h1: {address: 198.18.0.11, groups: [canary, web]}
   h2: {address: 198.18.0.12, groups: [web], deploy_root: /srv/app}
+  h3: {address: 198.18.0.13, window: "Sat,Sun 02:00-04:00 Europe/Berlin"}
 ```
+`window`: the host's own maintenance window, in the change calendar's grammar
+(`orchestrator.change.calendar`); a pull plan with `apply: window` applies only inside it.
 Groups are read from the hosts; `all` is every host. Host order is the file's order.
 SSHSettings says what else `ssh:` takes: an ssh-agent, a bastion, an ssh_config, sudo,
 algorithm lists.
@@ -33,11 +36,13 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from orchestrator.change.calendar import RecurringWindow
 from orchestrator.errors import PlanError, SpecError
 from orchestrator.yamlfile import parse_model
 
@@ -193,8 +198,19 @@ class HostEntry(BaseModel):
     groups: tuple[str, ...] = ()
     port: int | None = Field(None, ge=1, le=65535)
     deploy_root: str | None = None
+    window: str | None = None  # its maintenance window (pull `apply: window`)
 
     _root = field_validator("deploy_root")(_deploy_root)
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return RecurringWindow.model_validate(value).spec
+        except ValidationError as exc:  # the calendar's own words, at this field
+            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
     @field_validator("address")
     @classmethod
@@ -213,6 +229,7 @@ class Host(BaseModel):
     port: int
     groups: tuple[str, ...]
     deploy_root: str
+    window: str | None = None
 
 
 class Inventory(BaseModel):
@@ -270,6 +287,7 @@ class Inventory(BaseModel):
             port=entry.port or self.ssh.port,
             groups=entry.groups,
             deploy_root=entry.deploy_root or self.deploy_root,
+            window=entry.window,
         )
 
     def all_hosts(self) -> list[Host]:

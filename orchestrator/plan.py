@@ -59,11 +59,13 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from orchestrator.change.calendar import RecurringWindow
 from orchestrator.container_plan import ContainerSpec
 from orchestrator.context import RESERVED
 from orchestrator.inventory import deploy_root_problem
@@ -250,7 +252,8 @@ _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
 
 
 class PullWindow(BaseModel):
-    """A host's own maintenance window, UTC, "HH:MM" to "HH:MM" (may pass midnight)."""
+    """A daily window, UTC, "HH:MM" to "HH:MM" (may pass midnight): the older shape of
+    `pull.window`; the change calendar's text ("Sat 02:00-04:00 Europe/Berlin") also works."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     start: str
@@ -263,16 +266,23 @@ class PullWindow(BaseModel):
             raise ValueError(f"{value!r}: a window time is HH:MM (UTC), e.g. 02:00")
         return value
 
+    @property
+    def spec(self) -> str:
+        return f"daily {self.start}-{self.end} UTC"
+
 
 class Pull(BaseModel):
-    """`method: pull` (issue 12): hosts pull the release from `ferry dml serve`."""
+    """`method: pull` (issue 12): hosts pull the release from `ferry dml serve`.
+    With `apply: window` each host applies inside its own inventory `window:`; `window`
+    here is the default for hosts without one (orchestrator/pullwindow.py)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     server: str
     poll: PositiveDuration = 30.0
     heartbeat: PositiveDuration = 10.0
     apply: Literal["now", "window", "boot"] = "now"
-    window: PullWindow | None = None
+    # the calendar's text, or the older {start, end} (daily, UTC): kept as the calendar's text
+    window: str | None = None
 
     @field_validator("server")
     @classmethod
@@ -282,11 +292,22 @@ class Pull(BaseModel):
             raise ValueError(f"{value!r}: the DML server is https://HOST:PORT")
         return value.rstrip("/")
 
-    @model_validator(mode="after")
-    def _window(self) -> Pull:
-        if self.apply == "window" and self.window is None:
-            raise ValueError("apply: window needs window: {start: HH:MM, end: HH:MM}")
-        return self
+    @field_validator("window", mode="before")
+    @classmethod
+    def _calendar_text(cls, value: Any) -> Any:
+        try:
+            if isinstance(value, dict):
+                value = PullWindow.model_validate(value).spec
+            if isinstance(value, str):
+                return RecurringWindow.model_validate(value).spec
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        return value
+
+    @property
+    def default_window(self) -> str | None:
+        """The default for hosts without a window of their own (None: there is none)."""
+        return self.window
 
 
 WaveEntry = int | str

@@ -29,6 +29,7 @@ from orchestrator.context import Renderer, host_context, scalars
 from orchestrator.errors import PlanError
 from orchestrator.inventory import Host, SSHSettings
 from orchestrator.plan import ApprovedWave, Check, DeployPlan, wave_entry
+from orchestrator.pullwindow import host_window
 from orchestrator.rollout import (
     Baseline,
     HostAction,
@@ -311,4 +312,5 @@ class _HostRenderer:
             acceptance=self.acceptance(ctx, name),
             context=scalars(ctx),
             backout_context=scalars(bctx),
+            window=host_window(self.plan, host),
         )

@@ -24,6 +24,7 @@ from orchestrator.els import els_record
 from orchestrator.inventory import inventory_path, load_inventory
 from orchestrator.plan import load_plan
 from orchestrator.planner import plan_rollout
+from orchestrator.pullwindow import require_windows
 from orchestrator.rollout import Rollout
 from orchestrator.settings import Settings
 
@@ -72,6 +73,7 @@ def prepare(request: DeployRequest, settings: Settings) -> Prepared:
         kept = set(narrow([h.name for h in hosts], request.hosts, inventory.groups()))
         hosts = [h for h in hosts if h.name in kept]
     addresses.require_resolvable(hosts, inventory.ssh, inventory_file)
+    require_windows(plan, hosts, str(inventory_file), plan_file)  # pull apply: window
     # the gate reads these at the start and before every wave: a bad one is exit 2 now,
     # not an aborted deployment after the record was written
     config.load_change_models()

@@ -28,6 +28,7 @@ from orchestrator.backout_runner import BACKOUT_WAVE, BackoutResult
 from orchestrator.cms.deployments import DeploymentRecord
 from orchestrator.context import hook_env
 from orchestrator.milestone import HostOutcome
+from orchestrator.pullwindow import agent_window
 from orchestrator.rollout import HostAction, RenderedCheck, Rollout, WavePlan, _check_record
 from orchestrator.steps import STEPS
 
@@ -78,9 +79,8 @@ def forward_spec(rollout: Rollout, a: HostAction) -> dict[str, Any]:
         "timeout": rollout.timeouts.step,
         "full": rollout.full_readback,
     }
-    window = (rollout.pull or {}).get("window")
-    if window:
-        spec["window"] = window
+    if a.window:  # apply: window: the host's own window, from the inventory (or the default)
+        spec["window"] = agent_window(a.window)
     return spec
 
 

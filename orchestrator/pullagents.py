@@ -3,10 +3,11 @@
 `install` reaches each host the way a push deployment does (the inventory's SSH settings,
 strict host keys, the verified agent session), pins the DML key there, writes the agent,
 its config, the CA that signed the DML server's certificate and a new token (0600, the
-only copy outside the CMS's hash), and starts the daemon: a systemd unit where there is
-systemd, else a supervised loop (`supervise.sh`) that checks the agent file's sha256
-before every start and restarts it when it ends. Lab hosts run the loop; `ferry lab down`
-ends it with every other process of the hosts' namespaces.
+only copy outside the CMS's hash), and starts the daemon: `ferry-agent.service` where the
+host runs systemd, else a supervised loop (`supervise.sh`); both check the agent file's
+sha256 before every start and restart it when it ends (orchestrator/pulldaemon.py decides
+which from facts probed on the host). Lab hosts run the loop; `ferry lab down` ends it
+with every other process of the hosts' namespaces.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from orchestrator import pullstate
+from orchestrator import pulldaemon, pullstate
 from orchestrator.errors import FerryError
 from orchestrator.inventory import Host, SSHSettings
 
@@ -46,9 +47,11 @@ done
 
 INSTALL = r"""set -e
 d="$FERRY_ROOT/.ferry/pull"
+unit="$FERRY_UNIT_DIR/$FERRY_UNIT_NAME"
 mkdir -p "$d"
 chmod 700 "$d"
 if [ -s "$d/daemon.pid" ]; then kill -TERM -- "-$(cat "$d/daemon.pid")" 2>/dev/null || true; fi
+rm -f "$d/daemon.pid"
 umask 077
 printf %s "$FERRY_AGENT_B64" | base64 -d > "$d/ferry_agent.py.tmp"
 mv "$d/ferry_agent.py.tmp" "$d/ferry_agent.py"
@@ -56,6 +59,14 @@ printf %s "$FERRY_SUPERVISOR" > "$d/supervise.sh"
 printf %s "$FERRY_CONFIG" > "$d/config.json"
 printf %s "$FERRY_TOKEN" > "$d/token"
 printf %s "$FERRY_CA" > "$d/ca.pem"
+if [ "$FERRY_SUPERVISE" = systemd ]; then
+  (umask 022; printf %s "$FERRY_UNIT" > "$unit.tmp" && mv "$unit.tmp" "$unit")
+  systemctl daemon-reload
+  systemctl enable "$FERRY_UNIT_NAME" >/dev/null 2>&1
+  systemctl restart "$FERRY_UNIT_NAME"
+  echo "started $FERRY_UNIT_NAME"
+  exit 0
+fi
 setsid sh "$d/supervise.sh" "$d" "$FERRY_ROOT" "$FERRY_AGENT_SHA" \
   >> "$d/agent.log" 2>&1 < /dev/null &
 echo $! > "$d/daemon.pid"
@@ -63,12 +74,20 @@ echo "started $(cat "$d/daemon.pid")"
 """
 
 STOP = r"""d="$FERRY_ROOT/.ferry/pull"
+unit="$FERRY_UNIT_DIR/$FERRY_UNIT_NAME"
 if [ -s "$d/daemon.pid" ]; then kill -TERM -- "-$(cat "$d/daemon.pid")" 2>/dev/null || true; fi
+if [ -f "$unit" ] && grep -q -- "--root $FERRY_ROOT\$" "$unit" && command -v systemctl >/dev/null
+then
+  systemctl disable --now "$FERRY_UNIT_NAME" >/dev/null 2>&1 || true
+  rm -f "$unit"
+  systemctl daemon-reload || true
+fi
 rm -f "$d/daemon.pid" "$d/token"
 echo stopped
 """
 
 Progress = Callable[[str], None]
+_UNIT_ENV = {"FERRY_UNIT_DIR": pulldaemon.UNIT_DIR, "FERRY_UNIT_NAME": pulldaemon.UNIT_NAME}
 
 
 def agent_source() -> bytes:
@@ -102,6 +121,14 @@ def install(
         except FerryError as exc:
             return {"host": h.name, "installed": False, "error": exc.message}
         try:
+            probed = ops.run("install", pulldaemon.PROBE, {}, None)
+            facts = pulldaemon.HostFacts.parse(str(probed.get("output", "")))
+            supervisor, why = pulldaemon.choose_supervisor(facts)
+            unit = (
+                pulldaemon.unit_text(root, sha, facts.python3 or "/usr/bin/python3")
+                if supervisor == "systemd"
+                else ""
+            )
             ops.call("install", "pin", key=key_hex, rotations=rotations)
             token = pullstate.issue_token(url, h.name)
             config = {
@@ -119,13 +146,19 @@ def install(
                 "FERRY_CONFIG": json.dumps(config),
                 "FERRY_TOKEN": token,
                 "FERRY_CA": "" if insecure else ca_pem,
+                "FERRY_SUPERVISE": supervisor,
+                "FERRY_UNIT": unit,
+                **_UNIT_ENV,
             }
             res = ops.run("install", INSTALL, env, None)
             if res["rc"] != 0:
                 why = res["output"].replace(token, "***")[-500:]  # never a token in a record
                 return {"host": h.name, "installed": False, "error": f"install failed: {why}"}
-            progress(f"  {h.name}: agent started (pull from {pull['server']})")
-            return {"host": h.name, "installed": True, "agent_sha256": sha, "root": root}
+            progress(f"  {h.name}: agent started by {supervisor} (pull from {pull['server']})")
+            return {
+                "host": h.name, "installed": True, "agent_sha256": sha, "root": root,
+                "supervisor": supervisor, "supervisor_why": why,
+            }  # fmt: skip
         except FerryError as exc:
             return {"host": h.name, "installed": False, "error": exc.message}
         finally:
@@ -141,7 +174,7 @@ def stop(host: Host, ssh: SSHSettings, root: str) -> dict[str, Any]:
 
     ops = HostOps.open(host, ssh, root, timeout=30, connect_timeout=ssh.connect_timeout)
     try:
-        res = ops.run("install", STOP, {"FERRY_ROOT": root}, None)
+        res = ops.run("install", STOP, {"FERRY_ROOT": root, **_UNIT_ENV}, None)
         return {"host": host.name, "stopped": res["rc"] == 0}
     finally:
         ops.close()

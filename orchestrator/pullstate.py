@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 
 from orchestrator.cms.db import session_scope
 from orchestrator.cms.models import PullAgent, PullDesired, PullReport, utcnow
@@ -123,10 +123,49 @@ def agent(url: str, host: str) -> AgentRow | None:
 
 
 def heartbeat(url: str, host: str, data: dict[str, Any]) -> None:
+    heartbeats(url, {host: (utcnow(), data)})
+
+
+def heartbeats(url: str, beats: dict[str, tuple[datetime, dict[str, Any]]]) -> None:
+    """Many hosts' heartbeats (host → (when it arrived, what it said)) in one transaction:
+    the server gathers a tick's worth, so 10,000 agents are not 10,000 transactions."""
+    if not beats:
+        return
     with session_scope(url) as s:
-        row = s.get(PullAgent, host)
-        if row is not None:
-            row.heartbeat_at, row.heartbeat = utcnow(), data
+        known = set(s.scalars(select(PullAgent.host).where(PullAgent.host.in_(list(beats)))))
+        rows = [
+            {"host": h, "heartbeat_at": at, "heartbeat": data}
+            for h, (at, data) in beats.items()
+            if h in known
+        ]
+        if rows:
+            s.execute(update(PullAgent), rows)  # ORM bulk UPDATE by primary key
+
+
+def agent_signature(url: str) -> tuple[Any, ...]:
+    """Changes whenever any agent is installed, re-issued, revoked or nudged (nudges only
+    grow; issue and revoke stamp times), so the server re-reads the agents only then."""
+    with session_scope(url) as s:
+        return tuple(
+            s.execute(
+                select(
+                    func.count(), func.coalesce(func.sum(PullAgent.nudge), 0),
+                    func.max(PullAgent.issued_at), func.max(PullAgent.revoked_at),
+                    func.count(PullAgent.revoked_at),
+                )
+            ).one()
+        )  # fmt: skip
+
+
+def agent_rows(url: str) -> dict[str, AgentRow]:
+    """Every agent's token hash, revocation and nudge (no heartbeat: the columns only)."""
+    cols = (PullAgent.host, PullAgent.token_salt, PullAgent.token_hash, PullAgent.revoked_at,
+            PullAgent.nudge)  # fmt: skip
+    with session_scope(url) as s:
+        return {
+            h: AgentRow(h, salt, digest, revoked is not None, nudge)
+            for h, salt, digest, revoked, nudge in s.execute(select(*cols))
+        }
 
 
 # -- desired state ---------------------------------------------------------------------------
@@ -202,6 +241,14 @@ def desired_all(url: str, hosts: list[str] | None = None) -> dict[str, Desired]:
         if hosts is not None:
             q = q.where(PullDesired.host.in_(hosts))
         return {r.host: _desired(r) for r in s.scalars(q)}
+
+
+def desired_since(url: str, generation: int) -> list[Desired]:
+    """Desired states set after `generation` (generations only grow across all hosts): what
+    changed since the server last looked, read in one query however many hosts wait."""
+    with session_scope(url) as s:
+        q = select(PullDesired).where(PullDesired.generation > generation)
+        return [_desired(r) for r in s.scalars(q.order_by(PullDesired.generation))]
 
 
 def generations(url: str) -> dict[str, int]:

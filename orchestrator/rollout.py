@@ -83,6 +83,7 @@ class HostAction:
     acceptance: tuple[RenderedCheck, ...] = ()  # the plan's acceptance tests, rendered
     context: dict[str, str] = field(default_factory=dict, hash=False)  # forward hooks' env
     backout_context: dict[str, str] = field(default_factory=dict, hash=False)
+    window: str | None = None  # pull `apply: window`: the host's own (orchestrator.pullwindow)
 
     def as_host(self) -> Host:
         return Host(
@@ -283,6 +284,7 @@ def _host_record(h: HostAction) -> dict[str, Any]:
         "backout": {k: _command_record(v) for k, v in h.backout.items()},
         "context": dict(h.context),
         "backout_context": dict(h.backout_context),
+        **({"window": h.window} if h.window else {}),
     }
 
 
@@ -301,6 +303,7 @@ def _host_from(name: str, d: dict[str, Any]) -> HostAction:
         acceptance=tuple(_check_from(c) for c in d.get("acceptance", ())),
         context=dict(d.get("context", {})),
         backout_context=dict(d.get("backout_context", {})),
+        window=d.get("window"),
     )
 
 

@@ -1352,7 +1352,7 @@ class PullAgent:
         if how == "boot":
             return self.booted
         if how == "window":
-            return in_window((d.get("spec") or {}).get("window"), time.gmtime())
+            return in_window((d.get("spec") or {}).get("window"), time.time())
         return False
 
     def consider(self, d):
@@ -1581,14 +1581,38 @@ class PullAgent:
 
 
 def in_window(window, now):
-    """Is `now` (a UTC struct_time) inside {"start": "HH:MM", "end": "HH:MM"} (UTC)?"""
+    """Is `now` (seconds since the epoch) inside the host's maintenance window?
+
+    `window` is orchestrator.pullwindow.agent_window's: {"days": [0..6] (Mon = 0), "start":
+    "HH:MM", "end": "HH:MM", "tz": zone}, wall-clock in `tz`, ending the next day when end
+    <= start (the change calendar's rule); without days every day, without tz UTC.
+    """
     if not window:
         return False
-    minute = now.tm_hour * 60 + now.tm_min
+    import datetime
+
+    tz = window.get("tz") or "UTC"
+    if tz == "UTC":
+        zone = datetime.timezone.utc
+    else:
+        try:
+            import zoneinfo
+
+            zone = zoneinfo.ZoneInfo(tz)
+        except Exception:  # no tz database on this host: never guess a window open
+            _plog("time zone %s is unknown on this host: the window stays closed" % tz)
+            return False
+    local = datetime.datetime.fromtimestamp(now, zone)
+    days = set(window.get("days", range(7)))
     start = [int(x) for x in window["start"].split(":")]
     end = [int(x) for x in window["end"].split(":")]
     a, b = start[0] * 60 + start[1], end[0] * 60 + end[1]
-    return a <= minute < b if a <= b else (minute >= a or minute < b)
+    minute = local.hour * 60 + local.minute
+    today, yesterday = local.weekday(), (local.weekday() - 1) % 7
+    if a < b:
+        return today in days and a <= minute < b
+    # past midnight: the tail of yesterday's window, or the start of today's
+    return (today in days and minute >= a) or (yesterday in days and minute < b)
 
 
 def pull_main(mode, root):

@@ -26,6 +26,20 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return addr, number
 
 
+# asyncio gives every TLS connection a read buffer of SSLProtocol.max_size (256 KiB): 10,000
+# waiting long-polls held ~3.3 GiB for requests of a few hundred bytes. A TLS record is at
+# most 16 KiB, so 32 KiB still takes two records a read; what the server sends (objects) is
+# not read through it.
+TLS_READ_BUFFER = 32 * 1024
+
+
+def _small_tls_buffers() -> None:
+    import asyncio.sslproto
+
+    if getattr(asyncio.sslproto.SSLProtocol, "max_size", 0) > TLS_READ_BUFFER:
+        asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
+
+
 def serve(listen: str, *, insecure_http: bool, progress: Callable[[str], None]) -> None:
     import uvicorn
 
@@ -54,6 +68,7 @@ def serve(listen: str, *, insecure_http: bool, progress: Callable[[str], None]) 
         f"serving the DML on {scheme}://{listen}"
         + ("" if insecure_http else f" (CA: {tls.pki_dir(settings.home) / 'ca.pem'})")
     )
+    _small_tls_buffers()
     config = uvicorn.Config(
         app, host=addr, port=port, log_level="warning", access_log=False,
         timeout_keep_alive=75, backlog=4096, **options,  # type: ignore[arg-type]

@@ -20,10 +20,14 @@ in the CMS; the server holds nothing a restart could lose.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import random
 import re
 import threading
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +38,16 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from orchestrator import pullstate
+from orchestrator.cms.models import utcnow
 
 log = logging.getLogger("ferry.dmlserver")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 TICK = 0.25  # how often the server looks for changed desired state in the CMS
-MAX_WAIT = 60.0
+RESYNC = 40  # every 10 s, every host's generation (catches a forgotten host)
+# a long-poll's longest wait: a large fleet polls long (`pull.poll: 300s`), since every
+# re-poll costs the server ~4 ms of CPU in its Python TLS and HTTP stack on this machine
+MAX_WAIT = 300.0
 IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable"}
 
 
@@ -49,36 +57,132 @@ class Refused(Exception):
         self.status, self.reason = status, reason
 
 
+@dataclass
+class Changes:
+    """What one look at the CMS found: the hosts whose answer changed, and their new state."""
+
+    generations: dict[str, int] = field(default_factory=dict)
+    bodies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    full: dict[str, int] | None = None  # every host's generation (a resync), or None
+    agents: dict[str, pullstate.AgentRow] | None = None  # every agent, when any changed
+    agent_signature: tuple[Any, ...] | None = None
+
+
 class ServerState:
+    """What the server knows between two looks at the CMS, and who waits for what.
+
+    One watcher reads the CMS each tick for every connection: only the desired states set
+    since the highest generation it has seen (generations grow across all hosts), a cheap
+    (agents, sum of nudges) signature before it reads any nudge, and every host's
+    generation once every RESYNC ticks (a forgotten host, a transaction that committed
+    late). It wakes only the long-polls of the hosts whose answer changed, and writes the
+    tick's heartbeats in one transaction. A waiting long-poll costs a future and a timer:
+    no task, no CMS read.
+    """
+
     def __init__(self, cms_url: str, dml: Any, cache: Path) -> None:
         self.url = cms_url
         self.dml = dml
         self.cache = cache
         self.generations: dict[str, int] = {}
         self.nudges: dict[str, int] = {}
-        self.changed = asyncio.Event()
+        self.top = 0  # the highest generation seen
+        self.bodies: dict[str, dict[str, Any]] = {}  # answers read since they changed
+        self.waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self.beats: dict[str, tuple[datetime, dict[str, Any]]] = {}
+        self.agents: dict[str, pullstate.AgentRow] = {}  # as of the last look
+        self._agent_signature: tuple[Any, ...] | None = None
+        self._ticks = 0
         self._verified: dict[tuple[str, str], str] = {}  # (host, sha256 of token) → hash
         self._packages: dict[str, tuple[bytes, bytes, Any]] = {}
         self._lock = threading.Lock()
         self.refused = 0
 
     # -- the CMS, watched ------------------------------------------------------------------
-    def poll(self) -> bool:
-        gens = pullstate.generations(self.url)
-        nudges = {h: a.nudge for h, a in pullstate.agents(self.url).items()}
-        moved = gens != self.generations or nudges != self.nudges
-        self.generations, self.nudges = gens, nudges
+    def read(self, top: int, signature: tuple[Any, ...] | None, resync: bool) -> Changes:
+        """One look at the CMS (in a worker thread): touches no shared state."""
+        ch = Changes()
+        for d in pullstate.desired_since(self.url, top):
+            ch.generations[d.host] = d.generation
+            ch.bodies[d.host] = d.to_dict()
+        if resync:
+            ch.full = pullstate.generations(self.url)
+        sig = pullstate.agent_signature(self.url)
+        if sig != signature:
+            ch.agents, ch.agent_signature = pullstate.agent_rows(self.url), sig
+        return ch
+
+    def apply(self, ch: Changes) -> set[str]:
+        """Fold a look's findings in (on the event loop); the hosts whose answer changed."""
+        moved: set[str] = set()
+        if ch.full is not None:
+            for host in set(ch.full) | set(self.generations):
+                if ch.full.get(host, 0) != self.generations.get(host, 0):
+                    moved.add(host)
+                    self.bodies.pop(host, None)
+            self.generations = dict(ch.full)
+        for host, gen in ch.generations.items():
+            if gen < self.generations.get(host, 0):
+                continue  # the resync, read a moment later, saw a newer one: next tick's
+            if gen != self.generations.get(host):
+                moved.add(host)
+            self.generations[host] = gen
+            self.bodies[host] = ch.bodies[host]
+        self.top = max([self.top, *ch.generations.values()])
+        if ch.agents is not None:
+            nudges = {h: a.nudge for h, a in ch.agents.items()}
+            moved |= {
+                h for h in set(nudges) | set(self.nudges)
+                if nudges.get(h, 0) != self.nudges.get(h, 0)
+            }  # fmt: skip
+            self.nudges, self.agents = nudges, ch.agents
+            self._agent_signature = ch.agent_signature
         return moved
+
+    def poll(self) -> set[str]:
+        """A whole look, synchronously (the server's start)."""
+        return self.apply(self.read(self.top, self._agent_signature, resync=True))
+
+    def wake(self, hosts: set[str]) -> None:
+        for host in hosts:
+            for fut in self.waiters.pop(host, ()):
+                if not fut.done():
+                    fut.set_result(None)
 
     async def watch(self) -> None:
         while True:
+            self._ticks += 1
+            beats, self.beats = self.beats, {}
             try:
-                if await run_in_threadpool(self.poll):
-                    event, self.changed = self.changed, asyncio.Event()
-                    event.set()
+                if beats:
+                    await run_in_threadpool(pullstate.heartbeats, self.url, beats)
+            except Exception as exc:  # noqa: BLE001 - the CMS may be busy: keep them
+                log.warning("heartbeats not recorded yet: %s", exc)
+                self.beats = {**beats, **self.beats}
+            try:
+                ch = await run_in_threadpool(
+                    self.read, self.top, self._agent_signature, self._ticks % RESYNC == 0
+                )
+                self.wake(self.apply(ch))
             except Exception as exc:  # noqa: BLE001 - the CMS may be busy: try next tick
                 log.warning("desired state not read: %s", exc)
             await asyncio.sleep(TICK)
+
+    async def wait(self, host: str, timeout: float) -> None:
+        """Until the host's answer may have changed, or `timeout`."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self.waiters.setdefault(host, set()).add(fut)
+        timer = loop.call_later(timeout, _settle, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            mine = self.waiters.get(host)
+            if mine is not None:
+                mine.discard(fut)
+                if not mine:
+                    del self.waiters[host]
 
     # -- tokens ----------------------------------------------------------------------------
     def authorize(self, request: Request, host: str) -> None:
@@ -103,6 +207,15 @@ class ServerState:
             raise Refused(401, "token does not match")
         self._verified[key] = row.digest
 
+    def still_authorized(self, request: Request, host: str) -> bool:
+        """After a long wait, without the CMS: is the token this request was authorized
+        with (by its row, at its start) neither revoked nor re-issued since the server's
+        last look? So 10,000 long-polls woken by one wave cost no 10,000 row reads."""
+        header = request.headers.get("authorization", "")
+        key = (host, hashlib.sha256(header[7:].strip().encode()).hexdigest())
+        row = self.agents.get(host)
+        return row is not None and not row.revoked and self._verified.get(key) == row.digest
+
     # -- packages --------------------------------------------------------------------------
     def package(self, release_id: str) -> tuple[bytes, bytes, Any]:
         """(manifest, signature, object cache) of a release some host is pointed at."""
@@ -125,6 +238,11 @@ class ServerState:
             got = (pkg.manifest_bytes, self.dml.signature_for_hosts(pkg), objects)
             self._packages[release_id] = got
             return got
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _refuse(request: Request, host: str, exc: Refused) -> Response:
@@ -183,6 +301,8 @@ async def object_file(request: Request) -> Response:
 
 
 async def desired(request: Request) -> Response:
+    loop = asyncio.get_running_loop()
+    arrived = loop.time()  # the poll's length counts from here, authorization included
     got = await _authorized(request)
     if isinstance(got, Response):
         return got
@@ -193,8 +313,10 @@ async def desired(request: Request) -> Response:
         wait = min(float(request.query_params.get("wait", "25")), MAX_WAIT)
     except ValueError:
         return JSONResponse({"error": "after, nudge and wait are numbers"}, status_code=400)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + max(0.0, wait)
+    # "no change" comes a little before the poll's length, spread, so the client re-polls
+    # before its own timeout and 10,000 agents that started together do not re-poll together
+    deadline = arrived + max(0.0, wait) * random.uniform(0.8, 0.95)
+    waited = False
     while True:
         gen = state.generations.get(host, 0)
         nudge = state.nudges.get(host, 0)
@@ -203,13 +325,20 @@ async def desired(request: Request) -> Response:
         left = deadline - loop.time()
         if left <= 0:
             return JSONResponse({"changed": False, "generation": gen, "nudge": nudge})
-        try:
-            await asyncio.wait_for(state.changed.wait(), timeout=left)
-        except TimeoutError:
-            pass
-    d = await run_in_threadpool(pullstate.desired, state.url, host)
+        await state.wait(host, left)
+        waited = True
+    if waited and not state.still_authorized(request, host):
+        # revoked or re-issued while its long-poll waited: the CMS says which, and it is logged
+        again = await _authorized(request)
+        if isinstance(again, Response):
+            return again
     body: dict[str, Any] = {"changed": True, "nudge": state.nudges.get(host, 0)}
-    body.update(d.to_dict() if d else {"generation": 0, "release_id": None, "purpose": None})
+    known = state.bodies.get(host)
+    if known is not None and known["generation"] == gen:
+        body.update(known)
+    else:  # a host that asks after a restart for a state set long ago: one row
+        d = await run_in_threadpool(pullstate.desired, state.url, host)
+        body.update(d.to_dict() if d else {"generation": 0, "release_id": None, "purpose": None})
     return JSONResponse(body)
 
 
@@ -257,13 +386,14 @@ async def heartbeat(request: Request) -> Response:
     except ValueError:
         return JSONResponse({"error": "a heartbeat is a JSON object"}, status_code=400)
     keep = {k: data.get(k) for k in ("current", "pending", "applying", "backed_out", "agent")}
-    await run_in_threadpool(pullstate.heartbeat, state.url, host, keep)
+    state.beats[host] = (utcnow(), keep)  # recorded with the tick's others, one transaction
     return JSONResponse({"ok": True})
 
 
 def make_app(cms_url: str, dml: Any, cache: Path) -> Starlette:
     state_box: dict[str, Any] = {}
 
+    @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):  # type: ignore[no-untyped-def]
         state = ServerState(cms_url, dml, cache)
         await run_in_threadpool(state.poll)

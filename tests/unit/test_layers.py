@@ -42,6 +42,8 @@ DECIDE_MODULES = (
     "orchestrator/context.py",
     "orchestrator/rollout.py",
     "orchestrator/planner.py",
+    "orchestrator/pullwindow.py",
+    "orchestrator/pulldaemon.py",
     "orchestrator/lifecycle.py",
     "orchestrator/els.py",
     "remediation/decisions.py",
@@ -71,6 +73,7 @@ PROJECT_PURE = (
     "orchestrator.plan",  # Model: Decide modules use its types; loading a plan stays outside
     "orchestrator.inventory",  # Model, likewise
     "orchestrator.planner",
+    "orchestrator.pullwindow",
     "orchestrator.milestone",
     "orchestrator.backout",
     "orchestrator.steps",  # the per-host step vocabulary

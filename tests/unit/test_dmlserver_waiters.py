@@ -1,0 +1,200 @@
+"""The DML server carries many long-polls (issue 12): a change wakes only the long-polls of
+the hosts whose desired state changed, a waiting long-poll reads nothing from the CMS, every
+waiter is answered "no change" before its poll's length, and a tick's heartbeats are one
+transaction. The real app (Starlette, in process over ASGI) on a real SQLite CMS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+from orchestrator import pullstate
+from orchestrator.dmlserver import app as server
+from orchestrator.dmlserver.app import Changes, ServerState, make_app
+
+HOSTS = [f"sim-{i}" for i in range(300)]
+WAIT = 10  # each long-poll's length (s)
+
+
+@contextlib.contextmanager
+def counting(what: str):  # type: ignore[no-untyped-def]
+    """The SQL statements any engine runs while inside (an executemany as `… ×rows`)."""
+    seen: list[str] = []
+
+    def before(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        rows = len(params) if executemany else 1
+        seen.append(" ".join(statement.split()) + (f" ×{rows}" if rows > 1 else ""))
+
+    event.listen(Engine, "before_cursor_execute", before)
+    try:
+        yield seen
+    finally:
+        event.remove(Engine, "before_cursor_execute", before)
+
+
+@pytest.fixture
+def cms(ferry_home: Path) -> str:
+    from orchestrator.settings import get_settings
+
+    return get_settings().cms_url
+
+
+async def _serve(cms: str, cache: Path, body) -> Any:  # type: ignore[no-untyped-def]
+    app = make_app(cms, dml=None, cache=cache)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://dml") as client:
+            return await body(app.state.ferry, client)
+
+
+def test_a_change_wakes_only_its_hosts_and_everyone_else_hears_no_change_in_time(
+    cms: str, ferry_home: Path
+) -> None:
+    tokens = pullstate.issue_tokens(cms, HOSTS)
+    changed = HOSTS[:10]
+
+    async def body(state: ServerState, client: httpx.AsyncClient) -> dict[str, Any]:
+        async def poll(host: str) -> tuple[str, float, float, dict[str, Any]]:
+            sent = time.monotonic()
+            r = await client.get(
+                f"/v1/hosts/{host}/desired?after=0&wait={WAIT}",
+                headers={"Authorization": f"Bearer {tokens[host]}"},
+            )
+            assert r.status_code == 200, r.text
+            return host, sent, time.monotonic(), r.json()
+
+        t0 = time.monotonic()
+        tasks = [asyncio.create_task(poll(h)) for h in HOSTS]
+        while sum(len(w) for w in state.waiters.values()) < len(HOSTS):
+            assert time.monotonic() - t0 < 30, "the long-polls never all waited"
+            await asyncio.sleep(0.05)
+        # waiting costs the CMS nothing per waiter: a tick reads only what changed
+        with counting("idle") as idle:
+            await asyncio.sleep(1.0)
+        woken: list[str] = []
+        real_wake = state.wake
+        state.wake = lambda hosts: (woken.extend(hosts), real_wake(hosts))[1]  # type: ignore[method-assign]
+        await asyncio.to_thread(
+            pullstate.set_desired, cms, "dev",
+            [{"host": h, "purpose": "deploy", "release": None, "release_id": None, "spec": {}}
+             for h in changed],
+        )  # fmt: skip
+        changed_at = time.monotonic()
+        with counting("wave") as wave:  # the server's next look, and the answers
+            await asyncio.gather(*tasks[:10])
+        done = await asyncio.gather(*tasks)
+        return {"done": done, "idle": idle, "woken": woken, "wave": wave, "at": changed_at}
+
+    got = asyncio.run(_serve(cms, ferry_home / "cache", body))
+    by_host = {h: (sent, back, ans) for h, sent, back, ans in got["done"]}
+    for h in changed:  # answered the moment their state changed, with it
+        _, back, ans = by_host[h]
+        assert ans["changed"] and ans["generation"] > 0 and ans["purpose"] == "deploy", ans
+        assert back - got["at"] < 3.0, h  # a tick or so, generous under load
+    assert sorted(set(got["woken"])) == sorted(changed)  # nobody else was woken
+    # woken, they were answered from what the server's look read: no row per host
+    assert not [q for q in got["wave"] if "FROM pull_agents" in q and "host =" in q], got["wave"]
+    assert not [q for q in got["wave"] if "FROM pull_desired" in q and "host =" in q]
+    for h in HOSTS[10:]:  # "no change" before the poll's length, so the client re-polls
+        sent, back, ans = by_host[h]
+        assert ans == {"changed": False, "generation": 0, "nudge": 0}, ans
+        assert WAIT * 0.8 - 1.0 <= back - sent < WAIT, (h, back - sent)
+    # ~4 ticks in the idle second: a few small queries each, not one per waiter
+    assert 0 < len(got["idle"]) < 40, got["idle"][:10]
+    assert not any("FROM pull_agents WHERE" in q and "host =" in q for q in got["idle"])
+
+
+def test_a_ticks_heartbeats_are_one_transaction(cms: str, ferry_home: Path) -> None:
+    hosts = HOSTS[:50]
+    tokens = pullstate.issue_tokens(cms, hosts)
+
+    async def body(state: ServerState, client: httpx.AsyncClient) -> list[str]:
+        async def beat(h: str, current: str) -> None:
+            r = await client.post(
+                f"/v1/hosts/{h}/heartbeat", json={"current": current},
+                headers={"Authorization": f"Bearer {tokens[h]}"},
+            )  # fmt: skip
+            assert r.status_code == 200, r.text
+
+        for h in hosts:  # each token verified once (scrypt), as after an agent's first beat
+            await beat(h, "none")
+        await asyncio.sleep(server.TICK * 3)
+        with counting("beats") as seen:
+            await asyncio.gather(*(beat(h, "shop-1.0-aaaaaaaaaaaa") for h in hosts))
+            await asyncio.sleep(server.TICK * 3)
+        return seen
+
+    seen = asyncio.run(_serve(cms, ferry_home / "cache", body))
+    updates = [q for q in seen if q.startswith("UPDATE pull_agents SET heartbeat")]
+    # 50 heartbeats in a tick or two: one executemany each, not one transaction a beat
+    assert 1 <= len(updates) <= 2, updates
+    assert sum(int(q.rpartition("×")[2]) if "×" in q else 1 for q in updates) == 50, updates
+    status = {s["host"]: s for s in pullstate.status(cms, hosts)}
+    assert all(status[h]["running"] == "shop-1.0-aaaaaaaaaaaa" for h in hosts)
+    assert all(status[h]["last_heartbeat"] for h in hosts)
+
+
+def test_a_look_at_the_cms_wakes_exactly_the_hosts_whose_answer_changed() -> None:
+    state = ServerState("sqlite://", None, Path("."))
+    state.generations, state.nudges, state.top = {"a": 3, "b": 5}, {"a": 0, "b": 1}, 5
+    body = {"generation": 7, "host": "c"}
+    assert state.apply(Changes(generations={"c": 7}, bodies={"c": body})) == {"c"}
+    assert state.top == 7 and state.bodies["c"] == body
+    # an agent row changed: the nudge moved for b only
+    rows = {h: pullstate.AgentRow(h, "00", "scrypt:x", False, n) for h, n in (("a", 0), ("b", 2))}
+    assert state.apply(Changes(agents=rows, agent_signature=(2, 2, None, None, 0))) == {"b"}
+    assert state.agents == rows
+    # a resync: a forgotten (deleted) host and one set late under an older generation
+    assert state.apply(Changes(full={"a": 4, "c": 7})) == {"a", "b"}
+    assert state.generations == {"a": 4, "c": 7} and "a" not in state.bodies
+    # a resync read after the incremental look saw a newer generation: the older is ignored
+    ch = Changes(generations={"c": 8}, bodies={"c": {"generation": 8}}, full={"a": 4, "c": 9})
+    assert state.apply(ch) == {"c"} and state.generations["c"] == 9 and "c" not in state.bodies
+
+
+def test_a_woken_long_poll_is_answered_only_while_its_token_still_holds(
+    cms: str, ferry_home: Path
+) -> None:
+    """Revoked (or re-issued) while it waited: the wave's answer is refused, 401, logged."""
+    tokens = pullstate.issue_tokens(cms, ["h1", "h2"])
+
+    async def body(state: ServerState, client: httpx.AsyncClient) -> dict[str, int]:
+        async def poll(host: str) -> int:
+            r = await client.get(f"/v1/hosts/{host}/desired?after=0&wait=20",
+                                 headers={"Authorization": f"Bearer {tokens[host]}"})  # fmt: skip
+            return r.status_code
+
+        tasks = {h: asyncio.create_task(poll(h)) for h in ("h1", "h2")}
+        while len(state.waiters) < 2:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(pullstate.revoke, cms, "h2")
+        await asyncio.sleep(server.TICK * 3)  # the server's look sees the revocation
+        await asyncio.to_thread(
+            pullstate.set_desired, cms, "dev",
+            [{"host": h, "purpose": "deploy", "release": None, "release_id": None, "spec": {}}
+             for h in ("h1", "h2")],
+        )  # fmt: skip
+        return {h: await t for h, t in tasks.items()}
+
+    assert asyncio.run(_serve(cms, ferry_home / "cache", body)) == {"h1": 200, "h2": 401}
+
+
+def test_the_servers_tls_connections_read_through_a_small_buffer() -> None:
+    import asyncio.sslproto
+
+    from orchestrator import dmlserver
+
+    before = asyncio.sslproto.SSLProtocol.max_size
+    try:
+        dmlserver._small_tls_buffers()
+        assert asyncio.sslproto.SSLProtocol.max_size == dmlserver.TLS_READ_BUFFER == 32 * 1024
+    finally:
+        asyncio.sslproto.SSLProtocol.max_size = before
