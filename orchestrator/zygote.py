@@ -135,8 +135,13 @@ def run_warm(argv: list[str]) -> int | None:
     except OSError:
         conn.close()
         return None
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the directory is gone: the command, run here, says so its own way
+        conn.close()
+        return None
     request = json.dumps(
-        {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": _umask()}
+        {"argv": argv, "cwd": cwd, "env": dict(os.environ), "umask": _umask()}
     ).encode()
     try:
         socket.send_fds(conn, [struct.pack("!I", len(request)) + request], [0, 1, 2])
@@ -178,6 +183,17 @@ def run_warm(argv: list[str]) -> int | None:
     return int(json.loads(line)["exit"])
 
 
+def _answers(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -191,7 +207,11 @@ def start_in_background() -> None:
         return
     path = socket_path()
     if path.exists():
-        return
+        if _answers(path):
+            return
+        # left by a warm process that was killed: nothing listens, so start another
+        path.unlink(missing_ok=True)
+        path.with_suffix(".pid").unlink(missing_ok=True)
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FERRY_", "PREFECT_"))}

@@ -148,6 +148,30 @@ def test_signals_reach_the_warm_child_and_an_idle_warm_process_leaves(
         _stop(pid)
 
 
+def test_a_killed_warm_process_is_replaced_by_the_next_command(ferry_home, tmp_path):
+    env = _warm_env(tmp_path)
+    assert _ferry(env, "rfc", "list").returncode == 0
+    first = _wait_warm(env)
+    os.kill(first, signal.SIGKILL)  # its socket file stays behind, nothing listens on it
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive(first):
+        time.sleep(0.1)
+    assert list(Path(env["FERRY_WARM_DIR"]).glob("warm-*.sock"))
+    again = _ferry(env, "rfc", "list")  # runs cold (nothing answers), then starts another
+    assert again.returncode == 0, again.stderr
+    deadline = time.monotonic() + 120
+    second = first
+    while time.monotonic() < deadline and second == first:
+        pids = list(Path(env["FERRY_WARM_DIR"]).glob("warm-*.pid"))
+        if pids and pids[0].read_text().strip() != str(first):
+            second = int(pids[0].read_text())
+        time.sleep(0.2)
+    try:
+        assert second != first and _alive(second)
+    finally:
+        _stop(second)
+
+
 def test_the_code_stamp_follows_every_module_file(tmp_path):
     root = tmp_path / "src"
     (root / "orchestrator" / "cli").mkdir(parents=True)
