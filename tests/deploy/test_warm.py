@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator import zygote
+from orchestrator.prefect_deployments import cms_tag
+from orchestrator.settings import get_settings
 from tests.conftest import FERRY_BIN
 from tests.deploy.helpers import build, host_release, plan, rid
 
@@ -89,7 +91,10 @@ def test_a_warm_child_deploys_as_a_cold_command_does(clean_small, prefect_api, t
         assert report["status"] == "succeeded"
         assert [host_release(fleet, h) for h in ("h1", "h2")] == [rid("shop@1.0")] * 2
         assert f"Prefect server {prefect_api}" in res.stderr
-        query = {"flow_runs": {"name": {"like_": f"#{report['id']}"}}}
+        # other tests' Ferry homes share this Prefect server, each with its own deployment #1:
+        # this home's runs carry its CMS's tag
+        mine = {"name": {"like_": f"#{report['id']}"}, "tags": {"all_": [cms_tag(_cms_url())]}}
+        query = {"flow_runs": mine}
         req = urllib.request.Request(
             f"{prefect_api}/flow_runs/filter", data=json.dumps(query).encode(),
             headers={"Content-Type": "application/json"},
@@ -223,6 +228,10 @@ def test_when_the_warm_start_is_on(monkeypatch, env, on):
 )  # fmt: skip
 def test_which_cold_commands_start_a_warm_process(argv, start):
     assert zygote.worth_starting(argv) is start
+
+
+def _cms_url() -> str:
+    return get_settings().cms_url
 
 
 def _children(pid: int) -> list[int]:
