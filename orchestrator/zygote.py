@@ -43,6 +43,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -268,8 +269,6 @@ def _started_work() -> str:
 
 
 def serve(path: Path) -> int:
-    import threading
-
     stamp = path.name.removeprefix("warm-").removesuffix(".sock")
     try:
         preload()
@@ -408,6 +407,7 @@ def _fork_child(conn: socket.socket, listener: socket.socket) -> int:
 
 def _run_child(conn: socket.socket, fds: list[int], request: dict[str, object]) -> None:
     code = 1
+    finished: threading.Event | None = None
     try:
         # as Python starts a process: Ctrl-C raises KeyboardInterrupt, SIGTERM ends it
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -429,7 +429,7 @@ def _run_child(conn: socket.socket, fds: list[int], request: dict[str, object]) 
         # are made again from the command's by configure_prefect, which every command that
         # uses Prefect calls first (prefect_env.refresh_imported)
         conn.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
-        _hang_up_with(conn)
+        finished = _hang_up_with(conn)
         argv = [str(a) for a in request["argv"]]  # type: ignore[attr-defined]
         sys.argv = ["ferry", *argv]
         from orchestrator.cli.main import _run
@@ -444,9 +444,8 @@ def _run_child(conn: socket.socket, fds: list[int], request: dict[str, object]) 
         except Exception:  # noqa: BLE001, S110
             pass
     finally:
-        done = getattr(_hang_up_with, "done", None)
-        if done is not None:
-            done.set()
+        if finished is not None:
+            finished.set()
         try:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -477,10 +476,10 @@ def _reopen_stdio() -> None:
         setattr(sys, f"__{name}__", stream)
 
 
-def _hang_up_with(conn: socket.socket) -> None:
-    """The caller gone (its connection closed) is a hang-up: SIGTERM to this child, so a
-    deployment stops at its next safe point and backs out."""
-    import threading
+def _hang_up_with(conn: socket.socket) -> threading.Event:
+    """The caller gone (its connection closed) before the returned event is set is a
+    hang-up: SIGTERM to this child, so a deployment stops at its next safe point and backs
+    out."""
 
     def watch() -> None:
         try:
@@ -492,8 +491,8 @@ def _hang_up_with(conn: socket.socket) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
 
     done = threading.Event()
-    _hang_up_with.done = done  # type: ignore[attr-defined]
     threading.Thread(target=watch, name="ferry-warm-hangup", daemon=True).start()
+    return done
 
 
 # -- `ferry warm` -------------------------------------------------------------------------
