@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import signal
 import socket
 import ssl
@@ -163,21 +164,22 @@ async def _long_polls(url: str, tokens: dict[str, str], ca: Path, ready: asyncio
                       answered: dict[str, float], counts: dict[str, int],
                       wait: float) -> None:  # fmt: skip
     """One long-poll per simulated host, as an agent polls: HTTP/1.1 by hand over one
-    kept-alive TLS connection, re-polling on each "no change" until its state changes."""
+    kept-alive TLS connection, its heartbeat in X-Ferry-Beat, re-polling on each "no
+    change" until its state changes; a connection lost or refused is retried after the
+    agent's backoff (1 s doubling to 30 s, jittered), and counted."""
     addr, port = url.removeprefix("https://").split(":")
     ctx = ssl.create_default_context(cafile=str(ca))
+    beat = '{"current":null,"pending":null,"applying":null,"backed_out":0,"agent":"sim"}'
 
-    async def one(host: str, token: str) -> None:
-        try:
-            reader, writer = await asyncio.open_connection(addr, int(port), ssl=ctx)
-        except OSError:
-            counts["connect_failed"] += 1
-            return
+    async def session(host: str, token: str) -> bool:
+        """One connection's polls: True once the host's state changed."""
+        reader, writer = await asyncio.open_connection(addr, int(port), ssl=ctx)
         try:
             while True:
                 writer.write(
                     f"GET /v1/hosts/{host}/desired?after=0&wait={wait:.0f} HTTP/1.1\r\n"
-                    f"Host: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+                    f"Host: {addr}\r\nAuthorization: Bearer {token}\r\n"
+                    f"X-Ferry-Beat: {beat}\r\n\r\n".encode()
                 )
                 await writer.drain()
                 status = await asyncio.wait_for(reader.readline(), wait + 30)
@@ -188,15 +190,24 @@ async def _long_polls(url: str, tokens: dict[str, str], ca: Path, ready: asyncio
                 body = json.loads(await reader.readexactly(length)) if length else {}
                 if not status.startswith(b"HTTP/1.1 200"):
                     counts["errors"] += 1
-                    return
+                    raise ConnectionError(status.decode(errors="replace").strip())
                 if body.get("changed"):
                     answered[host] = time.monotonic()
-                    return
+                    return True
                 counts["no_change"] += 1  # answered before the poll's length: poll again
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
-            counts["lost"] += 1
         finally:
             writer.close()
+
+    async def one(host: str, token: str) -> None:
+        backoff = 1.0
+        while True:
+            try:
+                if await session(host, token):
+                    return
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
+                counts["reconnects"] += 1
+            await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+            backoff = min(backoff * 2, 30.0)
 
     tasks = [asyncio.create_task(one(h, t)) for h, t in tokens.items()]
     ready.set()
@@ -205,6 +216,7 @@ async def _long_polls(url: str, tokens: dict[str, str], ca: Path, ready: asyncio
 
 def idle(args: argparse.Namespace) -> dict[str, Any]:
     from orchestrator import pullstate
+    from orchestrator.cms.models import utcnow
 
     work = Path(tempfile.mkdtemp(prefix="ferry-pullidle-"))
     fleet = Fleet.up(work / "lab", args.agents)
@@ -221,7 +233,7 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
             url = f"sqlite:///{home.home / 'cms.db'}"
             tokens = pullstate.issue_tokens(url, [f"sim-{i}" for i in range(args.polls)])
             answered: dict[str, float] = {}
-            counts = dict.fromkeys(("no_change", "errors", "lost", "connect_failed"), 0)
+            counts = dict.fromkeys(("no_change", "errors", "reconnects"), 0)
             ready = asyncio.Event()
 
             def load() -> None:
@@ -237,15 +249,25 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
             after = server.usage()
             out["idle_cpu_pct"] = 100 * (after["cpu_s"] - before["cpu_s"]) / args.idle
             out["idle_rss_mib"] = after["rss_mib"]
-            t0 = time.monotonic()
+            real = [f"h{i}" for i in range(1, args.agents + 1)]
+            t0, wall0 = time.monotonic(), utcnow()
             pullstate.set_desired(url, "dev", [
                 {"host": h, "purpose": "deploy", "release": None, "release_id": None, "spec": {}}
-                for h in tokens
+                for h in [*real, *tokens]
             ])  # fmt: skip
             gen.join(timeout=600)
-            out["wave_start_to_last_answer_s"] = max(answered.values(), default=t0) - t0
+            # the real agents answer their new state with a report ("done": nothing to fetch)
+            firsts: dict[str, float] = {}
+            for r in pullstate.reports(url, real):
+                if r.at >= wall0:
+                    firsts.setdefault(r.host, (r.at - wall0).total_seconds())
+            out["real_agents_reported"] = len(firsts)
+            out["wave_start_to_last_real_agent_s"] = max(firsts.values(), default=None)
+            took = sorted(t - t0 for t in answered.values())
+            out["wave_start_to_last_answer_s"] = took[-1] if took else None
+            out["wave_start_to_median_answer_s"] = took[len(took) // 2] if took else None
             out["answered"] = len(answered)
-            out.update(counts)
+            out.update(counts)  # reconnects: connections lost or refused, retried as agents do
         finally:
             server.stop()
     finally:

@@ -142,6 +142,19 @@ def heartbeats(url: str, beats: dict[str, tuple[datetime, dict[str, Any]]]) -> N
             s.execute(update(PullAgent), rows)  # ORM bulk UPDATE by primary key
 
 
+def seen(url: str, hosts: list[str], at: datetime) -> None:
+    """Stamp these hosts alive at `at` (their long-poll waits on an open connection),
+    keeping what their last heartbeat said: one UPDATE per 500 hosts."""
+    with session_scope(url) as s:
+        for i in range(0, len(hosts), 500):
+            s.execute(
+                update(PullAgent)
+                .where(PullAgent.host.in_(hosts[i : i + 500]))
+                .values(heartbeat_at=at)
+                .execution_options(synchronize_session=False)
+            )
+
+
 def agent_signature(url: str) -> tuple[Any, ...]:
     """Changes whenever any agent is installed, re-issued, revoked or nudged (nudges only
     grow; issue and revoke stamp times), so the server re-reads the agents only then."""

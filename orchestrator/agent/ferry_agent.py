@@ -1217,6 +1217,7 @@ class PullAgent:
         self.booted = True  # the first answer after a start is the host's "boot"
         self.applying = None
         self.nudge = -1
+        self.polling = False  # a long-poll in flight is this host's heartbeat (the server's)
         self.lock = __import__("threading").Lock()
 
     # -- local state ---------------------------------------------------------------------
@@ -1236,13 +1237,15 @@ class PullAgent:
         write_atomic(self.state_path, json.dumps(self.st).encode(), 0o600)
 
     # -- the wire ------------------------------------------------------------------------
-    def call(self, method, path, body=None, timeout=30, raw=False):
+    def call(self, method, path, body=None, timeout=30, raw=False, beat=None):
         import urllib.error
         import urllib.request
 
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.server + path, data=data, method=method)
         req.add_header("Authorization", "Bearer " + self.token)
+        if beat is not None:
+            req.add_header("X-Ferry-Beat", json.dumps(beat, separators=(",", ":")))
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:
@@ -1284,16 +1287,20 @@ class PullAgent:
             self._save()
         return True
 
+    def beat_data(self):
+        pending = (self.st.get("pending") or {}).get("release_id")
+        return {"current": self.host.current(), "pending": pending, "applying": self.applying,
+                "backed_out": len(self.st["backed_out"]), "agent": "pull"}  # fmt: skip
+
     def heartbeats(self):
         while True:
-            try:
-                pending = (self.st.get("pending") or {}).get("release_id")
-                beat = {"current": self.host.current(), "pending": pending,
-                        "applying": self.applying, "backed_out": len(self.st["backed_out"]),
-                        "agent": "pull"}  # fmt: skip
-                self.call("POST", "/v1/hosts/%s/heartbeat" % self.name, beat, timeout=10)
-            except Exception as exc:  # a missed heartbeat is what the server looks for
-                _plog("heartbeat not delivered: %s" % (exc,))
+            # while a long-poll waits, it is the heartbeat: the server stamps its host alive
+            if not self.polling:
+                try:
+                    beat = self.beat_data()
+                    self.call("POST", "/v1/hosts/%s/heartbeat" % self.name, beat, timeout=10)
+                except Exception as exc:  # a missed heartbeat is what the server looks for
+                    _plog("heartbeat not delivered: %s" % (exc,))
             time.sleep(self.beat)
 
     # -- the loop ------------------------------------------------------------------------
@@ -1314,7 +1321,11 @@ class PullAgent:
                     self.nudge,
                     wait,
                 )
-                ans = self.call("GET", path, timeout=wait + 30)
+                self.polling = True
+                try:
+                    ans = self.call("GET", path, timeout=wait + 30, beat=self.beat_data())
+                finally:
+                    self.polling = False
                 backoff = 1.0
                 self.nudge = ans.get("nudge", self.nudge)
                 if ans.get("changed") and ans.get("purpose"):

@@ -9,6 +9,13 @@ API of the pull method, as one ASGI app (Starlette) that `ferry dml serve` runs 
     POST /v1/hosts/<host>/reports                          step and check results
     POST /v1/hosts/<host>/heartbeat                        alive, apart from outcomes
 
+A waiting long-poll is the host's heartbeat: its request carries what a heartbeat says
+(`X-Ferry-Beat`, JSON), and while it waits on an open connection the server stamps the host
+alive every BEAT_TICKS ticks, so an idle fleet sends one request per poll, not one per
+heartbeat too (10,000 agents at a 10 s heartbeat were 1,000 requests a second). The agent
+posts heartbeats only while it is not long-polling (applying, between polls). A long-poll
+whose agent hung up stops counting at once: the server listens for the hang-up.
+
 Manifests and objects need no token: they are signed (the agent checks the signature with
 its pinned DML key and every sha256 before anything runs) and content-addressed, so any web
 server or object store could serve them. The host API needs the host's own token (Bearer);
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import random
 import re
@@ -45,6 +53,8 @@ _SHA = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 TICK = 0.25  # how often the server looks for changed desired state in the CMS
 RESYNC = 40  # every 10 s, every host's generation (catches a forgotten host)
+BEAT_TICKS = 8  # every 2 s, the hosts with a waiting long-poll are stamped alive
+BEAT_KEYS = ("current", "pending", "applying", "backed_out", "agent")
 # a long-poll's longest wait: a large fleet polls long (`pull.poll: 300s`), since every
 # re-poll costs the server ~4 ms of CPU in its Python TLS and HTTP stack on this machine
 MAX_WAIT = 300.0
@@ -159,6 +169,11 @@ class ServerState:
             except Exception as exc:  # noqa: BLE001 - the CMS may be busy: keep them
                 log.warning("heartbeats not recorded yet: %s", exc)
                 self.beats = {**beats, **self.beats}
+            if self._ticks % BEAT_TICKS == 0 and self.waiters:
+                try:  # a waiting long-poll on an open connection: its agent is alive
+                    await run_in_threadpool(pullstate.seen, self.url, list(self.waiters), utcnow())
+                except Exception as exc:  # noqa: BLE001 - the next stamp will do
+                    log.warning("waiting hosts not stamped alive: %s", exc)
             try:
                 ch = await run_in_threadpool(
                     self.read, self.top, self._agent_signature, self._ticks % RESYNC == 0
@@ -168,12 +183,13 @@ class ServerState:
                 log.warning("desired state not read: %s", exc)
             await asyncio.sleep(TICK)
 
-    async def wait(self, host: str, timeout: float) -> None:
-        """Until the host's answer may have changed, or `timeout`."""
+    async def wait(self, host: str, timeout: float, hangup: asyncio.Future[Any]) -> None:
+        """Until the host's answer may have changed, `timeout`, or the client hangs up."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         self.waiters.setdefault(host, set()).add(fut)
         timer = loop.call_later(timeout, _settle, fut)
+        hangup.add_done_callback(lambda _: _settle(fut))
         try:
             await fut
         finally:
@@ -300,6 +316,24 @@ async def object_file(request: Request) -> Response:
     return FileResponse(path, media_type="application/octet-stream", headers=IMMUTABLE)
 
 
+def _beat(request: Request) -> dict[str, Any] | None:
+    """What a long-poll's `X-Ferry-Beat` says (a heartbeat's fields), or None; ValueError
+    if it is there but not a JSON object."""
+    raw = request.headers.get("x-ferry-beat")
+    if raw is None:
+        return None
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError
+    return {k: data.get(k) for k in BEAT_KEYS}
+
+
+async def _hangup(request: Request) -> None:
+    """Returns when the client hangs up (a GET's body, empty, is read first)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def desired(request: Request) -> Response:
     loop = asyncio.get_running_loop()
     arrived = loop.time()  # the poll's length counts from here, authorization included
@@ -311,22 +345,35 @@ async def desired(request: Request) -> Response:
         after = int(request.query_params.get("after", "-1"))
         seen_nudge = int(request.query_params.get("nudge", "-1"))
         wait = min(float(request.query_params.get("wait", "25")), MAX_WAIT)
+        beat = _beat(request)
     except ValueError:
-        return JSONResponse({"error": "after, nudge and wait are numbers"}, status_code=400)
+        return JSONResponse(
+            {"error": "after, nudge and wait are numbers; X-Ferry-Beat is a JSON object"},
+            status_code=400,
+        )
+    if beat is not None:  # this long-poll is the host's heartbeat
+        state.beats[host] = (utcnow(), beat)
     # "no change" comes a little before the poll's length, spread, so the client re-polls
     # before its own timeout and 10,000 agents that started together do not re-poll together
     deadline = arrived + max(0.0, wait) * random.uniform(0.8, 0.95)
     waited = False
-    while True:
-        gen = state.generations.get(host, 0)
-        nudge = state.nudges.get(host, 0)
-        if gen > after or (seen_nudge >= 0 and nudge != seen_nudge):
-            break
-        left = deadline - loop.time()
-        if left <= 0:
-            return JSONResponse({"changed": False, "generation": gen, "nudge": nudge})
-        await state.wait(host, left)
-        waited = True
+    # a task per waiting long-poll (~1 KiB): the one way to hear its agent hang up at once
+    hangup = asyncio.ensure_future(_hangup(request))
+    try:
+        while True:
+            gen = state.generations.get(host, 0)
+            nudge = state.nudges.get(host, 0)
+            if gen > after or (seen_nudge >= 0 and nudge != seen_nudge):
+                break
+            left = deadline - loop.time()
+            if left <= 0:
+                return JSONResponse({"changed": False, "generation": gen, "nudge": nudge})
+            await state.wait(host, left, hangup)
+            if hangup.done():
+                return Response(status_code=499)  # nobody is there to read it
+            waited = True
+    finally:
+        hangup.cancel()
     if waited and not state.still_authorized(request, host):
         # revoked or re-issued while its long-poll waited: the CMS says which, and it is logged
         again = await _authorized(request)
@@ -385,7 +432,7 @@ async def heartbeat(request: Request) -> Response:
         return _gone(host)
     except ValueError:
         return JSONResponse({"error": "a heartbeat is a JSON object"}, status_code=400)
-    keep = {k: data.get(k) for k in ("current", "pending", "applying", "backed_out", "agent")}
+    keep = {k: data.get(k) for k in BEAT_KEYS}
     state.beats[host] = (utcnow(), keep)  # recorded with the tick's others, one transaction
     return JSONResponse({"ok": True})
 

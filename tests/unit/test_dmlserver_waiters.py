@@ -198,3 +198,71 @@ def test_the_servers_tls_connections_read_through_a_small_buffer() -> None:
         assert asyncio.sslproto.SSLProtocol.max_size == dmlserver.TLS_READ_BUFFER == 32 * 1024
     finally:
         asyncio.sslproto.SSLProtocol.max_size = before
+
+
+def test_a_waiting_long_poll_is_its_hosts_heartbeat(cms: str, ferry_home: Path) -> None:
+    """What the long-poll's X-Ferry-Beat says is recorded, and while it waits the host is
+    stamped alive again and again without a heartbeat request of its own."""
+    tokens = pullstate.issue_tokens(cms, ["h1"])
+    beat = '{"current": "shop-1.0-aaaaaaaaaaaa", "pending": null, "agent": "pull"}'
+
+    async def body(state: ServerState, client: httpx.AsyncClient) -> list[Any]:
+        poll = asyncio.create_task(client.get(
+            "/v1/hosts/h1/desired?after=0&wait=8",
+            headers={"Authorization": f"Bearer {tokens['h1']}", "X-Ferry-Beat": beat},
+        ))  # fmt: skip
+        stamps = []
+        for _ in range(3):
+            await asyncio.sleep(server.BEAT_TICKS * server.TICK + 0.3)
+            stamps.append(await asyncio.to_thread(pullstate.status, cms, ["h1"]))
+        bad = await client.get("/v1/hosts/h1/desired?after=0&wait=1",
+                               headers={"Authorization": f"Bearer {tokens['h1']}",
+                                        "X-Ferry-Beat": "[1, 2]"})  # fmt: skip
+        return [stamps, (await poll).status_code, bad.status_code]
+
+    stamps, polled, bad = asyncio.run(_serve(cms, ferry_home / "cache", body))
+    assert polled == 200 and bad == 400
+    assert [s[0]["running"] for s in stamps] == ["shop-1.0-aaaaaaaaaaaa"] * 3
+    beats = [s[0]["last_heartbeat"] for s in stamps]
+    assert beats[0] is not None and beats[0] < beats[1] < beats[2], beats  # stamped, again
+
+
+def test_a_long_poll_whose_agent_hung_up_stops_waiting_at_once(cms: str, ferry_home: Path) -> None:
+    """On real uvicorn: the connection closed, the host no longer counts as waiting (so it
+    is no longer stamped alive), long before its poll's length."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    tokens = pullstate.issue_tokens(cms, ["h1"])
+    app = make_app(cms, dml=None, cache=ferry_home / "cache")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not srv.started:
+            assert time.monotonic() < deadline, "uvicorn never started"
+            time.sleep(0.05)
+        state: ServerState = app.state.ferry
+        conn = socket.create_connection(("127.0.0.1", port))
+        conn.sendall(
+            f"GET /v1/hosts/h1/desired?after=0&wait=60 HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {tokens['h1']}\r\n\r\n".encode()
+        )
+        while "h1" not in state.waiters:
+            assert time.monotonic() < deadline, "the long-poll never waited"
+            time.sleep(0.05)
+        conn.close()
+        hung_up = time.monotonic()
+        while "h1" in state.waiters:
+            assert time.monotonic() - hung_up < 3, "a hung-up long-poll kept waiting"
+            time.sleep(0.05)
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=20)
+    assert not thread.is_alive()
