@@ -266,3 +266,38 @@ def test_a_long_poll_whose_agent_hung_up_stops_waiting_at_once(cms: str, ferry_h
         srv.should_exit = True
         thread.join(timeout=20)
     assert not thread.is_alive()
+
+
+def test_a_known_token_costs_no_row_read_and_a_revoked_one_is_refused_within_ticks(
+    cms: str, ferry_home: Path
+) -> None:
+    tokens = pullstate.issue_tokens(cms, ["h1", "h2"])
+
+    async def body(state: ServerState, client: httpx.AsyncClient) -> dict[str, Any]:
+        async def poll(host: str, token: str) -> int:
+            r = await client.get(f"/v1/hosts/{host}/desired?after=-1&wait=1",
+                                 headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+            return r.status_code
+
+        first = await poll("h1", tokens["h1"])  # checked against its row: scrypt, once
+        await asyncio.sleep(server.TICK * 3)  # a look that has read h1's row
+        with counting("known") as known:
+            again = [await poll("h1", tokens["h1"]) for _ in range(5)]
+        forged = await poll("h1", "h1." + "0" * 43)  # refused from the CMS's own row
+        await asyncio.to_thread(pullstate.revoke, cms, "h1")
+        await asyncio.sleep(server.TICK * 3)  # the next look sees the revocation
+        revoked = await poll("h1", tokens["h1"])
+        fresh, server.FRESH = server.FRESH, -1.0  # as if the CMS was not read for a while:
+        try:  # back to the row, every time
+            with counting("stale") as stale:
+                other = await poll("h2", tokens["h2"])
+        finally:
+            server.FRESH = fresh
+        return {"first": first, "again": again, "known": known, "forged": forged,
+                "revoked": revoked, "other": other, "stale": stale}  # fmt: skip
+
+    got = asyncio.run(_serve(cms, ferry_home / "cache", body))
+    assert got["first"] == 200 and got["again"] == [200] * 5 and got["other"] == 200
+    assert not [q for q in got["known"] if "pull_agents" in q and "host =" in q], got["known"]
+    assert [q for q in got["stale"] if "pull_agents" in q and "host =" in q], got["stale"]
+    assert got["forged"] == 401 and got["revoked"] == 401
