@@ -258,9 +258,12 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
             gen.join(timeout=600)
             # the real agents answer their new state with a report ("done": nothing to fetch)
             firsts: dict[str, float] = {}
-            for r in pullstate.reports(url, real):
-                if r.at >= wall0:
-                    firsts.setdefault(r.host, (r.at - wall0).total_seconds())
+            deadline = time.monotonic() + 120
+            while len(firsts) < len(real) and time.monotonic() < deadline:
+                for r in pullstate.reports(url, real):
+                    if r.at >= wall0:
+                        firsts.setdefault(r.host, (r.at - wall0).total_seconds())
+                time.sleep(1)
             out["real_agents_reported"] = len(firsts)
             out["wave_start_to_last_real_agent_s"] = max(firsts.values(), default=None)
             took = sorted(t - t0 for t in answered.values())
