@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.pull_bench throughput --hosts 50 --mib 100
     .venv/bin/python -m benchmarks.pull_bench idle --agents 200 --polls 10000
+    .venv/bin/python -m benchmarks.pull_bench answer-cost --polls 1000 --wait 5
 
 throughput: one release of --mib MiB to --hosts fresh lab hosts, three ways, on the same
   fleet: Ferry push (`method: push`), Ferry pull (`method: pull`, agents installed by
@@ -13,6 +14,8 @@ idle: --agents real agents idling on a fleet, plus --polls simulated long-polls 
   change" as an agent does); the server's CPU and memory while they wait, the time from a
   wave's desired state to the last simulated agent's answer (when it would begin its
   download), and how many got it.
+answer-cost: --polls simulated long-polls re-polling every ~--wait s, no fleet: the server's
+  CPU per long-poll answered.
 """
 
 from __future__ import annotations
@@ -54,7 +57,9 @@ class DMLServer:
         self.log = open(self.home.dir / "dmlserver.out", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [str(FERRY_BIN), "dml", "serve", "--listen", self.listen],
-            env=self.home.env, cwd=self.home.dir, stdout=self.log, stderr=subprocess.STDOUT,
+            # cold: the server is its own process, so usage() measures the server itself
+            env={**self.home.env, "FERRY_WARM": "0"}, cwd=self.home.dir, stdout=self.log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
         addr, port = self.listen.split(":")
@@ -278,6 +283,58 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _load_process(url: str, tokens: dict[str, str], ca: Path, wait: float, seconds: float,
+                  marks: Any) -> None:
+    """The load generator in a process of its own: its counts at each mark (1, 2) on `marks`."""
+    counts = dict.fromkeys(("no_change", "errors", "reconnects"), 0)
+
+    async def run() -> None:
+        load = asyncio.create_task(
+            _long_polls(url, tokens, ca, asyncio.Event(), {}, counts, wait)
+        )  # fmt: skip
+        for mark in seconds:
+            await asyncio.sleep(mark)
+            marks.put(dict(counts))
+        load.cancel()
+
+    asyncio.run(run())
+
+
+def answer_cost(args: argparse.Namespace) -> dict[str, Any]:
+    """--polls simulated long-polls re-polling every ~--wait s against `ferry dml serve` on
+    127.0.0.1 (no fleet), from a load generator in its own process: the server's CPU per
+    long-poll answered."""
+    import multiprocessing
+
+    from orchestrator import pullstate
+
+    work = Path(tempfile.mkdtemp(prefix="ferry-pollcost-"))
+    home = FerryHome(work / "home", None)
+    server = DMLServer(home, f"127.0.0.1:{_free_port('127.0.0.1')}")
+    server.start()
+    try:
+        url = f"sqlite:///{home.home / 'cms.db'}"
+        tokens = pullstate.issue_tokens(url, [f"sim-{i}" for i in range(args.polls)])
+        ctx = multiprocessing.get_context("fork")
+        marks = ctx.Queue()
+        load = ctx.Process(target=_load_process, args=(
+            f"https://{server.listen}", tokens, home.home / "pki" / "ca.pem", args.wait,
+            (args.settle, args.idle), marks))  # fmt: skip
+        load.start()
+        first = marks.get(timeout=args.settle + 60)
+        before = server.usage()
+        second = marks.get(timeout=args.idle + 60)
+        after = server.usage()
+        load.join(timeout=30)
+    finally:
+        server.stop()
+    cpu, answers = after["cpu_s"] - before["cpu_s"], second["no_change"] - first["no_change"]
+    return {"polls": args.polls, "wait": args.wait, "answers": answers,
+            "server_cpu_pct": 100 * cpu / args.idle, "rss_mib": after["rss_mib"],
+            "ms_cpu_per_answer": 1000 * cpu / max(1, answers), "errors": second["errors"],
+            "reconnects": second["reconnects"]}  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="benchmarks.pull_bench")
     sub = p.add_subparsers(dest="what", required=True)
@@ -290,8 +347,14 @@ def main() -> None:
     i.add_argument("--settle", type=float, default=60.0)
     i.add_argument("--idle", type=float, default=60.0)
     i.add_argument("--wait", type=float, default=30.0, help="each long-poll's length (s)")
+    c = sub.add_parser("answer-cost")
+    c.add_argument("--polls", type=int, default=1000)
+    c.add_argument("--wait", type=float, default=5.0)
+    c.add_argument("--settle", type=float, default=20.0)
+    c.add_argument("--idle", type=float, default=20.0)
     args = p.parse_args()
-    result = throughput(args) if args.what == "throughput" else idle(args)
+    run = {"throughput": throughput, "idle": idle, "answer-cost": answer_cost}[args.what]
+    result = run(args)
     log(json.dumps(result, indent=1))
 
 
