@@ -49,6 +49,14 @@ def attach(rollout: Rollout, plan: DeployPlan, content: dict[str, Any], plan_fil
             )
     if not images:
         return rollout
+    if plan.method == "pull":  # the files would land and the containers not: never half
+        raise SpecError(
+            plan_file,
+            "method",
+            f"{rollout.release} has image units ({', '.join(sorted(images))}); pull agents "
+            "do not load images yet",
+            "deploy it with method: push",
+        )
     specs = {
         name: plan.containers.get(name, ContainerSpec()).record(record.image_id)
         for name, record in images.items()

@@ -213,6 +213,14 @@ def test_containers_entry_naming_no_image_unit_is_exit_2_naming_file_and_field(
     res = deploy(run_ferry, worse, "web@1", None, "--dry-run")
     assert res.returncode == 2 and "containers.web.volumes" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
+    # pull agents load no images: refused before anything is recorded, never half deployed
+    pulled = web_plan(work, fleet, "pulled.yaml", method="pull",
+                      pull={"server": "https://198.18.0.1:8443"})  # fmt: skip
+    res = deploy(run_ferry, pulled, "web@1", rfc(run_ferry, "web@1"))
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "pulled.yaml: method" in res.stderr and "image units (web)" in res.stderr
+    assert "method: push" in res.stderr and "Traceback" not in res.stderr
+    assert cms(lambda s: s.scalar(select(func.count()).select_from(Deployment))) == 0
     assert cms(lambda s: s.scalar(select(func.count()).select_from(Deployment))) == 0
     for host in fleet.hosts:
         assert lab_docker.docker(fleet, host, "images", "-q").strip() == ""
