@@ -284,6 +284,15 @@ class Pull(BaseModel):
     # the calendar's text, or the older {start, end} (daily, UTC): kept as the calendar's text
     window: str | None = None
 
+    @field_validator("heartbeat")
+    @classmethod
+    def _beat(cls, value: float) -> float:
+        # the server stamps hosts whose long-poll waits every 2 s; a host is silent after
+        # 3 heartbeats, so a shorter heartbeat would call waiting hosts silent
+        if value < 2.0:
+            raise ValueError("heartbeat is at least 2s (a waiting long-poll is stamped every 2s)")
+        return value
+
     @field_validator("server")
     @classmethod
     def _url(cls, value: str) -> str:

@@ -1218,6 +1218,7 @@ class PullAgent:
         self.applying = None
         self.nudge = -1
         self.polling = False  # a long-poll in flight is this host's heartbeat (the server's)
+        self.beat_counted = False  # the server said so: an older one would not count it
         self.lock = __import__("threading").Lock()
 
     # -- local state ---------------------------------------------------------------------
@@ -1295,7 +1296,7 @@ class PullAgent:
     def heartbeats(self):
         while True:
             # while a long-poll waits, it is the heartbeat: the server stamps its host alive
-            if not self.polling:
+            if not (self.polling and self.beat_counted):
                 try:
                     beat = self.beat_data()
                     self.call("POST", "/v1/hosts/%s/heartbeat" % self.name, beat, timeout=10)
@@ -1327,6 +1328,7 @@ class PullAgent:
                 finally:
                     self.polling = False
                 backoff = 1.0
+                self.beat_counted = bool(ans.get("beat"))
                 self.nudge = ans.get("nudge", self.nudge)
                 if ans.get("changed") and ans.get("purpose"):
                     self.consider(ans)

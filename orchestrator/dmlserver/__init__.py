@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 from collections.abc import Callable
 
 from orchestrator.errors import BadInput
@@ -33,6 +34,34 @@ def parse_listen(listen: str) -> tuple[str, int]:
 TLS_READ_BUFFER = 32 * 1024
 
 
+# A waiting long-poll stamps its host alive; an agent gone without a FIN (power lost, a
+# partition, a NAT that forgot it) must stop counting before the milestone's 3 heartbeats
+# (30 s by default). Kernel keepalive on every accepted connection (inherited from the
+# listening socket): a dead peer is found after 10 s idle + 3 probes 5 s apart, ~25 s.
+KEEPALIVE = {"TCP_KEEPIDLE": 10, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3}
+
+
+def listen_socket(addr: str, port: int, backlog: int = 4096) -> socket.socket:
+    """The server's listening socket, keepalive on, or exit 2 saying what holds the port."""
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in KEEPALIVE.items():
+        if hasattr(socket, name):  # Linux; elsewhere the system's defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    try:
+        sock.bind((addr, port))
+    except OSError as exc:
+        sock.close()
+        raise BadInput(
+            f"--listen {addr}:{port}: cannot listen there ({exc.strerror}); choose a free port "
+            "or an address of this machine"
+        ) from None
+    sock.listen(backlog)
+    return sock
+
+
 def _small_tls_buffers() -> None:
     import asyncio.sslproto
 
@@ -49,6 +78,7 @@ def serve(listen: str, *, insecure_http: bool, progress: Callable[[str], None]) 
     from orchestrator.settings import get_settings
 
     addr, port = parse_listen(listen)
+    sock = listen_socket(addr, port)  # before anything is said or made: a taken port is exit 2
     settings = get_settings()
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(settings.log_dir / "dmlserver.log")
@@ -73,4 +103,4 @@ def serve(listen: str, *, insecure_http: bool, progress: Callable[[str], None]) 
         app, host=addr, port=port, log_level="warning", access_log=False,
         timeout_keep_alive=75, backlog=4096, **options,  # type: ignore[arg-type]
     )  # fmt: skip
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[sock])

@@ -40,6 +40,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
@@ -59,7 +61,9 @@ BEAT_KEYS = ("current", "pending", "applying", "backed_out", "agent")
 # a known token is accepted from the agent rows of the server's last look, if that look is
 # this recent; else (the CMS not read for a while) from its own row, as a new one always is
 FRESH = 2.0
-CMS_THREADS = 15  # SQLAlchemy's default pool: 5 connections + 10 overflow
+# SQLAlchemy's default pool is 5 connections + 10 overflow: requests get 13 worker threads,
+# the watcher 2 of its own, so a burst of requests never delays a look, a wake or a stamp
+REQUEST_THREADS, WATCHER_THREADS = 13, 2
 # a long-poll's longest wait: a large fleet polls long (`pull.poll: 300s`), since every
 # re-poll costs the server ~4 ms of CPU in its Python TLS and HTTP stack on this machine
 MAX_WAIT = 300.0
@@ -112,6 +116,8 @@ class ServerState:
         self._verified: dict[tuple[str, str], str] = {}  # (host, sha256 of token) → hash
         self._packages: dict[str, tuple[bytes, bytes, Any]] = {}
         self._lock = threading.Lock()
+        self._opening = asyncio.Lock()  # requests wait for a package's opening on the loop
+        self._watcher: anyio.CapacityLimiter | None = None  # made on the loop, in watch()
         self.refused = 0
 
     # -- the CMS, watched ------------------------------------------------------------------
@@ -124,7 +130,9 @@ class ServerState:
         if resync:
             ch.full = pullstate.generations(self.url)
         sig = pullstate.agent_signature(self.url)
-        if sig != signature:
+        # and at every resync: a token re-issued under a clock that stepped back leaves the
+        # signature's max(issued_at) as it was, so a rotated token holds at most 10 s more
+        if sig != signature or resync:
             ch.agents, ch.agent_signature = pullstate.agent_rows(self.url), sig
         return ch
 
@@ -168,24 +176,29 @@ class ServerState:
                 if not fut.done():
                     fut.set_result(None)
 
+    async def _in_thread(self, fn: Any, *args: Any) -> Any:
+        if self._watcher is None:
+            self._watcher = anyio.CapacityLimiter(WATCHER_THREADS)
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._watcher)
+
     async def watch(self) -> None:
         while True:
             self._ticks += 1
             beats, self.beats = self.beats, {}
             try:
                 if beats:
-                    await run_in_threadpool(pullstate.heartbeats, self.url, beats)
+                    await self._in_thread(pullstate.heartbeats, self.url, beats)
             except Exception as exc:  # noqa: BLE001 - the CMS may be busy: keep them
                 log.warning("heartbeats not recorded yet: %s", exc)
                 self.beats = {**beats, **self.beats}
             if self._ticks % BEAT_TICKS == 0 and self.waiters:
                 try:  # a waiting long-poll on an open connection: its agent is alive
-                    await run_in_threadpool(pullstate.seen, self.url, list(self.waiters), utcnow())
+                    await self._in_thread(pullstate.seen, self.url, list(self.waiters), utcnow())
                 except Exception as exc:  # noqa: BLE001 - the next stamp will do
                     log.warning("waiting hosts not stamped alive: %s", exc)
             try:
                 started = time.monotonic()  # what the look reads is at least this recent
-                ch = await run_in_threadpool(
+                ch = await self._in_thread(
                     self.read, self.top, self._agent_signature, self._ticks % RESYNC == 0
                 )
                 self.wake(self.apply(ch))
@@ -200,11 +213,13 @@ class ServerState:
         fut: asyncio.Future[None] = loop.create_future()
         self.waiters.setdefault(host, set()).add(fut)
         timer = loop.call_later(timeout, _settle, fut)
-        hangup.add_done_callback(lambda _: _settle(fut))
+        settle = lambda _: _settle(fut)  # noqa: E731
+        hangup.add_done_callback(settle)
         try:
             await fut
         finally:
             timer.cancel()
+            hangup.remove_done_callback(settle)
             mine = self.waiters.get(host)
             if mine is not None:
                 mine.discard(fut)
@@ -320,7 +335,11 @@ async def release_file(request: Request) -> Response:
     if not _NAME.match(rid) or part not in ("manifest", "signature"):
         return JSONResponse({"error": "not found"}, status_code=404)
     try:
-        manifest, signature, _ = await run_in_threadpool(state.package, rid)
+        got = state._packages.get(rid)
+        if got is None:
+            async with state._opening:  # one opening at a time, the rest wait on the loop
+                got = await run_in_threadpool(state.package, rid)
+        manifest, signature, _ = got
     except Refused as exc:
         return JSONResponse({"error": exc.reason}, status_code=exc.status)
     body = manifest if part == "manifest" else signature
@@ -387,9 +406,11 @@ async def desired(request: Request) -> Response:
                 break
             left = deadline - loop.time()
             if left <= 0:
-                return JSONResponse({"changed": False, "generation": gen, "nudge": nudge})
+                return JSONResponse(
+                    {"changed": False, "generation": gen, "nudge": nudge, "beat": beat is not None}
+                )
             await state.wait(host, left, hangup)
-            if hangup.done():
+            if hangup.done() and not hangup.cancelled() and hangup.exception() is None:
                 return Response(status_code=499)  # nobody is there to read it
             waited = True
     finally:
@@ -399,7 +420,11 @@ async def desired(request: Request) -> Response:
         again = await _authorized(request)
         if isinstance(again, Response):
             return again
-    body: dict[str, Any] = {"changed": True, "nudge": state.nudges.get(host, 0)}
+    body: dict[str, Any] = {
+        "changed": True,
+        "nudge": state.nudges.get(host, 0),
+        "beat": beat is not None,
+    }
     known = state.bodies.get(host)
     if known is not None and known["generation"] == gen:
         body.update(known)
@@ -465,9 +490,7 @@ def make_app(cms_url: str, dml: Any, cache: Path) -> Starlette:
         # no more worker threads than the CMS pool has connections (5 + 10 overflow): when
         # 10,000 agents first connect at once, their token checks queue here instead of
         # timing out after 30 s waiting for a connection (three 500s in the idle benchmark)
-        import anyio.to_thread
-
-        anyio.to_thread.current_default_thread_limiter().total_tokens = CMS_THREADS
+        anyio.to_thread.current_default_thread_limiter().total_tokens = REQUEST_THREADS
         state = ServerState(cms_url, dml, cache)
         await run_in_threadpool(state.poll)
         app.state.ferry = state

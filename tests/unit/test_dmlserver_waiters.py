@@ -105,7 +105,7 @@ def test_a_change_wakes_only_its_hosts_and_everyone_else_hears_no_change_in_time
     assert not [q for q in got["wave"] if "FROM pull_desired" in q and "host =" in q]
     for h in HOSTS[10:]:  # "no change" before the poll's length, so the client re-polls
         sent, back, ans = by_host[h]
-        assert ans == {"changed": False, "generation": 0, "nudge": 0}, ans
+        assert ans == {"changed": False, "generation": 0, "nudge": 0, "beat": False}, ans
         assert WAIT * 0.8 - 1.0 <= back - sent < WAIT, (h, back - sent)
     # ~4 ticks in the idle second: a few small queries each, not one per waiter
     assert 0 < len(got["idle"]) < 40, got["idle"][:10]
@@ -208,7 +208,7 @@ def test_a_waiting_long_poll_is_its_hosts_heartbeat(cms: str, ferry_home: Path) 
 
     async def body(state: ServerState, client: httpx.AsyncClient) -> list[Any]:
         poll = asyncio.create_task(client.get(
-            "/v1/hosts/h1/desired?after=0&wait=8",
+            "/v1/hosts/h1/desired?after=0&wait=20",
             headers={"Authorization": f"Bearer {tokens['h1']}", "X-Ferry-Beat": beat},
         ))  # fmt: skip
         stamps = []
@@ -218,10 +218,14 @@ def test_a_waiting_long_poll_is_its_hosts_heartbeat(cms: str, ferry_home: Path) 
         bad = await client.get("/v1/hosts/h1/desired?after=0&wait=1",
                                headers={"Authorization": f"Bearer {tokens['h1']}",
                                         "X-Ferry-Beat": "[1, 2]"})  # fmt: skip
-        return [stamps, (await poll).status_code, bad.status_code]
+        plain = await client.get("/v1/hosts/h1/desired?after=0&wait=1",
+                                 headers={"Authorization": f"Bearer {tokens['h1']}"})  # fmt: skip
+        poll.cancel()  # no need to wait out its 20 s
+        return [stamps, bad.status_code, plain.json()]
 
-    stamps, polled, bad = asyncio.run(_serve(cms, ferry_home / "cache", body))
-    assert polled == 200 and bad == 400
+    stamps, bad, plain = asyncio.run(_serve(cms, ferry_home / "cache", body))
+    assert bad == 400
+    assert plain["beat"] is False  # no X-Ferry-Beat: the agent must post its heartbeats
     assert [s[0]["running"] for s in stamps] == ["shop-1.0-aaaaaaaaaaaa"] * 3
     beats = [s[0]["last_heartbeat"] for s in stamps]
     assert beats[0] is not None and beats[0] < beats[1] < beats[2], beats  # stamped, again
@@ -301,3 +305,41 @@ def test_a_known_token_costs_no_row_read_and_a_revoked_one_is_refused_within_tic
     assert not [q for q in got["known"] if "pull_agents" in q and "host =" in q], got["known"]
     assert [q for q in got["stale"] if "pull_agents" in q and "host =" in q], got["stale"]
     assert got["forged"] == 401 and got["revoked"] == 401
+
+
+def test_the_listening_socket_gives_every_connection_keepalive_and_a_taken_port_is_exit_2() -> None:
+    """An agent gone without a FIN stops counting as a waiting (alive) host: the kernel's
+    keepalive probes find it. Accepted connections inherit the options on this kernel."""
+    import socket
+
+    from orchestrator import dmlserver
+    from orchestrator.errors import BadInput
+
+    sock = dmlserver.listen_socket("127.0.0.1", 0)
+    try:
+        port = sock.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            conn, _ = sock.accept()
+            with conn:
+                assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                got = {n: conn.getsockopt(socket.IPPROTO_TCP, getattr(socket, n))
+                       for n in dmlserver.KEEPALIVE}  # fmt: skip
+                assert got == dmlserver.KEEPALIVE
+                assert client  # the connection stood while its options were read
+        with pytest.raises(BadInput, match=rf"--listen 127.0.0.1:{port}: cannot listen there"):
+            dmlserver.listen_socket("127.0.0.1", port)
+    finally:
+        sock.close()
+
+
+def test_every_resync_reads_the_agent_rows_even_when_their_signature_stands_still(
+    cms: str, ferry_home: Path
+) -> None:
+    """A token re-issued under a clock that stepped back leaves the signature as it was:
+    the resync (every 10 s) still reads the rows, so a rotated token holds at most that."""
+    pullstate.issue_tokens(cms, ["h1"])
+    state = ServerState(cms, None, ferry_home / "cache")
+    sig = pullstate.agent_signature(cms)
+    assert state.read(0, sig, resync=False).agents is None
+    rows = state.read(0, sig, resync=True).agents
+    assert rows is not None and set(rows) == {"h1"}

@@ -37,6 +37,10 @@ def refused(path: Path, text: str) -> str:
         ("method: pull\npull: {server: 'ftp://x'}\n", "the DML server is https://"),
         ("method: pull\npull: {server: 'https://a:1', apply: later}\n", "pull.apply"),
         (
+            "method: pull\npull: {server: 'https://a:1', heartbeat: 1s}\n",
+            "heartbeat is at least 2s",
+        ),
+        (
             "method: pull\npull: {server: 'https://a:1', apply: window, "
             "window: {start: '25:00', end: '03:00'}}\n",
             "a window time is HH:MM",
