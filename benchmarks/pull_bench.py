@@ -165,6 +165,10 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+class _Answered(Exception):
+    """The server answered, but not 200."""
+
+
 async def _long_polls(url: str, tokens: dict[str, str], ca: Path, ready: asyncio.Event,
                       answered: dict[str, float], counts: dict[str, int],
                       wait: float) -> None:  # fmt: skip
@@ -194,8 +198,8 @@ async def _long_polls(url: str, tokens: dict[str, str], ca: Path, ready: asyncio
                         length = int(line.split(b":")[1])
                 body = json.loads(await reader.readexactly(length)) if length else {}
                 if not status.startswith(b"HTTP/1.1 200"):
-                    counts["errors"] += 1
-                    raise ConnectionError(status.decode(errors="replace").strip())
+                    counts["errors"] += 1  # counted here, retried below, not a reconnect
+                    raise _Answered(status.decode(errors="replace").strip())
                 if body.get("changed"):
                     answered[host] = time.monotonic()
                     return True
@@ -209,6 +213,8 @@ async def _long_polls(url: str, tokens: dict[str, str], ca: Path, ready: asyncio
             try:
                 if await session(host, token):
                     return
+            except _Answered:
+                pass
             except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
                 counts["reconnects"] += 1
             await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
