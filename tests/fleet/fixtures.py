@@ -127,11 +127,12 @@ def machine_snapshot() -> dict[str, set[str]]:
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
-                stat = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+                head, _, tail = Path(entry.path, "stat").read_text().rpartition(")")
             except OSError:
                 continue
-            if int(stat[1]) == os.getpid():
-                children.add(f"{entry.name} {stat[0]}")
+            stat = tail.split()
+            if int(stat[1]) == os.getpid():  # named, so a leftover says what it is
+                children.add(f"{entry.name} {stat[0]} {head.partition('(')[2]}")
     return {
         "netns": lines(["ip", "netns", "list"]),
         "links": lines(["ip", "-br", "link"]),
