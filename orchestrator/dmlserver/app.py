@@ -13,8 +13,10 @@ A waiting long-poll is the host's heartbeat: its request carries what a heartbea
 (`X-Ferry-Beat`, JSON), and while it waits on an open connection the server stamps the host
 alive every BEAT_TICKS ticks, so an idle fleet sends one request per poll, not one per
 heartbeat too (10,000 agents at a 10 s heartbeat were 1,000 requests a second). The agent
-posts heartbeats only while it is not long-polling (applying, between polls). A long-poll
-whose agent hung up stops counting at once: the server listens for the hang-up.
+posts heartbeats only while it is not long-polling (applying, between polls), or until an
+answer has said its poll counted (`"beat": true`). A long-poll whose agent hung up stops
+counting at once (the server listens for the hang-up); one gone without a FIN, within
+~25 s (kernel keepalive on every connection, orchestrator/dmlserver/__init__.py).
 
 Manifests and objects need no token: they are signed (the agent checks the signature with
 its pinned DML key and every sha256 before anything runs) and content-addressed, so any web
