@@ -268,6 +268,15 @@ class ServerState:
         return row is not None and not row.revoked and self._verified.get(key) == row.digest
 
     # -- packages --------------------------------------------------------------------------
+    async def opened(self, release_id: str) -> tuple[bytes, bytes, Any]:
+        """`package`, from the event loop: one opening at a time, the rest wait on the loop
+        (not in worker threads, which the CMS pool's size bounds)."""
+        got = self._packages.get(release_id)
+        if got is None:
+            async with self._opening:
+                got = await run_in_threadpool(self.package, release_id)
+        return got
+
     def package(self, release_id: str) -> tuple[bytes, bytes, Any]:
         """(manifest, signature, object cache) of a release some host is pointed at."""
         with self._lock:
@@ -337,11 +346,7 @@ async def release_file(request: Request) -> Response:
     if not _NAME.match(rid) or part not in ("manifest", "signature"):
         return JSONResponse({"error": "not found"}, status_code=404)
     try:
-        got = state._packages.get(rid)
-        if got is None:
-            async with state._opening:  # one opening at a time, the rest wait on the loop
-                got = await run_in_threadpool(state.package, rid)
-        manifest, signature, _ = got
+        manifest, signature, _ = await state.opened(rid)
     except Refused as exc:
         return JSONResponse({"error": exc.reason}, status_code=exc.status)
     body = manifest if part == "manifest" else signature
@@ -366,6 +371,11 @@ def _beat(request: Request) -> dict[str, Any] | None:
     data = json.loads(raw)
     if not isinstance(data, dict):
         raise ValueError
+    return _beat_fields(data)
+
+
+def _beat_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """What the server keeps of a heartbeat, posted or carried by a long-poll."""
     return {k: data.get(k) for k in BEAT_KEYS}
 
 
@@ -479,7 +489,7 @@ async def heartbeat(request: Request) -> Response:
         return _gone(host)
     except ValueError:
         return JSONResponse({"error": "a heartbeat is a JSON object"}, status_code=400)
-    keep = {k: data.get(k) for k in BEAT_KEYS}
+    keep = _beat_fields(data)
     state.beats[host] = (utcnow(), keep)  # recorded with the tick's others, one transaction
     return JSONResponse({"ok": True})
 
