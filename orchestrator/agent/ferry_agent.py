@@ -30,14 +30,89 @@ Exit codes: 0 ok, 10 integrity (signature/checksum/pinned key), 11 bad input, 12
 """
 
 import errno
-import json
 import os
 import sys
 import time
 from types import SimpleNamespace
 
-# hashlib, shutil, subprocess and argparse are imported where used: an agent session
-# starts on every host of every deployment, and those imports are most of its start-up
+# An agent session starts on every host of every deployment, so its imports are most of
+# its start-up: json (with re and enum), hashlib, subprocess and signal cost ~30 ms of CPU
+# per host, more than the login. The session's hot path uses their C cores directly (_json,
+# _hashlib, os.posix_spawn); the pure-Python modules load only where they are needed.
+try:
+    import _json
+except ImportError:  # not CPython: the json module's own pure-Python codec
+    _json = None
+
+
+class _ScanContext:  # what _json's scanner reads: json.loads's defaults
+    strict = True
+    object_hook = object_pairs_hook = None
+    parse_float, parse_int = float, int
+
+    @staticmethod
+    def parse_constant(name):
+        return {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}[name]
+
+
+_SCAN = _json.make_scanner(_ScanContext) if _json else None
+_WS = " \t\n\r"
+
+
+def loads(text):
+    """json.loads (str or UTF-8 bytes) without importing json."""
+    if isinstance(text, (bytes, bytearray)):
+        text = text.decode()
+    if _SCAN is None:
+        import json
+
+        return json.loads(text)
+    start = len(text) - len(text.lstrip(_WS))
+    try:
+        obj, end = _SCAN(text, start)
+    except StopIteration as exc:
+        raise ValueError("not JSON: expecting a value at char %s" % (exc.value,)) from None
+    if text[end:].strip(_WS):
+        raise ValueError("not JSON: extra data at char %d" % end)
+    return obj
+
+
+def _unencodable(obj):
+    raise TypeError("Object of type %s is not JSON serializable" % type(obj).__name__)
+
+
+def dumps(obj, sort_keys=False, separators=None, ensure_ascii=True, indent=None):
+    """json.dumps without importing json (which is imported for `indent` only)."""
+    if _json is None or indent is not None:
+        import json
+
+        return json.dumps(
+            obj,
+            sort_keys=sort_keys,
+            separators=separators,
+            ensure_ascii=ensure_ascii,
+            indent=indent,
+        )
+    item_sep, key_sep = separators or (", ", ": ")
+    quote = _json.encode_basestring_ascii if ensure_ascii else _json.encode_basestring
+    # markers, default, encoder, indent, key_sep, item_sep, sort_keys, skipkeys, allow_nan
+    encode = _json.make_encoder(
+        {}, _unencodable, quote, None, key_sep, item_sep, sort_keys, False, True
+    )
+    return "".join(encode(obj, 0))
+
+
+def new_hash(name="sha256"):
+    """OpenSSL's sha256/sha512 (as hashlib gives them) without hashlib's module."""
+    try:
+        import _hashlib
+
+        return getattr(_hashlib, "openssl_" + name)()
+    except (ImportError, AttributeError, ValueError):
+        import hashlib
+
+        return hashlib.new(name)
+
 
 CHUNK = 1 << 20
 EXIT_INTEGRITY, EXIT_INPUT, EXIT_OS = 10, 11, 12
@@ -52,9 +127,7 @@ class AgentError(Exception):
 def copy_hashed(inp, path, size, view, what):
     """Write the next `size` bytes of `inp` to a new 0600 file at `path`, hashing them as
     they pass through one reused buffer `view` (no second read); the sha256 hex digest."""
-    import hashlib
-
-    h, left = hashlib.sha256(), size
+    h, left = new_hash(), size
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         while left:  # no allocation or copy per chunk
@@ -143,9 +216,9 @@ def ed25519_verify(public, message, signature):
     s = int.from_bytes(signature[32:], "little")
     if s >= _L:
         return False
-    import hashlib
-
-    h = int.from_bytes(hashlib.sha512(signature[:32] + public + message).digest(), "little") % _L
+    digest = new_hash("sha512")
+    digest.update(signature[:32] + public + message)
+    h = int.from_bytes(digest.digest(), "little") % _L
     left, right = _mul(s, _G), _add(r, _mul(h, a))
     return (left[0] * right[2] - right[0] * left[2]) % _P == 0 and (
         left[1] * right[2] - right[1] * left[2]
@@ -154,13 +227,13 @@ def ed25519_verify(public, message, signature):
 
 # --- helpers ------------------------------------------------------------------------------
 def content_digest(manifest):
-    import hashlib
-
-    return "sha256:" + hashlib.sha256(canonical(manifest["content"])).hexdigest()
+    h = new_hash()
+    h.update(canonical(manifest["content"]))
+    return "sha256:" + h.hexdigest()
 
 
 def canonical(obj):
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def safe_relpath(path):
@@ -206,9 +279,7 @@ def unchanged(path, recorded):
 
 
 def sha256_file(path):
-    import hashlib
-
-    h = hashlib.sha256()
+    h = new_hash()
     with open(path, "rb") as f:
         while True:
             b = f.read(CHUNK)
@@ -235,12 +306,12 @@ class Host:
     def state(self):
         try:
             with open(self.state_path) as f:
-                return json.load(f)
+                return loads(f.read())
         except FileNotFoundError:
             return {"current": None, "previous": None, "history": []}
 
     def save_state(self, st):
-        write_atomic(self.state_path, json.dumps(st, indent=1).encode())
+        write_atomic(self.state_path, dumps(st, indent=1).encode())
 
     def current(self):
         link = os.path.join(self.root, "current")
@@ -273,7 +344,7 @@ class Host:
             raw = f.read()
         manifest = None
         if expect:
-            manifest = json.loads(raw.decode())
+            manifest = loads(raw.decode())
             if manifest.get("digest") != expect or content_digest(manifest) != expect:
                 manifest = None
             else:
@@ -306,7 +377,7 @@ class Host:
         keys = [self.pinned_key()] + (self.retired_keys() if stored else [])
         if not any(ed25519_verify(k, raw, sig) for k in keys):
             raise integrity("manifest signature does not verify with the pinned DML key")
-        manifest = json.loads(raw.decode())
+        manifest = loads(raw.decode())
         content = manifest["content"]
         digest = content_digest(manifest)
         if digest != manifest.get("digest"):
@@ -319,7 +390,7 @@ class Host:
         """path → [inode, size, mtime_ns, ctime_ns] of each file as published (or {})."""
         try:
             with open(os.path.join(self.meta, rid + ".ids")) as f:
-                return json.load(f)
+                return loads(f.read())
         except (OSError, ValueError):
             return {}
 
@@ -327,7 +398,7 @@ class Host:
         base = os.path.join(self.releases, rid)
         files = manifest["content"]["files"]
         ids = {e["path"]: identity(os.path.join(base, e["path"])) for e in files}
-        write_atomic(os.path.join(self.meta, rid + ".ids"), json.dumps(ids).encode())
+        write_atomic(os.path.join(self.meta, rid + ".ids"), dumps(ids).encode())
 
     def refresh_identities(self, rid, paths):
         """Re-record files of `rid` that were intact and are now shared with a new release."""
@@ -339,7 +410,7 @@ class Host:
                     ids[rel] = identity(os.path.join(base, rel))
                 except OSError:
                     ids.pop(rel, None)
-        write_atomic(os.path.join(self.meta, rid + ".ids"), json.dumps(ids).encode())
+        write_atomic(os.path.join(self.meta, rid + ".ids"), dumps(ids).encode())
 
     def known_objects(self):
         """sha256 -> an existing file with that content (incoming first, then releases)."""
@@ -381,7 +452,7 @@ def _digests(host):
     for rid in host.verified_ids():
         try:
             with open(os.path.join(host.meta, rid + ".json"), "rb") as f:
-                out[rid] = json.loads(f.read().decode()).get("digest")
+                out[rid] = loads(f.read().decode()).get("digest")
         except (OSError, ValueError):
             continue
     return out
@@ -391,9 +462,9 @@ ROTATION = b"ferry-dml-key-rotation\x00"  # what an old key signs: this prefix +
 
 
 def key_id(public):
-    import hashlib
-
-    return hashlib.sha256(public).hexdigest()[:16]
+    h = new_hash()
+    h.update(public)
+    return h.hexdigest()[:16]
 
 
 def rotated_to(pinned, key, rotations):
@@ -465,7 +536,7 @@ def op_receive(host, args):
     host.ensure_dirs()
     rid = safe_id(args.id)
     inp, out = sys.stdin.buffer, sys.stdout
-    header = json.loads(inp.readline().decode())
+    header = loads(inp.readline().decode())
     raw = _read_exact(inp, int(header["manifest_len"]))
     sig = _read_exact(inp, int(header["sig_len"]))
     manifest = host.check_manifest(raw, sig)
@@ -476,7 +547,7 @@ def op_receive(host, args):
     for e in manifest["content"]["files"]:
         if e["sha256"] not in known:
             wanted[e["sha256"]] = e["size"]
-    out.write("NEED " + json.dumps(sorted(wanted)) + "\n")
+    out.write("NEED " + dumps(sorted(wanted)) + "\n")
     out.flush()
     received = nbytes = 0
     view = memoryview(bytearray(CHUNK))
@@ -588,7 +659,7 @@ def op_config(host, args):
     rid = safe_id(args.id)
     base = os.path.join(host.releases, rid, ".rendered")
     raw = args.payload if getattr(args, "payload", None) is not None else sys.stdin.buffer.read()
-    files = json.loads(raw.decode())
+    files = loads(raw.decode())
     for dest, text in sorted(files.items()):
         path = os.path.join(base, safe_relpath(dest))
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -655,8 +726,6 @@ def _agent_files(host):
     """Agent files an older Ferry left in .ferry/ (agent-<hash>.py): Ferry never runs them
     (it sends the agent on every session), but one whose content no longer has the hash in
     its name was modified on the host, which the drift audit reports as tampering."""
-    import hashlib
-
     out = []
     where = os.path.join(host.root, ".ferry")
     try:
@@ -669,7 +738,9 @@ def _agent_files(host):
         want = name[len("agent-") : -len(".py")]
         try:
             with open(os.path.join(where, name), "rb") as f:
-                got = hashlib.sha256(f.read()).hexdigest()[: len(want)]
+                h = new_hash()
+                h.update(f.read())
+                got = h.hexdigest()[: len(want)]
         except OSError:
             got = None
         out.append({"file": ".ferry/" + name, "modified": got != want, "sha256": got})
@@ -747,35 +818,66 @@ def op_prune(host, args):
 def op_run(host, args):
     """Run a (rendered) hook or check command under /bin/sh, in its directory, with a
     timeout; its own process group is killed when the timeout passes. Its exit code is data."""
-    import signal
-    import subprocess
-
     cwd = args.cwd if args.cwd and os.path.isdir(args.cwd) else host.root
     env = dict(os.environ)
     env.update({str(k): str(v) for k, v in (args.env or {}).items()})
     started = time.monotonic()
-    proc = subprocess.Popen(
-        ["/bin/sh", "-c", args.command],
-        cwd=cwd if os.path.isdir(cwd) else "/",
-        env=env,
-        stdin=subprocess.DEVNULL,  # never the session's own stream
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=args.timeout)
-        rc = proc.returncode
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        out, _ = proc.communicate()
+    rc, out = spawn(["/bin/sh", "-c", args.command], cwd if os.path.isdir(cwd) else "/", env,
+                    args.timeout)  # fmt: skip
+    if rc is None:
         rc = 124
-        out = (out or b"") + (b"\n(timed out after %ss)" % str(args.timeout).encode())
-    text = (out or b"").decode(errors="replace")
+        out += b"\n(timed out after %ss)" % str(args.timeout).encode()
+    text = out.decode(errors="replace")
     return {"rc": rc, "output": text[-4000:], "seconds": round(time.monotonic() - started, 3)}
+
+
+def spawn(argv, cwd, env, timeout):
+    """(exit code, stdout+stderr) of `argv` run in `cwd` in a session of its own, stdin
+    /dev/null (never the session's own stream); (None, output so far) when `timeout`
+    passes, its whole process group killed. posix_spawn and poll, not subprocess: importing
+    subprocess (and signal, enum) costs ~16 ms of CPU, paid by every host of a deployment
+    whose milestone runs a check. A sh exec'd by sh takes the directory: posix_spawn has
+    no portable chdir."""
+    import select
+
+    inner = ["/bin/sh", "-c", 'cd -- "$1" || exit 126; shift; exec "$@"', "ferry-run", cwd]
+    r, w = os.pipe()  # both close-on-exec; only the dup2'd copies reach the child
+    try:
+        pid = os.posix_spawn(
+            inner[0],
+            inner + list(argv),
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, w, 1),
+                (os.POSIX_SPAWN_DUP2, w, 2),
+            ],
+            setsid=True,
+        )
+    finally:
+        os.close(w)
+    chunks, deadline, killed = [], time.monotonic() + timeout, False
+    poller = select.poll()
+    poller.register(r, select.POLLIN | select.POLLHUP)
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if not killed and left <= 0:
+                try:
+                    os.killpg(pid, 9)  # SIGKILL, without the signal module's import
+                except OSError:
+                    pass
+                killed = True
+            if killed or poller.poll(max(1, int(left * 1000))):
+                chunk = os.read(r, 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    finally:
+        os.close(r)
+    _, status = os.waitpid(pid, 0)
+    out = b"".join(chunks)
+    return (None, out) if killed else (os.waitstatus_to_exitcode(status), out)
 
 
 def op_probe(host, args):
@@ -852,7 +954,7 @@ def _engine_images(host):
     _, out = _docker(host, ["image", "inspect", "--format", "{{json .}}"] + ids)
     images = {}
     for line in out.splitlines():
-        info = json.loads(line)
+        info = loads(line)
         images[info["Id"]] = list((info.get("RootFS") or {}).get("Layers") or [])
     return images
 
@@ -862,7 +964,7 @@ def _container(host, name):
     rc, out = _docker(host, ["container", "inspect", "--format", "{{json .}}", name], check=False)
     if rc != 0:
         return None
-    info = json.loads(out.splitlines()[0])
+    info = loads(out.splitlines()[0])
     return {
         "image": info["Image"],
         "running": bool(info["State"]["Running"]),
@@ -945,7 +1047,7 @@ def op_image_load(host, args):
                 tar.add(os.path.join(work, "config.json"), "config.json")
                 for digest in send:
                     tar.add(os.path.join(work, digest[7:]), digest[7:] + "/layer.tar")
-                raw = json.dumps(manifest).encode()
+                raw = dumps(manifest).encode()
                 info = tarfile.TarInfo("manifest.json")
                 info.size = len(raw)
                 tar.addfile(info, io.BytesIO(raw))
@@ -1050,18 +1152,18 @@ def _note_switch(host, unit, rid, changed, reverted=False):
     one already reverted (a recover run again), leaves the containers alone."""
     try:
         with open(_switches_path(host)) as f:
-            st = json.load(f)
+            st = loads(f.read())
     except (FileNotFoundError, ValueError):
         st = {}
     st[unit] = {"release": rid, "changed": changed, "reverted": reverted}
     host.ensure_dirs()
-    write_atomic(_switches_path(host), json.dumps(st, indent=1).encode())
+    write_atomic(_switches_path(host), dumps(st, indent=1).encode())
 
 
 def _switched(host, unit):
     try:
         with open(_switches_path(host)) as f:
-            return json.load(f).get(unit) or {}
+            return loads(f.read()).get(unit) or {}
     except (FileNotFoundError, ValueError):
         return {}
 
@@ -1141,7 +1243,7 @@ def dispatch(host, op, args):
 
 
 def reply(result):
-    sys.stdout.write("RESULT " + json.dumps(result) + "\n")
+    sys.stdout.write("RESULT " + dumps(result) + "\n")
     sys.stdout.flush()
 
 
@@ -1154,7 +1256,7 @@ def serve(root):
         if not line:
             return 0
         try:
-            req = json.loads(line.decode())
+            req = loads(line.decode())
             op = req["op"]
             if op not in OPS:
                 raise KeyError("no operation %r" % (op,))
@@ -1197,7 +1299,7 @@ class PullAgent:
         self.host = Host(root)
         self.dir = os.path.join(self.host.root, PULL_DIR)
         with open(os.path.join(self.dir, "config.json")) as f:
-            self.cfg = json.load(f)
+            self.cfg = loads(f.read())
         with open(os.path.join(self.dir, "token")) as f:
             self.token = f.read().strip()
         self.server = self.cfg["server"].rstrip("/")
@@ -1225,7 +1327,7 @@ class PullAgent:
     def _load(self):
         try:
             with open(self.state_path) as f:
-                st = json.load(f)
+                st = loads(f.read())
         except (OSError, ValueError):
             st = {}
         st.setdefault("generation", 0)
@@ -1235,18 +1337,18 @@ class PullAgent:
         return st
 
     def _save(self):
-        write_atomic(self.state_path, json.dumps(self.st).encode(), 0o600)
+        write_atomic(self.state_path, dumps(self.st).encode(), 0o600)
 
     # -- the wire ------------------------------------------------------------------------
     def call(self, method, path, body=None, timeout=30, raw=False, beat=None):
         import urllib.error
         import urllib.request
 
-        data = None if body is None else json.dumps(body).encode()
+        data = None if body is None else dumps(body).encode()
         req = urllib.request.Request(self.server + path, data=data, method=method)
         req.add_header("Authorization", "Bearer " + self.token)
         if beat is not None:
-            req.add_header("X-Ferry-Beat", json.dumps(beat, separators=(",", ":")))
+            req.add_header("X-Ferry-Beat", dumps(beat, separators=(",", ":")))
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:
@@ -1256,7 +1358,7 @@ class PullAgent:
             if e.code in (401, 403):
                 raise Refused("%s %s: refused (%d)" % (method, path.split("?")[0], e.code))
             raise
-        return payload if raw else json.loads(payload.decode() or "{}")
+        return payload if raw else loads(payload.decode() or "{}")
 
     def report(self, d, step, ok, detail=None):
         item = {
@@ -1463,7 +1565,7 @@ class PullAgent:
         if step == "verify":
             return op_verify(self.host, SimpleNamespace(**dict(DEFAULTS, id=rid)))
         if "config" in action and action["config"]:
-            payload = json.dumps(action["config"]).encode()
+            payload = dumps(action["config"]).encode()
             result.update(
                 op_config(self.host, SimpleNamespace(**dict(DEFAULTS, id=rid, payload=payload)))
             )
@@ -1541,8 +1643,6 @@ class PullAgent:
     def stage(self, rid, digest):
         """The signed manifest first, checked against the pinned key before anything else is
         fetched; then only the objects this host lacks, each checked against its sha256."""
-        import hashlib
-
         self.host.ensure_dirs()
         check = op_check(
             self.host, SimpleNamespace(**dict(DEFAULTS, id=rid, full=True, digest=digest))
@@ -1569,7 +1669,7 @@ class PullAgent:
         for sha, size in sorted(wanted.items()):
             part = os.path.join(self.host.incoming, sha + ".part")
             req = urllib.request.Request("%s/v1/objects/%s" % (self.server, sha))
-            h, got = hashlib.sha256(), 0
+            h, got = new_hash(), 0
             with (
                 urllib.request.urlopen(req, timeout=120, context=self.ctx) as r,
                 open(part, "wb") as out,

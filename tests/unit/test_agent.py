@@ -281,3 +281,95 @@ def test_serve_answers_many_requests_in_one_process_started_from_the_source_it_i
     assert results[2]["rc"] == 124 and "timed out" in results[2]["output"]
     assert results[3]["error"] == "input" and "not verified" in results[3]["message"]
     assert results[4]["pinned"] is True and results[4]["current"] is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{}, [], "x", 0, -7, 10**30, 1.5, -0.0, 1e300, True, False, None,
+     {"b": [1, {"a": "é\u2028\"\\\n"}], "a": None}, [1, 2.25, "ü", {"z": 1, "y": [True]}]],
+)  # fmt: skip
+def test_the_agents_json_codec_is_the_json_modules(value):
+    for kw in ({}, {"sort_keys": True, "separators": (",", ":"), "ensure_ascii": False}):
+        text = ferry_agent.dumps(value, **kw)
+        assert text == json.dumps(value, **kw)
+        assert ferry_agent.loads(text) == value and ferry_agent.loads(text.encode()) == value
+    assert ferry_agent.dumps(value, indent=1) == json.dumps(value, indent=1)
+
+
+@pytest.mark.parametrize("bad", ["", " ", "{", "[1] x", "nul", '{"a":}', "[1,]"])
+def test_the_agents_json_codec_refuses_what_json_refuses(bad):
+    with pytest.raises(ValueError):
+        json.loads(bad)
+    with pytest.raises(ValueError):
+        ferry_agent.loads(bad)
+
+
+def test_a_session_starts_without_the_heavy_stdlib_modules(tmp_path):
+    """A no-op host pays for the agent's imports on every deployment: json (re, enum),
+    hashlib, subprocess and signal stay out of a session that inspects and runs a check."""
+    from orchestrator.transport.session import BOOT
+
+    source, code = agent.source(), agent.compiled()
+    feed = f"{len(source)} {len(code)} {sys.implementation.cache_tag}\n".encode() + source + code
+    for r in [
+        {"op": "pin", "args": {"key": PUB.hex()}},
+        {"op": "inspect", "args": {"id": "app-1-x", "key": PUB.hex(), "full": True}},
+        {"op": "run", "args": {"command": "test -d .", "timeout": 5}},
+        {"op": "state"},
+    ]:
+        feed += json.dumps(r).encode() + b"\n"
+    # the session as a host runs it, which writes down what it imported when it ends
+    report = "lambda: sys.stderr.write(repr(sorted(sys.modules)))"
+    spy = f"import atexit,sys;atexit.register({report});{BOOT}"
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", spy, "serve", "--root", str(tmp_path)],
+        input=feed, capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    results = [json.loads(ln[7:]) for ln in proc.stdout.decode().splitlines()]
+    assert [r["_code"] for r in results] == [0, 0, 0, 0] and results[2]["rc"] == 0
+    loaded = set(eval(proc.stderr.decode()))  # noqa: S307 - our own child's repr of a list
+    assert "_json" in loaded
+    assert not loaded & {"json", "re", "enum", "hashlib", "subprocess", "signal"}
+
+
+def test_a_command_runs_in_its_directory_with_its_output_and_exit_code(tmp_path):
+    from types import SimpleNamespace as Args
+
+    (tmp_path / "sub dir").mkdir()
+    host = Args(root=str(tmp_path))
+    cmd = 'pwd; echo "$FERRY_X"; echo err >&2; read line; echo "[$line]"; exit 7'
+    out = ferry_agent.op_run(
+        host, Args(cwd=str(tmp_path / "sub dir"), env={"FERRY_X": "x y"}, command=cmd, timeout=5)
+    )
+    assert out["rc"] == 7
+    assert out["output"] == f"{tmp_path / 'sub dir'}\nx y\nerr\n[]\n"  # stdin is /dev/null
+    gone = ferry_agent.op_run(host, Args(cwd=str(tmp_path / "gone"), env=None, command="pwd",
+                                         timeout=5))  # fmt: skip
+    assert gone["rc"] == 0 and gone["output"] == f"{tmp_path}\n"  # falls back to the root
+    killed = ferry_agent.op_run(host, Args(cwd=None, env=None, command="kill -TERM $$", timeout=5))
+    assert killed["rc"] == -15
+
+
+def test_a_command_past_its_timeout_is_killed_with_its_whole_process_group(tmp_path):
+    from types import SimpleNamespace as Args
+
+    pidfile = tmp_path / "child.pid"
+    cmd = f"sleep 30 & echo $! > {pidfile}; echo started; wait"
+    out = ferry_agent.op_run(Args(root=str(tmp_path)), Args(cwd=None, env=None, command=cmd,
+                                                             timeout=0.5))  # fmt: skip
+    assert out["rc"] == 124 and out["output"].startswith("started\n")
+    assert "timed out after 0.5s" in out["output"] and out["seconds"] < 5
+    child = int(pidfile.read_text())
+    import os
+    import time
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the background sleep was in the group: killed too
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the command's child {child} outlived the timeout")
