@@ -836,16 +836,21 @@ def spawn(argv, cwd, env, timeout):
     /dev/null (never the session's own stream); (None, output so far) when `timeout`
     passes, its whole process group killed. posix_spawn and poll, not subprocess: importing
     subprocess (and signal, enum) costs ~16 ms of CPU, paid by every host of a deployment
-    whose milestone runs a check. A sh exec'd by sh takes the directory: posix_spawn has
-    no portable chdir."""
+    whose milestone runs a check. posix_spawn has no portable chdir, so the agent moves
+    there itself (it uses absolute paths only)."""
     import select
 
-    inner = ["/bin/sh", "-c", 'cd -- "$1" || exit 126; shift; exec "$@"', "ferry-run", cwd]
+    try:
+        here = os.getcwd()
+    except OSError:  # the directory it was in is gone
+        here = None
+    if here != cwd:
+        os.chdir(cwd)
     r, w = os.pipe()  # both close-on-exec; only the dup2'd copies reach the child
     try:
         pid = os.posix_spawn(
-            inner[0],
-            inner + list(argv),
+            argv[0],
+            list(argv),
             env,
             file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),

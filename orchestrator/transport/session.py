@@ -75,45 +75,40 @@ class _OpenSSHPipe:
         )
         assert self.proc.stdin and self.proc.stdout
         self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
-        self.expired = False
+        # writes never block: a host that stops reading is waited for with poll up to the
+        # request's deadline (no watchdog thread per request), then its ssh is killed
+        os.set_blocking(self.stdin.fileno(), False)
+        self._writable = select.poll()
+        self._writable.register(self.stdin.fileno(), select.POLLOUT)
 
-    def _watch(self, deadline: float) -> threading.Timer:
-        # a blocked write (the host stopped reading) is ended by killing ssh at the deadline
-        timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._expire)
-        timer.daemon = True
-        timer.start()
-        return timer
-
-    def _expire(self) -> None:
-        self.expired = True
-        if self.proc.poll() is None:
-            self.proc.kill()
+    def _wait_writable(self, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0 or not self._writable.poll(max(1, int(left * 1000))):
+            if self.proc.poll() is None:
+                self.proc.kill()
+            raise TimeoutError("the host stopped reading")
 
     def write(self, data: bytes, deadline: float) -> None:
-        timer = self._watch(deadline)
-        try:
-            # the pipe is unbuffered: a write a signal interrupts returns what it wrote so
-            # far (Ctrl-C's handler, a profiler attaching); the rest must follow, or the
-            # agent waits for it until the step's deadline
-            view = memoryview(data)
-            while view:
-                view = view[self.stdin.write(view) or 0 :]
-        finally:
-            timer.cancel()
+        view, fd = memoryview(data), self.stdin.fileno()
+        while view:
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                self._wait_writable(deadline)
 
     def sendfile(self, path: Path, deadline: float) -> int:
-        timer = self._watch(deadline)
-        sent = 0
-        try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                while sent < size:
-                    n = os.sendfile(self.stdin.fileno(), f.fileno(), sent, size - sent)
-                    if n == 0:
-                        break
-                    sent += n
-        finally:
-            timer.cancel()
+        sent, fd = 0, self.stdin.fileno()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            while sent < size:
+                try:
+                    n = os.sendfile(fd, f.fileno(), sent, size - sent)
+                except BlockingIOError:
+                    self._wait_writable(deadline)
+                    continue
+                if n == 0:
+                    break
+                sent += n
         return sent
 
     def read_some(self, deadline: float) -> bytes:
