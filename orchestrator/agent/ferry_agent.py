@@ -588,6 +588,8 @@ def op_verify(host, args):
     manifest = host.check_manifest(raw, sig)
     known = host.known_objects()
     reused, rehashed = {}, 0  # release → its files this one now shares; files read again
+    unsynced = []  # files whose data is not yet durable: received this stage, or copied
+    received = set()  # objects placed from incoming/, removed from there once published
     tmp = os.path.join(host.releases, ".tmp-" + rid)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -604,20 +606,28 @@ def op_verify(host, args):
             if sha256_file(src) != e["sha256"]:
                 raise integrity("%s: local copy %s no longer matches its checksum" % (rel, src))
             rehashed += 1
+        linked = True
         try:
             os.link(src, dest)
         except OSError:
             shutil.copyfile(src, dest)
-        os.chmod(dest, 0o755 if e["mode"] & 0o111 else 0o644)
+            linked = False
+        mode = 0o755 if e["mode"] & 0o111 else 0o644
+        if not linked or os.stat(dest).st_mode & 0o7777 != mode:
+            os.chmod(dest, mode)  # a reused inode keeps its mode: left clean, not re-synced
+        if fresh:
+            received.add(e["sha256"])
+        if fresh or not linked:
+            unsynced.append(dest)
         if src_rid is not None:
             reused.setdefault(src_rid, set()).add(src_rel)
-    _sync_tree(tmp)  # durability once per release, not once per file
+    _sync_tree(tmp, unsynced)  # durability once per release, not once per file
     os.replace(tmp, final)
     write_atomic(os.path.join(host.meta, rid + ".json"), raw)
     write_atomic(os.path.join(host.meta, rid + ".sig"), sig)
-    for e in manifest["content"]["files"]:
+    for sha in received:  # only what came from incoming: a lookup per file is not free
         try:
-            os.unlink(os.path.join(host.incoming, e["sha256"]))
+            os.unlink(os.path.join(host.incoming, sha))
         except FileNotFoundError:
             pass
     for suffix in (".manifest", ".sig"):
@@ -638,15 +648,17 @@ def op_verify(host, args):
     }
 
 
-def _sync_tree(top):
-    """fsync every file and directory of a freshly placed release, once, before publishing."""
-    for dirpath, _dirs, files in os.walk(top):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+def _sync_tree(top, files):
+    """Make a freshly placed release durable before it is published, once: the data of
+    `files` (received this stage, not yet synced), then every directory (its entries, the
+    links). A file linked from a published release was synced when that release was."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for dirpath, _dirs, _files in os.walk(top):
         fd = os.open(dirpath, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -802,16 +814,33 @@ def op_prune(host, args):
     order = [h.get("current") for h in host.state().get("history", []) if h.get("current")]
     ranked = list(dict.fromkeys(reversed(order)))
     keep = set(ranked[: args.keep]) | protect
+    ids = host.verified_ids()
+    gone = [rid for rid in ids if rid not in keep]
+    # A kept release shares inodes with the ones removed (a file unchanged between
+    # releases is one inode), and removing a link changes that inode's ctime: the kept
+    # file would count as changed and be read again by every later deploy. So the files
+    # still exactly as verified just before the removal are re-recorded just after it; a
+    # file already changed stays changed.
+    intact = {}
+    for rid in ids:
+        if rid in gone:
+            continue
+        recorded = host.identities(rid)
+        base = os.path.join(host.releases, rid)
+        intact[rid] = [rel for rel, rec in recorded.items()
+                       if unchanged(os.path.join(base, rel), rec)]  # fmt: skip
     removed = []
-    for rid in host.verified_ids():
-        if rid not in keep:
-            shutil.rmtree(os.path.join(host.releases, rid), ignore_errors=True)
-            for suffix in (".json", ".sig", ".ids"):
-                try:
-                    os.unlink(os.path.join(host.meta, rid + suffix))
-                except FileNotFoundError:
-                    pass
-            removed.append(rid)
+    for rid in gone:
+        shutil.rmtree(os.path.join(host.releases, rid), ignore_errors=True)
+        for suffix in (".json", ".sig", ".ids"):
+            try:
+                os.unlink(os.path.join(host.meta, rid + suffix))
+            except FileNotFoundError:
+                pass
+        removed.append(rid)
+    if removed:
+        for rid, paths in intact.items():
+            host.refresh_identities(rid, paths)
     return {"removed": removed, "kept": sorted(k for k in keep if k), "current": host.current()}
 
 

@@ -373,3 +373,39 @@ def test_a_command_past_its_timeout_is_killed_with_its_whole_process_group(tmp_p
         time.sleep(0.05)
     else:
         raise AssertionError(f"the command's child {child} outlived the timeout")
+
+
+def test_pruning_a_release_leaves_the_files_it_shared_trusted_unread_unless_they_changed(
+    tmp_path,
+):
+    """Removing a release unlinks inodes its successors share, which changes their ctime:
+    prune re-records the files that were still as verified, so the next release reuses
+    them unread; a file altered before the prune stays suspect and is read again."""
+    import os
+    import time
+
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    a, b, c, d = b"A" * 4096, b"B" * 100, b"C" * 100, b"D" * 100
+    for i, (rid, extra) in enumerate([("app-1", b), ("app-2", c)]):
+        files = {"u/a": a, "u/x": extra}
+        assert (
+            _publish(tmp_path, rid, files, str(i + 1), ["u/a", "u/x"] if i == 0 else ["u/x"])[0]
+            == 0
+        )
+        assert run(tmp_path, "switch", "--id", rid)[0] == 0
+    time.sleep(0.01)  # a ctime that can differ from the one recorded
+    assert run(tmp_path, "prune", "--keep", "1")[1]["removed"] == ["app-1"]
+    rc, res = _publish(tmp_path, "app-3", {"u/a": a, "u/x": d}, "3", ["u/x"])
+    assert rc == 0 and res["rehashed"] == 0, res  # u/a, shared with pruned app-1: unread
+    assert run(tmp_path, "switch", "--id", "app-3")[0] == 0
+    # u/a altered in place (same size, mtime put back) before a prune: read again, refused
+    path = tmp_path / "releases" / "app-3" / "u" / "a"
+    st = path.stat()
+    path.write_bytes(b"X" * 4096)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert run(tmp_path, "prune", "--keep", "1")[1]["removed"] == ["app-2"]
+    raw, sig = _release({"u/a": a}, "4")
+    rc, res = run(tmp_path, "receive", "--id", "app-4", stdin=receive_stream(raw, sig, {}))
+    assert rc == 0 and res["needed"] == 0
+    rc, res = run(tmp_path, "verify", "--id", "app-4")
+    assert rc == 10 and "no longer matches its checksum" in res["message"]
