@@ -97,8 +97,11 @@ def main() -> None:
     results = scenarios.Results.load(res_path) if args.only else scenarios.Results(res_path)
     if args.only:
         drop = set().union(*(CELLS[c] for c in chosen))
+        push = CELLS["push"]
         for key in [k for k, v in results.cells.items() if v.get("scenario") in drop]:
-            if not sizes_only or results.cells[key]["hosts"] in sizes_only:
+            # pushN keeps the push cells of the other size; every other scenario is re-measured
+            cell = results.cells[key]
+            if not sizes_only or cell["scenario"] not in push or cell["hosts"] in sizes_only:
                 del results.cells[key]
     results.run = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     # --only workers keeps the run-wide notes of the cells it leaves (its own go in "workers")
