@@ -52,7 +52,10 @@ def home_of(project: Project) -> Path:
         except (OSError, ValueError):
             named = None
         if isinstance(named, str):
-            return project.root / Path(named).expanduser()
+            try:
+                return project.root / Path(named).expanduser()
+            except RuntimeError:  # `~name` of no user here: the settings refuse it (exit 2)
+                return project.root / named
     return project.root / HOME
 
 

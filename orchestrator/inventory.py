@@ -147,7 +147,10 @@ class SSHSettings(BaseModel):
     def _relative_to_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
         if value is None:
             return None
-        value = value.expanduser()
+        try:
+            value = value.expanduser()
+        except RuntimeError:  # `~name` of a user this machine does not have
+            raise ValueError(f"{value}: no user's home directory is called that") from None
         base = (info.context or {}).get("base_dir")
         return (Path(base) / value).resolve() if base and not value.is_absolute() else value
 

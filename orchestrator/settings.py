@@ -118,7 +118,16 @@ def read_config(project: project_home.Project) -> dict[str, Any]:
         raise SpecError(str(project.config), "", f"not UTF-8 text: {exc.reason}") from None
     for key in _PATHS:
         value = loaded.get(key)
-        if isinstance(value, str) and not Path(value).expanduser().is_absolute():
+        if not isinstance(value, str):
+            continue
+        try:
+            path = Path(value).expanduser()
+        except RuntimeError:  # `~name` of a user this machine does not have
+            raise SpecError(
+                str(project.config), key, f"{value!r}: no user's home directory is called that",
+                "write an absolute path, a path relative to ferry.toml, or ~/… for your own home",
+            ) from None  # fmt: skip
+        if not path.is_absolute():
             loaded[key] = str(project.root / value)
     return {**data, **loaded}
 

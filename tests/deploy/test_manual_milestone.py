@@ -103,8 +103,16 @@ def test_a_manual_milestone_waits_for_an_allowed_person_and_a_rejection_backs_ou
     from orchestrator.settings import get_settings
 
     mine = {"name": {"like_": f"#{dep2}"}, "tags": {"all_": [cms_tag(get_settings().cms_url)]}}
-    runs = _api(prefect_api, "flow_runs/filter", {"flow_runs": mine})
-    paused = [r for r in runs if r["name"].endswith(f" #{dep2}") and r["state_type"] == "PAUSED"]
+    # the flow says it waits a moment before the server has its PAUSED state (CI saw RUNNING)
+    deadline = time.monotonic() + 30
+    while True:
+        runs = _api(prefect_api, "flow_runs/filter", {"flow_runs": mine})
+        paused = [
+            r for r in runs if r["name"].endswith(f" #{dep2}") and r["state_type"] == "PAUSED"
+        ]
+        if paused or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
     assert len(paused) == 1, runs
     decision = {"approve": False, "approver": "carol", "comment": "not tonight"}
     _api(prefect_api, f"flow_runs/{paused[0]['id']}/resume", {"run_input": decision})
