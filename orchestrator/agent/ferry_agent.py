@@ -822,7 +822,7 @@ def op_prune(host, args):
     # still exactly as verified just before the removal are re-recorded just after it; a
     # file already changed stays changed.
     intact = {}
-    for rid in ids:
+    for rid in ids if gone else ():  # nothing removed: no ctime moves
         if rid in gone:
             continue
         recorded = host.identities(rid)
@@ -838,9 +838,8 @@ def op_prune(host, args):
             except FileNotFoundError:
                 pass
         removed.append(rid)
-    if removed:
-        for rid, paths in intact.items():
-            host.refresh_identities(rid, paths)
+    for rid, paths in intact.items():
+        host.refresh_identities(rid, paths)
     return {"removed": removed, "kept": sorted(k for k in keep if k), "current": host.current()}
 
 
