@@ -102,16 +102,16 @@ def dumps(obj, sort_keys=False, separators=None, ensure_ascii=True, indent=None)
     return "".join(encode(obj, 0))
 
 
-def new_hash(name="sha256"):
+def new_hash(data=b"", name="sha256"):
     """OpenSSL's sha256/sha512 (as hashlib gives them) without hashlib's module."""
     try:
         import _hashlib
 
-        return getattr(_hashlib, "openssl_" + name)()
+        return getattr(_hashlib, "openssl_" + name)(data)
     except (ImportError, AttributeError, ValueError):
         import hashlib
 
-        return hashlib.new(name)
+        return hashlib.new(name, data)
 
 
 CHUNK = 1 << 20
@@ -216,9 +216,8 @@ def ed25519_verify(public, message, signature):
     s = int.from_bytes(signature[32:], "little")
     if s >= _L:
         return False
-    digest = new_hash("sha512")
-    digest.update(signature[:32] + public + message)
-    h = int.from_bytes(digest.digest(), "little") % _L
+    h = int.from_bytes(new_hash(signature[:32] + public + message, "sha512").digest(), "little")
+    h %= _L
     left, right = _mul(s, _G), _add(r, _mul(h, a))
     return (left[0] * right[2] - right[0] * left[2]) % _P == 0 and (
         left[1] * right[2] - right[1] * left[2]
@@ -227,9 +226,7 @@ def ed25519_verify(public, message, signature):
 
 # --- helpers ------------------------------------------------------------------------------
 def content_digest(manifest):
-    h = new_hash()
-    h.update(canonical(manifest["content"]))
-    return "sha256:" + h.hexdigest()
+    return "sha256:" + new_hash(canonical(manifest["content"])).hexdigest()
 
 
 def canonical(obj):
@@ -462,9 +459,7 @@ ROTATION = b"ferry-dml-key-rotation\x00"  # what an old key signs: this prefix +
 
 
 def key_id(public):
-    h = new_hash()
-    h.update(public)
-    return h.hexdigest()[:16]
+    return new_hash(public).hexdigest()[:16]
 
 
 def rotated_to(pinned, key, rotations):
@@ -750,9 +745,7 @@ def _agent_files(host):
         want = name[len("agent-") : -len(".py")]
         try:
             with open(os.path.join(where, name), "rb") as f:
-                h = new_hash()
-                h.update(f.read())
-                got = h.hexdigest()[: len(want)]
+                got = new_hash(f.read()).hexdigest()[: len(want)]
         except OSError:
             got = None
         out.append({"file": ".ferry/" + name, "modified": got != want, "sha256": got})
@@ -822,14 +815,10 @@ def op_prune(host, args):
     # still exactly as verified just before the removal are re-recorded just after it; a
     # file already changed stays changed.
     intact = {}
-    for rid in ids if gone else ():  # nothing removed: no ctime moves
-        if rid in gone:
-            continue
-        recorded = host.identities(rid)
+    for rid in [r for r in ids if r in keep] if gone else []:  # none removed: no ctime moved
         base = os.path.join(host.releases, rid)
-        intact[rid] = [rel for rel, rec in recorded.items()
+        intact[rid] = [rel for rel, rec in host.identities(rid).items()
                        if unchanged(os.path.join(base, rel), rec)]  # fmt: skip
-    removed = []
     for rid in gone:
         shutil.rmtree(os.path.join(host.releases, rid), ignore_errors=True)
         for suffix in (".json", ".sig", ".ids"):
@@ -837,10 +826,9 @@ def op_prune(host, args):
                 os.unlink(os.path.join(host.meta, rid + suffix))
             except FileNotFoundError:
                 pass
-        removed.append(rid)
     for rid, paths in intact.items():
         host.refresh_identities(rid, paths)
-    return {"removed": removed, "kept": sorted(k for k in keep if k), "current": host.current()}
+    return {"removed": gone, "kept": sorted(k for k in keep if k), "current": host.current()}
 
 
 def op_run(host, args):
