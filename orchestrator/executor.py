@@ -84,8 +84,8 @@ class Executor:
     ) -> list[HostOutcome]:
         """Every host's forward steps; with `check` (no soak), its milestone checks right
         after on the same session. Without `keep_open` each host's session ends when its
-        work does, so sessions never outnumber the hosts being worked on."""
-        self.objects.ensure()
+        work does, so sessions never outnumber the hosts being worked on. The objects a host
+        lacks are framed when the first host asks for them (orchestrator.objects)."""
         progress = WaveProgress(f"wave {wave.index}", len(wave.hosts), self.progress)
 
         def one(a: HostAction) -> HostOutcome:

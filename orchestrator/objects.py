@@ -1,4 +1,11 @@
-"""The package's objects on the orchestrator: extracted once per deployment, framed for hosts.
+"""The package's objects on the orchestrator, framed for hosts.
+
+A push frames what hosts need straight from the verified DML archive, in one streaming pass
+per distinct need: a cold push (every host needs everything) and an incremental one (every
+host needs the same few objects) each make one frames file, and no object is written to
+disk on its own. Only when hosts need many different subsets (a fleet at mixed releases) are
+the objects extracted once (`ensure`) and each frames file built from them; the DML server
+extracts them to serve objects one by one.
 
 Only what one run made is removed at its end (`close`); the DML is never touched.
 """
@@ -9,11 +16,15 @@ import hashlib
 import shutil
 import threading
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+# distinct needs framed straight from the archive before extracting the objects is cheaper
+# (each pass decompresses and checks the whole archive; an extraction writes every object)
+STREAMED_NEEDS = 2
 
 
 class ObjectCache:
-    """The package's files by sha256, extracted once from the verified DML archive."""
+    """The package's files by sha256, from the verified DML archive."""
 
     def __init__(self, package: Any, cache_root: Path) -> None:
         self.package = package
@@ -23,8 +34,10 @@ class ObjectCache:
         self._lock = threading.Lock()
         self._frame_locks: dict[str, threading.Lock] = {}
         self._ready = False
+        self._streamed = 0
 
     def ensure(self) -> None:
+        """Extract every object into objects/<sha256> (once)."""
         with self._lock:
             if self._ready:
                 return
@@ -36,8 +49,7 @@ class ObjectCache:
                         continue
                     tmp = self.dir / f"{entry.sha256}.tmp"
                     with open(tmp, "wb") as out:
-                        while chunk := stream.read(1 << 20):
-                            out.write(chunk)
+                        shutil.copyfileobj(stream, out, 1 << 20)
                     tmp.replace(self.dir / entry.sha256)
             self._ready = True
 
@@ -46,25 +58,52 @@ class ObjectCache:
 
         Hosts that need the same objects (every host of a cold push) share one file, which
         the transport hands to the kernel (sendfile): no Python loop per byte or per host.
+        The host takes the frames in any order and checks each against what it asked for.
         """
-        self.ensure()
-        wanted = sorted(need)
+        wanted = sorted(set(need))
+        unknown = [s for s in wanted if s not in self.sizes]
+        if unknown:
+            raise ValueError(f"object {unknown[0]} is not in {self.package.release}")
         key = hashlib.sha256("\n".join(wanted).encode()).hexdigest()[:24]
-        path = self.dir.parent / "frames" / key
+        path = self.root / "frames" / key
         with self._lock:
             lock = self._frame_locks.setdefault(key, threading.Lock())
+            stream = not self._ready and self._streamed < STREAMED_NEEDS
+            if stream:
+                self._streamed += 1
         with lock:
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
+            if path.exists():
+                return path
+            if not stream:
+                self.ensure()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            try:
                 with open(tmp, "wb") as out:
-                    for sha in wanted:
-                        out.write(f"{sha} {self.sizes[sha]}\n".encode())
-                        with open(self.dir / sha, "rb") as f:
-                            shutil.copyfileobj(f, out, 1 << 20)
+                    if stream:
+                        self._frame_from_archive(set(wanted), out)
+                    else:
+                        for sha in wanted:
+                            out.write(f"{sha} {self.sizes[sha]}\n".encode())
+                            with open(self.dir / sha, "rb") as f:
+                                shutil.copyfileobj(f, out, 1 << 20)
                     out.write(b"END\n")
-                tmp.replace(path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            tmp.replace(path)
         return path
+
+    def _frame_from_archive(self, wanted: set[str], out: IO[bytes]) -> None:
+        """One pass over the archive: each wanted object once (a file's bytes are checked
+        against the manifest as they stream, the archive's own sha256 at its end)."""
+        written: set[str] = set()
+        for entry, stream in self.package.iter_files(wanted):
+            if entry.sha256 in written:
+                continue  # the same content at another path: the host needs it once
+            out.write(f"{entry.sha256} {entry.size}\n".encode())
+            shutil.copyfileobj(stream, out, 1 << 20)
+            written.add(entry.sha256)
 
     def close(self) -> None:
         for sub in ("objects", "frames"):  # only what this run made

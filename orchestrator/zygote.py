@@ -250,6 +250,9 @@ def preload() -> None:
         "fastapi.encoders",  # Prefect imports it to send a flow run's parameters (~0.5 s)
     ):  # fmt: skip
         importlib.import_module(name)
+    from orchestrator import agent
+
+    agent.compiled()  # every deployment's sessions send it: compile it once, here
 
 
 def _started_work() -> str:

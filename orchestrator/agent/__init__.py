@@ -7,6 +7,7 @@ host, every file's sha256 against the signed manifest, and every path before it 
 from __future__ import annotations
 
 import hashlib
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,12 +19,23 @@ def source() -> bytes:
     return SOURCE_PATH.read_bytes()
 
 
-@lru_cache(maxsize=1)
-def compiled() -> bytes:
-    """The agent's code object, marshalled for this interpreter (sessions send it along)."""
-    import marshal
+_compiling = threading.Lock()
+_compiled: list[bytes] = []
 
-    return marshal.dumps(compile(source(), "ferry-agent", "exec"))
+
+def compiled() -> bytes:
+    """The agent's code object, marshalled for this interpreter (sessions send it along).
+
+    Made once, under a lock: a wave opens up to FERRY_SSH_STARTS sessions at the same
+    moment, and each compile holds the GIL for ~15 ms (lru_cache alone let every one of
+    them compile it)."""
+    if not _compiled:
+        with _compiling:
+            if not _compiled:
+                import marshal
+
+                _compiled.append(marshal.dumps(compile(source(), "ferry-agent", "exec")))
+    return _compiled[0]
 
 
 @lru_cache(maxsize=1)

@@ -409,3 +409,75 @@ def test_pruning_a_release_leaves_the_files_it_shared_trusted_unread_unless_they
     assert rc == 0 and res["needed"] == 0
     rc, res = run(tmp_path, "verify", "--id", "app-4")
     assert rc == 10 and "no longer matches its checksum" in res["message"]
+
+
+def _session_with_spy(root: Path, spy: str) -> subprocess.Popen[bytes]:
+    """A serve session as a host runs it, with `spy` (Python) run before the agent."""
+    from orchestrator.transport.session import BOOT
+
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", f"{spy};{BOOT}", "serve", "--root", str(root)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None
+    source, code = agent.source(), agent.compiled()
+    proc.stdin.write(f"{len(source)} {len(code)} {sys.implementation.cache_tag}\n".encode())
+    proc.stdin.write(source + code)
+    return proc
+
+
+def _answer(proc: subprocess.Popen[bytes], request: dict, then: bytes = b"") -> dict:
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(json.dumps(request).encode() + b"\n" + then)
+    proc.stdin.flush()
+    while True:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else "the agent died"
+        if line.startswith(b"RESULT "):
+            return json.loads(line[7:])
+
+
+# counts the calls a session makes, written to stderr when it ends: fsync, and sha512 (one
+# per ed25519 check of a signature)
+COUNTING = (  # its own names: BOOT's code runs in the same globals and uses n, m, t, s, c
+    "import atexit,os,sys,_hashlib;calls={'fsync':0,'sha512':0}\n"
+    "def counted(what,real):\n"
+    " def call(*a):\n  calls[what]+=1;return real(*a)\n"
+    " return call\n"
+    "os.fsync=counted('fsync',os.fsync);_hashlib.openssl_sha512=counted('sha512',"
+    "_hashlib.openssl_sha512);atexit.register(lambda:sys.stderr.write(repr(calls)))"
+)
+
+
+@pytest.mark.parametrize("syncfs", [True, False])
+def test_a_release_is_made_durable_once_and_its_signature_checked_once_per_session(
+    tmp_path, syncfs
+):
+    """receive then verify in one session: the manifest's ed25519 runs once (verify reads back
+    the bytes receive checked), the objects cross a 1 MiB pipe, and the placed release is made
+    durable by one syncfs(2), not an fsync per file, where the host has it (Linux); without
+    it (no ctypes), every received file and directory is fsynced."""
+    import fcntl
+
+    files = {f"u/d{i % 4}/f{i}": f"content {i}\n".encode() * 50 for i in range(40)}
+    raw, sig, _ = package(files)
+    spy = COUNTING + ("" if syncfs else ";sys.modules['ctypes']=None")
+    proc = _session_with_spy(tmp_path, spy)
+    assert _answer(proc, {"op": "pin", "args": {"key": PUB.hex()}})["_code"] == 0
+    objects = {hashlib.sha256(d).hexdigest(): d for d in files.values()}
+    stream = receive_stream(raw, sig, objects)
+    res = _answer(proc, {"op": "receive", "args": {"id": "app-1"}}, stream)
+    assert res["_code"] == 0 and res["received"] == 40, res
+    assert fcntl.fcntl(proc.stdin.fileno(), 1032) == 1 << 20  # F_GETPIPE_SZ
+    res = _answer(proc, {"op": "verify", "args": {"id": "app-1"}})
+    assert res["_code"] == 0 and res["placed"] == 40, res
+    assert _answer(proc, {"op": "switch", "args": {"id": "app-1"}})["current"] == "app-1"
+    _, err = proc.communicate(timeout=30)
+    counts = eval(err.decode().strip().splitlines()[-1])  # noqa: S307 - our own child's repr
+    assert counts["sha512"] == 1, counts
+    if syncfs:  # the metadata files' own atomic writes only (manifest, signature, ids)
+        assert counts["fsync"] < 10, counts
+    else:
+        assert counts["fsync"] >= 40 + 5, counts  # each file, each directory
+    back = run(tmp_path, "readback", "--id", "app-1", "--full")[1]
+    assert back["ok"] and back["mismatches"] == []
