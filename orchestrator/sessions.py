@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import resource
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from orchestrator.errors import BadInput
 from orchestrator.hostops import HostOps
@@ -66,5 +67,11 @@ class HostSessions:
         with self._lock:
             ops, self._ops = list(self._ops.values()), {}
             self._ended_logins += sum(o.session.logins for o in ops)
-        for o in ops:
-            o.close()
+        if len(ops) <= 1:
+            for o in ops:
+                o.close()
+            return
+        # each close waits for its ssh to exit (~8 ms): one after another, the sessions the
+        # last wave keeps for the final prune cost 0.15 s at 20 hosts, 0.4 s at 50
+        with ThreadPoolExecutor(max_workers=min(32, len(ops))) as pool:
+            list(pool.map(HostOps.close, ops))

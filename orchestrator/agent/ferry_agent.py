@@ -403,13 +403,18 @@ class Host:
         files = manifest["content"]["files"]
         ids = {e["path"]: identity(os.path.join(base, e["path"])) for e in files}
         write_atomic(os.path.join(self.meta, rid + ".ids"), dumps(ids).encode())
+        return ids
 
-    def refresh_identities(self, rid, paths):
-        """Re-record files of `rid` that were intact and are now shared with a new release."""
+    def refresh_identities(self, rid, paths, known=None):
+        """Re-record files of `rid` that were intact and are now shared with a new release
+        (`known`: path → identity already read, for a file that is the same inode)."""
         ids = self.identities(rid)
         base = os.path.join(self.releases, rid)
+        known = known or {}
         for rel in paths:
-            if rel in ids:
+            if rel in known and rel in ids:
+                ids[rel] = known[rel]
+            elif rel in ids:
                 try:
                     ids[rel] = identity(os.path.join(base, rel))
                 except OSError:
@@ -616,10 +621,15 @@ def op_verify(host, args):
 
         shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    made = {tmp}  # directories made: one mkdir each, not one per file
+    linked_from = {}  # (release, path) a file was linked from → its path in this release
     for e in manifest["content"]["files"]:
         rel = safe_relpath(e["path"])
         dest = os.path.join(tmp, rel)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        parent = os.path.dirname(dest)
+        if parent not in made:
+            os.makedirs(parent, exist_ok=True)
+            made.add(parent)
         src, fresh, intact, src_rid, src_rel = known.get(
             e["sha256"], (None, False, False, None, None)
         )
@@ -646,6 +656,8 @@ def op_verify(host, args):
             unsynced.append(dest)
         if src_rid is not None:
             reused.setdefault(src_rid, set()).add(src_rel)
+            if linked:
+                linked_from[(src_rid, src_rel)] = e["path"]
     _sync_tree(tmp, unsynced)  # durability once per release, not once per file
     os.replace(tmp, final)
     write_atomic(os.path.join(host.meta, rid + ".json"), raw)
@@ -661,10 +673,12 @@ def op_verify(host, args):
         except FileNotFoundError:
             pass
     # identities last: linking and unlinking above changed the inodes' ctime. The releases
-    # the reused files came from share those inodes, so their records follow.
-    host.record_identities(rid, manifest)
+    # the reused files came from share those inodes, so their records follow (a linked
+    # file's identity is its inode's: the one just recorded for its path in this release).
+    ids = host.record_identities(rid, manifest)
     for src_rid, paths in reused.items():
-        host.refresh_identities(src_rid, paths)
+        same = {p: ids[linked_from[(src_rid, p)]] for p in paths if (src_rid, p) in linked_from}
+        host.refresh_identities(src_rid, paths, same)
     return {
         "release": rid,
         "placed": len(manifest["content"]["files"]),
