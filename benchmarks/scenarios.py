@@ -199,6 +199,8 @@ def ferry_push(
     announce(f"cold {n}", d)
     verify.release_on(fleet, hosts, p1.rid, p1.manifest)
     dep = d.report["id"]
+    if incremental:
+        note_timeline(res, f"timeline_cold_{n}", d.wall, fh, dep)
     res.add("cold", "ferry", n, "seconds", d.wall)
     res.add("cold", "ferry", n, "flow_seconds", fh.flow_seconds(dep))
     res.add("cold", "ferry", n, "steps_seconds", fh.steps_span(dep))
@@ -212,6 +214,7 @@ def ferry_push(
         announce(f"incremental {n}", d2)
         verify.release_on(fleet, hosts, p2.rid, p2.manifest)
         dep2 = d2.report["id"]
+        note_timeline(res, f"timeline_incremental_{n}", d2.wall, fh, dep2)
         res.add("incremental", "ferry", n, "seconds", d2.wall)
         res.add("incremental", "ferry", n, "flow_seconds", fh.flow_seconds(dep2))
         res.add("incremental", "ferry", n, "bytes_sent", d2.report["bytes_sent"])
@@ -233,6 +236,18 @@ def ferry_push(
         log(f"  ferry backout: {secs:.2f} s from verdict to the last host restored")
         res.add("backout", "ferry", n, "seconds", secs)
         res.add("backout", "ferry", n, "deploy_wall", d3.wall)
+
+
+_TIMELINES: dict[str, list[dict[str, float]]] = {}  # this invocation's runs, by note
+
+
+def note_timeline(res: Results, key: str, wall: float, fh: FerryHome, dep: int) -> None:
+    """Where a deployment's time went (the CLI's wall clock, the record, the journal's
+    phases), as the median of this invocation's runs so far."""
+    line = {"wall clock of `ferry deploy`": wall, "deployment record": fh.flow_seconds(dep)}
+    runs = _TIMELINES.setdefault(key, [])
+    runs.append(line | fh.timeline(dep))
+    res.note(key, {k: median([r[k] for r in runs if k in r]) for k in runs[0]})
 
 
 def peer_push(
