@@ -712,8 +712,9 @@ def _sync_tree(top, files):
 def _syncfs(path):
     """syncfs(2) on the filesystem holding `path`: True once it is durable, False where the
     call does not exist (not Linux, no ctypes); a failed writeback raises OSError (Linux
-    reports it to syncfs since 5.8). Measured on a 1001-file release: 1001 fsyncs took four
-    times as long, each a separate device flush."""
+    reports it to syncfs since 5.8). Measured on a 20-host cold push of 1001 files: the
+    verify step of the median host took 1.75 s with an fsync per file (each a device flush),
+    0.6-1.1 s with one syncfs."""
     try:
         import ctypes
 
