@@ -34,7 +34,6 @@ class ObjectCache:
         self._lock = threading.Lock()
         self._frame_locks: dict[str, threading.Lock] = {}
         self._ready = False
-        self._streamed = 0
 
     def ensure(self) -> None:
         """Extract every object into objects/<sha256> (once)."""
@@ -68,9 +67,9 @@ class ObjectCache:
         path = self.root / "frames" / key
         with self._lock:
             lock = self._frame_locks.setdefault(key, threading.Lock())
-            stream = not self._ready and self._streamed < STREAMED_NEEDS
-            if stream:
-                self._streamed += 1
+            # the distinct needs seen so far, this one included (a need asked again finds
+            # its frames file made)
+            stream = not self._ready and len(self._frame_locks) <= STREAMED_NEEDS
         with lock:
             if path.exists():
                 return path
