@@ -546,12 +546,7 @@ def profile_cold(bench: Bench, n: int, spec1: Path, out: Path) -> None:
     d = fh.deploy(plan, pkg.release)
     announce(f"cold {n} (timeline)", d)
     verify.release_on(bench.fleet, hosts, pkg.rid, pkg.manifest)
-    line = {
-        "wall clock of `ferry deploy`": d.wall,
-        "deployment record": fh.flow_seconds(d.report["id"]),
-    }
-    line |= fh.timeline(d.report["id"])
-    res.note(f"timeline_cold_{n}", line)
+    note_timeline(res, f"timeline_cold_{n}", d.wall, fh, d.report["id"])
     start = [timed([str(FERRY_BIN), "--help"], env=fh.env)[0] for _ in range(3)]
     imp = [
         timed([str(FERRY_BIN.with_name("python")), "-c", "import prefect"], env=fh.env)[0]
