@@ -116,9 +116,11 @@ class FerryHome:
         path.mkdir(parents=True)
         self.dir = path
         self.home = path / ".ferry"
+        # Prefect's settings as Ferry sets them for its users (orchestrator.prefect_env):
+        # QUIET is the standing server's, and would turn off the run logs Ferry sends
         extra = {
             "FERRY_HOME": str(self.home), "FERRY_USER": "alice", "FERRY_WARM_DIR": str(WARM_DIR),
-            **QUIET, **env,
+            **env,
         }  # fmt: skip
         if prefect_url:
             extra["PREFECT_API_URL"] = prefect_url

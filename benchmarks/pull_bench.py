@@ -289,8 +289,9 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _load_process(url: str, tokens: dict[str, str], ca: Path, wait: float, seconds: float,
-                  marks: Any) -> None:
+def _load_process(
+    url: str, tokens: dict[str, str], ca: Path, wait: float, seconds: float, marks: Any
+) -> None:
     """The load generator in a process of its own: its counts at each mark (1, 2) on `marks`."""
     counts = dict.fromkeys(("no_change", "errors", "reconnects"), 0)
 

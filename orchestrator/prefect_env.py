@@ -77,14 +77,52 @@ def configure_prefect(progress: Callable[[str], None] | None = None) -> str:
 
 def refresh_imported() -> None:
     """Prefect already imported (a warm child, orchestrator/zygote.py): it built its settings
-    and its logging at import from another environment; build both again from this one."""
+    and its logging at import from another environment; build both again from this one.
+
+    The logging is built again only when what it is made of changed (~80 ms of CPU per
+    command, most of it Prefect serializing every setting to fill in three): the warm
+    process imported Prefect with Ferry's own defaults, which are most commands' too."""
+    global _logging_made_from
     context = sys.modules.get("prefect.context")
     if context is None:
         return
     context.refresh_global_settings_context()
     logging_config = sys.modules.get("prefect.logging.configuration")
     if logging_config is not None and logging_config.PROCESS_LOGGING_CONFIG:
-        logging_config.setup_logging(incremental=False)
+        inputs = logging_inputs()
+        if inputs is None or inputs != _logging_made_from:
+            logging_config.setup_logging(incremental=False)
+            _logging_made_from = inputs
+
+
+# the default logging.yml fills in these settings and nothing else (a test holds Prefect to it)
+LOGGING_TEMPLATE_NAMES = frozenset(
+    {"PREFECT_LOGGING_LEVEL", "PREFECT_SERVER_LOGGING_LEVEL", "PREFECT_INTERNAL_LOGGING_LEVEL"}
+)
+
+
+def logging_inputs() -> tuple[object, ...] | None:
+    """Everything Prefect's default logging config is made of, from the current settings and
+    environment; None when the user's own logging file replaces it (always built afresh)."""
+    from prefect.settings import PREFECT_LOGGING_SETTINGS_PATH, get_current_settings
+
+    if PREFECT_LOGGING_SETTINGS_PATH.value().exists():
+        return None
+    settings = get_current_settings()
+    # any key of the config can be overridden by a PREFECT_LOGGING_<PATH> variable
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith("PREFECT_LOGGING_"))
+    # (where a user's file would be is not an input when there is none: it follows PREFECT_HOME)
+    own = settings.logging.model_dump(exclude={"config_path"})
+    return (own, settings.server.logging_level, settings.internal.logging_level, tuple(env))
+
+
+def note_imported() -> None:
+    """In the warm process, right after importing Prefect: what its logging was made of."""
+    global _logging_made_from
+    _logging_made_from = logging_inputs()
+
+
+_logging_made_from: tuple[object, ...] | None = None
 
 
 def _configure(progress: Callable[[str], None] | None) -> str:
