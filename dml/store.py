@@ -17,6 +17,8 @@ hold the store lock shared, `gc` holds it exclusively, so gc never sees half a s
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -109,6 +111,11 @@ class DML:
         self.keys_dir = self.root / "keys"
         self.locks_dir = self.root / "locks"
         self.tmp_dir = self.root / "tmp"
+        # every package's files by sha256, unpacked when it is stored: a push frames the few
+        # objects an incremental release needs from here instead of reading the whole
+        # archive. Never trusted: each object is hashed again whenever it is read
+        # (orchestrator.objects), and one that fails is read from the archive instead.
+        self.objects_dir = self.root / "objects"
         self.keyring = Keyring(self.keys_dir, key_file)
 
     @classmethod
@@ -229,6 +236,7 @@ class DML:
                     self.index_path(release),
                     json.dumps(index, sort_keys=True, indent=1).encode() + b"\n",
                 )
+                self._unpack_objects(release)
                 return Stored(
                     release,
                     built.digest,
@@ -262,6 +270,26 @@ class DML:
             pkg.archive_size,
             pkg.key_id,
         )
+
+    def _unpack_objects(self, release: str) -> None:
+        """Each file of the just-stored package into objects/<sha256> (one pass over the
+        verified archive; objects other releases share are there already). Not fsynced:
+        the archive is the record, objects are a cache checked at every read."""
+        pkg = self.open(release)
+        have = set(os.listdir(self.objects_dir)) if self.objects_dir.is_dir() else set()
+        missing = {f.sha256 for f in pkg.files} - have
+        if not missing:
+            return
+        self.objects_dir.mkdir(parents=True, exist_ok=True)
+        for entry, stream in pkg.iter_files(missing):
+            path = self.objects_dir / entry.sha256
+            if entry.sha256 in have:
+                continue  # the same content at another path of this package
+            tmp = path.with_name(f".tmp-{entry.sha256}")
+            with open(tmp, "wb") as out:
+                shutil.copyfileobj(stream, out, 1 << 20)
+            os.replace(tmp, path)
+            have.add(entry.sha256)
 
     def _put_blob(self, data: bytes) -> str:
         digest = bytes_digest(data)
@@ -421,6 +449,11 @@ class DML:
                     if delete:
                         path.unlink()
                         report.removed.append(digest)
+            for name in self._unlisted_objects():
+                report.unreferenced.append(f"object {name}")
+                if delete:
+                    (self.objects_dir / name).unlink(missing_ok=True)
+                    report.removed.append(f"object {name}")
             cutoff = time.time() - STALE_TMP_SECONDS
             for stale in self._temp_files():
                 if stale.stat().st_mtime < cutoff:
@@ -431,9 +464,22 @@ class DML:
             report.checked = {"blobs": blobs, "releases": len(self.releases())}
         return report
 
+    def _unlisted_objects(self) -> list[str]:
+        """Objects no stored release lists (unpacked for a release since removed)."""
+        if not self.objects_dir.is_dir():
+            return []
+        listed: set[str] = set()
+        for release in self.releases():
+            try:
+                listed |= {f.sha256 for f in self.open(release, verify_archive=False).files}
+            except IntegrityError:
+                return []  # a release that cannot be read: keep every object
+        names = sorted(os.listdir(self.objects_dir))
+        return [n for n in names if not n.startswith(".") and n not in listed]
+
     def _temp_files(self) -> Iterator[Path]:
         if self.tmp_dir.is_dir():
             yield from (p for p in self.tmp_dir.iterdir() if p.is_file())
-        for top in (self.blobs, self.releases_dir):
+        for top in (self.blobs, self.releases_dir, self.objects_dir):
             if top.is_dir():
                 yield from top.rglob(".tmp-*")

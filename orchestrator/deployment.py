@@ -41,7 +41,7 @@ from orchestrator.cms import deployments, evidence
 from orchestrator.cms.db import session_scope
 from orchestrator.cms.deployments import DeploymentRecord
 from orchestrator.cms.models import RFC, utcnow
-from orchestrator.errors import AuthorizationRefused, IntegrityError
+from orchestrator.errors import AuthorizationRefused, FerryError, IntegrityError
 from orchestrator.executor import Executor
 from orchestrator.lifecycle import RFC_AFTER, Status, WaveStatus
 from orchestrator.milestone import HostOutcome, Verdict, milestone_verdict
@@ -82,6 +82,7 @@ class DeploymentRun:
         self.sessions = HostSessions(self.rollout)
         self._executor: Executor | None = None
         self._dml: Any = None
+        self._priors: dict[str, set[str] | None] = {}
         self.done_waves: list[int] = []
         self.last_verdict: Verdict | None = None
         self.pull: Any = None
@@ -140,11 +141,26 @@ class DeploymentRun:
                 objects=ObjectCache(
                     package,
                     self.settings.home / "cache" / f"deployment-{self.id}-{os.getpid()}",
+                    store=dml.objects_dir,
                 ),
+                prior_objects=self._prior_objects,
                 progress=self.progress,
                 stop=self.stop,
             )
         return self._executor
+
+    def _prior_objects(self, prior: Baseline) -> set[str] | None:
+        """The objects of a host's prior release, from its signed manifest in the DML (a
+        guess of what the host holds: its own NEED decides); None when the DML lacks it."""
+        if prior.release not in self._priors:
+            try:
+                package = self._open_dml().open(prior.release, verify_archive=False)
+                same = package.digest == prior.digest
+                known = {f.sha256 for f in package.files} if same else None
+            except FerryError:
+                known = None
+            self._priors[prior.release] = known
+        return self._priors[prior.release]
 
     # -- start -----------------------------------------------------------------------------
     def start(self) -> bool:
@@ -196,6 +212,14 @@ class DeploymentRun:
     def gate_wave(self, index: int) -> None:
         """Before every wave: does the change authorization still hold (window, blackout)?"""
         self._gate(self.rollout.waves[index - 1].names)
+
+    def frame_ahead(self, index: int) -> None:
+        """Start framing what wave `index`'s hosts most likely lack (orchestrator.objects),
+        when this process pushes to them: not for pull, nor for a wave shards may take."""
+        wave = self.rollout.waves[index - 1]
+        size = self.rollout.shard_size
+        if self.pull is None and not (size and len(wave.hosts) > size):
+            self.executor.frame_ahead(wave)
 
     def run_wave(self, index: int, shards: Shards | None = None) -> Verdict:
         """Deploy wave `index` (here, or as `shards` run elsewhere) and judge its milestone."""

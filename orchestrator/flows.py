@@ -106,8 +106,12 @@ class BackoutNotComplete(Exception):
 # stays a plain deployment id.
 @task(name="preflight", cache_policy=NO_CACHE)
 def preflight(run: DeploymentRun) -> bool:
-    """Authorize the deployment and check the release in; nothing has touched a host yet."""
-    return run.start()
+    """Authorize the deployment and check the release in; nothing has touched a host yet.
+    Once authorized, what wave 1's hosts will lack is framed while the rest gets ready."""
+    if not run.start():
+        return False
+    run.frame_ahead(1)
+    return True
 
 
 @task(name="wave", cache_policy=NO_CACHE)

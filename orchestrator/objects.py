@@ -1,9 +1,10 @@
 """The package's objects on the orchestrator, framed for hosts.
 
-A push frames what hosts need straight from the verified DML archive, in one streaming pass
-per distinct need: a cold push (every host needs everything) and an incremental one (every
-host needs the same few objects) each make one frames file, and no object is written to
-disk on its own. Only when hosts need many different subsets (a fleet at mixed releases) are
+A push frames what hosts need from the DML's unpacked objects (each hashed as it is read),
+or, where the DML lacks one, straight from the verified archive in one streaming pass per
+distinct need: a cold push (every host needs everything) and an incremental one (every host
+needs the same few objects) each make one frames file, and no object is written to disk on
+its own. Only when hosts need many different subsets (a fleet at mixed releases) are
 the objects extracted once (`ensure`) and each frames file built from them; the DML server
 extracts them to serve objects one by one.
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import shutil
 import threading
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,17 +26,30 @@ from typing import IO, Any
 STREAMED_NEEDS = 2
 
 
+def need_ahead(package: Iterable[str], priors: Iterable[set[str] | None]) -> list[str]:
+    """What most hosts of a wave will ask for, guessed from what the CMS says each runs: the
+    package's objects its prior release lacks (all of them on a host with none). `priors`:
+    each host's prior objects, None for no prior; hosts already at the package are left out
+    by the caller. [] when no host needs anything."""
+    wanted = frozenset(package)
+    guesses = Counter(wanted - (prior or frozenset()) for prior in priors)
+    guesses.pop(frozenset(), None)
+    return sorted(guesses.most_common(1)[0][0]) if guesses else []
+
+
 class ObjectCache:
     """The package's files by sha256, from the verified DML archive."""
 
-    def __init__(self, package: Any, cache_root: Path) -> None:
+    def __init__(self, package: Any, cache_root: Path, store: Path | None = None) -> None:
         self.package = package
         self.root = cache_root
+        self.store = store  # the DML's unpacked objects (dml.store), hashed at every read
         self.dir = cache_root / "objects"
         self.sizes = {f.sha256: f.size for f in package.files}
         self._lock = threading.Lock()
         self._frame_locks: dict[str, threading.Lock] = {}
         self._ready = False
+        self._ahead: threading.Thread | None = None
 
     def ensure(self) -> None:
         """Extract every object into objects/<sha256> (once)."""
@@ -73,25 +89,51 @@ class ObjectCache:
         with lock:
             if path.exists():
                 return path
-            if not stream:
-                self.ensure()
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             try:
                 with open(tmp, "wb") as out:
-                    if stream:
-                        self._frame_from_archive(set(wanted), out)
-                    else:
-                        for sha in wanted:
-                            out.write(f"{sha} {self.sizes[sha]}\n".encode())
-                            with open(self.dir / sha, "rb") as f:
-                                shutil.copyfileobj(f, out, 1 << 20)
+                    if not self._frame_from_store(wanted, out):
+                        out.seek(0)
+                        out.truncate()
+                        if stream:
+                            self._frame_from_archive(set(wanted), out)
+                        else:
+                            self.ensure()
+                            for sha in wanted:
+                                out.write(f"{sha} {self.sizes[sha]}\n".encode())
+                                with open(self.dir / sha, "rb") as f:
+                                    shutil.copyfileobj(f, out, 1 << 20)
                     out.write(b"END\n")
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
             tmp.replace(path)
         return path
+
+    def _frame_from_store(self, wanted: list[str], out: IO[bytes]) -> bool:
+        """Each object from the DML's unpacked copy, hashed as it is copied: an incremental
+        release's few objects without a pass over the whole archive. False when one is
+        missing or its bytes are not the ones the signed manifest names (the caller then
+        frames from the archive, and nothing written here is kept)."""
+        if self.store is None:
+            return False
+        view = memoryview(bytearray(1 << 20))
+        for sha in wanted:
+            try:
+                f = open(self.store / sha, "rb")  # noqa: SIM115 - closed just below
+            except OSError:
+                return False
+            with f:
+                out.write(f"{sha} {self.sizes[sha]}\n".encode())
+                digest, size = hashlib.sha256(), 0
+                while n := f.readinto(view):
+                    digest.update(view[:n])
+                    out.write(view[:n])
+                    size += n
+            if size != self.sizes[sha] or digest.hexdigest() != sha:
+                return False
+        return True
 
     def _frame_from_archive(self, wanted: set[str], out: IO[bytes]) -> None:
         """One pass over the archive: each wanted object once (a file's bytes are checked
@@ -104,6 +146,24 @@ class ObjectCache:
             shutil.copyfileobj(stream, out, 1 << 20)
             written.add(entry.sha256)
 
+    def frame_ahead(self, need: list[str]) -> None:
+        """Start framing `need` now, in the background, while the hosts log in and inspect:
+        a host that asks for it waits for this pass instead of starting its own. A guess
+        that no host asks for costs one pass and one of the streamed needs."""
+        if not need or self._ahead is not None:
+            return
+
+        def frame() -> None:
+            try:
+                self.frames(need)
+            except Exception:  # noqa: BLE001 - a host asking for it frames it again and says why
+                pass
+
+        self._ahead = threading.Thread(target=frame, name="frame-ahead", daemon=True)
+        self._ahead.start()
+
     def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.join()  # it writes under the directories removed next
         for sub in ("objects", "frames"):  # only what this run made
             shutil.rmtree(self.root / sub, ignore_errors=True)

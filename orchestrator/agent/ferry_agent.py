@@ -421,12 +421,14 @@ class Host:
                     ids.pop(rel, None)
         write_atomic(os.path.join(self.meta, rid + ".ids"), dumps(ids).encode())
 
-    def known_objects(self):
-        """sha256 -> an existing file with that content (incoming first, then releases)."""
+    def known_objects(self, expect=None):
+        """sha256 -> an existing file with that content (incoming first, then releases).
+        `expect`: release id → the digest Ferry records for it (the host's prior baseline),
+        whose manifest is then checked by that digest instead of the pure-Python ed25519."""
         found = {}
         for rid in self.verified_ids():
             try:
-                manifest = self.load_manifest(rid)
+                manifest = self.load_manifest(rid, expect=(expect or {}).get(rid))
             except (AgentError, OSError, ValueError, KeyError):
                 continue
             base = os.path.join(self.releases, rid)
@@ -549,7 +551,7 @@ def op_receive(host, args):
     manifest = host.check_manifest(raw, sig)
     write_atomic(os.path.join(host.incoming, rid + ".manifest"), raw)
     write_atomic(os.path.join(host.incoming, rid + ".sig"), sig)
-    known = host.known_objects()
+    known = host.known_objects(args.known)
     wanted = {}
     for e in manifest["content"]["files"]:
         if e["sha256"] not in known:
@@ -611,7 +613,7 @@ def op_verify(host, args):
     with open(os.path.join(host.incoming, rid + ".sig"), "rb") as f:
         sig = f.read()
     manifest = host.check_manifest(raw, sig)
-    known = host.known_objects()
+    known = host.known_objects(args.known)
     reused, rehashed = {}, 0  # release → its files this one now shares; files read again
     unsynced = []  # files whose data is not yet durable: received this stage, or copied
     received = set()  # objects placed from incoming/, removed from there once published
@@ -1315,7 +1317,7 @@ DEFAULTS = {
     "id": None, "key": None, "none": False, "full": False, "keep": 3, "protect": None,
     "payload": None, "command": None, "env": None, "cwd": None, "timeout": None,
     "kind": None, "target": None, "port": None, "status": 200, "rehash": False,
-    "digest": None, "rotations": None,
+    "digest": None, "rotations": None, "known": None,
     "unit": None, "units": None, "send": None, "container": None, "action": None,
 }  # fmt: skip
 

@@ -335,11 +335,14 @@ class AgentSession:
         frames: Any,
         *,
         timeout: float,
+        known: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        """`stage`: the signed manifest, the agent's NEED list, only those objects, the end."""
+        """`stage`: the signed manifest, the agent's NEED list, only those objects, the end.
+        `known`: release id → digest of what the CMS records on the host (its prior)."""
         with self._lock, self._session():
             deadline = time.monotonic() + timeout
-            head = json.dumps({"op": "receive", "args": {"id": rid}}).encode() + b"\n"
+            args: dict[str, Any] = {"id": rid, **({"known": known} if known else {})}
+            head = json.dumps({"op": "receive", "args": args}).encode() + b"\n"
             sizes = json.dumps({"manifest_len": len(manifest), "sig_len": len(signature)})
             self._write(head + sizes.encode() + b"\n" + manifest + signature, deadline, "stage")
             line = self._line(deadline, "stage")

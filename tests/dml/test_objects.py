@@ -10,7 +10,7 @@ import pytest
 
 from dml.store import DML
 from orchestrator.errors import IntegrityError
-from orchestrator.objects import STREAMED_NEEDS, ObjectCache
+from orchestrator.objects import STREAMED_NEEDS, ObjectCache, need_ahead
 from tests.dml.conftest import write
 from tests.dml.test_store import _build
 
@@ -90,3 +90,62 @@ def test_an_object_not_in_the_package_is_never_framed(tmp_path, store):
     cache = ObjectCache(_package(tmp_path, store), tmp_path / "cache")
     with pytest.raises(ValueError, match="not in shop@2.0.0"):
         cache.frames(["0" * 64])
+
+
+@pytest.mark.parametrize(
+    ("priors", "guess"),
+    [
+        ([None, None], ["a", "b", "c"]),  # cold: everything
+        ([{"a", "b"}, {"a", "b"}, None], ["c"]),  # the most common need wins
+        ([{"a", "b", "c"}], []),  # nothing to send
+        ([{"x"}, {"a"}, {"a"}], ["b", "c"]),  # objects the package lacks change nothing
+        ([], []),
+    ],
+)
+def test_what_a_wave_will_need_is_guessed_from_what_each_host_runs(priors, guess):
+    assert need_ahead(["a", "b", "c"], priors) == guess
+
+
+def test_a_need_framed_ahead_is_the_one_the_hosts_get_and_is_made_once(tmp_path, store):
+    pkg = _package(tmp_path, store)
+    cache = ObjectCache(pkg, tmp_path / "cache")
+    passes = []
+    real = cache._frame_from_archive
+    cache._frame_from_archive = lambda wanted, out: passes.append(1) or real(wanted, out)  # type: ignore[method-assign]
+    few = [f.sha256 for f in pkg.files if f.path.endswith(("b.txt", "f3"))]
+    cache.frame_ahead(few)
+    cache.frame_ahead([f.sha256 for f in pkg.files])  # one guess per run
+    path = cache.frames(list(reversed(few)))  # a host asking while it is made waits for it
+    assert sorted(_parse(path)) == sorted(few) and passes == [1]
+    cache.close()  # waits for the guess, then removes what it made
+    assert not (tmp_path / "cache" / "frames").exists()
+
+
+def test_a_stored_package_is_unpacked_once_and_gc_drops_what_no_release_lists(tmp_path, store):
+    pkg = _package(tmp_path, store)
+    objects = store.objects_dir
+    assert sorted(p.name for p in objects.iterdir()) == sorted({f.sha256 for f in pkg.files})
+    for f in pkg.files:
+        assert hashlib.sha256((objects / f.sha256).read_bytes()).hexdigest() == f.sha256
+    stray = objects / ("0" * 64)  # unpacked for a release since removed
+    stray.write_bytes(b"old")
+    report = store.gc(delete=True)
+    assert report.removed == [f"object {stray.name}"] and not stray.exists()
+    assert len(list(objects.iterdir())) == len({f.sha256 for f in pkg.files})
+
+
+def test_frames_come_from_the_unpacked_objects_and_a_damaged_one_is_never_sent(tmp_path, store):
+    pkg = _package(tmp_path, store)
+    few = [f.sha256 for f in pkg.files if f.path.endswith(("b.txt", "f3"))]
+    for damaged in (False, True):
+        cache = ObjectCache(pkg, tmp_path / f"cache-{damaged}", store=store.objects_dir)
+        passes: list[int] = []
+        real = cache._frame_from_archive
+        cache._frame_from_archive = lambda w, o, r=real, p=passes: p.append(1) or r(w, o)  # type: ignore[method-assign]
+        if damaged:  # same size, other bytes: its hash, not its size, gives it away
+            (store.objects_dir / few[0]).write_bytes(b"x" * cache.sizes[few[0]])
+        sent = _parse(cache.frames(few))
+        assert sorted(sent) == sorted(few)
+        assert all(hashlib.sha256(d).hexdigest() == s for s, d in sent.items())
+        assert passes == ([1] if damaged else [])  # the archive only when an object failed
+        cache.close()

@@ -481,3 +481,27 @@ def test_a_release_is_made_durable_once_and_its_signature_checked_once_per_sessi
         assert counts["fsync"] >= 40 + 5, counts  # each file, each directory
     back = run(tmp_path, "readback", "--id", "app-1", "--full")[1]
     assert back["ok"] and back["mismatches"] == []
+
+
+@pytest.mark.parametrize("known", ["recorded", "none", "wrong"])
+def test_a_prior_release_ferry_records_is_checked_by_its_digest_not_its_signature(tmp_path, known):
+    """receive and verify of app-2 on a host holding app-1: the stored app-1 manifest, whose
+    objects app-2 reuses, is checked by the digest Ferry records for it (no ed25519); without
+    one, or with a digest it does not match, by its signature, as before."""
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    a, b = b"A" * 4096, b"B" * 100
+    assert _publish(tmp_path, "app-1", {"u/a": a}, "1", ["u/a"])[0] == 0
+    digest = json.loads(_release({"u/a": a}, "1")[0])["digest"]
+    recorded = {"recorded": {"app-1": digest}, "none": None, "wrong": {"app-1": "sha256:0"}}
+    args = {"id": "app-2", **({"known": recorded[known]} if recorded[known] else {})}
+    raw, sig = _release({"u/a": a, "u/b": b}, "2")
+    proc = _session_with_spy(tmp_path, COUNTING)
+    stream = receive_stream(raw, sig, {hashlib.sha256(b).hexdigest(): b})
+    res = _answer(proc, {"op": "receive", "args": args}, stream)
+    assert res["_code"] == 0 and res["needed"] == 1, res  # u/a is reused from app-1
+    res = _answer(proc, {"op": "verify", "args": args})
+    assert res["_code"] == 0 and res["placed"] == 2 and res["rehashed"] == 0, res
+    _, err = proc.communicate(timeout=30)
+    counts = eval(err.decode().strip().splitlines()[-1])  # noqa: S307 - our own child's repr
+    # app-2's own signature once per session; app-1's too unless its digest was recorded
+    assert counts["sha512"] == (1 if known == "recorded" else 2), counts
