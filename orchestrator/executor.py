@@ -86,8 +86,9 @@ class Executor:
     ) -> list[HostOutcome]:
         """Every host's forward steps; with `check` (no soak), its milestone checks right
         after on the same session. Without `keep_open` each host's session ends when its
-        work does, so sessions never outnumber the hosts being worked on. The objects a host
-        lacks are framed when the first host asks for them (orchestrator.objects)."""
+        work does, so sessions never outnumber the hosts being worked on. What the hosts most
+        likely lack is framed ahead (unless preflight started it); a host that lacks
+        something else has it framed when it asks (orchestrator.objects)."""
         progress = WaveProgress(f"wave {wave.index}", len(wave.hosts), self.progress)
         self.frame_ahead(wave)
 
