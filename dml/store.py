@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -272,24 +271,15 @@ class DML:
         )
 
     def _unpack_objects(self, release: str) -> None:
-        """Each file of the just-stored package into objects/<sha256> (one pass over the
-        verified archive; objects other releases share are there already). Not fsynced:
-        the archive is the record, objects are a cache checked at every read."""
-        pkg = self.open(release)
+        """Each file of the just-stored package into objects/<sha256> (objects other releases
+        share are there already). One pass over the archive, which checks each file and the
+        archive's sha256 as it streams: opening it does not hash it first. Not fsynced: the
+        archive is the record, objects are a cache checked at every read."""
+        pkg = self.open(release, verify_archive=False)
         have = set(os.listdir(self.objects_dir)) if self.objects_dir.is_dir() else set()
         missing = {f.sha256 for f in pkg.files} - have
-        if not missing:
-            return
-        self.objects_dir.mkdir(parents=True, exist_ok=True)
-        for entry, stream in pkg.iter_files(missing):
-            path = self.objects_dir / entry.sha256
-            if entry.sha256 in have:
-                continue  # the same content at another path of this package
-            tmp = path.with_name(f".tmp-{entry.sha256}")
-            with open(tmp, "wb") as out:
-                shutil.copyfileobj(stream, out, 1 << 20)
-            os.replace(tmp, path)
-            have.add(entry.sha256)
+        if missing:
+            pkg.unpack(self.objects_dir, missing)
 
     def _put_blob(self, data: bytes) -> str:
         digest = bytes_digest(data)

@@ -9,6 +9,7 @@ sha256 as it streams and the archive's sha256 when the stream ends.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -100,6 +101,24 @@ class VerifiedPackage:
                 if len(missing) > 1
                 else f"{self.release}: archive lacks {missing[0]}"
             )
+
+    def unpack(self, dest: Path, wanted: set[str]) -> None:
+        """Each file whose sha256 is in `wanted` into dest/<sha256>, once per content, in one
+        pass (each checked as it streams: one that fails is never put in place)."""
+        dest.mkdir(parents=True, exist_ok=True)
+        done: set[str] = set()
+        for entry, stream in self.iter_files(wanted):
+            if entry.sha256 in done:
+                continue  # the same content at another path
+            tmp = dest / f".tmp-{entry.sha256}"
+            try:
+                with open(tmp, "wb") as out:
+                    shutil.copyfileobj(stream, out, CHUNK)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            tmp.replace(dest / entry.sha256)
+            done.add(entry.sha256)
 
     def iter_file_bytes(self, wanted: set[str] | None = None) -> Iterator[tuple[FileEntry, bytes]]:
         """Like iter_files, with each file's whole content (small files, tests)."""

@@ -56,16 +56,9 @@ class ObjectCache:
         with self._lock:
             if self._ready:
                 return
-            self.dir.mkdir(parents=True, exist_ok=True)
             missing = {s for s in self.sizes if not (self.dir / s).is_file()}
             if missing:
-                for entry, stream in self.package.iter_files(missing):
-                    if (self.dir / entry.sha256).is_file():
-                        continue
-                    tmp = self.dir / f"{entry.sha256}.tmp"
-                    with open(tmp, "wb") as out:
-                        shutil.copyfileobj(stream, out, 1 << 20)
-                    tmp.replace(self.dir / entry.sha256)
+                self.package.unpack(self.dir, missing)
             self._ready = True
 
     def frames(self, need: list[str]) -> Path:
