@@ -21,6 +21,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
+from dml.digest import CHUNK, HashingReader
+
 # distinct needs framed straight from the archive before extracting the objects is cheaper
 # (each pass decompresses and checks the whole archive; an extraction writes every object)
 STREAMED_NEEDS = 2
@@ -111,7 +113,6 @@ class ObjectCache:
         frames from the archive, and nothing written here is kept)."""
         if self.store is None:
             return False
-        view = memoryview(bytearray(1 << 20))
         for sha in wanted:
             try:
                 f = open(self.store / sha, "rb")  # noqa: SIM115 - closed just below
@@ -119,12 +120,9 @@ class ObjectCache:
                 return False
             with f:
                 out.write(f"{sha} {self.sizes[sha]}\n".encode())
-                digest, size = hashlib.sha256(), 0
-                while n := f.readinto(view):
-                    digest.update(view[:n])
-                    out.write(view[:n])
-                    size += n
-            if size != self.sizes[sha] or digest.hexdigest() != sha:
+                read = HashingReader(f)
+                shutil.copyfileobj(read, out, CHUNK)
+            if read.size != self.sizes[sha] or read.sha.hexdigest() != sha:
                 return False
         return True
 
