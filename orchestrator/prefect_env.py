@@ -125,9 +125,14 @@ def note_imported() -> None:
 _logging_made_from: tuple[object, ...] | None = None
 
 
-def _configure(progress: Callable[[str], None] | None) -> str:
+def quiet_defaults() -> None:
+    """Ferry's Prefect settings (QUIET), where the environment does not set its own."""
     for key, value in QUIET.items():
         os.environ.setdefault(key, value)
+
+
+def _configure(progress: Callable[[str], None] | None) -> str:
+    quiet_defaults()
     _exit_quickly()
     mode = prefect_mode()
     if mode == "server":

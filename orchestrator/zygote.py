@@ -243,8 +243,7 @@ def preload() -> None:
 
     # Prefect builds its logging at import: with Ferry's defaults, as most commands run it,
     # a command's child need not build it again (prefect_env.refresh_imported)
-    for key, value in prefect_env.QUIET.items():
-        os.environ.setdefault(key, value)
+    prefect_env.quiet_defaults()
 
     for entry in cli_main.COMMANDS:
         importlib.import_module(f"orchestrator.cli.{entry.name.replace('-', '_')}")
