@@ -82,7 +82,7 @@ class DeploymentRun:
         self.sessions = HostSessions(self.rollout)
         self._executor: Executor | None = None
         self._dml: Any = None
-        self._priors: dict[str, set[str] | None] = {}
+        self._priors: dict[str, frozenset[str] | None] = {}
         self.done_waves: list[int] = []
         self.last_verdict: Verdict | None = None
         self.pull: Any = None
@@ -149,14 +149,14 @@ class DeploymentRun:
             )
         return self._executor
 
-    def _prior_objects(self, prior: Baseline) -> set[str] | None:
+    def _prior_objects(self, prior: Baseline) -> frozenset[str] | None:
         """The objects of a host's prior release, from its signed manifest in the DML (a
         guess of what the host holds: its own NEED decides); None when the DML lacks it."""
         if prior.release not in self._priors:
             try:
                 package = self._open_dml().open(prior.release, verify_archive=False)
                 same = package.digest == prior.digest
-                known = {f.sha256 for f in package.files} if same else None
+                known = frozenset(f.sha256 for f in package.files) if same else None
             except FerryError:
                 known = None
             self._priors[prior.release] = known

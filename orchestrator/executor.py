@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -45,7 +46,7 @@ class Executor:
         objects: ObjectCache,
         rotations: list[dict[str, str]] | None = None,
         signature: bytes | None = None,
-        prior_objects: Callable[[Baseline], set[str] | None] | None = None,
+        prior_objects: Callable[[Baseline], frozenset[str] | None] | None = None,
         progress: Progress,
         stop: threading.Event,
     ) -> None:
@@ -110,12 +111,14 @@ class Executor:
     def frame_ahead(self, wave: WavePlan) -> None:
         """Frame what the wave's hosts will most likely lack before they ask (~0.5 s of a
         20-host incremental release was its hosts waiting for that pass); once per run."""
-        if self.prior_objects is None:
+        if self.prior_objects is None or self.objects.framing_ahead:
             return
         digest = self.rollout.digest
-        moving = [a.prior for a in wave.hosts if a.prior is None or a.prior.digest != digest]
-        if moving:
-            priors = [None if p is None else self.prior_objects(p) for p in moving]
+        moving = Counter(a.prior for a in wave.hosts if a.prior is None or a.prior.digest != digest)
+        priors: Counter[frozenset[str] | None] = Counter()
+        for prior, hosts in moving.items():
+            priors[None if prior is None else self.prior_objects(prior)] += hosts
+        if priors:
             self.objects.frame_ahead(need_ahead(self.objects.sizes, priors))
 
     def _deploy_host(self, wave: int, action: HostAction) -> HostOutcome:

@@ -17,7 +17,7 @@ import hashlib
 import shutil
 import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -28,14 +28,16 @@ from dml.digest import CHUNK, HashingReader
 STREAMED_NEEDS = 2
 
 
-def need_ahead(package: Iterable[str], priors: Iterable[set[str] | None]) -> list[str]:
+def need_ahead(package: Iterable[str], priors: Mapping[frozenset[str] | None, int]) -> list[str]:
     """What most hosts of a wave will ask for, guessed from what the CMS says each runs: the
     package's objects its prior release lacks (all of them on a host with none). `priors`:
-    each host's prior objects, None for no prior; hosts already at the package are left out
-    by the caller. [] when no host needs anything."""
+    each distinct prior's objects (None: no prior) → how many hosts run it; hosts already at
+    the package are left out by the caller. [] when no host needs anything."""
     wanted = frozenset(package)
-    guesses = Counter(wanted - (prior or frozenset()) for prior in priors)
-    guesses.pop(frozenset(), None)
+    guesses: Counter[frozenset[str]] = Counter()
+    for prior, hosts in priors.items():  # one difference per distinct prior, not per host
+        if need := wanted - (prior or frozenset()):
+            guesses[need] += hosts
     return sorted(guesses.most_common(1)[0][0]) if guesses else []
 
 
@@ -136,6 +138,11 @@ class ObjectCache:
             out.write(f"{entry.sha256} {entry.size}\n".encode())
             shutil.copyfileobj(stream, out, 1 << 20)
             written.add(entry.sha256)
+
+    @property
+    def framing_ahead(self) -> bool:
+        """Has a guess been framed ahead in this run (there is one per run)?"""
+        return self._ahead is not None
 
     def frame_ahead(self, need: list[str]) -> None:
         """Start framing `need` now, in the background, while the hosts log in and inspect:
