@@ -85,7 +85,7 @@ class HostOps:
         )
 
     def verify(self, rid: str, known: dict[str, str] | None = None) -> dict[str, Any]:
-        return self.call("verify", "verify", id=rid, **({"known": known} if known else {}))
+        return self.call("verify", "verify", id=rid, known=known)
 
     def write_config(self, rid: str, files: dict[str, str]) -> dict[str, Any]:
         return self.call("install", "config", id=rid, payload=json.dumps(files).encode())

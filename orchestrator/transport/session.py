@@ -341,7 +341,7 @@ class AgentSession:
         `known`: release id → digest of what the CMS records on the host (its prior)."""
         with self._lock, self._session():
             deadline = time.monotonic() + timeout
-            args: dict[str, Any] = {"id": rid, **({"known": known} if known else {})}
+            args = {"id": rid, "known": known}
             head = json.dumps({"op": "receive", "args": args}).encode() + b"\n"
             sizes = json.dumps({"manifest_len": len(manifest), "sig_len": len(signature)})
             self._write(head + sizes.encode() + b"\n" + manifest + signature, deadline, "stage")
