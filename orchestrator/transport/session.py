@@ -35,6 +35,7 @@ from orchestrator import agent
 from orchestrator.errors import StepFailed, TransportError
 from orchestrator.inventory import Host, SSHSettings
 from orchestrator.transport import openssh
+from orchestrator.transport.pipes import BUDGET as WIDE_PIPES
 from orchestrator.transport.ssh import SSHHost, StepTimeout
 
 # logins in flight at once, whatever the concurrency: sshd's MaxStartups refuses a burst
@@ -80,6 +81,7 @@ class _OpenSSHPipe:
         os.set_blocking(self.stdin.fileno(), False)
         self._writable = select.poll()
         self._writable.register(self.stdin.fileno(), select.POLLOUT)
+        self._wide = False  # holds a bulk transfer's capacity (transport/pipes.py)
 
     def _wait_writable(self, deadline: float) -> None:
         left = deadline - time.monotonic()
@@ -90,6 +92,8 @@ class _OpenSSHPipe:
 
     def write(self, data: bytes, deadline: float) -> None:
         view, fd = memoryview(data), self.stdin.fileno()
+        if self._wide:  # the transfer before this request was answered: the pipe is empty
+            self._wide = not WIDE_PIPES.narrow(fd)
         while view:
             try:
                 view = view[os.write(fd, view) :]
@@ -98,6 +102,8 @@ class _OpenSSHPipe:
 
     def sendfile(self, path: Path, deadline: float) -> int:
         sent, fd = 0, self.stdin.fileno()
+        if not self._wide:
+            self._wide = WIDE_PIPES.widen(fd)
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             while sent < size:
@@ -138,6 +144,9 @@ class _OpenSSHPipe:
                 f.close()  # EOF: the agent's serve loop ends by itself
             except OSError:
                 pass
+        if self._wide:
+            self._wide = False
+            WIDE_PIPES.forget()
         try:
             self.proc.wait(timeout=2)
         except subprocess.TimeoutExpired:

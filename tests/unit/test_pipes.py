@@ -1,0 +1,70 @@
+"""The bulk transfer's pipe capacity (orchestrator/transport/pipes.py), on real pipes."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+import pytest
+
+from orchestrator.transport.pipes import BULK, DEFAULT, WidePipes, wide_pipes_allowed
+
+F_GETPIPE_SZ = 1032
+
+
+@pytest.fixture
+def pipes():
+    made: list[int] = []
+
+    def make() -> tuple[int, int]:
+        r, w = os.pipe()
+        made.extend((r, w))
+        return r, w
+
+    yield make
+    for fd in made:
+        os.close(fd)
+
+
+def size(fd: int) -> int:
+    return fcntl.fcntl(fd, F_GETPIPE_SZ)
+
+
+@pytest.mark.parametrize(
+    ("euid", "soft_pages", "allowed"),
+    [
+        (0, 16384, None),  # root: the kernel's per-user limits do not apply
+        (1000, 0, None),  # no soft limit set
+        (1000, 16384, 32),  # the default 64 MiB: half of it in 1 MiB pipes
+        (1000, 300, 0),  # too small for even one: every pipe keeps the default
+    ],
+)
+def test_how_many_pipes_a_user_may_widen_at_once(euid, soft_pages, allowed):
+    assert wide_pipes_allowed(euid, soft_pages) == allowed
+
+
+def test_a_pipe_is_widened_for_the_transfer_and_given_back_after(pipes):
+    _, w = pipes()
+    budget = WidePipes(None)
+    assert size(w) == DEFAULT
+    assert budget.widen(w) and size(w) == BULK and budget.held == 1
+    assert budget.narrow(w) and size(w) == DEFAULT and budget.held == 0
+
+
+def test_a_pipe_still_holding_more_than_the_default_keeps_its_capacity(pipes):
+    r, w = pipes()
+    budget = WidePipes(None)
+    assert budget.widen(w)
+    os.write(w, b"x" * (DEFAULT * 2))  # what ssh has not read yet is never cut off
+    assert not budget.narrow(w) and size(w) == BULK and budget.held == 1
+    assert len(os.read(r, DEFAULT * 2)) == DEFAULT * 2
+    assert budget.narrow(w) and size(w) == DEFAULT and budget.held == 0
+
+
+def test_past_the_budget_a_pipe_keeps_the_default(pipes):
+    (_, a), (_, b) = pipes(), pipes()
+    budget = WidePipes(1)
+    assert budget.widen(a)
+    assert not budget.widen(b) and size(b) == DEFAULT and budget.held == 1
+    budget.forget()  # a's session ended: the kernel took its pages back
+    assert budget.widen(b) and size(b) == BULK and budget.held == 1
