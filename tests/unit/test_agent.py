@@ -505,3 +505,49 @@ def test_a_prior_release_ferry_records_is_checked_by_its_digest_not_its_signatur
     counts = eval(err.decode().strip().splitlines()[-1])  # noqa: S307 - our own child's repr
     # app-2's own signature once per session; app-1's too unless its digest was recorded
     assert counts["sha512"] == (1 if known == "recorded" else 2), counts
+
+
+@pytest.mark.parametrize("other", ["unrelated", "shares-b", "shares-b-but-altered"])
+def test_a_release_the_new_one_needs_nothing_from_is_not_checked_or_read(tmp_path, other):
+    """app-2 on a host holding its prior app-1 (recorded) and an older app-0. app-0 is
+    checked (by its signature) and used only when it holds an object app-2 lacks, so a host
+    keeping several releases pays nothing for the ones an incremental release never uses;
+    a stored manifest that claims an object but fails its signature is not used: the
+    object is asked for."""
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    a, b, c = b"A" * 4096, b"B" * 100, b"C" * 100
+    old = {"u/z": b"Z" * 50, "u/b": b} if other != "unrelated" else {"u/z": b"Z" * 50}
+    assert _publish(tmp_path, "app-0", old, "0", sorted(old))[0] == 0
+    assert _publish(tmp_path, "app-1", {"u/a": a}, "1", ["u/a"])[0] == 0
+    if other == "shares-b-but-altered":  # the stored manifest no longer matches its signature
+        path = tmp_path / ".ferry" / "meta" / "app-0.json"
+        path.write_bytes(path.read_bytes().replace(b'"0"', b'"9"'))
+    digest = json.loads(_release({"u/a": a}, "1")[0])["digest"]
+    args = {"id": "app-2", "known": {"app-1": digest}}
+    raw, sig = _release({"u/a": a, "u/b": b, "u/c": c}, "2")
+    proc = _session_with_spy(tmp_path, COUNTING)
+    proc.stdin.write(json.dumps({"op": "receive", "args": args}).encode() + b"\n")
+    proc.stdin.write(json.dumps({"manifest_len": len(raw), "sig_len": len(sig)}).encode() + b"\n")
+    proc.stdin.write(raw + sig)
+    proc.stdin.flush()
+    need = json.loads(proc.stdout.readline()[5:])
+    objects = {hashlib.sha256(d).hexdigest(): d for d in (b, c)}
+    want = {hashlib.sha256(c).hexdigest()} if other == "shares-b" else set(objects)
+    assert set(need) == want
+    for sha in need:
+        proc.stdin.write(f"{sha} {len(objects[sha])}\n".encode() + objects[sha])
+    proc.stdin.write(b"END\n")
+    proc.stdin.flush()
+    while not (line := proc.stdout.readline()).startswith(b"RESULT "):
+        assert line, "the agent died"
+    res = json.loads(line[7:])
+    assert res["_code"] == 0 and res["received"] == len(want), res
+    res = _answer(proc, {"op": "verify", "args": args})
+    assert res["_code"] == 0 and res["placed"] == 3 and res["rehashed"] == 0, res
+    assert _answer(proc, {"op": "switch", "args": {"id": "app-2"}})["current"] == "app-2"
+    _, err = proc.communicate(timeout=30)
+    counts = eval(err.decode().strip().splitlines()[-1])  # noqa: S307 - our own child's repr
+    # app-2's own signature; app-0's only when it was worth checking (it holds u/b)
+    assert counts["sha512"] == (1 if other == "unrelated" else 2), counts
+    back = run(tmp_path, "readback", "--id", "app-2", "--full")[1]
+    assert back["ok"] and back["mismatches"] == [], back
