@@ -438,7 +438,8 @@ class Host:
         found = {}
         for name in os.listdir(self.incoming) if os.path.isdir(self.incoming) else []:
             if len(name) == 64 and (wanted is None or name in wanted):
-                found[name] = (os.path.join(self.incoming, name), True, True, None, None)
+                # received as 0600 (copy_hashed): never a published mode, always changed
+                found[name] = (os.path.join(self.incoming, name), True, True, None, None, 0o600)
         expect = expect or {}
 
         def settled(sha):
@@ -465,7 +466,9 @@ class Host:
                 path = os.path.join(base, e["path"])
                 ok = intact and unchanged(path, ids.get(e["path"]))
                 if ok or sha not in found:  # a copy still as verified is reused unread
-                    found[sha] = (path, False, ok, rid, e["path"])
+                    # …and still has the mode it was published with (chmod moves the ctime)
+                    mode = (0o755 if e["mode"] & 0o111 else 0o644) if ok else None
+                    found[sha] = (path, False, ok, rid, e["path"], mode)
         return found
 
     def missing_objects(self, manifest, expect=None):
@@ -667,6 +670,7 @@ def op_verify(host, args):
     os.makedirs(tmp)
     made = {tmp}  # directories made: one mkdir each, not one per file
     linked_from = {}  # (release, path) a file was linked from → its path in this release
+    chmodded = set()  # sources whose inode this verify gave another mode
     for e in files:
         rel = safe_relpath(e["path"])
         dest = os.path.join(tmp, rel)
@@ -674,8 +678,8 @@ def op_verify(host, args):
         if parent not in made:
             os.makedirs(parent, exist_ok=True)
             made.add(parent)
-        src, fresh, intact, src_rid, src_rel = known.get(
-            e["sha256"], (None, False, False, None, None)
+        src, fresh, intact, src_rid, src_rel, src_mode = known.get(
+            e["sha256"], (None, False, False, None, None, None)
         )
         if src is None:
             raise integrity("%s: no verified copy of its content on this host" % rel)
@@ -692,8 +696,11 @@ def op_verify(host, args):
             shutil.copyfile(src, dest)
             linked = False
         mode = 0o755 if e["mode"] & 0o111 else 0o644
-        if not linked or os.stat(dest).st_mode & 0o7777 != mode:
+        if src_mode is None or src in chmodded:  # unknown, or changed a moment ago
+            src_mode = os.stat(dest).st_mode & 0o7777
+        if not linked or src_mode != mode:
             os.chmod(dest, mode)  # a reused inode keeps its mode: left clean, not re-synced
+            chmodded.add(src)
         if fresh:
             received.add(e["sha256"])
         if fresh or not linked:

@@ -200,11 +200,14 @@ def test_a_release_altered_on_the_host_is_set_aside_and_never_trusted_again(tmp_
     assert (tmp_path / "releases/r/u/a.txt").read_bytes() == b"alpha"
 
 
-def _release(files: dict[str, bytes], version: str) -> tuple[bytes, bytes]:
+def _release(
+    files: dict[str, bytes], version: str, modes: dict[str, int] | None = None
+) -> tuple[bytes, bytes]:
     entries = [
-        {"path": p, "size": len(d), "mode": 0o644, "sha256": hashlib.sha256(d).hexdigest()}
+        {"path": p, "size": len(d), "mode": (modes or {}).get(p, 0o644),
+         "sha256": hashlib.sha256(d).hexdigest()}
         for p, d in sorted(files.items())
-    ]
+    ]  # fmt: skip
     content = {"format": "ferry-package/1", "name": "app", "version": version,
                "release": f"app@{version}", "units": ["u"], "files": entries}  # fmt: skip
     digest = "sha256:" + hashlib.sha256(ferry_agent.canonical(content)).hexdigest()
@@ -551,3 +554,27 @@ def test_a_release_the_new_one_needs_nothing_from_is_not_checked_or_read(tmp_pat
     assert counts["sha512"] == (1 if other == "unrelated" else 2), counts
     back = run(tmp_path, "readback", "--id", "app-2", "--full")[1]
     assert back["ok"] and back["mismatches"] == [], back
+
+
+def test_a_reused_file_gets_the_mode_the_new_release_gives_it(tmp_path):
+    """A file app-2 links from app-1 keeps app-1's mode unless app-2 gives it another; the
+    same content at two paths of different modes ends as the later path's mode, as the
+    shared inode allows (what verify did when it read each mode back)."""
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    x, y = b"X" * 64, b"Y" * 64
+    assert _publish(tmp_path, "app-1", {"u/a": x, "u/y": y}, "1", ["u/a", "u/y"])[0] == 0
+    files = {"u/a": x, "u/b": x, "u/y": y}
+    raw, sig = _release(files, "2", {"u/a": 0o755, "u/b": 0o644})
+    args = ["--id", "app-2"]
+    rc, res = run(tmp_path, "receive", *args, stdin=receive_stream(raw, sig, {}))
+    assert rc == 0 and res["needed"] == 0, res
+    rc, res = run(tmp_path, "verify", *args)
+    assert rc == 0 and res["rehashed"] == 0, res
+    rel = tmp_path / "releases" / "app-2"
+    assert (rel / "u/y").stat().st_mode & 0o7777 == 0o644  # unchanged: not touched
+    assert (rel / "u/b").stat().st_mode & 0o7777 == 0o644  # the later path's, shared
+    assert (rel / "u/a").stat().st_ino == (rel / "u/b").stat().st_ino
+    raw2, sig2 = _release({"u/a": x}, "3", {"u/a": 0o755})
+    rc, res = run(tmp_path, "receive", "--id", "app-3", stdin=receive_stream(raw2, sig2, {}))
+    assert rc == 0 and run(tmp_path, "verify", "--id", "app-3")[0] == 0
+    assert (tmp_path / "releases/app-3/u/a").stat().st_mode & 0o7777 == 0o755
