@@ -166,7 +166,11 @@ def run_deployment(deployment_id: int) -> str:
     from orchestrator.cms import deployments
     from orchestrator.settings import get_settings
 
-    asyncio.run(deploy_release(deployment_id=deployment_id, return_state=True))
+    # the run's one sync Prefect client, made before the flow starts: the engine's setup
+    # looks up the server's default result storage twice, each time through a client of
+    # its own when none is current, and each client loads the CA bundle (~20–60 ms here)
+    with one_sync_client():
+        asyncio.run(deploy_release(deployment_id=deployment_id, return_state=True))
     return deployments.load(get_settings().cms_url, deployment_id).status
 
 

@@ -74,3 +74,37 @@ def test_a_host_whose_agent_dies_mid_session_fails_and_is_backed_out_alone(clean
     for host in ("h1", "h3"):
         assert out["hosts"][host]["status"] == "deployed"
         assert host_release(fleet, host) == rid("shop@2.0")
+
+
+# in the deploy's process: each CA bundle load, with the names of the functions calling it
+CA_LOADS = """\
+import atexit, os, ssl, traceback
+_calls = []
+_load = ssl.SSLContext.load_verify_locations
+def _counted(self, *args, **kwargs):
+    _calls.append(" ".join(f.name for f in traceback.extract_stack()))
+    return _load(self, *args, **kwargs)
+ssl.SSLContext.load_verify_locations = _counted
+atexit.register(lambda: open(os.environ["CA_LOADS"], "w").write("\\n".join(_calls)))
+"""
+
+
+def test_the_flow_engines_look_ups_share_the_runs_prefect_client(clean_small, run_ferry, tmp_path):
+    """Each Prefect client loads the CA bundle (~20–60 ms of CPU here, even for a plain-HTTP
+    server). The flow engine looks up the server's default result storage twice; with no
+    client current each look-up made its own, now they use the run's one sync client."""
+    fleet, work = clean_small, Path.cwd()
+    build(work, "1.0")
+    p = plan(work, fleet, strategy="big-bang", waves=None, targets="h1")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(CA_LOADS)
+    loads = tmp_path / "ca-loads"
+    env = {"PYTHONPATH": str(site), "CA_LOADS": str(loads), "FERRY_WARM": "0"}
+    rfc_id = rfc(run_ferry, "shop@1.0")
+    args = ("deploy", str(p), "--release", "shop@1.0", "--rfc", rfc_id, "-o", "json")
+    out = run_ferry(*args, env=env)
+    assert out.returncode == 0, out.stderr
+    stacks = loads.read_text().splitlines()
+    assert any("run_deployment" in st for st in stacks)  # the run's own client: counted
+    assert not [st for st in stacks if "_read_server_default_result_storage_block_id" in st]
