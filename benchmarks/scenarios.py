@@ -175,6 +175,9 @@ def push_scenarios(bench: Bench, n: int, spec1: Path, spec2: Path) -> None:
     for rep in range(s.reps):
         for tool in rotate(["raw", "ferry", "pyinfra", "ansible"], rep):
             fleet.wipe(hosts)
+            # every tool starts with nothing left to write back from the one before: the
+            # lab's hosts share one disk (~200 MB/s here) and a push leaves 2-5 GB dirty
+            os.sync()
             log(f"cold push {n} hosts, rep {rep + 1}/{s.reps}: {tool}")
             if tool == "raw":
                 t = peers.raw_push(fleet, hosts, p1.archive, "/srv/app/package.tar.zst")
