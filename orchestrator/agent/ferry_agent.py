@@ -271,11 +271,21 @@ def identity_of(st):
     return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
+def recorded_as(st, recorded):
+    """Whether a file's stat is the identity recorded for it (None: nothing recorded)."""
+    return recorded is not None and identity_of(st) == list(recorded)
+
+
 def unchanged(path, recorded):
     try:
-        return recorded is not None and identity(path) == list(recorded)
+        return recorded_as(os.stat(path), recorded)
     except OSError:
         return False
+
+
+def published_mode(entry):
+    """The mode a manifest entry's file is published with."""
+    return 0o755 if entry["mode"] & 0o111 else 0o644
 
 
 def sha256_file(path):
@@ -467,7 +477,7 @@ class Host:
                 ok = intact and unchanged(path, ids.get(e["path"]))
                 if ok or sha not in found:  # a copy still as verified is reused unread
                     # …and still has the mode it was published with (chmod moves the ctime)
-                    mode = (0o755 if e["mode"] & 0o111 else 0o644) if ok else None
+                    mode = published_mode(e) if ok else None
                     found[sha] = (path, False, ok, rid, e["path"], mode)
         return found
 
@@ -695,7 +705,7 @@ def op_verify(host, args):
 
             shutil.copyfile(src, dest)
             linked = False
-        mode = 0o755 if e["mode"] & 0o111 else 0o644
+        mode = published_mode(e)
         if src_mode is None or src in chmodded:  # unknown, or changed a moment ago
             src_mode = os.stat(dest).st_mode & 0o7777
         if not linked or src_mode != mode:
@@ -844,7 +854,7 @@ def _mismatches(host, rid, full, rehash=False, expect=None):
             continue
         if st.st_size != e["size"]:
             out.append("%s: content differs" % e["path"])
-        elif full and identity_of(st) != list(ids.get(e["path"]) or ()):
+        elif full and not recorded_as(st, ids.get(e["path"])):
             if sha256_file(path) != e["sha256"]:
                 out.append("%s: content differs" % e["path"])
     return manifest, out
