@@ -20,8 +20,9 @@ import os
 import threading
 
 F_SETPIPE_SZ = 1031  # Linux fcntl(2): set a pipe's capacity
+F_GETPIPE_SZ = 1032  # Linux fcntl(2): read it
 BULK = 1 << 20  # a bulk transfer's pipe: the limit an unprivileged user may ask for
-DEFAULT = 1 << 16  # Linux's default capacity, given back after the transfer
+DEFAULT = 1 << 16  # Linux's default capacity with 4 KiB pages
 PAGE = 4096
 
 
@@ -50,20 +51,24 @@ class WidePipes:
         self.held = 0
         self._lock = threading.Lock()
 
-    def widen(self, fd: int) -> bool:
-        """Give the pipe at `fd` the bulk capacity when the budget allows; True if it did."""
+    def widen(self, fd: int) -> int | None:
+        """Give the pipe at `fd` the bulk capacity when the budget allows and it is smaller;
+        the capacity it had before (to give back with narrow), or None if it was not
+        widened."""
         with self._lock:
             if self.allowed is not None and self.held >= self.allowed:
-                return False
-            if not _set_size(fd, BULK):
-                return False
+                return None
+            before = _size(fd)
+            # a kernel with larger pages (64 KiB: 1 MiB by default) needs no widening
+            if before is None or before >= BULK or not _set_size(fd, BULK):
+                return None
             self.held += 1
-            return True
+            return before
 
-    def narrow(self, fd: int) -> bool:
-        """Back to the default capacity (the pipe must hold no more than that); True once
-        its pages are given back."""
-        if not _set_size(fd, DEFAULT):
+    def narrow(self, fd: int, before: int) -> bool:
+        """Back to the capacity the pipe had before widen (it must hold no more than
+        that); True once its pages are given back."""
+        if not _set_size(fd, before):
             return False
         with self._lock:
             self.held -= 1
@@ -73,6 +78,15 @@ class WidePipes:
         """A widened pipe was closed: the kernel took its pages back."""
         with self._lock:
             self.held -= 1
+
+
+def _size(fd: int) -> int | None:
+    try:
+        import fcntl
+
+        return fcntl.fcntl(fd, F_GETPIPE_SZ)
+    except (ImportError, OSError, ValueError):
+        return None  # not Linux, or not a pipe
 
 
 def _set_size(fd: int, size: int) -> bool:

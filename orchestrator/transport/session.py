@@ -81,7 +81,8 @@ class _OpenSSHPipe:
         os.set_blocking(self.stdin.fileno(), False)
         self._writable = select.poll()
         self._writable.register(self.stdin.fileno(), select.POLLOUT)
-        self._wide = False  # holds a bulk transfer's capacity (transport/pipes.py)
+        # while it holds a bulk transfer's capacity: the capacity to give back after it
+        self._narrow_to: int | None = None  # (transport/pipes.py)
 
     def _wait_writable(self, deadline: float) -> None:
         left = deadline - time.monotonic()
@@ -92,8 +93,9 @@ class _OpenSSHPipe:
 
     def write(self, data: bytes, deadline: float) -> None:
         view, fd = memoryview(data), self.stdin.fileno()
-        if self._wide:  # the transfer before this request was answered: the pipe is empty
-            self._wide = not WIDE_PIPES.narrow(fd)
+        # the transfer before this request was answered: the pipe is empty
+        if self._narrow_to is not None and WIDE_PIPES.narrow(fd, self._narrow_to):
+            self._narrow_to = None
         while view:
             try:
                 view = view[os.write(fd, view) :]
@@ -102,8 +104,8 @@ class _OpenSSHPipe:
 
     def sendfile(self, path: Path, deadline: float) -> int:
         sent, fd = 0, self.stdin.fileno()
-        if not self._wide:
-            self._wide = WIDE_PIPES.widen(fd)
+        if self._narrow_to is None:
+            self._narrow_to = WIDE_PIPES.widen(fd)
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             while sent < size:
@@ -144,8 +146,8 @@ class _OpenSSHPipe:
                 f.close()  # EOF: the agent's serve loop ends by itself
             except OSError:
                 pass
-        if self._wide:
-            self._wide = False
+        if self._narrow_to is not None:
+            self._narrow_to = None
             WIDE_PIPES.forget()
         try:
             self.proc.wait(timeout=2)
