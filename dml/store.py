@@ -77,29 +77,18 @@ class Report:
         }
 
 
-# archives this process hashed, by file identity: a deploy opens its package up to three
-# times (plan, run, check-in); a write-once blob whose inode, size, mtime and ctime are
-# unchanged since it was hashed here is not read again (`ferry dml verify` always re-reads)
+# blobs hashed in full, by file identity (path, inode, size, mtime, ctime): a deploy opens its
+# package up to three times (plan, run, check-in), and every deploy of a release opens it
+# again. A write-once blob whose identity is unchanged since it was hashed is not read
+# again: in this process (_HASHED), nor in a later one (the DML's `hashed/` stamps, see
+# DML.hashed_unchanged). Writing a file moves its ctime, which no user can set back.
+# `ferry dml verify` always re-reads every blob.
 _HASHED: dict[tuple[str, int, int, int, int], str] = {}
 
 
 def _identity(path: Path) -> tuple[str, int, int, int, int]:
     st = path.stat()
     return (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _hashed_unchanged(path: Path, sha: str) -> bool:
-    try:
-        return _HASHED.get(_identity(path)) == sha
-    except OSError:
-        return False
-
-
-def _remember_hashed(path: Path, sha: str) -> None:
-    try:
-        _HASHED[_identity(path)] = sha
-    except OSError:
-        pass
 
 
 class DML:
@@ -115,6 +104,9 @@ class DML:
         # archive. Never trusted: each object is hashed again whenever it is read
         # (orchestrator.objects), and one that fails is read from the archive instead.
         self.objects_dir = self.root / "objects"
+        # hashed/<sha256 hex>: the identity a blob had when it was last hashed in full and
+        # matched its name (DML.hashed_unchanged)
+        self.hashed_dir = self.root / "hashed"
         self.keyring = Keyring(self.keys_dir, key_file)
 
     @classmethod
@@ -123,6 +115,56 @@ class DML:
 
         settings = get_settings()
         return cls(settings.dml_dir, settings.dml_key_file)
+
+    # --- blobs already hashed ----------------------------------------------------------
+
+    def hashed_unchanged(self, path: Path, sha: str) -> bool:
+        """True when the blob at `path` was hashed in full to `sha` and its identity has not
+        changed since. Skipping the re-read costs no safety on a host: whatever a deploy
+        reads from the archive is checked file by file and in full as it streams
+        (VerifiedPackage.iter_files), and each host hashes every object it receives against
+        the signed manifest. What it gives up is finding, at open, a blob altered without
+        its ctime moving (the disk's own corruption, or a writer able to forge a stamp too):
+        `ferry dml verify` finds those, and drops their stamps."""
+        try:
+            ident = _identity(path)
+        except OSError:
+            return False
+        if _HASHED.get(ident) == sha:
+            return True
+        try:
+            stamp = (self.hashed_dir / sha).read_text().split()
+        except (OSError, ValueError):
+            return False
+        if stamp != [str(v) for v in ident[1:]]:
+            return False
+        _HASHED[ident] = sha
+        return True
+
+    def remember_hashed(self, path: Path, sha: str) -> None:
+        """`path` was just hashed in full to `sha`: its identity now, for later opens (a DML
+        this user cannot write keeps the memory of this process only)."""
+        try:
+            ident = _identity(path)
+        except OSError:
+            return
+        _HASHED[ident] = sha
+        try:
+            self.hashed_dir.mkdir(exist_ok=True)
+            tmp = self.hashed_dir / f".tmp-{sha}-{os.getpid()}"
+            tmp.write_text(" ".join(str(v) for v in ident[1:]))
+            os.replace(tmp, self.hashed_dir / sha)
+        except OSError:
+            pass
+
+    def forget_hashed(self, sha: str) -> None:
+        """The blob named `sha` failed a hash, or is gone: no open may skip hashing it."""
+        for ident in [i for i, v in _HASHED.items() if v == sha]:
+            del _HASHED[ident]
+        try:
+            (self.hashed_dir / sha).unlink(missing_ok=True)
+        except OSError:
+            pass
 
     # --- keys -----------------------------------------------------------------------
 
@@ -218,7 +260,11 @@ class DML:
                     + b"\n"
                 )
                 archive_digest = "sha256:" + built.archive_sha256
-                move_into_place(built.archive_path, self.blob_path(archive_digest))
+                archive_path = self.blob_path(archive_digest)
+                if move_into_place(built.archive_path, archive_path):
+                    # its bytes were hashed on their way to disk: the first open need not
+                    # read them again (hashed_unchanged)
+                    self.remember_hashed(archive_path, built.archive_sha256)
                 manifest_digest = self._put_blob(manifest_bytes)
                 signature_digest = self._put_blob(signing.sign(key, manifest_bytes))
                 index = {
@@ -343,17 +389,19 @@ class DML:
         path = self.blob_path(archive_digest)
         if not path.exists():
             raise IntegrityError(f"{release}: archive blob {archive_digest} is missing")
-        if verify_archive and not _hashed_unchanged(path, archive["sha256"]):
+        if verify_archive and not self.hashed_unchanged(path, archive["sha256"]):
             sha, size = hash_file(path)
             if sha == archive["sha256"] and size == archive["size"]:
-                _remember_hashed(path, sha)
+                self.remember_hashed(path, sha)
             if sha != archive["sha256"] or size != archive["size"]:
                 raise IntegrityError(
                     f"{release}: archive blob {archive_digest} is corrupt "
                     f"(its bytes hash to sha256:{sha})"
                 )
         if verify_archive and content.get("images"):
-            verify_blobs(release, content, self.blob_path, _hashed_unchanged, _remember_hashed)
+            verify_blobs(
+                release, content, self.blob_path, self.hashed_unchanged, self.remember_hashed
+            )
         return VerifiedPackage(
             release=release,
             name=content["name"],
@@ -391,7 +439,10 @@ class DML:
         for digest, path in self.iter_blobs():
             blobs += 1
             sha, _ = hash_file(path)
-            if "sha256:" + sha != digest:
+            if "sha256:" + sha == digest:
+                self.remember_hashed(path, sha)
+            else:
+                self.forget_hashed(hex_of(digest))
                 what = roles.get(digest, "unreferenced blob")
                 report.problems.append(
                     {
@@ -438,6 +489,7 @@ class DML:
                     report.unreferenced.append(digest)
                     if delete:
                         path.unlink()
+                        self.forget_hashed(hex_of(digest))
                         report.removed.append(digest)
             for name in self._unlisted_objects():
                 report.unreferenced.append(f"object {name}")
@@ -470,6 +522,6 @@ class DML:
     def _temp_files(self) -> Iterator[Path]:
         if self.tmp_dir.is_dir():
             yield from (p for p in self.tmp_dir.iterdir() if p.is_file())
-        for top in (self.blobs, self.releases_dir, self.objects_dir):
+        for top in (self.blobs, self.releases_dir, self.objects_dir, self.hashed_dir):
             if top.is_dir():
                 yield from top.rglob(".tmp-*")

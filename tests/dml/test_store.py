@@ -174,3 +174,80 @@ def test_gc_keeps_blobs_the_cms_still_names(spec: Path, store: DML, run_ferry) -
     res = run_ferry("dml", "gc", "--yes", "-o", "json")
     assert res.returncode == 0, res.stderr
     assert store.blob_path(archive).exists()
+
+
+@pytest.fixture
+def new_process(monkeypatch):
+    """What a later command sees: no hash remembered in memory, hash_file's calls counted."""
+    import dml.store
+
+    read: list[Path] = []
+
+    def counted(path, *a, **k):  # type: ignore[no-untyped-def]
+        read.append(Path(path))
+        return real(path, *a, **k)
+
+    real = dml.store.hash_file
+    monkeypatch.setattr(dml.store, "hash_file", counted)
+
+    def fresh() -> list[Path]:
+        dml.store._HASHED.clear()
+        read.clear()
+        return read
+
+    return fresh
+
+
+def test_a_later_command_does_not_hash_an_unchanged_archive_again(
+    spec: Path, store: DML, new_process
+) -> None:
+    catalog.build_release(spec, dml=store)
+    digest = store.index("shop@1.4.0")["archive"]
+    archive = store.blob_path(digest)
+    read = new_process()
+    DML(store.root).open("shop@1.4.0")
+    assert read == []  # hashed on its way to disk; its identity is what it was then
+    (store.hashed_dir / digest.removeprefix("sha256:")).unlink()  # as before stamps
+    read = new_process()
+    DML(store.root).open("shop@1.4.0")
+    assert read == [archive]  # hashed in full once
+    read = new_process()
+    DML(store.root).open("shop@1.4.0")
+    assert read == []
+
+
+def test_an_archive_written_after_it_was_hashed_is_hashed_again_and_refused(
+    spec: Path, store: DML, new_process
+) -> None:
+    catalog.build_release(spec, dml=store)
+    digest = store.index("shop@1.4.0")["archive"]
+    store.open("shop@1.4.0")
+    _flip(store.blob_path(digest))  # the write moves its ctime: the stamp no longer matches
+    read = new_process()
+    with pytest.raises(IntegrityError, match=f"archive blob {digest} is corrupt"):
+        DML(store.root).open("shop@1.4.0")
+    assert read == [store.blob_path(digest)]
+
+
+def test_verify_rereads_every_blob_and_drops_a_forged_stamp(
+    spec: Path, store: DML, new_process
+) -> None:
+    """The limit of the stamps, in docs/dml.md: a writer who alters a blob and forges its
+    stamp too gets past open (what a host receives is still checked object by object);
+    `ferry dml verify` reads every blob, finds it and drops the stamp."""
+    catalog.build_release(spec, dml=store)
+    digest = store.index("shop@1.4.0")["archive"]
+    path = store.blob_path(digest)
+    store.open("shop@1.4.0")
+    _flip(path)
+    st = path.stat()
+    stamp = store.hashed_dir / digest.removeprefix("sha256:")
+    stamp.write_text(f"{st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}")
+    new_process()
+    DML(store.root).open("shop@1.4.0")  # forged: not read
+    report = DML(store.root).verify()
+    assert [p["item"] for p in report.problems] == [f"blob {digest}"]
+    assert not stamp.exists()
+    new_process()
+    with pytest.raises(IntegrityError, match="is corrupt"):
+        DML(store.root).open("shop@1.4.0")
