@@ -293,6 +293,10 @@ class Executor:
                 return a.host, ops.prune(self.rollout.retention, protect)["current"]
             except (StepFailed, TransportError) as exc:
                 return a.host, exc
+            finally:
+                # the host's last request: its session ends here, alongside the others'
+                # prunes, not in one batch after them all (~0.15 s at 20 hosts)
+                self.sessions.release(a.host)
 
         if not hosts:
             return {}

@@ -45,6 +45,10 @@ class HostOps:
     def close(self) -> None:
         self.session.close()
 
+    def hang_up(self) -> Any:
+        """The session ends without waiting (AgentSession.hang_up): its connection to reap."""
+        return self.session.hang_up()
+
     def call(
         self, step: str, op: str, *, payload: bytes | None = None, **args: Any
     ) -> dict[str, Any]:

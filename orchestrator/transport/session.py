@@ -62,7 +62,9 @@ class _Pipe(Protocol):
     def sendfile(self, path: Path, deadline: float) -> int: ...
     def read_some(self, deadline: float) -> bytes: ...
     def why_closed(self) -> tuple[bool, str]: ...  # (ssh itself failed?, its words)
-    def close(self) -> None: ...
+    def hang_up(self) -> None: ...  # EOF: the agent's serve loop ends by itself
+    def ended(self) -> bool: ...  # the connection is gone (after hang_up: nothing to wait)
+    def close(self, deadline: float | None = None) -> None: ...  # hang up, reap (kill)
 
 
 class _OpenSSHPipe:
@@ -140,17 +142,23 @@ class _OpenSSHPipe:
         text = err.decode(errors="replace").strip()[-400:]
         return rc == 255, text or f"the agent exited {rc}"
 
-    def close(self) -> None:
-        for f in (self.stdin,):
-            try:
-                f.close()  # EOF: the agent's serve loop ends by itself
-            except OSError:
-                pass
+    def hang_up(self) -> None:
+        try:
+            self.stdin.close()
+        except OSError:
+            pass
         if self._narrow_to is not None:
             self._narrow_to = None
             WIDE_PIPES.forget()
+
+    def ended(self) -> bool:
+        return self.proc.poll() is not None
+
+    def close(self, deadline: float | None = None) -> None:
+        self.hang_up()
+        left = 2.0 if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            self.proc.wait(timeout=2)
+            self.proc.wait(timeout=left)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -192,11 +200,17 @@ class _ChannelPipe:
         rc = self.chan.recv_exit_status() if self.chan.exit_status_ready() else -1
         return False, f"the agent exited {rc}"
 
-    def close(self) -> None:
+    def hang_up(self) -> None:
         try:
             self.chan.shutdown_write()
         except OSError:
             pass
+
+    def ended(self) -> bool:
+        return self.chan.exit_status_ready() or self.chan.closed
+
+    def close(self, deadline: float | None = None) -> None:
+        self.hang_up()
         self.chan.close()
         self.conn.close()
 
@@ -262,6 +276,16 @@ class AgentSession:
     def close(self) -> None:
         with self._lock:
             self._drop()
+
+    def hang_up(self) -> _Pipe | None:
+        """End the session without waiting for its ssh to exit: the agent sees EOF and
+        ends; the caller reaps the returned connection (close) when it is ready to. A later
+        request opens a new session."""
+        with self._lock:
+            pipe, self._pipe, self._buf = self._pipe, None, b""
+        if pipe is not None:
+            pipe.hang_up()
+        return pipe
 
     def _drop(self) -> None:
         pipe, self._pipe, self._buf = self._pipe, None, b""

@@ -108,3 +108,34 @@ def test_the_flow_engines_look_ups_share_the_runs_prefect_client(clean_small, ru
     stacks = loads.read_text().splitlines()
     assert any("run_deployment" in st for st in stacks)  # the run's own client: counted
     assert not [st for st in stacks if "_read_server_default_result_storage_block_id" in st]
+
+
+@pytest.mark.parametrize("bulk", ["openssh", "paramiko"])
+def test_a_hung_up_session_ends_by_itself_and_a_later_request_opens_another(small_fleet, bulk):
+    """A host's session is released with an EOF and not waited for (its ssh exits while the
+    other hosts work); what is left is reaped at the end, and nothing keeps running."""
+    import time
+
+    from orchestrator.inventory import Host, SSHSettings
+    from orchestrator.transport.session import AgentSession
+
+    fleet = small_fleet
+    ssh = SSHSettings.model_validate(
+        {"identity_file": fleet.client_key_path, "known_hosts": fleet.known_hosts_path,
+         "connect_timeout": 5, "proxy_jump": fleet.proxy_jump, "bulk": bulk}
+    )  # fmt: skip
+    host = Host(name="h1", address=fleet.address("h1"), port=22, groups=(), deploy_root="/srv/app")
+    session = AgentSession(host, ssh, "/srv/app", connect_timeout=5)
+    try:
+        session.request("hook", "run", {"command": "true", "timeout": 10}, timeout=20)
+        pipe = session.hang_up()
+        assert pipe is not None and session.hang_up() is None  # one connection, given once
+        deadline = time.monotonic() + 10
+        while not pipe.ended() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert pipe.ended()  # the agent saw EOF and ended: nothing killed it
+        pipe.close()
+        out = session.request("hook", "run", {"command": "echo again", "timeout": 10}, timeout=20)
+        assert out["output"].strip() == "again" and session.logins == 2
+    finally:
+        session.close()
