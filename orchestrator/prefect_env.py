@@ -136,6 +136,7 @@ def _configure(progress: Callable[[str], None] | None) -> str:
     _exit_quickly()
     mode = prefect_mode()
     if mode == "server":
+        plain_http_trust(os.environ["PREFECT_API_URL"])
         return f"server {os.environ['PREFECT_API_URL']}"
     home = prefect_home()
     home.mkdir(parents=True, exist_ok=True)
@@ -146,7 +147,63 @@ def _configure(progress: Callable[[str], None] | None) -> str:
 
     url = ensure_server(home, progress=progress or _to_stderr)
     os.environ["PREFECT_API_URL"] = url
+    plain_http_trust(url)
     return f"embedded server {url} (kept warm; `ferry prefect stop` ends it)"
+
+
+# Every Prefect client builds a TLS context from its CA file (certifi's, ~140 certificates)
+# whatever the API's scheme: 34–44 ms of CPU here, and a deploy makes four clients. For an
+# API on plain HTTP no TLS is ever spoken, so Prefect is given a CA file that trusts nothing
+# instead: one self-signed certificate whose key was thrown away when it was made (~1 ms to
+# load). Were a client ever to speak TLS with it, it would fail closed. An https API, a
+# PREFECT_API_SSL_CERT_FILE of the user's, or a skipped verification are left as they are.
+NO_TRUST_FILE = "trusts-nothing.pem"
+
+
+def plain_http_trust(url: str) -> None:
+    """For a plain-HTTP API URL, point Prefect's CA file at one that trusts nothing."""
+    if not url.lower().startswith("http://") or os.environ.get("PREFECT_API_SSL_CERT_FILE"):
+        return
+    if os.environ.get("PREFECT_API_TLS_INSECURE_SKIP_VERIFY", "").lower() in ("1", "true"):
+        return
+    path = prefect_home() / NO_TRUST_FILE
+    try:
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_bytes(_keyless_certificate())
+            os.replace(tmp, path)
+    except OSError:
+        return  # a home this user cannot write: Prefect's default bundle, slower
+    os.environ["PREFECT_API_SSL_CERT_FILE"] = str(path)
+
+
+def _keyless_certificate() -> bytes:
+    """A self-signed certificate (PEM) whose private key is never kept: it vouches for
+    nothing anyone can present."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, "Ferry: trusts nothing (plain-HTTP Prefect API)")]
+    )
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def _exit_quickly() -> None:

@@ -66,7 +66,8 @@ def home(ferry_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The Prefect home, with this process's env pointing at it; no server left by a test."""
     from orchestrator.prefect_env import QUIET
 
-    for key in [*os.environ, *QUIET, "PREFECT_HOME", "PREFECT_API_URL"]:
+    cleared = ["PREFECT_HOME", "PREFECT_API_URL", "PREFECT_API_SSL_CERT_FILE"]
+    for key in [*os.environ, *QUIET, *cleared]:
         if key.startswith(("FERRY_", "PREFECT_")) or key in QUIET:
             monkeypatch.setenv(key, "")  # recorded, so what configure_prefect sets is undone
             monkeypatch.delenv(key)
