@@ -82,7 +82,10 @@ def _unencodable(obj):
 
 
 def dumps(obj, sort_keys=False, separators=None, ensure_ascii=True, indent=None):
-    """json.dumps without importing json (which is imported for `indent` only)."""
+    """json.dumps without importing json (~17 ms on a small host: its decoder compiles
+    regular expressions at import, and every switch writes the state with an indent)."""
+    if _json is not None and indent is not None and not sort_keys and separators is None:
+        return _indented(obj, indent, 0, dumps if ensure_ascii else _dumps_utf8)
     if _json is None or indent is not None:
         import json
 
@@ -100,6 +103,36 @@ def dumps(obj, sort_keys=False, separators=None, ensure_ascii=True, indent=None)
         {}, _unencodable, quote, None, key_sep, item_sep, sort_keys, False, True
     )
     return "".join(encode(obj, 0))
+
+
+def _dumps_utf8(obj):
+    return dumps(obj, ensure_ascii=False)
+
+
+def _indented(obj, indent, level, flat):
+    """What json.dumps(obj, indent=indent) writes (one item per line; `flat` encodes the
+    rest: strings, numbers, booleans, null, empty containers)."""
+    if isinstance(obj, dict) and obj:
+        pad = "\n" + " " * (indent * (level + 1))
+        items = [pad + flat(_key(k)) + ": " + _indented(v, indent, level + 1, flat)
+                 for k, v in obj.items()]  # fmt: skip
+        return "{" + ",".join(items) + "\n" + " " * (indent * level) + "}"
+    if isinstance(obj, (list, tuple)) and obj:
+        pad = "\n" + " " * (indent * (level + 1))
+        items = [pad + _indented(v, indent, level + 1, flat) for v in obj]
+        return "[" + ",".join(items) + "\n" + " " * (indent * level) + "]"
+    return flat(obj)
+
+
+def _key(k):
+    """A dict key as json writes it: str as it is, True/False/None/numbers as text."""
+    if isinstance(k, str):
+        return k
+    if k is True or k is False or k is None:
+        return {True: "true", False: "false", None: "null"}[k]
+    if isinstance(k, (int, float)):
+        return dumps(k)
+    raise TypeError("keys must be str, int, float, bool or None, not %s" % type(k).__name__)
 
 
 def new_hash(data=b"", name="sha256"):
@@ -235,11 +268,18 @@ def canonical(obj):
 
 def safe_relpath(path):
     """A manifest path may only name a file below the release directory."""
+    # a session checks each of a release's paths up to five times
+    if isinstance(path, str) and path in _SAFE_PATHS:
+        return path
     if not isinstance(path, str) or not path or "\0" in path or "\\" in path:
         raise integrity("unsafe path in manifest: %r" % (path,))
     if path.startswith("/") or any(p in ("", ".", "..") for p in path.split("/")):
         raise integrity("unsafe path in manifest: %r" % (path,))
+    _SAFE_PATHS.add(path)
     return path
+
+
+_SAFE_PATHS = set()  # paths (str) already found safe in this process
 
 
 def safe_id(rid):

@@ -486,6 +486,52 @@ def test_a_release_is_made_durable_once_and_its_signature_checked_once_per_sessi
     assert back["ok"] and back["mismatches"] == []
 
 
+def test_a_session_that_places_and_switches_a_release_imports_no_json(tmp_path):
+    """Importing json costs a small host ~17 ms (its decoder compiles regular expressions):
+    the state a switch writes is indented by the agent's own encoder, not json's."""
+    files = {f"u/f{i}": b"x%d" % i for i in range(5)}
+    raw, sig, _ = package(files)
+    spy = (
+        "import atexit,sys;"
+        "atexit.register(lambda:sys.stderr.write('json' in sys.modules and 'JSON' or 'none'))"
+    )
+    proc = _session_with_spy(tmp_path, spy)
+    assert _answer(proc, {"op": "pin", "args": {"key": PUB.hex()}})["_code"] == 0
+    stream = receive_stream(raw, sig, {hashlib.sha256(d).hexdigest(): d for d in files.values()})
+    assert _answer(proc, {"op": "receive", "args": {"id": "app-1"}}, stream)["_code"] == 0
+    for op in ("verify", "switch", "readback"):
+        assert _answer(proc, {"op": op, "args": {"id": "app-1"}})["_code"] == 0, op
+    _, err = proc.communicate(timeout=30)
+    assert err.decode().strip().endswith("none"), err
+    state = (tmp_path / ".ferry" / "state.json").read_text()
+    assert state == json.dumps(json.loads(state), indent=1)  # as json would write it
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"current": "app-2", "previous": None, "history": [{"current": "app-1", "at": "t"}]},
+        {}, [], {"a": {}, "b": [], "c": [[], {}], "é\"\n": 1.5, 1: True, None: 0, 2.5: "x"},
+        [1, [2, [3, {"x": [None, False]}]]], "plain", 7,
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("ensure_ascii", [True, False])
+def test_the_agents_indented_json_is_jsons(obj, ensure_ascii):
+    for indent in (1, 2):
+        got = ferry_agent.dumps(obj, indent=indent, ensure_ascii=ensure_ascii)
+        assert got == json.dumps(obj, indent=indent, ensure_ascii=ensure_ascii)
+
+
+@pytest.mark.parametrize("path", ["../x", "/etc/passwd", "a//b", "a/./b", "a\\b", "", "a\0b"])
+def test_an_unsafe_path_is_refused_every_time_not_only_the_first(path):
+    for _ in range(2):  # the agent remembers safe paths only
+        with pytest.raises(ferry_agent.AgentError, match="unsafe path"):
+            ferry_agent.safe_relpath(path)
+    for not_a_path in (["x"], None, 5):
+        with pytest.raises(ferry_agent.AgentError, match="unsafe path"):
+            ferry_agent.safe_relpath(not_a_path)
+
+
 @pytest.mark.parametrize("known", ["recorded", "none", "wrong"])
 def test_a_prior_release_ferry_records_is_checked_by_its_digest_not_its_signature(tmp_path, known):
     """receive and verify of app-2 on a host holding app-1: the stored app-1 manifest, whose
