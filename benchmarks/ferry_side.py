@@ -174,14 +174,16 @@ class FerryHome:
     def deploy(self, plan: Path, release: str, *, expect: int = 0, cold: bool = False) -> Deployed:
         rfc = self.rfc(release)
         env = {**self.env, "FERRY_WARM": "0"} if cold else self.env
-        served = _warm_children()
+        # the warm log's lines from here on are this deploy's (a PID seen before may be
+        # this child's too: over a 1000-host run the kernel reuses PIDs)
+        mark = len(_warm_log())
         wall, proc, cpu, rss = timed_rusage(
             [str(FERRY_BIN), "deploy", str(plan), "--release", release, "--rfc", rfc, "-o", "json"],
             env=env, cwd=self.dir, check=False,
         )  # fmt: skip
-        child = [pid for pid in _warm_children() if pid not in served]
+        child = _warm_children(since=mark)
         if child:  # it ran warm: its work is the child's, whose rusage the warm process logs
-            used = _warm_rusage(child[-1])
+            used = _warm_rusage(child[-1], since=mark)
             cpu += used[0]
             rss = max(rss, used[1])
         try:
@@ -287,18 +289,19 @@ def _warm_log() -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-def _warm_children() -> list[int]:
-    """The PIDs of the children the warm processes forked (their log), in order."""
-    return [int(x.split(" child ", 1)[1].split(":", 1)[0]) for x in _warm_log()
+def _warm_children(since: int = 0) -> list[int]:
+    """The PIDs of the children the warm processes forked (their log from line `since`), in
+    order."""
+    return [int(x.split(" child ", 1)[1].split(":", 1)[0]) for x in _warm_log()[since:]
             if " child " in x and " done: " not in x]  # fmt: skip
 
 
-def _warm_rusage(pid: int, timeout: float = 10.0) -> tuple[float, int]:
+def _warm_rusage(pid: int, since: int = 0, timeout: float = 10.0) -> tuple[float, int]:
     """(CPU seconds, peak RSS KiB) of warm child `pid` with what it reaped, from wait4 in
-    the warm process (logged within a second of its end)."""
+    the warm process (logged within a second of its end; from line `since` of its log)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for x in _warm_log():
+        for x in _warm_log()[since:]:
             if f" child {pid} done: " in x:
                 cpu = float(x.split(", cpu ", 1)[1].split(" s", 1)[0])
                 rss = int(x.split(", maxrss ", 1)[1].split(" KiB", 1)[0])

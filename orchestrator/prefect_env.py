@@ -181,28 +181,11 @@ def plain_http_trust(url: str) -> None:
 def _keyless_certificate() -> bytes:
     """A self-signed certificate (PEM) whose private key is never kept: it vouches for
     nothing anyone can present."""
-    from datetime import UTC, datetime, timedelta
+    from cryptography.hazmat.primitives import serialization
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from orchestrator.certificates import self_signed
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name(
-        [x509.NameAttribute(NameOID.COMMON_NAME, "Ferry: trusts nothing (plain-HTTP Prefect API)")]
-    )
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
+    _, cert = self_signed("Ferry: trusts nothing (plain-HTTP Prefect API)", 1)
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
