@@ -91,6 +91,11 @@ def _identity(path: Path) -> tuple[str, int, int, int, int]:
     return (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _stamp(ident: tuple[str, int, int, int, int]) -> str:
+    """A `hashed/` stamp's text: the identity without the path (the stamp is named by it)."""
+    return " ".join(str(v) for v in ident[1:])
+
+
 class DML:
     def __init__(self, root: Path, key_file: Path | None = None) -> None:
         self.root = Path(root)
@@ -133,10 +138,10 @@ class DML:
         if _HASHED.get(ident) == sha:
             return True
         try:
-            stamp = (self.hashed_dir / sha).read_text().split()
+            stamp = (self.hashed_dir / sha).read_text()
         except (OSError, ValueError):
             return False
-        if stamp != [str(v) for v in ident[1:]]:
+        if stamp.split() != _stamp(ident).split():
             return False
         _HASHED[ident] = sha
         return True
@@ -152,7 +157,7 @@ class DML:
         try:
             self.hashed_dir.mkdir(exist_ok=True)
             tmp = self.hashed_dir / f".tmp-{sha}-{os.getpid()}"
-            tmp.write_text(" ".join(str(v) for v in ident[1:]))
+            tmp.write_text(_stamp(ident))
             os.replace(tmp, self.hashed_dir / sha)
         except OSError:
             pass

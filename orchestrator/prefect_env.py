@@ -71,6 +71,7 @@ def configure_prefect(progress: Callable[[str], None] | None = None) -> str:
     `progress` hears about a first start (~6–20 s); by default it goes to stderr.
     """
     said = _configure(progress)
+    plain_http_trust(os.environ.get("PREFECT_API_URL", ""))  # none set: the ephemeral mode
     refresh_imported()
     return said
 
@@ -136,7 +137,6 @@ def _configure(progress: Callable[[str], None] | None) -> str:
     _exit_quickly()
     mode = prefect_mode()
     if mode == "server":
-        plain_http_trust(os.environ["PREFECT_API_URL"])
         return f"server {os.environ['PREFECT_API_URL']}"
     home = prefect_home()
     home.mkdir(parents=True, exist_ok=True)
@@ -147,7 +147,6 @@ def _configure(progress: Callable[[str], None] | None) -> str:
 
     url = ensure_server(home, progress=progress or _to_stderr)
     os.environ["PREFECT_API_URL"] = url
-    plain_http_trust(url)
     return f"embedded server {url} (kept warm; `ferry prefect stop` ends it)"
 
 

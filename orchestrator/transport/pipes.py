@@ -22,7 +22,6 @@ import threading
 F_SETPIPE_SZ = 1031  # Linux fcntl(2): set a pipe's capacity
 F_GETPIPE_SZ = 1032  # Linux fcntl(2): read it
 BULK = 1 << 20  # a bulk transfer's pipe: the limit an unprivileged user may ask for
-DEFAULT = 1 << 16  # Linux's default capacity with 4 KiB pages
 PAGE = 4096
 
 

@@ -282,13 +282,18 @@ class AgentSession:
         ends; the caller reaps the returned connection (close) when it is ready to. A later
         request opens a new session."""
         with self._lock:
-            pipe, self._pipe, self._buf = self._pipe, None, b""
+            pipe = self._detach()
         if pipe is not None:
             pipe.hang_up()
         return pipe
 
-    def _drop(self) -> None:
+    def _detach(self) -> _Pipe | None:
+        """The session's connection, no longer the session's (the lock is held)."""
         pipe, self._pipe, self._buf = self._pipe, None, b""
+        return pipe
+
+    def _drop(self) -> None:
+        pipe = self._detach()
         if pipe is not None:
             pipe.close()
 

@@ -9,12 +9,13 @@ import pytest
 
 from orchestrator.transport.pipes import (
     BULK,
-    DEFAULT,
     F_GETPIPE_SZ,
     F_SETPIPE_SZ,
     WidePipes,
     wide_pipes_allowed,
 )
+
+DEFAULT = 1 << 16  # a new pipe's capacity: Linux's default with 4 KiB pages
 
 
 @pytest.fixture
