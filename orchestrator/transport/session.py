@@ -1,12 +1,13 @@
 """One agent session per host: one SSH connection, one agent process, many requests (Act).
 
-Ferry starts the host agent once per host and deployment — `python3 -c BOOT serve` over a
-single SSH connection, the agent's source sent on stdin (so the code that runs on the host
-is exactly the code Ferry holds; no file on the host is trusted) — and then sends every
-step as a request on the same stream: inspect, the package's objects, verify, config,
-switch, hooks and checks (run by the agent as subprocesses with timeouts), read-back,
-prune. One login and one interpreter start per host instead of one per step, the way
-Mitogen and pyinfra get their speed.
+Ferry starts the host agent once per host and deployment — `python3 -I -S -c BOOT serve`
+over a single SSH connection, the agent's source sent on stdin (so the code that runs on
+the host is exactly the code Ferry holds; no file on the host is trusted, and the login's
+environment does not reach the interpreter) — and then sends every step as a request on
+the same stream: inspect, the package's objects, verify, config, switch, hooks and
+checks (run by the agent as subprocesses with timeouts), read-back, prune. One login and
+one interpreter start per host instead of one per step, the way Mitogen and pyinfra get
+their speed.
 
 The stream is the OpenSSH client when installed (fast ciphers, kernel sendfile for the
 bulk bytes) and a paramiko channel otherwise; both are strict about host keys. Every
@@ -55,6 +56,22 @@ BOOT = (
     "c=b.read(int(m));exec(marshal.loads(c) if t.decode()==sys.implementation.cache_tag "
     "else compile(s,'ferry-agent','exec'),{'__name__':'__main__'})"
 )
+
+
+def agent_command(root: str) -> str:
+    """The login's command: the host's python3 reading the agent from stdin (BOOT).
+    -I: the login's environment and directories are not the agent's (a PYTHONPATH or a
+    PYTHONSTARTUP exported by a shell rc file would otherwise put their code before the
+    verified agent's stdlib imports); -S: no site-packages either (the agent is stdlib-only,
+    and finding them costs ~10 ms a host)."""
+    return f"python3 -I -S -c {shlex.quote(BOOT)} serve --root {shlex.quote(root)}"
+
+
+def boot_input() -> bytes:
+    """What BOOT reads first: the agent's source and its compiled code, as Ferry holds them."""
+    source, code = agent.source(), agent.compiled()
+    head = f"{len(source)} {len(code)} {sys.implementation.cache_tag}\n".encode()
+    return head + source + code
 
 
 class _Pipe(Protocol):
@@ -256,8 +273,7 @@ class AgentSession:
     def _open(self) -> _Pipe:
         if self._pipe is not None:
             return self._pipe
-        # -S: the agent is stdlib-only, so skip site-packages discovery (~10 ms per host)
-        command = f"python3 -S -c {shlex.quote(BOOT)} serve --root {shlex.quote(self.root)}"
+        command = agent_command(self.root)
         if self.ssh.become:  # root through `sudo -n`, which never prompts
             command = openssh.become(command, self.ssh.user)
         kind = _OpenSSHPipe if self.bulk == "openssh" and openssh.available() else _ChannelPipe
@@ -267,10 +283,8 @@ class AgentSession:
             raise TransportError(self.name, f"cannot start ssh: {exc}") from None
         self.logins += 1
         self._pipe, self._buf, self._answered = pipe, b"", False
-        source, code = agent.source(), agent.compiled()
-        head = f"{len(source)} {len(code)} {sys.implementation.cache_tag}\n".encode()
         deadline = time.monotonic() + self.connect_timeout + 10
-        self._write(head + source + code, deadline, "stage")
+        self._write(boot_input(), deadline, "stage")
         return pipe
 
     def close(self) -> None:

@@ -624,3 +624,30 @@ def test_a_reused_file_gets_the_mode_the_new_release_gives_it(tmp_path):
     rc, res = run(tmp_path, "receive", "--id", "app-3", stdin=receive_stream(raw2, sig2, {}))
     assert rc == 0 and run(tmp_path, "verify", "--id", "app-3")[0] == 0
     assert (tmp_path / "releases/app-3/u/a").stat().st_mode & 0o7777 == 0o755
+
+
+def test_the_logins_environment_does_not_reach_the_agent(tmp_path):
+    """A PYTHONPATH exported on the host (a shell rc file sourced for the ssh command) would
+    put its modules before the standard library the verified agent imports: the command
+    the session runs ignores it."""
+    from orchestrator.transport.session import agent_command, boot_input
+
+    shadow, ran = tmp_path / "shadow", tmp_path / "ran"
+    shadow.mkdir()
+    for name in ("types", "hashlib", "stat", "fcntl", "subprocess", "struct", "signal"):
+        (shadow / f"{name}.py").write_text(f"open({str(ran)!r}, 'a').write({name!r} + ' ')\n")
+    root = tmp_path / "root"
+    request = json.dumps({"op": "pin", "args": {"key": PUB.hex()}}).encode() + b"\n"
+    proc = subprocess.run(
+        ["sh", "-c", agent_command(str(root))],
+        input=boot_input() + request,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(shadow)},
+        capture_output=True,
+        timeout=30,
+    )
+    results = [
+        json.loads(ln[7:]) for ln in proc.stdout.decode().splitlines() if ln[:7] == "RESULT "
+    ]
+    assert proc.returncode == 0, proc.stderr.decode()[-500:]
+    assert [r["pinned"] for r in results] == ["new"]
+    assert not ran.exists(), f"shadowing modules ran: {ran.read_text()}"
