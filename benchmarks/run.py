@@ -36,7 +36,7 @@ ALIASES = {
 CELLS = {  # which results.json scenarios each --only name re-measures
     "push": {"cold", "incremental", "backout"},
     "noop": {"noop", "tiny", "overhead", "fixed", "fixed-cold", "fanout", "help"},
-    "noop1000": {"noop-big", "fanout-big", "lab-up"},
+    "noop1000": {"noop-big", "noop-base", "fanout-big", "lab-up"},
     "workers": set(workers.SCENARIOS),
     "embedded": {"embedded"},
     "dml": {"dml"},

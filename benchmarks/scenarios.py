@@ -401,8 +401,11 @@ def embedded(bench: Bench) -> None:
 def noop_big(bench: Bench) -> None:
     """Bring up a fleet of big_hosts (start-up time, sshd memory per host), deploy the tiny
     release to one host and then to all (once), then per repetition Ferry's no-op redeploy
-    (wall, CPU, peak RSS) and raw OpenSSH's fan-out at 1 and at all hosts. Run with no
-    other fleet up; the fleet is taken down at the end."""
+    (wall, CPU, peak RSS), its no-op to noop_hosts of the same fleet, and raw OpenSSH's
+    fan-out at 1 and at all hosts. Run with no other fleet up; the fleet is taken down at
+    the end. The no-op to noop_hosts is the linear bound's base: measured here, in rotation
+    with the 1000-host one, the two share one invocation's machine state and one lab
+    (docs/benchmarks.md)."""
     s, res = bench.sizes, bench.results
     n = s.big_hosts
     work = bench.work / "big"
@@ -430,6 +433,10 @@ def noop_big(bench: Bench) -> None:
         spec = content.make_tree(work / "src-tiny", "1.0", s.tiny_bytes, s.tiny_files)
         plan_all = write_plan(work / f"plan-noop-{n}.yaml", big.inventory(hosts), concurrency=n)
         plan_one = write_plan(work / "plan-one.yaml", big.inventory(hosts[:1]), concurrency=1)
+        base = min(s.noop_hosts, n)
+        plan_base = write_plan(
+            work / f"plan-noop-{base}.yaml", big.inventory(hosts[:base]), concurrency=base
+        )
         fh = big.home("noop-big")
         pkg = fh.build(spec)
         one = fh.deploy(plan_one, pkg.release)
@@ -443,10 +450,17 @@ def noop_big(bench: Bench) -> None:
         res.add("noop-big", "ferry", n, "fresh_cpu_seconds", fresh.cpu)
         res.add("noop-big", "ferry", n, "fresh_peak_rss_mib", fresh.peak_rss_kib / 1024)
         for rep in range(s.reps):
-            for tool in rotate(["ferry", "raw"], rep):
+            for tool in rotate(["ferry", "raw", "ferry-base"], rep):
                 log(f"no-op {n} hosts, rep {rep + 1}/{s.reps}: {tool}")
                 if tool == "raw":
                     raw_fanout(big, "fanout-big", hosts)
+                    continue
+                if tool == "ferry-base":
+                    small = fh.deploy(plan_base, pkg.release)
+                    announce(f"no-op redeploy to {base} of the {n} hosts", small)
+                    verify.release_on(fleet, hosts[:base], pkg.rid, pkg.manifest)
+                    res.add("noop-base", "ferry", base, "seconds", small.wall)
+                    res.add("noop-base", "ferry", base, "cpu_seconds", small.cpu)
                     continue
                 noop = fh.deploy(plan_all, pkg.release)
                 announce(f"no-op redeploy to {n}", noop)
