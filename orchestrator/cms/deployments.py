@@ -581,10 +581,21 @@ def _locked(s: Any, deployment_id: int) -> Deployment:
 
 
 def _upsert_hosts(s: Any, rollout: Rollout, groups: dict[str, list[str]]) -> None:
-    for action in rollout.hosts():
-        ci = s.scalar(select(HostCI).where(HostCI.name == action.host))
+    """Each target host's CI: the rows there are in one query per 500 names, not one query
+    (and one autoflush) per host: opening the record of a 1000-host deployment took
+    0.6-0.73 s of CPU that way, 0.16-0.3 s now (SQLite, dev measurement)."""
+    actions = rollout.hosts()
+    names = [a.host for a in actions]
+    rows: dict[str, HostCI] = {}
+    for i in range(0, len(names), 500):  # SQLite's bound-parameter limit
+        chunk = select(HostCI).where(HostCI.name.in_(names[i : i + 500]))
+        rows.update((r.name, r) for r in s.scalars(chunk))
+    for action in actions:
+        ci = rows.get(action.host)
         if ci is None:
-            ci = HostCI(name=action.host, address=action.address, deploy_root="")
+            ci = rows[action.host] = HostCI(
+                name=action.host, address=action.address, deploy_root=""
+            )
             s.add(ci)
         ci.address = action.address
         ci.environment = rollout.environment
