@@ -14,8 +14,9 @@ the agent reads one request per line on stdin, `{"op": OP, "args": {...}, "paylo
 followed by N payload bytes, and answers each with one `RESULT {json}` line (its `_code`
 is the exit code the one-shot form would have had); `receive` also writes its `NEED [...]`
 line and then reads the objects from the same stream (`image_load` reads its blobs). Ferry
-starts it by sending this very source over the SSH session (`python3 -I -S -c BOOT`), so the code
-that runs is the code Ferry holds, never a file on the host that someone could have edited.
+starts it by sending this very source over the SSH session (`python3 -I -S -c BOOT`), so
+the code that runs is the code Ferry holds, never a file on the host that someone could
+have edited.
 Exit codes: 0 ok, 10 integrity (signature/checksum/pinned key), 11 bad input, 12 OS error
 (e.g. ENOSPC). Host layout:
     ROOT/releases/<id>/        unpacked package, never modified after verify

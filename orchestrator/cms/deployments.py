@@ -540,7 +540,7 @@ class DeploymentRecord:
             # hosts that was ~5 s of CPU at the end of every deployment)
             names = list(hosts)
             rows: dict[str, HostBaseline] = {}
-            for i in range(0, len(names), 500):  # SQLite's bound-parameter limit
+            for i in range(0, len(names), 500):  # under SQLite's parameter limit (999 before 3.32)
                 chunk = select(HostBaseline).where(HostBaseline.host.in_(names[i : i + 500]))
                 rows.update((r.host, r) for r in s.scalars(chunk))
             now = utcnow()
@@ -587,7 +587,7 @@ def _upsert_hosts(s: Any, rollout: Rollout, groups: dict[str, list[str]]) -> Non
     actions = rollout.hosts()
     names = [a.host for a in actions]
     rows: dict[str, HostCI] = {}
-    for i in range(0, len(names), 500):  # SQLite's bound-parameter limit
+    for i in range(0, len(names), 500):  # under SQLite's parameter limit (999 before 3.32)
         chunk = select(HostCI).where(HostCI.name.in_(names[i : i + 500]))
         rows.update((r.name, r) for r in s.scalars(chunk))
     for action in actions:

@@ -60,10 +60,11 @@ BOOT = (
 
 def agent_command(root: str) -> str:
     """The login's command: the host's python3 reading the agent from stdin (BOOT).
-    -I: the login's environment and directories are not the agent's (a PYTHONPATH or a
-    PYTHONSTARTUP exported by a shell rc file would otherwise put their code before the
-    verified agent's stdlib imports); -S: no site-packages either (the agent is stdlib-only,
-    and finding them costs ~10 ms a host)."""
+    -I: the login's PYTHON* variables and directories are not the agent's (a PYTHONPATH
+    exported by a shell rc file would otherwise put its modules before the standard library
+    the verified agent imports, and a PYTHONHOME would replace that library); -S: no
+    site-packages either (the agent is stdlib-only, and finding them costs ~10 ms a host).
+    The hooks and checks the agent runs still get the login's environment."""
     return f"python3 -I -S -c {shlex.quote(BOOT)} serve --root {shlex.quote(root)}"
 
 

@@ -634,14 +634,16 @@ def test_the_logins_environment_does_not_reach_the_agent(tmp_path):
 
     shadow, ran = tmp_path / "shadow", tmp_path / "ran"
     shadow.mkdir()
-    for name in ("types", "hashlib", "stat", "fcntl", "subprocess", "struct", "signal"):
+    for name in ("types", "hashlib", "fcntl", "select", "struct", "shutil"):  # none frozen
         (shadow / f"{name}.py").write_text(f"open({str(ran)!r}, 'a').write({name!r} + ' ')\n")
-    root = tmp_path / "root"
+    root, bin_dir = tmp_path / "root", tmp_path / "bin"
+    bin_dir.mkdir()  # the command's `python3` is this interpreter, wherever it is installed
+    (bin_dir / "python3").symlink_to(sys.executable)
     request = json.dumps({"op": "pin", "args": {"key": PUB.hex()}}).encode() + b"\n"
     proc = subprocess.run(
         ["sh", "-c", agent_command(str(root))],
         input=boot_input() + request,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(shadow)},
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHONPATH": str(shadow)},
         capture_output=True,
         timeout=30,
     )
