@@ -218,6 +218,8 @@ def _linear(r: Results, n: int, base: int) -> list[tuple[str, str, str, bool | s
     """The 1000-host no-op against the no-op to `base` hosts of the same fleet, in the same
     invocation (the target); and, recorded beside it, against the no-op scenario's own
     `base`-host no-op (another fleet, often another invocation)."""
+    if base >= n:  # a fleet no larger than the base: no ratio to take
+        return []
     big, same, own = (r.med(sc, "ferry", h) for sc, h in
                       (("noop-big", n), ("noop-base", base), ("noop", base)))  # fmt: skip
     limit = 1.1 * n / base
@@ -234,7 +236,7 @@ def _linear(r: Results, n: int, base: int) -> list[tuple[str, str, str, bool | s
             f"{big / own:.2f}×",
             f"Ferry's no-op to {base} hosts (no-op scenario's fleet), {_sec(own)}"
             f"{_run(r, ('noop-big', 'ferry', n), ('noop', 'ferry', base))}",
-            "recorded",
+            f"recorded; {'within' if big / own <= limit else 'over'} {limit:.3g}×",
         ))  # fmt: skip
     return rows
 

@@ -284,63 +284,84 @@ def peer_push(
 
 # -- 3, 6: no-op redeploy and orchestration overhead ----------------------------------------
 def noop_and_overhead(bench: Bench) -> None:
-    s, fleet, res = bench.sizes, bench.fleet, bench.results
+    """Per repetition, in rotating order: Ferry (its 1-host deploys, the fresh tiny package to
+    all, then the no-op redeploy), pyinfra's no-op over the same release laid out its way,
+    and raw OpenSSH's fan-out. The tools alternate within each repetition, so a drift in the
+    machine's speed over the scenario's minutes falls on every tool alike."""
+    s, fleet = bench.sizes, bench.fleet
     n = s.noop_hosts
     hosts = fleet.hosts[:n]
     spec = content.make_tree(bench.work / "src-tiny", "1.0", s.tiny_bytes, s.tiny_files)
     plan_all = write_plan(bench.work / f"plan-noop-{n}.yaml", bench.inventory(hosts), concurrency=n)
     plan_one = write_plan(bench.work / "plan-one.yaml", bench.inventory(hosts[:1]), concurrency=1)
-    pkg = None
+    fh: FerryHome | None = None
+    pkg: Package | None = None
+    tools = ["ferry", *[t for t in ["pyinfra", "ansible", "raw"] if t in s.peers]]
     for rep in range(s.reps):
-        fleet.wipe(hosts)
-        log(f"no-op / overhead, {n} hosts, rep {rep + 1}/{s.reps}: ferry")
-        fh = bench.home(f"noop-{rep}")
-        pkg = fh.build(spec)
-        cold = fh.deploy(plan_one, pkg.release, cold=True)
-        announce("1 host, cold (FERRY_WARM=0: a fresh Python process)", cold)
-        res.add("fixed-cold", "ferry", 1, "seconds", cold.wall)
-        res.add("fixed-cold", "ferry", 1, "cpu_seconds", cold.cpu)
-        fh.warm_up()
-        one = fh.deploy(plan_one, pkg.release)
-        announce("1 host (fixed cost, warm start)", one)
-        res.add("fixed", "ferry", 1, "seconds", one.wall)
-        res.add("fixed", "ferry", 1, "cpu_seconds", one.cpu)
-        res.add("fixed", "ferry", 1, "flow_seconds", fh.flow_seconds(one.report["id"]))
-        fresh = fh.deploy(plan_all, pkg.release)
-        announce(f"fresh tiny package to {n}", fresh)
-        verify.release_on(fleet, hosts, pkg.rid, pkg.manifest)
-        res.add("tiny", "ferry", n, "seconds", fresh.wall)
-        res.add("tiny", "ferry", n, "cpu_seconds", fresh.cpu)
-        res.add("tiny", "ferry", n, "peak_rss_mib", fresh.peak_rss_kib / 1024)
-        res.add("overhead", "ferry", n, "cpu_ms_per_host", 1000 * (fresh.cpu - one.cpu) / (n - 1))
-        noop = fh.deploy(plan_all, pkg.release)
-        announce(f"no-op redeploy to {n}", noop)
-        verify.release_on(fleet, hosts, pkg.rid, pkg.manifest)
-        res.add("noop", "ferry", n, "seconds", noop.wall)
-        res.add("noop", "ferry", n, "cpu_seconds", noop.cpu)
-        res.add("noop", "ferry", n, "bytes_sent", noop.report["bytes_sent"])
-        res.add("noop", "ferry", n, "flow_seconds", fh.flow_seconds(noop.report["id"]))
-        res.add("noop", "ferry", n, "cpu_ms_per_host", 1000 * (noop.cpu - one.cpu) / n)
-        res.add("noop", "ferry", n, "peak_rss_mib", noop.peak_rss_kib / 1024)
-    assert pkg is not None
+        for tool in rotate(tools, rep):
+            log(f"no-op / overhead, {n} hosts, rep {rep + 1}/{s.reps}: {tool}")
+            if tool == "ferry":
+                fh = bench.home(f"noop-{rep}")
+                pkg = fh.build(spec)
+                _ferry_noop(bench, fh, pkg, hosts, plan_one, plan_all)
+            elif tool == "raw":
+                raw_fanout(bench, "fanout", hosts)
+            else:
+                if pkg is None:  # the peers redeploy the release Ferry built
+                    pkg = bench.home("noop-package").build(spec)
+                _peer_noop(bench, tool, pkg, hosts)
+    assert fh is not None
     cli_help(bench, fh)
-    # the peers' no-op: their deploy again over a fleet that already has the release
+
+
+def _ferry_noop(
+    bench: Bench, fh: FerryHome, pkg: Package, hosts: list[str], plan_one: Path, plan_all: Path
+) -> None:
+    """Ferry's cold and warm 1-host deploys (the fixed cost), the fresh tiny package to all
+    `hosts`, then the no-op redeploy; each verified on every host."""
+    fleet, res, n = bench.fleet, bench.results, len(hosts)
+    fleet.wipe(hosts)
+    cold = fh.deploy(plan_one, pkg.release, cold=True)
+    announce("1 host, cold (FERRY_WARM=0: a fresh Python process)", cold)
+    res.add("fixed-cold", "ferry", 1, "seconds", cold.wall)
+    res.add("fixed-cold", "ferry", 1, "cpu_seconds", cold.cpu)
+    fh.warm_up()
+    one = fh.deploy(plan_one, pkg.release)
+    announce("1 host (fixed cost, warm start)", one)
+    res.add("fixed", "ferry", 1, "seconds", one.wall)
+    res.add("fixed", "ferry", 1, "cpu_seconds", one.cpu)
+    res.add("fixed", "ferry", 1, "flow_seconds", fh.flow_seconds(one.report["id"]))
+    fresh = fh.deploy(plan_all, pkg.release)
+    announce(f"fresh tiny package to {n}", fresh)
+    verify.release_on(fleet, hosts, pkg.rid, pkg.manifest)
+    res.add("tiny", "ferry", n, "seconds", fresh.wall)
+    res.add("tiny", "ferry", n, "cpu_seconds", fresh.cpu)
+    res.add("tiny", "ferry", n, "peak_rss_mib", fresh.peak_rss_kib / 1024)
+    res.add("overhead", "ferry", n, "cpu_ms_per_host", 1000 * (fresh.cpu - one.cpu) / (n - 1))
+    noop = fh.deploy(plan_all, pkg.release)
+    announce(f"no-op redeploy to {n}", noop)
+    verify.release_on(fleet, hosts, pkg.rid, pkg.manifest)
+    res.add("noop", "ferry", n, "seconds", noop.wall)
+    res.add("noop", "ferry", n, "cpu_seconds", noop.cpu)
+    res.add("noop", "ferry", n, "bytes_sent", noop.report["bytes_sent"])
+    res.add("noop", "ferry", n, "flow_seconds", fh.flow_seconds(noop.report["id"]))
+    res.add("noop", "ferry", n, "cpu_ms_per_host", 1000 * (noop.cpu - one.cpu) / n)
+    res.add("noop", "ferry", n, "peak_rss_mib", noop.peak_rss_kib / 1024)
+
+
+def _peer_noop(bench: Bench, tool: str, pkg: Package, hosts: list[str]) -> None:
+    """A peer's deploy again over hosts that already have the release, laid out its way."""
+    fleet, res, n = bench.fleet, bench.results, len(hosts)
     fleet.wipe(hosts)
     seed_peer_release(bench, hosts, pkg, "bench-1.0", flip=True)
     verify.release_on(fleet, hosts, "bench-1.0", pkg.manifest)
-    for rep in range(s.reps):
-        for tool in rotate([t for t in ["pyinfra", "ansible", "raw"] if t in s.peers], rep):
-            log(f"no-op {n} hosts, rep {rep + 1}/{s.reps}: {tool}")
-            if tool == "raw":
-                raw_fanout(bench, "fanout", hosts)
-                continue
-            cls = peers.Ansible if tool == "ansible" else peers.Pyinfra
-            peer = cls(fleet, hosts, bench.work / tool / f"noop-{n}")
-            t = peer.deploy(pkg.archive, "bench-1.0")
-            verify.release_on(fleet, hosts, "bench-1.0", pkg.manifest)
-            res.add("noop", tool, n, "seconds", t)
-            res.add("noop", tool, n, "cpu_seconds", peer.last_cpu)
-            log(f"  {tool}: {t:.1f} s, {peer.last_cpu:.1f} s CPU (verified)")
+    cls = peers.Ansible if tool == "ansible" else peers.Pyinfra
+    peer = cls(fleet, hosts, bench.work / tool / f"noop-{n}")
+    t = peer.deploy(pkg.archive, "bench-1.0")
+    verify.release_on(fleet, hosts, "bench-1.0", pkg.manifest)
+    res.add("noop", tool, n, "seconds", t)
+    res.add("noop", tool, n, "cpu_seconds", peer.last_cpu)
+    log(f"  {tool}: {t:.1f} s, {peer.last_cpu:.1f} s CPU (verified)")
 
 
 def raw_fanout(bench: Bench, scenario: str, hosts: list[str]) -> None:
