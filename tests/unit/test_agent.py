@@ -310,10 +310,9 @@ def test_the_agents_json_codec_refuses_what_json_refuses(bad):
 def test_a_session_starts_without_the_heavy_stdlib_modules(tmp_path):
     """A no-op host pays for the agent's imports on every deployment: json (re, enum),
     hashlib, subprocess and signal stay out of a session that inspects and runs a check."""
-    from orchestrator.transport.session import BOOT
+    from orchestrator.transport.session import BOOT, boot_input
 
-    source, code = agent.source(), agent.compiled()
-    feed = f"{len(source)} {len(code)} {sys.implementation.cache_tag}\n".encode() + source + code
+    feed = boot_input()
     for r in [
         {"op": "pin", "args": {"key": PUB.hex()}},
         {"op": "inspect", "args": {"id": "app-1-x", "key": PUB.hex(), "full": True}},
@@ -416,16 +415,14 @@ def test_pruning_a_release_leaves_the_files_it_shared_trusted_unread_unless_they
 
 def _session_with_spy(root: Path, spy: str) -> subprocess.Popen[bytes]:
     """A serve session as a host runs it, with `spy` (Python) run before the agent."""
-    from orchestrator.transport.session import BOOT
+    from orchestrator.transport.session import BOOT, boot_input
 
     proc = subprocess.Popen(
         [sys.executable, "-I", "-S", "-c", f"{spy};{BOOT}", "serve", "--root", str(root)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     assert proc.stdin is not None
-    source, code = agent.source(), agent.compiled()
-    proc.stdin.write(f"{len(source)} {len(code)} {sys.implementation.cache_tag}\n".encode())
-    proc.stdin.write(source + code)
+    proc.stdin.write(boot_input())
     return proc
 
 
