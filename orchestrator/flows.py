@@ -155,7 +155,7 @@ def flow_run_name() -> str:
 
     deployment_id = flow_run.parameters.get("deployment_id")
     try:
-        rec = deployments.load(get_settings().cms_url, deployment_id)
+        rec = deployments.load(get_settings().cms_url, deployment_id, rollout=False)
     except Exception:  # noqa: BLE001 - a name must never stop a run; the flow reports it
         return f"deployment #{deployment_id}"
     return f"{rec.release} → {rec.environment} #{rec.id}"
@@ -171,7 +171,7 @@ def run_deployment(deployment_id: int) -> str:
     # its own when none is current, and each client loads the CA bundle (~20–60 ms here)
     with one_sync_client():
         asyncio.run(deploy_release(deployment_id=deployment_id, return_state=True))
-    return deployments.load(get_settings().cms_url, deployment_id).status
+    return deployments.load(get_settings().cms_url, deployment_id, rollout=False).status
 
 
 # async, though every step in it is sync: Prefect 3.8 ends a sync flow by joining a

@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.orm import defer
 
 from orchestrator import crashpoints, lifecycle
 from orchestrator.cms import audit
@@ -48,7 +49,7 @@ class RecordedDeployment:
     method: str
     plan_file: str
     rfc_id: int | None
-    rollout: dict[str, Any]
+    rollout: dict[str, Any] | None  # None: loaded without it (load(..., rollout=False))
     evidence: dict[str, Any]
     actor: str
     started_at: datetime
@@ -66,7 +67,7 @@ class RecordedDeployment:
 
     @property
     def hosts(self) -> list[str]:
-        return [h for wave in self.rollout.get("waves", []) for h in wave]
+        return [h for wave in self._rollout().get("waves", []) for h in wave]
 
     @property
     def wave_status(self) -> dict[int, str]:
@@ -78,7 +79,12 @@ class RecordedDeployment:
 
     def plan(self) -> Rollout:
         """The recorded Rollout: hosts, how to reach them, every rendered command."""
-        return Rollout.from_record(self.rollout, where=f"deployment {self.id}")
+        return Rollout.from_record(self._rollout(), where=f"deployment {self.id}")
+
+    def _rollout(self) -> dict[str, Any]:
+        if self.rollout is None:
+            raise RuntimeError(f"deployment {self.id} was loaded without its rollout")
+        return self.rollout
 
 
 def parse_deployment_id(value: str | int) -> int:
@@ -88,7 +94,7 @@ def parse_deployment_id(value: str | int) -> int:
     return int(text)
 
 
-def detach(dep: Deployment) -> RecordedDeployment:
+def detach(dep: Deployment, *, rollout: bool = True) -> RecordedDeployment:
     return RecordedDeployment(
         id=dep.id,
         status=dep.status,
@@ -99,7 +105,7 @@ def detach(dep: Deployment) -> RecordedDeployment:
         method=dep.method,
         plan_file=dep.plan_file,
         rfc_id=dep.rfc_id,
-        rollout=dict(dep.rollout or {}),
+        rollout=dict(dep.rollout or {}) if rollout else None,
         evidence=dict(dep.evidence or {}),
         actor=dep.actor,
         started_at=dep.started_at,
@@ -118,15 +124,18 @@ def detach(dep: Deployment) -> RecordedDeployment:
     )
 
 
-def load(url: str, deployment_id: str | int) -> RecordedDeployment:
+def load(url: str, deployment_id: str | int, *, rollout: bool = True) -> RecordedDeployment:
+    """One deployment as recorded; `rollout=False` leaves out its rollout (every host's
+    actions and rendered commands: ~1.7 KB a host, ~11 ms to decode at 200 hosts), for the
+    many reads during a run that want only its status, evidence or waves."""
     did = parse_deployment_id(deployment_id)
     with session_scope(url) as s:
-        dep = s.get(Deployment, did)
+        dep = s.get(Deployment, did, options=() if rollout else (defer(Deployment.rollout),))
         if dep is None:
             raise NotFound(
                 f"deployment {did} does not exist (`ferry status` lists recent deployments)"
             )
-        return detach(dep)
+        return detach(dep, rollout=rollout)
 
 
 def recent(url: str, limit: int, environment: str | None = None) -> list[RecordedDeployment]:
@@ -179,10 +188,12 @@ def journal_rows(url: str, deployment_id: int) -> list[dict[str, Any]]:
 
 def host_baselines(url: str, names: list[str] | None = None) -> dict[str, Baseline]:
     with session_scope(url) as s:
-        q = select(HostBaseline)
-        if names is not None:
-            q = q.where(HostBaseline.host.in_(names))
-        return {r.host: Baseline(r.release, r.package_digest) for r in s.scalars(q)}
+        rows = (
+            s.scalars(select(HostBaseline))
+            if names is None
+            else _named(s, HostBaseline.host, names)
+        )
+        return {r.host: Baseline(r.release, r.package_digest) for r in rows}
 
 
 def open_among(session: Any, ids: list[int]) -> set[int]:
@@ -201,8 +212,7 @@ def open_among(session: Any, ids: list[int]) -> set[int]:
 def deploy_roots(url: str, names: list[str]) -> dict[str, str]:
     """The deploy root each host CI was last deployed under (plan overrides included)."""
     with session_scope(url) as s:
-        rows = s.scalars(select(HostCI).where(HostCI.name.in_(names)))
-        return {r.name: r.deploy_root for r in rows if r.deploy_root}
+        return {r.name: r.deploy_root for r in _named(s, HostCI.name, names) if r.deploy_root}
 
 
 @dataclass
@@ -376,8 +386,9 @@ class DeploymentRecord:
             )
             return cls(url, dep.id, actor), bound
 
-    def load(self) -> RecordedDeployment:
-        return load(self.url, self.id)
+    def load(self, *, rollout: bool = False) -> RecordedDeployment:
+        """The record as it stands; without its rollout unless asked (the run holds it)."""
+        return load(self.url, self.id, rollout=rollout)
 
     # -- status ----------------------------------------------------------------------------
     def move(

@@ -1,16 +1,19 @@
 """The host CIs a planned deployment records, on SQLite and PostgreSQL: one row per target
-host, created or brought up to date, read in one query per 500 names."""
+host, created or brought up to date, read in one query per 500 names; and the reads of a
+deployment's record during its run, which leave its rollout out."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from sqlalchemy import event, func, select
 
+from orchestrator.cms import deployments
 from orchestrator.cms.db import get_engine, session_scope
-from orchestrator.cms.deployments import DeploymentRecord, deploy_roots
+from orchestrator.cms.deployments import DeploymentRecord, deploy_roots, host_baselines
 from orchestrator.cms.models import Host as HostCI
-from orchestrator.rollout import WavePlan
+from orchestrator.rollout import Baseline, WavePlan
 from tests.unit.test_pull_logic import ACTION, rollout
 
 
@@ -23,26 +26,38 @@ def _rollout(names: list[str], root: str = "/srv/app", net: int = 18):
     return dataclasses.replace(rollout(ACTION), waves=(WavePlan(1, acts),))
 
 
-def _open(url: str, names: list[str], groups: dict[str, list[str]], **kw: object) -> None:
-    DeploymentRecord.open(
+def _open(
+    url: str, names: list[str], groups: dict[str, list[str]], **kw: object
+) -> DeploymentRecord:
+    record, _ = DeploymentRecord.open(
         url, _rollout(names, **kw), actor="alice", rfc_id=None, evidence={}, groups=groups
     )
+    return record
+
+
+class _Selects:
+    """The SELECTs sent on `url`'s engine while in the `with` block."""
+
+    def __init__(self, url: str) -> None:
+        self.engine, self.sent = get_engine(url), []
+
+    def _seen(self, conn, cursor, statement, *_: object) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            self.sent.append(statement)
+
+    def __enter__(self) -> list[str]:
+        event.listen(self.engine, "before_cursor_execute", self._seen)
+        return self.sent
+
+    def __exit__(self, *_: object) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._seen)
 
 
 def test_a_deployment_records_and_updates_every_target_hosts_ci(migrated_url):
     first = [f"h{i}" for i in range(1201)]  # three queries' worth of names
-    reads: list[str] = []
-
-    def count(conn, cursor, statement, *_: object) -> None:
-        if statement.lstrip().upper().startswith("SELECT") and " hosts" in statement:
-            reads.append(statement)
-
-    event.listen(get_engine(migrated_url), "before_cursor_execute", count)
-    try:
+    with _Selects(migrated_url) as sent:
         _open(migrated_url, first, {n: ["web"] for n in first})
-    finally:
-        event.remove(get_engine(migrated_url), "before_cursor_execute", count)
-    assert len(reads) == 3  # not one per host
+    assert len([q for q in sent if " hosts" in q]) == 3  # not one per host
     # the next deployment: 601 of them again (moved, regrouped, another root) and 5 new ones
     again = first[::2] + [f"new{i}" for i in range(5)]
     _open(migrated_url, again, {n: ["db", "rack-b"] for n in again}, root="/opt/app", net=19)
@@ -68,3 +83,30 @@ def test_a_host_named_twice_in_one_rollout_gets_one_ci(migrated_url):
     with session_scope(migrated_url) as s:
         rows = {r.name: r.groups for r in s.scalars(select(HostCI))}
     assert rows == {"a": ["web"], "b": ["db"]}
+
+
+def test_hosts_roots_and_baselines_are_read_in_one_query_per_500_names(migrated_url):
+    names = [f"h{i}" for i in range(1201)]  # over SQLite's 999 bound parameters before 3.32
+    record = _open(migrated_url, names, {n: ["web"] for n in names})
+    shop = Baseline("shop@1.0", "sha256:" + "a" * 64)
+    record.set_baselines("dev", {n: shop for n in names[::2]})
+    with _Selects(migrated_url) as sent:
+        roots = deploy_roots(migrated_url, [*names, "nobody"])
+        baselines = host_baselines(migrated_url, [*names, "nobody"])
+    assert len(sent) == 6  # three each
+    assert roots == {n: "/srv/app" for n in names}
+    assert baselines == {n: shop for n in names[::2]}
+    assert len(host_baselines(migrated_url)) == 601  # no names: every host's
+
+
+def test_a_runs_reads_of_its_record_leave_the_rollout_out(migrated_url):
+    record = _open(migrated_url, ["a", "b"], {"a": ["web"], "b": ["db"]})
+    with _Selects(migrated_url) as sent:
+        light = record.load()
+    assert len(sent) >= 1 and not any("rollout" in q for q in sent)
+    assert light.status == "planned" and light.rollout is None
+    with pytest.raises(RuntimeError, match="without its rollout"):
+        light.hosts  # noqa: B018 - the property is what is tested
+    full = deployments.load(migrated_url, record.id)
+    assert full.hosts == ["a", "b"] and full.plan().hosts()[0].host == "a"
+    assert record.load(rollout=True).rollout == full.rollout
