@@ -71,6 +71,17 @@ def test_pure_python_ed25519_agrees_with_cryptography():
     assert not ferry_agent.ed25519_verify(other, msg, sig)
 
 
+def test_the_agents_curve_constants_are_their_definitions():
+    """The agent writes Ed25519's constants as literals (RFC 8032, 5.1): each one derived."""
+    p, a = ferry_agent._P, ferry_agent
+    assert a._D == -121665 * pow(121666, p - 2, p) % p  # d = -121665/121666
+    assert a._I * a._I % p == p - 1  # sqrt(-1)
+    assert a._GY == 4 * pow(5, p - 2, p) % p  # the base point's y = 4/5
+    assert a._GX % 2 == 0 and a._recover_x(a._GY, 0) == a._GX  # its x, the even root
+    assert a._G == (a._GX, a._GY, 1, a._GX * a._GY % p)  # extended coordinates
+    assert a._mul(a._L, a._G)[0] == 0  # the base point has order L
+
+
 def test_receive_verify_switch_and_readback_on_a_real_directory(tmp_path):
     files = {"u/a.txt": b"alpha", "u/sub/b.bin": b"\x00" * 1000}
     raw, sig, content = package(files)
