@@ -581,8 +581,16 @@ class DeploymentRecord:
 def _locked(s: Any, deployment_id: int) -> Deployment:
     """The deployment row, locked until the transaction ends: its evidence is read, changed
     and written back, and shard runs on several workers write it at once (PostgreSQL's read
-    committed would otherwise let one of two such writes overwrite the other)."""
-    dep = s.get(Deployment, deployment_id, with_for_update=True, populate_existing=True)
+    committed would otherwise let one of two such writes overwrite the other). Its rollout,
+    written once when the deployment is recorded, is left out: decoding it took ~11 ms at
+    200 hosts on every status move and wave's outcomes."""
+    dep = s.get(
+        Deployment,
+        deployment_id,
+        with_for_update=True,
+        populate_existing=True,
+        options=(defer(Deployment.rollout),),
+    )
     assert dep is not None
     return dep
 

@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 from sqlalchemy import event, func, select
 
+from orchestrator import lifecycle
 from orchestrator.cms import deployments
 from orchestrator.cms.db import get_engine, session_scope
 from orchestrator.cms.deployments import DeploymentRecord, deploy_roots, host_baselines
@@ -103,8 +104,11 @@ def test_a_runs_reads_of_its_record_leave_the_rollout_out(migrated_url):
     record = _open(migrated_url, ["a", "b"], {"a": ["web"], "b": ["db"]})
     with _Selects(migrated_url) as sent:
         light = record.load()
-    assert len(sent) >= 1 and not any("rollout" in q for q in sent)
+        record.move(lifecycle.Status.RUNNING)  # and the writes that lock the row
+        record.append_evidence("outcomes", [{"host": "a", "ok": True}])
+    assert len(sent) >= 3 and not any("rollout" in q for q in sent)
     assert light.status == "planned" and light.rollout is None
+    assert record.load().latest("outcomes") == {"a": {"host": "a", "ok": True}}
     with pytest.raises(RuntimeError, match="without its rollout"):
         light.hosts  # noqa: B018 - the property is what is tested
     full = deployments.load(migrated_url, record.id)
