@@ -13,7 +13,7 @@ from orchestrator.cms.deployments import RecordedDeployment
 
 
 def deployment_report(rec: RecordedDeployment, journal: list[dict[str, Any]]) -> dict[str, Any]:
-    ro = rec.rollout
+    ro = rec.recorded_rollout()
     ev = rec.evidence
     outcomes = rec.latest("outcomes")
     backed = rec.latest("backout")

@@ -67,7 +67,7 @@ class RecordedDeployment:
 
     @property
     def hosts(self) -> list[str]:
-        return [h for wave in self._rollout().get("waves", []) for h in wave]
+        return [h for wave in self.recorded_rollout().get("waves", []) for h in wave]
 
     @property
     def wave_status(self) -> dict[int, str]:
@@ -79,9 +79,10 @@ class RecordedDeployment:
 
     def plan(self) -> Rollout:
         """The recorded Rollout: hosts, how to reach them, every rendered command."""
-        return Rollout.from_record(self._rollout(), where=f"deployment {self.id}")
+        return Rollout.from_record(self.recorded_rollout(), where=f"deployment {self.id}")
 
-    def _rollout(self) -> dict[str, Any]:
+    def recorded_rollout(self) -> dict[str, Any]:
+        """The rollout as recorded (a dict); raises if this copy was loaded without it."""
         if self.rollout is None:
             raise RuntimeError(f"deployment {self.id} was loaded without its rollout")
         return self.rollout

@@ -14,6 +14,7 @@ from orchestrator.cms import deployments
 from orchestrator.cms.db import get_engine, session_scope
 from orchestrator.cms.deployments import DeploymentRecord, deploy_roots, host_baselines
 from orchestrator.cms.models import Host as HostCI
+from orchestrator.report import deployment_report
 from orchestrator.rollout import Baseline, WavePlan
 from tests.unit.test_pull_logic import ACTION, rollout
 
@@ -111,6 +112,8 @@ def test_a_runs_reads_of_its_record_leave_the_rollout_out(migrated_url):
     assert record.load().latest("outcomes") == {"a": {"host": "a", "ok": True}}
     with pytest.raises(RuntimeError, match="without its rollout"):
         light.hosts  # noqa: B018 - the property is what is tested
+    with pytest.raises(RuntimeError, match="without its rollout"):
+        deployment_report(light, [])  # a report needs the hosts: never a report of none
     full = deployments.load(migrated_url, record.id)
     assert full.hosts == ["a", "b"] and full.plan().hosts()[0].host == "a"
     assert record.load(rollout=True).rollout == full.rollout
