@@ -19,6 +19,7 @@ from collections import defaultdict
 from typing import Any
 
 from sqlalchemy import desc, select
+from sqlalchemy.orm import defer
 
 from orchestrator import lifecycle
 from orchestrator.cms import deployments
@@ -127,7 +128,9 @@ def gather(
     with session_scope(url) as s:
         envs = select(EnvironmentBaseline).order_by(EnvironmentBaseline.environment)
         hosts = select(HostBaseline).order_by(HostBaseline.host)
-        deps = select(Deployment).order_by(desc(Deployment.id))
+        # the listing and its remediation needs read status, evidence and waves: not the
+        # rollouts (~1.7 KB a host each; 0.9 s of CPU for 30 deployments of 1000 hosts)
+        deps = select(Deployment).options(defer(Deployment.rollout)).order_by(desc(Deployment.id))
         if environment:
             envs = envs.where(EnvironmentBaseline.environment == environment)
             hosts = hosts.where(HostBaseline.environment == environment)
@@ -139,10 +142,10 @@ def gather(
         env_rows = [_baseline(e, "environment") for e in s.scalars(envs)]
         host_rows = [_baseline(h, "host") for h in s.scalars(hosts)]
         _add_images(s, host_rows)
-        recent = [deployments.detach(d) for d in s.scalars(deps.limit(limit))]
+        recent = [deployments.detach(d, rollout=False) for d in s.scalars(deps.limit(limit))]
         # anything unfinished or failed needs looking at, however old
         open_q = deps.where(Deployment.status.in_((*lifecycle.OPEN, "failed", "aborted")))
-        older = [deployments.detach(d) for d in s.scalars(open_q.limit(200))]
+        older = [deployments.detach(d, rollout=False) for d in s.scalars(open_q.limit(200))]
         candidates = {r.id: r for r in [*recent, *older]}
         journal = _journal_hosts(s, list(candidates))
         # a host a later deployment has verified since no longer needs this one's remediation

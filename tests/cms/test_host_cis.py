@@ -117,3 +117,14 @@ def test_a_runs_reads_of_its_record_leave_the_rollout_out(migrated_url):
     full = deployments.load(migrated_url, record.id)
     assert full.hosts == ["a", "b"] and full.plan().hosts()[0].host == "a"
     assert record.load(rollout=True).rollout == full.rollout
+
+
+def test_ferry_status_lists_deployments_without_reading_their_rollouts(migrated_url):
+    from remediation import status
+
+    ids = [_open(migrated_url, ["a", "b"], {"a": ["web"], "b": ["db"]}).id for _ in range(3)]
+    with _Selects(migrated_url) as sent:
+        out = status.gather(migrated_url)
+    assert sent and not any("rollout" in q for q in sent)
+    assert [d["id"] for d in out["deployments"]] == ids[::-1]
+    assert {n["deployment"] for n in out["needs_remediation"]} == set(ids)  # never finished
