@@ -465,8 +465,7 @@ class DeploymentRecord:
         """One early-life-support check run, kept in the deployment's `els` evidence; a run
         with failed hosts is audited (`els.failed`)."""
         with self._lock, session_scope(self.url) as s:
-            dep = s.get(Deployment, self.id)
-            assert dep is not None
+            dep = _locked(s, self.id)  # evidence is read, changed and written back
             ev = dict(dep.evidence or {})
             els = dict(ev.get("els") or {})
             els["until"] = until
@@ -486,8 +485,7 @@ class DeploymentRecord:
     def els_close(self, outcome: dict[str, Any], until: str) -> None:
         """The end of early life support: its outcome on the deployment, audited."""
         with self._lock, session_scope(self.url) as s:
-            dep = s.get(Deployment, self.id)
-            assert dep is not None
+            dep = _locked(s, self.id)
             ev = dict(dep.evidence or {})
             ev["els"] = {**dict(ev.get("els") or {}), "until": until, "outcome": outcome}
             dep.evidence = ev

@@ -1,6 +1,7 @@
-"""The host CIs a planned deployment records, on SQLite and PostgreSQL: one row per target
-host, created or brought up to date, read in one query per 500 names; and the reads of a
-deployment's record during its run, which leave its rollout out."""
+"""A deployment's record in the CMS, on SQLite and PostgreSQL: the host CIs it records (one
+row per target host, created or brought up to date, read in one query per 500 names), the
+reads during its run and `ferry status`'s listing (which leave its rollout out), and its
+evidence writers, which lose nothing when they write at once."""
 
 from __future__ import annotations
 
@@ -128,3 +129,32 @@ def test_ferry_status_lists_deployments_without_reading_their_rollouts(migrated_
     assert sent and not any("rollout" in q for q in sent)
     assert [d["id"] for d in out["deployments"]] == ids[::-1]
     assert {n["deployment"] for n in out["needs_remediation"]} == set(ids)  # never finished
+
+
+def test_early_life_support_and_outcomes_written_at_once_lose_nothing(migrated_url):
+    """Two writers of one deployment's evidence (two processes: two records), at once:
+    every early-life-support run and every outcome is kept (each write locks the row)."""
+    import threading
+
+    first = _open(migrated_url, ["a"], {"a": ["web"]})
+    other = DeploymentRecord(migrated_url, first.id, "bob")
+    n, go = 30, threading.Barrier(2)
+
+    def els() -> None:
+        go.wait()
+        for i in range(n):
+            first.els_run({"at": i, "failed": []}, until="later")
+
+    def outcomes() -> None:
+        go.wait()
+        for i in range(n):
+            other.append_evidence("outcomes", [{"host": f"h{i}", "ok": True}])
+
+    threads = [threading.Thread(target=els), threading.Thread(target=outcomes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ev = deployments.load(migrated_url, first.id, rollout=False).evidence
+    assert [r["at"] for r in ev["els"]["runs"]] == list(range(n))
+    assert [o["host"] for o in ev["outcomes"]] == [f"h{i}" for i in range(n)]
