@@ -194,7 +194,7 @@ def bad_input(msg):
 
 
 # --- ed25519 verification (RFC 8032, section 5.1.7), pure Python -------------------------
-# The curve's constants as literals: deriving them (six modular exponentiations) cost ~1 ms
+# The curve's constants as literals: deriving them (seven modular exponentiations) cost ~1 ms
 # of every session's start, and a no-op never checks a signature. Each is derived from its
 # definition in tests/unit/test_agent.py.
 _P = 2**255 - 19
