@@ -1559,6 +1559,9 @@ class PullAgent:
             with urllib.request.urlopen(req, timeout=timeout, context=self.ctx) as r:
                 payload = r.read()
         except urllib.error.HTTPError as e:
+            # closed now: the caller holds the error through its back-off, and an unread
+            # answer kept the server's end of the connection open that long
+            e.close()
             if e.code in (401, 403):
                 raise Refused("%s %s: refused (%d)" % (method, path.split("?")[0], e.code))
             raise

@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from orchestrator.errors import BadInput
 
@@ -32,6 +33,13 @@ def parse_listen(listen: str) -> tuple[str, int]:
 # most 16 KiB, so 32 KiB still takes two records a read; what the server sends (objects) is
 # not read through it.
 TLS_READ_BUFFER = 32 * 1024
+
+# SIGTERM (a service manager's stop or restart): the listening socket closes, every waiting
+# long-poll is answered "no change" at once (its agent polls again and finds the restarted
+# server), and transfers in flight get this long to finish before they are cut. Without it a
+# long-poll held the stop for its whole length (up to MAX_WAIT, 300 s), and a client that kept
+# an answered connection open without reading held it for asyncio's TLS close timeout (30 s).
+SHUTDOWN_GRACE = 10.0
 
 
 # A waiting long-poll stamps its host alive; an agent gone without a FIN (power lost, a
@@ -101,6 +109,27 @@ def serve(listen: str, *, insecure_http: bool, progress: Callable[[str], None]) 
     _small_tls_buffers()
     config = uvicorn.Config(
         app, host=addr, port=port, log_level="warning", access_log=False,
-        timeout_keep_alive=75, backlog=4096, **options,  # type: ignore[arg-type]
+        timeout_keep_alive=75, backlog=4096, timeout_graceful_shutdown=SHUTDOWN_GRACE,
+        **options,  # type: ignore[arg-type]
     )  # fmt: skip
-    uvicorn.Server(config).run(sockets=[sock])
+    _stopping_server(config, app.state).run(sockets=[sock])
+
+
+def _stopping_server(config: Any, app_state: Any) -> Any:
+    """uvicorn's server, whose stop first answers the waiting long-polls and drops the
+    connections already answered and closing (their peers owe only a TLS close reply);
+    uvicorn then drains the rest within SHUTDOWN_GRACE. Made here: uvicorn loads lazily."""
+    import uvicorn
+
+    class StoppingServer(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            state = getattr(app_state, "ferry", None)
+            if state is not None:  # None: stopped before the app's start finished
+                state.close()
+            for conn in list(self.server_state.connections):
+                transport = getattr(conn, "transport", None)
+                if transport is not None and transport.is_closing():
+                    transport.abort()
+            await super().shutdown(sockets)
+
+    return StoppingServer(config)

@@ -121,6 +121,7 @@ class ServerState:
         self._opening = asyncio.Lock()  # requests wait for a package's opening on the loop
         self._watcher: anyio.CapacityLimiter | None = None  # made on the loop, in watch()
         self.refused = 0
+        self.closing = False  # the server is stopping: every long-poll answers at once
 
     # -- the CMS, watched ------------------------------------------------------------------
     def read(self, top: int, signature: tuple[Any, ...] | None, resync: bool) -> Changes:
@@ -171,6 +172,11 @@ class ServerState:
         moved = self.apply(self.read(self.top, self._agent_signature, resync=True))
         self._looked = started
         return moved
+
+    def close(self) -> None:
+        """The server stops: every waiting long-poll answers now, and new ones at once."""
+        self.closing = True
+        self.wake(set(self.waiters))
 
     def wake(self, hosts: set[str]) -> None:
         for host in hosts:
@@ -417,7 +423,7 @@ async def desired(request: Request) -> Response:
             if gen > after or (seen_nudge >= 0 and nudge != seen_nudge):
                 break
             left = deadline - loop.time()
-            if left <= 0:
+            if left <= 0 or state.closing:
                 return JSONResponse(
                     {"changed": False, "generation": gen, "nudge": nudge, "beat": beat is not None}
                 )

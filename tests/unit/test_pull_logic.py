@@ -154,3 +154,51 @@ def test_the_agents_window_rule(start: str, end: str, hhmm: tuple[int, int], ins
     now = calendar.timegm((2026, 1, 1, hhmm[0], hhmm[1], 0, 3, 1, 0))
     assert ferry_agent.in_window({"start": start, "end": end}, now) is inside
     assert ferry_agent.in_window(None, now) is False
+
+
+@pytest.mark.parametrize("code", [401, 503])
+def test_a_refused_or_failed_answer_is_closed_before_the_agent_sleeps_on_it(
+    tmp_path: Path, code: int
+) -> None:
+    """The agent holds the error through its back-off (up to 36 s): an answer left unread
+    kept the server's side of the connection open that long (its TLS close waits on us)."""
+    import json
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    eof = threading.Event()
+
+    def answer_and_wait_for_eof() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(10)
+            conn.recv(65536)
+            conn.sendall(
+                f"HTTP/1.1 {code} X\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}".encode()
+            )
+            try:
+                while conn.recv(65536):
+                    pass
+                eof.set()  # the agent closed its end
+            except OSError:
+                pass
+
+    server = threading.Thread(target=answer_and_wait_for_eof, daemon=True)
+    server.start()
+    pull = tmp_path / ".ferry" / "pull"
+    pull.mkdir(parents=True)
+    config = {"server": f"http://127.0.0.1:{port}", "host": "h1", "insecure_http": True}
+    (pull / "config.json").write_text(json.dumps(config))
+    (pull / "token").write_text("h1.secret")
+    agent = ferry_agent.PullAgent(str(tmp_path))
+    try:
+        with pytest.raises(Exception) as caught:
+            agent.call("GET", "/v1/hosts/h1/desired?wait=0", timeout=5)
+        held = caught.value  # as the agent's loop holds it while it backs off
+        assert isinstance(held, ferry_agent.Refused) == (code == 401)
+        assert eof.wait(5), "the agent kept the answered connection open"
+    finally:
+        listener.close()
+        server.join(timeout=15)
