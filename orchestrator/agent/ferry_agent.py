@@ -1485,6 +1485,9 @@ def serve(root):
 #                                reports not yet delivered (the server may be down)
 # ROOT/.ferry/pull/apply-now     a person's request (`apply-now`): apply what is pending
 PULL_DIR = os.path.join(".ferry", "pull")
+# a fetch cut or refused at the connection is tried again, 1+2+4+8 s apart (±50%): long
+# enough for `ferry dml serve` to restart, short of a step's timeout
+FETCH_TRIES = 5
 
 
 def _plog(msg):
@@ -1492,6 +1495,20 @@ def _plog(msg):
         "%s ferry-agent: %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), msg)
     )
     sys.stderr.flush()
+
+
+def _passing(exc):
+    """A failure of the connection itself, which may pass: refused, reset, cut short, timed
+    out (not a certificate that does not verify, nor a local file's error)."""
+    import http.client
+    import socket
+    import ssl
+    import urllib.error
+
+    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
+        exc = exc.reason
+    cut = (http.client.HTTPException, ConnectionError, socket.timeout, ssl.SSLEOFError)
+    return isinstance(exc, cut)
 
 
 class Refused(Exception):
@@ -1738,6 +1755,13 @@ class PullAgent:
                     if action.get("warn_only"):
                         continue
                     return
+                except Exception as exc:  # noqa: BLE001 - unforeseen: still reported, never
+                    # left for the milestone's deadline to find (the step was already taken)
+                    error = "%s: %s" % (type(exc).__name__, exc)
+                    self.report(d, step, False, {"error": error, "kind": "error"})
+                    if action.get("warn_only"):
+                        continue
+                    return
                 self.report(d, step, True, detail)
             if d["purpose"] == "backout" and spec.get("leaving"):
                 self.st["backed_out"].append([d.get("deployment"), spec["leaving"]])
@@ -1850,8 +1874,11 @@ class PullAgent:
         check = op_check(self.host, Args(**dict(DEFAULTS, id=rid, full=True, digest=digest)))
         if check["ok"]:
             return {"already": True, "bytes": 0}
-        raw = self.call("GET", "/v1/releases/%s/manifest" % rid, raw=True, timeout=60)
-        sig = self.call("GET", "/v1/releases/%s/signature" % rid, raw=True, timeout=60)
+        raw, sig = (
+            self.fetching("the %s of %s" % (part, rid), self.call,
+                          "GET", "/v1/releases/%s/%s" % (rid, part), raw=True, timeout=60)
+            for part in ("manifest", "signature")
+        )  # fmt: skip
         manifest = self.host.check_manifest(raw, sig)  # raises: nothing fetched, nothing run
         if digest and manifest.get("digest") != digest:
             raise integrity(
@@ -1861,12 +1888,19 @@ class PullAgent:
         write_atomic(os.path.join(self.host.incoming, rid + ".sig"), sig)
         wanted = self.host.missing_objects(manifest)
         nbytes = 0
+        for sha, size in sorted(wanted.items()):
+            self.fetching("object " + sha, self.fetch_object, sha, size)
+            nbytes += size
+        return {"needed": len(wanted), "bytes": nbytes}
+
+    def fetch_object(self, sha, size):
+        """One object into incoming/, hashed as it arrives; a corrupted one is not kept."""
         import urllib.request
 
-        for sha, size in sorted(wanted.items()):
-            part = os.path.join(self.host.incoming, sha + ".part")
-            req = urllib.request.Request("%s/v1/objects/%s" % (self.server, sha))
-            h, got = new_hash(), 0
+        part = os.path.join(self.host.incoming, sha + ".part")
+        req = urllib.request.Request("%s/v1/objects/%s" % (self.server, sha))
+        h, got = new_hash(), 0
+        try:
             with (
                 urllib.request.urlopen(req, timeout=120, context=self.ctx) as r,
                 open(part, "wb") as out,
@@ -1880,14 +1914,49 @@ class PullAgent:
                         break
                     h.update(chunk)
                     out.write(chunk)
-            if got != size or h.hexdigest() != sha:
+            if got < size:  # http.client ends a body cut short quietly: a cut, not a lie
+                import http.client
+
+                raise http.client.IncompleteRead(b"", size - got)
+        except BaseException:
+            if os.path.exists(part):
                 os.unlink(part)
-                raise integrity(
-                    "object %s arrived corrupted (sha256 %s, %d bytes)" % (sha, h.hexdigest(), got)
-                )
-            os.replace(part, os.path.join(self.host.incoming, sha))
-            nbytes += size
-        return {"needed": len(wanted), "bytes": nbytes}
+            raise
+        if got != size or h.hexdigest() != sha:
+            os.unlink(part)
+            raise integrity(
+                "object %s arrived corrupted (sha256 %s, %d bytes)" % (sha, h.hexdigest(), got)
+            )
+        os.replace(part, os.path.join(self.host.incoming, sha))
+
+    def fetching(self, what, fetch, *args, **kwargs):
+        """`fetch(*args, **kwargs)`, again after a connection that failed or was cut: the
+        server restarting (its stop cuts a transfer after its grace), a network blip. What comes
+        is checked by its signature or sha256 whichever try brings it; a refusal (4xx), a
+        certificate that does not verify, corrupted bytes or a local error (a full disk) are
+        not retried. After FETCH_TRIES the step fails, saying why."""
+        import random
+        import urllib.error
+
+        delay = 1.0
+        for attempt in range(1, FETCH_TRIES + 1):
+            try:
+                return fetch(*args, **kwargs)
+            except urllib.error.HTTPError as exc:
+                why = "the server answered %d" % exc.code
+                if exc.code < 500 or attempt == FETCH_TRIES:
+                    raise AgentError("fetch", "%s: %s" % (what, why), EXIT_OS)
+            except Exception as exc:  # noqa: BLE001 - sorted by _passing below
+                if not _passing(exc):
+                    raise
+                why = "%s: %s" % (type(exc).__name__, exc)
+                if attempt == FETCH_TRIES:
+                    raise AgentError(
+                        "fetch", "%s: not fetched in %d tries (%s)" % (what, attempt, why), EXIT_OS
+                    )
+            _plog("%s: %s; trying again (%d of %d)" % (what, why, attempt + 1, FETCH_TRIES))
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay *= 2
 
 
 def in_window(window, now):

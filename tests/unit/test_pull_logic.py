@@ -4,6 +4,7 @@ tokens, and the agent's own window rule. The fleet tests are in tests/pull/."""
 from __future__ import annotations
 
 import calendar
+import hashlib
 import textwrap
 from pathlib import Path
 
@@ -202,3 +203,142 @@ def test_a_refused_or_failed_answer_is_closed_before_the_agent_sleeps_on_it(
     finally:
         listener.close()
         server.join(timeout=15)
+
+
+class _DML:
+    """A DML server stand-in over plain HTTP on 127.0.0.1 (the agent's `insecure_http`),
+    serving one release; `cut[path]` answers that many requests with half the body and
+    then closes (a server stopped mid-transfer), `status[path]` answers with that code."""
+
+    def __init__(self, files: dict[str, bytes], raw: bytes, sig: bytes) -> None:
+        import http.server
+        import threading
+
+        self.cut: dict[str, int] = {}
+        self.status: dict[str, int] = {}
+        self.asked: list[str] = []
+        bodies = {f"/v1/releases/r1/{k}": v for k, v in (("manifest", raw), ("signature", sig))}
+        bodies |= {f"/v1/objects/{hashlib.sha256(d).hexdigest()}": d for d in files.values()}
+        dml = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                dml.asked.append(self.path)
+                body = bodies.get(self.path)
+                code = dml.status.get(self.path, 200 if body is not None else 404)
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+                if code != 200 or body is None:
+                    return
+                if dml.cut.get(self.path, 0) > 0:
+                    dml.cut[self.path] -= 1
+                    self.wfile.write(body[: len(body) // 2])
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def pull_host(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A host root with the DML key pinned, its pull agent configured for a local server."""
+    import json
+
+    from tests.unit.test_agent import PUB, package, run
+
+    files = {"u/a.bin": b"a" * 300_000, "u/b.bin": b"b" * 200_000}
+    raw, sig, _ = package(files)
+    dml = _DML(files, raw, sig)
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    pull = tmp_path / ".ferry" / "pull"
+    pull.mkdir(parents=True)
+    config = {"server": dml.url, "host": "h1", "insecure_http": True}
+    (pull / "config.json").write_text(json.dumps(config))
+    (pull / "token").write_text("h1.secret")
+    agent = ferry_agent.PullAgent(str(tmp_path))
+    try:
+        yield agent, dml, files, json.loads(raw)["digest"]
+    finally:
+        dml.close()
+
+
+def test_a_transfer_cut_short_is_fetched_again_and_checked(pull_host) -> None:  # type: ignore[no-untyped-def]
+    agent, dml, files, digest = pull_host
+    obj = f"/v1/objects/{hashlib.sha256(files['u/a.bin']).hexdigest()}"
+    dml.cut = {obj: 1, "/v1/releases/r1/manifest": 1}  # the server stopped mid-transfer
+    got = agent.stage("r1", digest)
+    assert got == {"needed": 2, "bytes": 500_000}
+    assert dml.asked.count(obj) == 2 and dml.asked.count("/v1/releases/r1/manifest") == 2
+    incoming = Path(agent.host.incoming)
+    for data in files.values():
+        assert (incoming / hashlib.sha256(data).hexdigest()).read_bytes() == data
+    assert not list(incoming.glob("*.part"))
+
+
+def test_a_transfer_that_keeps_failing_fails_the_step_and_a_refusal_is_not_retried(
+    pull_host, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    agent, dml, files, digest = pull_host
+    monkeypatch.setattr(ferry_agent, "FETCH_TRIES", 2)
+    obj = f"/v1/objects/{hashlib.sha256(files['u/b.bin']).hexdigest()}"
+    dml.cut = {obj: 99}
+    with pytest.raises(ferry_agent.AgentError) as caught:
+        agent.stage("r1", digest)
+    assert caught.value.kind == "fetch" and "not fetched in 2 tries" in caught.value.message
+    assert "IncompleteRead" in caught.value.message and dml.asked.count(obj) == 2
+    assert not list(Path(agent.host.incoming).glob("*.part"))
+    dml.asked.clear()
+    dml.status = {"/v1/releases/r1/manifest": 404}  # not on the server: asking again won't help
+    with pytest.raises(ferry_agent.AgentError) as caught:
+        agent.stage("r1", digest)
+    assert "answered 404" in caught.value.message and dml.asked == ["/v1/releases/r1/manifest"]
+
+
+def test_a_step_failing_in_a_way_not_foreseen_is_still_reported(pull_host) -> None:  # type: ignore[no-untyped-def]
+    agent, dml, _, digest = pull_host
+    dml.status = {"/v1/releases/r1/manifest": 401}  # Refused: neither AgentError nor OSError
+    d = {"generation": 1, "deployment": 7, "release_id": "r1", "digest": digest,
+         "purpose": "deploy", "spec": {"actions": [{"step": "stage"}]}}  # fmt: skip
+    agent.apply(d)  # returns: the failure is reported (kept: this server takes no reports)
+    (report,) = agent.st["outbox"]
+    assert report["step"] == "stage" and report["ok"] is False
+    assert report["detail"]["kind"] == "error" and "Refused" in report["detail"]["error"]
+
+
+def _errors() -> list[tuple[BaseException, bool]]:
+    import http.client
+    import ssl
+    import urllib.error
+
+    return [
+        (urllib.error.URLError(ConnectionRefusedError(111, "refused")), True),  # restarting
+        (http.client.IncompleteRead(b"", 10), True),  # cut mid-body
+        (http.client.RemoteDisconnected("closed"), True),
+        (ConnectionResetError(104, "reset"), True),
+        (TimeoutError("timed out"), True),
+        (urllib.error.URLError(TimeoutError("timed out")), True),
+        (ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), True),
+        (urllib.error.URLError(ssl.SSLCertVerificationError(1, "bad cert")), False),
+        (urllib.error.URLError("unknown url type: ftp"), False),
+        (OSError(28, "No space left on device"), False),  # the host's own disk
+        (FileNotFoundError(2, "no such file"), False),
+        (ValueError("x"), False),
+    ]
+
+
+@pytest.mark.parametrize(("exc", "passing"), _errors())
+def test_only_a_failure_of_the_connection_itself_is_fetched_again(
+    exc: BaseException, passing: bool
+) -> None:
+    assert ferry_agent._passing(exc) is passing
