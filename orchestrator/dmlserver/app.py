@@ -518,6 +518,13 @@ def make_app(cms_url: str, dml: Any, cache: Path) -> Starlette:
             yield
         finally:
             task.cancel()
+            # the heartbeats answered since the last tick: a stop loses none (a write the
+            # watcher had begun finishes in its thread; these are the ones after it)
+            beats, state.beats = state.beats, {}
+            try:
+                await run_in_threadpool(pullstate.heartbeats, state.url, beats)
+            except Exception as exc:  # noqa: BLE001 - stopping anyway: say so, do not hang
+                log.warning("%d heartbeats not recorded at the stop: %s", len(beats), exc)
 
     routes = [
         Route("/v1/health", health),

@@ -343,3 +343,25 @@ def test_every_resync_reads_the_agent_rows_even_when_their_signature_stands_stil
     assert state.read(0, sig, resync=False).agents is None
     rows = state.read(0, sig, resync=True).agents
     assert rows is not None and set(rows) == {"h1"}
+
+
+def test_a_stop_records_the_heartbeats_of_its_last_tick(
+    cms: str, ferry_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server, "TICK", 60.0)  # no tick writes them: only the stop can
+    tokens = pullstate.issue_tokens(cms, ["h1", "h2"])
+
+    async def body(state: ServerState, client: httpx.AsyncClient) -> None:
+        await asyncio.sleep(0.2)  # the watcher's first look is done; its next is a minute off
+        for h in ("h1", "h2"):
+            r = await client.post(
+                f"/v1/hosts/{h}/heartbeat", json={"current": f"shop-{h}"},
+                headers={"Authorization": f"Bearer {tokens[h]}"},
+            )  # fmt: skip
+            assert r.status_code == 200, r.text
+        assert set(state.beats) == {"h1", "h2"}  # answered, not yet written
+
+    asyncio.run(_serve(cms, ferry_home / "cache", body))
+    status = {s["host"]: s for s in pullstate.status(cms, ["h1", "h2"])}
+    assert {h: status[h]["running"] for h in status} == {"h1": "shop-h1", "h2": "shop-h2"}
+    assert all(status[h]["last_heartbeat"] for h in status)
