@@ -1485,9 +1485,10 @@ def serve(root):
 #                                reports not yet delivered (the server may be down)
 # ROOT/.ferry/pull/apply-now     a person's request (`apply-now`): apply what is pending
 PULL_DIR = os.path.join(".ferry", "pull")
-# a fetch cut or refused at the connection is tried again, 1+2+4+8 s apart (±50%): long
-# enough for `ferry dml serve` to restart, short of a step's timeout
-FETCH_TRIES = 5
+# a fetch cut or refused at the connection is tried again 1, 2, 4, 8 and 16 s later (±50%,
+# 15-46 s in all): time for `ferry dml serve` to restart on a loaded machine. No retry starts
+# after FETCH_WINDOW s, so a stalled server (each try may wait its timeout) fails the step.
+FETCH_TRIES, FETCH_WINDOW = 6, 90.0
 
 
 def _plog(msg):
@@ -1507,8 +1508,15 @@ def _passing(exc):
 
     if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
         exc = exc.reason
-    cut = (http.client.HTTPException, ConnectionError, socket.timeout, ssl.SSLEOFError)
-    return isinstance(exc, cut)
+    cut = (http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError)
+    if isinstance(exc, cut + (ssl.SSLEOFError,)):
+        return True
+    if isinstance(exc, socket.gaierror):  # a name the resolver could not look up just now
+        return exc.errno == getattr(socket, "EAI_AGAIN", None)
+    return isinstance(exc, OSError) and exc.errno in _NETWORK_DOWN
+
+
+_NETWORK_DOWN = {errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN}
 
 
 class Refused(Exception):
@@ -1914,10 +1922,12 @@ class PullAgent:
                         break
                     h.update(chunk)
                     out.write(chunk)
-            if got < size:  # http.client ends a body cut short quietly: a cut, not a lie
-                import http.client
+                # http.client ends a body cut short quietly, still expecting bytes: a cut,
+                # fetched again; a whole body of the wrong size is corrupted (below)
+                if got < size and r.length:
+                    import http.client
 
-                raise http.client.IncompleteRead(b"", size - got)
+                    raise http.client.IncompleteRead(b"", r.length)
         except BaseException:
             if os.path.exists(part):
                 os.unlink(part)
@@ -1931,28 +1941,33 @@ class PullAgent:
 
     def fetching(self, what, fetch, *args, **kwargs):
         """`fetch(*args, **kwargs)`, again after a connection that failed or was cut: the
-        server restarting (its stop cuts a transfer after its grace), a network blip. What comes
-        is checked by its signature or sha256 whichever try brings it; a refusal (4xx), a
-        certificate that does not verify, corrupted bytes or a local error (a full disk) are
-        not retried. After FETCH_TRIES the step fails, saying why."""
+        server restarting (its stop cuts a transfer after its grace), a network blip. What
+        comes is checked by its signature or sha256 whichever try brings it; a refusal
+        (4xx), a certificate that does not verify, corrupted bytes or a local error (a full
+        disk) are not retried. After FETCH_TRIES, or FETCH_WINDOW seconds, the step fails,
+        saying why."""
         import random
         import urllib.error
 
-        delay = 1.0
+        delay, until = 1.0, time.monotonic() + FETCH_WINDOW
         for attempt in range(1, FETCH_TRIES + 1):
+            last = attempt == FETCH_TRIES or time.monotonic() + delay > until
             try:
                 return fetch(*args, **kwargs)
             except urllib.error.HTTPError as exc:
+                exc.close()  # the step's report follows: do not hold the connection meanwhile
                 why = "the server answered %d" % exc.code
-                if exc.code < 500 or attempt == FETCH_TRIES:
+                if exc.code < 500 or last:
                     raise AgentError("fetch", "%s: %s" % (what, why), EXIT_OS)
             except Exception as exc:  # noqa: BLE001 - sorted by _passing below
                 if not _passing(exc):
                     raise
                 why = "%s: %s" % (type(exc).__name__, exc)
-                if attempt == FETCH_TRIES:
+                if last:
                     raise AgentError(
-                        "fetch", "%s: not fetched in %d tries (%s)" % (what, attempt, why), EXIT_OS
+                        "fetch",
+                        "%s: not fetched (%s; gave up after %d attempt(s))" % (what, why, attempt),
+                        EXIT_OS,
                     )
             _plog("%s: %s; trying again (%d of %d)" % (what, why, attempt + 1, FETCH_TRIES))
             time.sleep(delay * random.uniform(0.5, 1.5))

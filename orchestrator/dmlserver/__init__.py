@@ -40,6 +40,9 @@ TLS_READ_BUFFER = 32 * 1024
 # long-poll held the stop for its whole length (up to MAX_WAIT, 300 s), and a client that kept
 # an answered connection open without reading held it for asyncio's TLS close timeout (30 s).
 SHUTDOWN_GRACE = 10.0
+# …and a connection whose answer was sent and closed, but whose peer has not hung up this
+# long after the stop, is dropped then (not held the grace): it is not reading
+ANSWERED_LINGER = 1.0
 
 
 # A waiting long-poll stamps its host alive; an agent gone without a FIN (power lost, a
@@ -116,20 +119,45 @@ def serve(listen: str, *, insecure_http: bool, progress: Callable[[str], None]) 
 
 
 def _stopping_server(config: Any, app_state: Any) -> Any:
-    """uvicorn's server, whose stop first answers the waiting long-polls and drops the
-    connections already answered and closing (their peers owe only a TLS close reply);
-    uvicorn then drains the rest within SHUTDOWN_GRACE. Made here: uvicorn loads lazily."""
+    """uvicorn's server, whose stop first answers the waiting long-polls and, a moment
+    later (ANSWERED_LINGER), hangs up the connections answered and closed whose peers still
+    owe a TLS close reply; uvicorn drains the rest within SHUTDOWN_GRACE. Made here:
+    uvicorn loads lazily."""
+    import asyncio
+
     import uvicorn
 
     class StoppingServer(uvicorn.Server):
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             state = getattr(app_state, "ferry", None)
-            if state is not None:  # None: stopped before the app's start finished
+            if state is not None:  # set by the app's start, which a stop follows: defensive
                 state.close()
-            for conn in list(self.server_state.connections):
-                transport = getattr(conn, "transport", None)
-                if transport is not None and transport.is_closing():
-                    transport.abort()
+            # each connection's socket, asked now: uvicorn's shutdown closes every
+            # transport again, and asyncio's TLS transport then no longer says
+            held = {conn: _socket_of(conn) for conn in self.server_state.connections}
+            asyncio.get_running_loop().call_later(ANSWERED_LINGER, self.hang_up, held)
             await super().shutdown(sockets)
 
+        def hang_up(self, held: dict[Any, Any]) -> None:
+            for conn, sock in held.items():
+                transport = getattr(conn, "transport", None)
+                if sock is None or conn not in self.server_state.connections:
+                    continue
+                if transport is not None and transport.is_closing():
+                    # answered and closed: only the peer's TLS close reply is awaited, and a
+                    # reading peer would have sent it by now. The kernel still delivers what
+                    # the socket's buffer holds, then the FIN ends the wait.
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
     return StoppingServer(config)
+
+
+def _socket_of(conn: Any) -> Any:
+    """The connection's TCP socket, or None (a transport already gone)."""
+    try:
+        return conn.transport.get_extra_info("socket")
+    except AttributeError:
+        return None

@@ -208,13 +208,15 @@ def test_a_refused_or_failed_answer_is_closed_before_the_agent_sleeps_on_it(
 class _DML:
     """A DML server stand-in over plain HTTP on 127.0.0.1 (the agent's `insecure_http`),
     serving one release; `cut[path]` answers that many requests with half the body and
-    then closes (a server stopped mid-transfer), `status[path]` answers with that code."""
+    then closes (a server stopped mid-transfer), `short` paths with a whole body half as
+    long as the manifest says, `status[path]` with that code."""
 
     def __init__(self, files: dict[str, bytes], raw: bytes, sig: bytes) -> None:
         import http.server
         import threading
 
         self.cut: dict[str, int] = {}
+        self.short: set[str] = set()  # a whole body, half as long as the manifest says
         self.status: dict[str, int] = {}
         self.asked: list[str] = []
         bodies = {f"/v1/releases/r1/{k}": v for k, v in (("manifest", raw), ("signature", sig))}
@@ -225,6 +227,8 @@ class _DML:
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 dml.asked.append(self.path)
                 body = bodies.get(self.path)
+                if body is not None and self.path in dml.short:
+                    body = body[: len(body) // 2]
                 code = dml.status.get(self.path, 200 if body is not None else 404)
                 self.send_response(code)
                 self.send_header("Content-Length", str(len(body or b"")))
@@ -251,7 +255,7 @@ class _DML:
 
 
 @pytest.fixture
-def pull_host(tmp_path: Path):  # type: ignore[no-untyped-def]
+def pull_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """A host root with the DML key pinned, its pull agent configured for a local server."""
     import json
 
@@ -267,6 +271,8 @@ def pull_host(tmp_path: Path):  # type: ignore[no-untyped-def]
     (pull / "config.json").write_text(json.dumps(config))
     (pull / "token").write_text("h1.secret")
     agent = ferry_agent.PullAgent(str(tmp_path))
+    waited: list[float] = []
+    monkeypatch.setattr(ferry_agent.time, "sleep", waited.append)  # the back-off, not slept
     try:
         yield agent, dml, files, json.loads(raw)["digest"]
     finally:
@@ -295,9 +301,24 @@ def test_a_transfer_that_keeps_failing_fails_the_step_and_a_refusal_is_not_retri
     dml.cut = {obj: 99}
     with pytest.raises(ferry_agent.AgentError) as caught:
         agent.stage("r1", digest)
-    assert caught.value.kind == "fetch" and "not fetched in 2 tries" in caught.value.message
+    assert caught.value.kind == "fetch" and "gave up after 2 attempt(s)" in caught.value.message
     assert "IncompleteRead" in caught.value.message and dml.asked.count(obj) == 2
     assert not list(Path(agent.host.incoming).glob("*.part"))
+    # no retry starts past the window (a stalled server: each try may wait its timeout)
+    monkeypatch.setattr(ferry_agent, "FETCH_TRIES", 6)
+    monkeypatch.setattr(ferry_agent, "FETCH_WINDOW", 0.0)
+    dml.asked.clear()
+    with pytest.raises(ferry_agent.AgentError) as caught:
+        agent.stage("r1", digest)
+    assert "gave up after 1 attempt(s)" in caught.value.message and dml.asked.count(obj) == 1
+    # a whole body of the wrong size is corrupted, not cut: not asked again
+    dml.cut, dml.short = {}, {obj}
+    dml.asked.clear()
+    with pytest.raises(ferry_agent.AgentError) as caught:
+        agent.stage("r1", digest)
+    assert caught.value.kind == "integrity" and "arrived corrupted" in caught.value.message
+    assert dml.asked.count(obj) == 1
+    dml.short = set()
     dml.asked.clear()
     dml.status = {"/v1/releases/r1/manifest": 404}  # not on the server: asking again won't help
     with pytest.raises(ferry_agent.AgentError) as caught:
@@ -317,7 +338,9 @@ def test_a_step_failing_in_a_way_not_foreseen_is_still_reported(pull_host) -> No
 
 
 def _errors() -> list[tuple[BaseException, bool]]:
+    import errno
     import http.client
+    import socket
     import ssl
     import urllib.error
 
@@ -331,7 +354,10 @@ def _errors() -> list[tuple[BaseException, bool]]:
         (ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), True),
         (urllib.error.URLError(ssl.SSLCertVerificationError(1, "bad cert")), False),
         (urllib.error.URLError("unknown url type: ftp"), False),
-        (OSError(28, "No space left on device"), False),  # the host's own disk
+        (OSError(errno.EHOSTUNREACH, "No route to host"), True),  # the network, for now
+        (socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"), True),
+        (urllib.error.URLError(socket.gaierror(socket.EAI_NONAME, "Name unknown")), False),
+        (OSError(errno.ENOSPC, "No space left on device"), False),  # the host's own disk
         (FileNotFoundError(2, "no such file"), False),
         (ValueError("x"), False),
     ]
