@@ -62,6 +62,14 @@ class RunLog:
         if self.logger is not None:
             self.logger.info(message)
 
+    def end(self, message: str) -> None:
+        """The run log's last line, in Prefect only: `ferry deploy --via prefect` relays the
+        log until it sees it (orchestrator.prefect_deployments.follow)."""
+        from orchestrator.prefect_deployments import RUN_LOG_END
+
+        if self.logger is not None:
+            self.logger.info(f"{message}; {RUN_LOG_END}")
+
 
 def install_stop_handlers(stop: threading.Event, progress: Any) -> None:
     """SIGINT/SIGTERM: stop at the next safe point and back out; a second one aborts."""
@@ -200,6 +208,7 @@ async def deploy_release(deployment_id: int) -> Any:
         run.close()
         run.record.add_evidence(logins=run.sessions.logins)
     report = await publish(run, status)
+    log.end(f"deployment {deployment_id}: {status}")
     return final_state(str(status), report)
 
 

@@ -130,11 +130,22 @@ def submit(deployment_id: int, pool: str = DEFAULT_POOL) -> Any:
     return run_deployment(name=name, parameters={"deployment_id": deployment_id}, timeout=0)
 
 
-def follow(flow_run_id: Any, progress: Any, poll: float = 1.0, waiting_note: float = 20.0) -> Any:
+# The last line a deployment flow logs. A run's log reaches Prefect in batches, and the
+# last batch after the run is already Completed (its process sends it as it exits: in one CI
+# run, after every other line of the run), so `follow` relays until it sees this line.
+RUN_LOG_END = "this run's log ends here"
+
+
+def follow(
+    flow_run_id: Any, progress: Any, poll: float = 1.0, waiting_note: float = 20.0,
+    log_end_wait: float = 15.0,
+) -> Any:  # fmt: skip
     """Relay the flow run's log lines to `progress` until it ends; returns its final state.
 
     The worker writes the record; this only watches. A run nobody picks up gets one note
-    after `waiting_note` seconds (no worker polls the pool) and is waited for."""
+    after `waiting_note` seconds (no worker polls the pool) and is waited for. After the
+    run's end, its log is relayed until its RUN_LOG_END line, or for `log_end_wait` seconds
+    (a run whose process died never logs it)."""
     import time
 
     from prefect.client.orchestration import get_client
@@ -144,6 +155,7 @@ def follow(flow_run_id: Any, progress: Any, poll: float = 1.0, waiting_note: flo
     seen = 0
     started = time.monotonic()
     noted = False
+    ended: tuple[Any, float] | None = None  # the final state, and when it was seen
     with get_client(sync_client=True) as client:
         while True:
             run = client.read_flow_run(flow_run_id)
@@ -153,11 +165,19 @@ def follow(flow_run_id: Any, progress: Any, poll: float = 1.0, waiting_note: flo
                 offset=seen,
             )
             for entry in logs:
+                if entry.message.endswith(RUN_LOG_END):
+                    return run.state if ended is None else ended[0]
                 progress(entry.message)
             seen += len(logs)
+            if ended is not None:
+                if time.monotonic() - ended[1] > log_end_wait:
+                    return ended[0]
+                time.sleep(min(poll, 0.5))
+                continue
             state = run.state
             if state is not None and state.is_final():
-                return state
+                ended = (state, time.monotonic())
+                continue  # the log's last batch may still be on its way
             if not noted and state is not None and state.is_scheduled():
                 if time.monotonic() - started > waiting_note:
                     progress(f"flow run {run.name} is waiting for a worker on its work pool")
