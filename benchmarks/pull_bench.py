@@ -134,8 +134,11 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
             shas = sorted(set(pkg.manifest.values()))
             script = (
                 "import ssl,urllib.request,sys;c=ssl.create_default_context(cafile=sys.argv[1])\n"
-                "for s in sys.argv[3:]:\n"
-                "  r=urllib.request.urlopen(sys.argv[2]+'/v1/objects/'+s,context=c)\n"
+                "t=open(sys.argv[3]).read().strip()\n"
+                "for s in sys.argv[4:]:\n"
+                "  q=urllib.request.Request(sys.argv[2]+'/v1/objects/'+s)\n"
+                "  q.add_header('Authorization','Bearer '+t)\n"
+                "  r=urllib.request.urlopen(q,context=c)\n"
                 "  while r.read(1<<20): pass\n"
             )
             for h in fleet.hosts:
@@ -145,7 +148,8 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
             threads = [
                 threading.Thread(target=fleet.ssh, args=(h, " ".join([
                     "python3", f"{fleet.deploy_root(h)}/get.py", f"{fleet.deploy_root(h)}/ca.pem",
-                    f"https://{server.listen}", *shas]),), kwargs={"timeout": 1800})
+                    f"https://{server.listen}", f"{fleet.deploy_root(h)}/.ferry/pull/token",
+                    *shas]),), kwargs={"timeout": 1800})
                 for h in fleet.hosts
             ]  # fmt: skip
             for t in threads:

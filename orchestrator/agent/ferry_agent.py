@@ -1907,6 +1907,7 @@ class PullAgent:
 
         part = os.path.join(self.host.incoming, sha + ".part")
         req = urllib.request.Request("%s/v1/objects/%s" % (self.server, sha))
+        req.add_header("Authorization", "Bearer " + self.token)
         h, got = new_hash(), 0
         try:
             with (

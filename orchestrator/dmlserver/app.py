@@ -18,11 +18,12 @@ answer has said its poll counted (`"beat": true`). A long-poll whose agent hung 
 counting at once (the server listens for the hang-up); one gone without a FIN, within
 ~25 s (kernel keepalive on every connection, orchestrator/dmlserver/__init__.py).
 
-Manifests and objects need no token: they are signed (the agent checks the signature with
-its pinned DML key and every sha256 before anything runs) and content-addressed, so any web
-server or object store could serve them. The host API needs the host's own token (Bearer);
-a token of another host, a forged or a revoked one is refused with 401/403 and logged —
-the host, the path and the reason, never the token. The desired state and the reports live
+Every request but the health check needs a host's token (Bearer). The host API needs the
+host's own; manifests and objects, any installed host's: they are signed and content-
+addressed (the agent checks the signature with its pinned DML key and every sha256 before
+anything runs), but a release's contents are nobody else's to read. A token of another
+host, a forged or a revoked one is refused with 401/403 and logged — the host, the path
+and the reason, never the token. The desired state and the reports live
 in the CMS; the server holds nothing a restart could lose.
 """
 
@@ -328,9 +329,12 @@ def _gone(host: str) -> Response:
     return Response(status_code=400)
 
 
-async def _authorized(request: Request) -> tuple[ServerState, str] | Response:
+async def _authorized(
+    request: Request, host: str | None = None
+) -> tuple[ServerState, str] | Response:
+    """The request's token, checked for `host` (the path's host by default)."""
     state: ServerState = request.app.state.ferry
-    host = request.path_params["host"]
+    host = request.path_params["host"] if host is None else host
     if not _NAME.match(host):
         return _refuse(request, host[:60], Refused(400, "bad host name"))
     if state.known(request, host):
@@ -346,7 +350,27 @@ async def health(request: Request) -> Response:
     return JSONResponse({"ok": True})
 
 
+def _token_host(request: Request) -> str:
+    """The host a request's token names ("" without a well-formed one: refused as such)."""
+    header = request.headers.get("authorization", "")
+    parts = pullstate.split_token(header[7:].strip()) if header[:7].lower() == "bearer " else None
+    return parts[0] if parts else ""
+
+
+async def _any_host(request: Request) -> Response | None:
+    """None when the request carries a valid token of any installed host, else the refusal."""
+    host = _token_host(request)
+    if not host:
+        why = "no token" if "authorization" not in request.headers else "malformed token"
+        return _refuse(request, "-", Refused(401, why))
+    got = await _authorized(request, host)
+    return got if isinstance(got, Response) else None
+
+
 async def release_file(request: Request) -> Response:
+    refused = await _any_host(request)
+    if refused is not None:
+        return refused
     state: ServerState = request.app.state.ferry
     rid, part = request.path_params["rid"], request.path_params["part"]
     if not _NAME.match(rid) or part not in ("manifest", "signature"):
@@ -360,6 +384,9 @@ async def release_file(request: Request) -> Response:
 
 
 async def object_file(request: Request) -> Response:
+    refused = await _any_host(request)
+    if refused is not None:
+        return refused
     state: ServerState = request.app.state.ferry
     sha = request.path_params["sha"]
     path = state.cache / "objects" / sha

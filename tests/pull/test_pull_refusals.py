@@ -1,6 +1,7 @@
 """What the pull method refuses, and logs, with nothing run (issue 12): a tampered object,
 a wrong signature, a forged, revoked or other host's token, a swapped server certificate.
-And what it survives: the server killed and restarted mid-wave, a host's own apply time."""
+And what it survives: the server killed and restarted mid-wave, the server stopped and
+restarted mid-download, a host's own apply time."""
 
 from __future__ import annotations
 
@@ -16,7 +17,15 @@ import urllib.request
 from dml.store import DML
 from orchestrator.dmlserver import tls
 from orchestrator.objects import ObjectCache
-from tests.deploy.helpers import build, deploy, host_release, rfc, rid, shared_file
+from tests.deploy.helpers import (
+    build,
+    deploy,
+    files_match,
+    host_release,
+    rfc,
+    rid,
+    shared_file,
+)
 from tests.pull.test_pull_deploy import agent_status, install, pull_plan, wait_for
 
 
@@ -124,7 +133,8 @@ def test_a_tampered_object_and_a_wrong_signature_are_refused_before_anything_run
     # objects are static and content-addressed: range requests for resumable downloads
     other = next(f for f in pkg.files if f.sha256 != victim.sha256 and f.size > 2)
     req = urllib.request.Request(
-        f"{dml_server.url}/v1/objects/{other.sha256}", headers={"Range": "bytes=0-1"}
+        f"{dml_server.url}/v1/objects/{other.sha256}",
+        headers={"Range": "bytes=0-1", "Authorization": f"Bearer {token_of(fleet, 'h1')}"},
     )
     ctx = ssl.create_default_context(cafile=str(dml_server.ca))
     with urllib.request.urlopen(req, timeout=30, context=ctx) as r:
@@ -225,6 +235,49 @@ def test_the_server_killed_and_restarted_mid_wave_loses_nothing(
     for h in ("h1", "h2", "h3"):
         assert host_release(fleet, h) == rid("shop@1.0")
     assert os.path.exists(fleet.root_dir("h1") / "shared" / "data" / "i")
+
+
+def test_a_server_stopped_mid_download_and_restarted_is_fetched_from_again(
+    pull_fleet, dml_server, run_ferry, ferry_home
+):
+    """SIGTERM to `ferry dml serve` while a host's agent fetches a release over a slow link:
+    the server exits within its grace, the agent's next fetches are refused, it tries again
+    until the restarted server answers, and the deployment succeeds without a backout."""
+    fleet = pull_fleet
+    objects = {f"data/{i:02d}.bin": os.urandom(100_000) for i in range(40)}  # 4 MB, 40 objects
+    build(ferry_home, "1.0", extra=objects)
+    p = pull_plan(ferry_home, fleet, dml_server, targets=["h1"], strategy="big-bang",
+                  waves=None)  # fmt: skip
+    install(run_ferry, p)
+    incoming = fleet.root_dir("h1") / ".ferry" / "incoming"
+
+    def arrived() -> int:  # objects fetched whole (a sha256 name; not a .part, not the manifest)
+        return sum(1 for f in incoming.glob("*") if len(f.name) == 64)
+
+    result = {}
+
+    def run() -> None:
+        result["res"] = deploy(run_ferry, p, "shop@1.0", rfc(run_ferry, "shop@1.0"))
+
+    with fleet.faulted("h1", "slow", rate="4mbit"):  # ~0.2 s an object: ~8 s for all of them
+        t = threading.Thread(target=run)
+        t.start()
+        wait_for(lambda: arrived() >= 3, 120, "the download under way")
+        assert dml_server.proc is not None
+        stopped = time.monotonic()
+        dml_server.stop(signal.SIGTERM)
+        took = time.monotonic() - stopped
+        assert arrived() < 40, "the download finished before the stop: nothing was tested"
+        dml_server.start()
+        t.join(timeout=300)
+    assert took < 15, f"the server took {took:.1f} s to stop"
+    res = result["res"]
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.json()["status"] == "succeeded", res.json()
+    assert host_release(fleet, "h1") == rid("shop@1.0")
+    assert files_match(fleet, "h1", "shop@1.0")
+    log = (fleet.root_dir("h1") / ".ferry" / "pull" / "agent.log").read_text()
+    assert "trying again" in log, log[-2000:]
 
 
 def test_apply_boot_hosts_are_pending_until_their_agent_restarts(

@@ -365,3 +365,41 @@ def test_a_stop_records_the_heartbeats_of_its_last_tick(
     status = {s["host"]: s for s in pullstate.status(cms, ["h1", "h2"])}
     assert {h: status[h]["running"] for h in status} == {"h1": "shop-h1", "h2": "shop-h2"}
     assert all(status[h]["last_heartbeat"] for h in status)
+
+
+def test_a_releases_contents_are_served_only_to_an_installed_hosts_token(
+    cms: str, ferry_home: Path
+) -> None:
+    import hashlib
+
+    tokens = pullstate.issue_tokens(cms, ["h1", "h2"])
+    data = b"the release's own bytes"
+    sha = hashlib.sha256(data).hexdigest()
+    (ferry_home / "cache" / "objects").mkdir(parents=True)
+    (ferry_home / "cache" / "objects" / sha).write_bytes(data)
+
+    async def body(state: ServerState, client: httpx.AsyncClient) -> dict[str, Any]:
+        async def get(path: str, token: str | None) -> tuple[int, bytes]:
+            headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+            r = await client.get(path, headers=headers)
+            return r.status_code, r.content
+
+        obj, manifest = f"/v1/objects/{sha}", "/v1/releases/shop-1.0-aaaaaaaaaaaa/manifest"
+        got = {
+            "anonymous": await get(obj, None),
+            "anonymous manifest": await get(manifest, None),
+            "forged": await get(obj, "h1." + "0" * 43),
+            "malformed": await get(obj, "nonsense"),
+            "h1": await get(obj, tokens["h1"]),
+            "h2": await get(obj, tokens["h2"]),  # any installed host: objects are not per host
+        }
+        await asyncio.to_thread(pullstate.revoke, cms, "h2")
+        await asyncio.sleep(server.TICK * 3)  # the next look sees the revocation
+        got["revoked"] = await get(obj, tokens["h2"])
+        return got
+
+    got = asyncio.run(_serve(cms, ferry_home / "cache", body))
+    assert got["h1"] == (200, data) and got["h2"] == (200, data)
+    for refused in ("anonymous", "anonymous manifest", "forged", "malformed", "revoked"):
+        status, content = got[refused]
+        assert status == 401 and data not in content, (refused, got[refused])
