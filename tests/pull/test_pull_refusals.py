@@ -17,15 +17,7 @@ import urllib.request
 from dml.store import DML
 from orchestrator.dmlserver import tls
 from orchestrator.objects import ObjectCache
-from tests.deploy.helpers import (
-    build,
-    deploy,
-    files_match,
-    host_release,
-    rfc,
-    rid,
-    shared_file,
-)
+from tests.deploy.helpers import build, deploy, files_match, host_release, rfc, rid, shared_file
 from tests.pull.test_pull_deploy import agent_status, install, pull_plan, wait_for
 
 
