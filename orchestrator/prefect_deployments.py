@@ -134,6 +134,7 @@ def submit(deployment_id: int, pool: str = DEFAULT_POOL) -> Any:
 # last batch after the run is already Completed (its process sends it as it exits: in one CI
 # run, after every other line of the run), so `follow` relays until it sees this line.
 RUN_LOG_END = "this run's log ends here"
+LOG_PAGE = 200  # log lines a read asks for (the most Prefect's server gives at once)
 
 
 def follow(
@@ -155,34 +156,41 @@ def follow(
     seen = 0
     started = time.monotonic()
     noted = False
+    logged = False  # the run's RUN_LOG_END line was read: its log is whole
     ended: tuple[Any, float] | None = None  # the final state, and when it was seen
     with get_client(sync_client=True) as client:
         while True:
             run = client.read_flow_run(flow_run_id)
-            logs = client.read_logs(
-                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-                sort=LogSort.TIMESTAMP_ASC,
-                offset=seen,
-            )
+            logs = []
+            if not logged:
+                logs = client.read_logs(
+                    log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                    sort=LogSort.TIMESTAMP_ASC,
+                    offset=seen,
+                    limit=LOG_PAGE,
+                )
             for entry in logs:
                 if entry.message.endswith(RUN_LOG_END):
-                    return run.state if ended is None else ended[0]
+                    logged = True
+                    break
                 progress(entry.message)
             seen += len(logs)
-            if ended is not None:
-                if time.monotonic() - ended[1] > log_end_wait:
-                    return ended[0]
-                time.sleep(min(poll, 0.5))
-                continue
             state = run.state
-            if state is not None and state.is_final():
+            final = state is not None and state.is_final()
+            if final and logged:
+                return state
+            if final and ended is None:
                 ended = (state, time.monotonic())
-                continue  # the log's last batch may still be on its way
+            if ended is not None and time.monotonic() - ended[1] > log_end_wait:
+                return ended[0]  # a run whose process died never logs its last line
+            if len(logs) == LOG_PAGE:
+                continue  # more is waiting: read on at once
             if not noted and state is not None and state.is_scheduled():
                 if time.monotonic() - started > waiting_note:
                     progress(f"flow run {run.name} is waiting for a worker on its work pool")
                     noted = True
-            time.sleep(poll)
+            # the marker may come a moment before the run's Completed: poll the state briskly
+            time.sleep(min(poll, 0.5) if logged or ended is not None else poll)
 
 
 def _api() -> str:

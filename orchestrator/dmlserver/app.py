@@ -2,7 +2,7 @@
 API of the pull method, as one ASGI app (Starlette) that `ferry dml serve` runs on uvicorn.
 
     GET  /v1/health
-    GET  /v1/releases/<release-id>/manifest | /signature   signed, immutable, cacheable
+    GET  /v1/releases/<release-id>/manifest | /signature   signed, immutable
     GET  /v1/objects/<sha256>                              one file's bytes (range requests)
     GET  /v1/hosts/<host>/desired?after=N&wait=S           long-poll: answers the moment the
                                                            host's desired state passes N
@@ -57,6 +57,7 @@ from orchestrator.cms.models import utcnow
 log = logging.getLogger("ferry.dmlserver")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
+STOP_WRITE = 5.0  # the stop's last heartbeat write waits no longer on a CMS that hangs
 TICK = 0.25  # how often the server looks for changed desired state in the CMS
 RESYNC = 40  # every 10 s, every host's generation (catches a forgotten host)
 BEAT_TICKS = 8  # every 2 s, the hosts with a waiting long-poll are stamped alive
@@ -70,7 +71,9 @@ REQUEST_THREADS, WATCHER_THREADS = 13, 2
 # a long-poll's longest wait: a large fleet polls long (`pull.poll: 300s`), since every
 # re-poll costs the server ~4 ms of CPU in its Python TLS and HTTP stack on this machine
 MAX_WAIT = 300.0
-IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable"}
+# private: every such answer needs a host's token, and a shared cache (a proxy) may keep a
+# `public` answer to a request that carried one and hand it to anyone
+IMMUTABLE = {"Cache-Control": "private, max-age=31536000, immutable"}
 
 
 class Refused(Exception):
@@ -316,8 +319,9 @@ def _refuse(request: Request, host: str, exc: Refused) -> Response:
     state: ServerState = request.app.state.ferry
     state.refused += 1
     client = request.client.host if request.client else "?"
+    # %r: a path is decoded (`%0A` is a newline) and could forge log lines otherwise
     log.warning(
-        "refused %s %s for host %s from %s: %s",
+        "refused %s %r for host %r from %s: %s",
         request.method, request.url.path, host, client, exc.reason,
     )  # fmt: skip
     return JSONResponse({"error": "refused", "reason": exc.reason}, status_code=exc.status)
@@ -330,19 +334,21 @@ def _gone(host: str) -> Response:
 
 
 async def _authorized(
-    request: Request, host: str | None = None
+    request: Request, host: str | None = None, shown: str | None = None
 ) -> tuple[ServerState, str] | Response:
-    """The request's token, checked for `host` (the path's host by default)."""
+    """The request's token, checked for `host` (the path's host by default); a refusal is
+    logged naming `shown`, the host by default."""
     state: ServerState = request.app.state.ferry
     host = request.path_params["host"] if host is None else host
+    shown = host[:60] if shown is None else shown
     if not _NAME.match(host):
-        return _refuse(request, host[:60], Refused(400, "bad host name"))
+        return _refuse(request, shown, Refused(400, "bad host name"))
     if state.known(request, host):
         return state, host
     try:
         await run_in_threadpool(state.authorize, request, host)
     except Refused as exc:
-        return _refuse(request, host, exc)
+        return _refuse(request, shown, exc)
     return state, host
 
 
@@ -363,7 +369,10 @@ async def _any_host(request: Request) -> Response | None:
     if not host:
         why = "no token" if "authorization" not in request.headers else "malformed token"
         return _refuse(request, "-", Refused(401, why))
-    got = await _authorized(request, host)
+    # named in the log only when it is an installed host: a token pasted with a dot in its
+    # secret would otherwise put part of the secret in the log as the "host"
+    shown = host if host in request.app.state.ferry.agents else "-"
+    got = await _authorized(request, host, shown)
     return got if isinstance(got, Response) else None
 
 
@@ -545,11 +554,16 @@ def make_app(cms_url: str, dml: Any, cache: Path) -> Starlette:
             yield
         finally:
             task.cancel()
-            # the heartbeats answered since the last tick: a stop loses none (a write the
-            # watcher had begun finishes in its thread; these are the ones after it)
+            # the heartbeats answered since the last tick: a stop loses none. The watcher
+            # first: a write it had begun finishes in its thread (an older beat committed
+            # after a newer one would win), and a failed one puts its beats back
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
             beats, state.beats = state.beats, {}
             try:
-                await run_in_threadpool(pullstate.heartbeats, state.url, beats)
+                await asyncio.wait_for(
+                    run_in_threadpool(pullstate.heartbeats, state.url, beats), STOP_WRITE
+                )
             except Exception as exc:  # noqa: BLE001 - stopping anyway: say so, do not hang
                 log.warning("%d heartbeats not recorded at the stop: %s", len(beats), exc)
 

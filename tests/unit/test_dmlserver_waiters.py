@@ -368,9 +368,12 @@ def test_a_stop_records_the_heartbeats_of_its_last_tick(
 
 
 def test_a_releases_contents_are_served_only_to_an_installed_hosts_token(
-    cms: str, ferry_home: Path
+    cms: str, ferry_home: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     import hashlib
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="ferry.dmlserver")
 
     tokens = pullstate.issue_tokens(cms, ["h1", "h2"])
     data = b"the release's own bytes"
@@ -390,6 +393,9 @@ def test_a_releases_contents_are_served_only_to_an_installed_hosts_token(
             "anonymous manifest": await get(manifest, None),
             "forged": await get(obj, "h1." + "0" * 43),
             "malformed": await get(obj, "nonsense"),
+            "empty": await get(obj, ""),
+            # h1's secret pasted with something after a dot: its "host" holds the secret
+            "pasted": await get(obj, tokens["h1"] + ".x"),
             "h1": await get(obj, tokens["h1"]),
             "h2": await get(obj, tokens["h2"]),  # any installed host: objects are not per host
         }
@@ -400,6 +406,12 @@ def test_a_releases_contents_are_served_only_to_an_installed_hosts_token(
 
     got = asyncio.run(_serve(cms, ferry_home / "cache", body))
     assert got["h1"] == (200, data) and got["h2"] == (200, data)
-    for refused in ("anonymous", "anonymous manifest", "forged", "malformed", "revoked"):
+    refusals = ("anonymous", "anonymous manifest", "forged", "malformed", "empty", "pasted",
+                "revoked")  # fmt: skip
+    for refused in refusals:
         status, content = got[refused]
         assert status == 401 and data not in content, (refused, got[refused])
+    logged = [r.getMessage() for r in caplog.records if r.name == "ferry.dmlserver"]
+    assert len([m for m in logged if m.startswith("refused")]) == len(refusals), logged
+    secrets = [t.split(".", 1)[1] for t in tokens.values()]
+    assert not [m for m in logged for secret in secrets if secret in m], logged
