@@ -240,8 +240,7 @@ class ServerState:
 
     # -- tokens ----------------------------------------------------------------------------
     def authorize(self, request: Request, host: str) -> None:
-        header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else ""
+        token = _bearer(request)
         if not token:
             raise Refused(401, "no token")
         parts = pullstate.split_token(token)
@@ -270,10 +269,10 @@ class ServerState:
         Only accepts: whatever is refused is refused from the CMS's own row, and logged."""
         if time.monotonic() - self._looked > FRESH:
             return False
-        header = request.headers.get("authorization", "")
-        if not header.lower().startswith("bearer "):
+        token = _bearer(request)
+        if not token:
             return False
-        key = (host, hashlib.sha256(header[7:].strip().encode()).hexdigest())
+        key = (host, hashlib.sha256(token.encode()).hexdigest())
         row = self.agents.get(host)
         return row is not None and not row.revoked and self._verified.get(key) == row.digest
 
@@ -358,9 +357,14 @@ async def health(request: Request) -> Response:
 
 def _token_host(request: Request) -> str:
     """The host a request's token names ("" without a well-formed one: refused as such)."""
-    header = request.headers.get("authorization", "")
-    parts = pullstate.split_token(header[7:].strip()) if header[:7].lower() == "bearer " else None
+    parts = pullstate.split_token(_bearer(request))
     return parts[0] if parts else ""
+
+
+def _bearer(request: Request) -> str:
+    """The request's bearer token, or "" (no Authorization header, or not a bearer one)."""
+    header = request.headers.get("authorization", "")
+    return header[7:].strip() if header[:7].lower() == "bearer " else ""
 
 
 async def _any_host(request: Request) -> Response | None:
