@@ -260,7 +260,7 @@ async def manual_milestone(run: DeploymentRun, index: int, timeout: float) -> st
     roles = {k: [str(r) for r in v] for k, v in load_change_models().roles.items()}
     run.record.add_evidence(awaiting_approval={"wave": index, "timeout_s": timeout})
     run.progress(
-        f"  wave {index} awaits a manual milestone: `ferry deploy approve {run.id}` (or "
+        f"  wave {index} awaits a manual milestone: `ferry approve {run.id}` (or "
         f"--reject), or resume the flow run in Prefect's UI; {int(timeout)} s at most"
     )
     attempt = 0

@@ -195,6 +195,11 @@ class SSHSettings(BaseModel):
         return m["user"] or self.user, m["host"].strip("[]"), int(m["port"] or 22)
 
 
+def is_address(value: str) -> bool:
+    """A host name, an IPv4 address, or an IPv6 one (bare or in brackets)."""
+    return bool(re.fullmatch(r"[A-Za-z0-9:][A-Za-z0-9.:_-]*|\[[0-9A-Fa-f:.]+\]", value))
+
+
 class HostEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     address: str
@@ -218,7 +223,7 @@ class HostEntry(BaseModel):
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9:][A-Za-z0-9.:_-]*|\[[0-9A-Fa-f:.]+\]", value):
+        if not is_address(value):
             raise ValueError(f"address {value!r} is not a host name or an IP address")
         return value
 

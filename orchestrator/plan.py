@@ -79,7 +79,12 @@ _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
 def parse_duration(value: Any) -> float:
     """'90s', '2m', '1.5h', '500ms' or a number of seconds."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer beyond any float: far longer than a week
+            raise ValueError(
+                f"{str(value)[:20]}… is longer than a week (7d = 168h), the longest Ferry waits"
+            ) from None
     else:
         m = _DURATION.match(str(value))
         if not m:
@@ -95,6 +100,16 @@ def parse_duration(value: Any) -> float:
 def _positive(seconds: float) -> float:
     if seconds <= 0:
         raise ValueError("0s would time out at once: give a duration above zero, e.g. 30s")
+    return seconds
+
+
+def _a_person_can_answer(seconds: float) -> float:
+    # Prefect's pause counts whole seconds: below one, no one is waited for at all
+    if seconds < 1:
+        raise ValueError(
+            f"{seconds:g}s leaves no time to decide: a manual milestone waits at least 1s "
+            "for a person (e.g. 30m, 4h)"
+        )
     return seconds
 
 
@@ -123,8 +138,8 @@ class Check(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str | None = None
     command: str | None = None
-    http: str | None = None
-    status: int = 200
+    http: str | None = None  # a URL (a template: checked once rendered, planner.py)
+    status: int = Field(200, ge=100, le=599)
     tcp: int | None = Field(None, ge=1, le=65535)
     address: str = "127.0.0.1"
     timeout: PositiveDuration = 10.0
@@ -325,13 +340,15 @@ WaveEntry = int | str
 class ApprovedWave(BaseModel):
     """`{hosts: 3, approve: true}`: a manual milestone. After this wave's milestone passes,
     the flow pauses until a person with a role in the change models approves (Prefect's UI,
-    or `ferry deploy approve ID`) or rejects, which backs the deployment out; no decision
+    or `ferry approve ID`) or rejects, which backs the deployment out; no decision
     within `timeout` is a rejection."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     hosts: WaveEntry
     approve: bool = False
-    timeout: Duration = 3600.0
+    timeout: Annotated[
+        float, BeforeValidator(parse_duration), AfterValidator(_a_person_can_answer)
+    ] = 3600.0
 
 
 def wave_entry(entry: WaveEntry | ApprovedWave) -> WaveEntry:

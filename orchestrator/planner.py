@@ -23,11 +23,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from fractions import Fraction
 from typing import Any
+from urllib.parse import urlsplit
 
 from orchestrator import steps as step_table
 from orchestrator.context import Renderer, host_context, scalars
 from orchestrator.errors import PlanError
-from orchestrator.inventory import Host, SSHSettings
+from orchestrator.inventory import Host, SSHSettings, is_address
 from orchestrator.plan import ApprovedWave, Check, DeployPlan, wave_entry
 from orchestrator.pullwindow import host_window
 from orchestrator.rollout import (
@@ -147,7 +148,10 @@ def plan_rollout(
     if not hosts:
         raise PlanError(f"{plan_file}: targets select no host")
     by_name = {h.name: h for h in hosts}
-    waves, notes, approvals = _split(plan, [h.name for h in hosts], groups)
+    try:
+        waves, notes, approvals = _split(plan, [h.name for h in hosts], groups)
+    except PlanError as exc:  # the plan's waves or pilot: say which file
+        raise PlanError(f"{plan_file}: {exc.message}") from None
     steps = forward_steps(plan)
     rid = release_id(release, digest)
     render = _HostRenderer(plan, templates or {}, plan_file, release, rid)
@@ -265,8 +269,19 @@ class _HostRenderer:
             )  # fmt: skip
         if c.http is not None:
             url = self.r.render(c.http, ctx, field, host)
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise PlanError(
+                    f"{self.r.where}: {field}.http: {url!r} (host {host}) is not an http(s) "
+                    "URL; give one like http://127.0.0.1:8080/health"
+                )
             return RenderedCheck(c.label, "http", url, None, c.status, c.timeout)
         address = self.r.render(c.address, ctx, field, host)
+        if not is_address(address):
+            raise PlanError(
+                f"{self.r.where}: {field}.address: {address!r} (host {host}) is not a host "
+                "name or an IP address; the default 127.0.0.1 is the host itself"
+            )
         return RenderedCheck(c.label, "tcp", address, c.tcp, c.status, c.timeout)
 
     def host(

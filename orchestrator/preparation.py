@@ -21,6 +21,7 @@ from orchestrator.change import config, gate
 from orchestrator.change.promotion import load_lifecycle
 from orchestrator.cms.deployments import DeploymentRecord, host_baselines
 from orchestrator.els import els_record
+from orchestrator.errors import PlanError, SpecError
 from orchestrator.inventory import inventory_path, load_inventory
 from orchestrator.plan import load_plan
 from orchestrator.planner import plan_rollout
@@ -50,13 +51,23 @@ class Prepared:
     notify: dict[str, str] | None = None  # the plan's `notify:` (orchestrator.notify)
 
 
+def _template_text(src: Path, plan_file: str, index: int) -> str:
+    try:
+        return src.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(
+            plan_file,
+            f"config.{index}.src",
+            f"{src} is not UTF-8 text (byte {exc.start})",
+            "save the template as UTF-8",
+        ) from None
+
+
 def prepare(request: DeployRequest, settings: Settings) -> Prepared:
     from dml.store import DML
 
     plan_file = str(request.plan_path)
     rfc_id = gate.parse_rfc_id(request.rfc) if request.rfc else None
-    if rfc_id is not None:
-        _require_rfc(settings, rfc_id)
     plan = load_plan(request.plan_path)
     load_lifecycle()  # a bad lifecycle.yaml is exit 2 here, not a refusal mid-run
     inventory_file = inventory_path(
@@ -66,7 +77,10 @@ def prepare(request: DeployRequest, settings: Settings) -> Prepared:
         plan_file=plan_file,
     )
     inventory = load_inventory(inventory_file)
-    hosts = inventory.select(plan.targets)
+    try:
+        hosts = inventory.select(plan.targets)
+    except PlanError as exc:  # the plan's targets: say which file
+        raise PlanError(f"{plan_file}: {exc.message}") from None
     if request.hosts is not None:
         from orchestrator.hostlimit import narrow
 
@@ -78,8 +92,10 @@ def prepare(request: DeployRequest, settings: Settings) -> Prepared:
     # not an aborted deployment after the record was written
     config.load_change_models()
     config.load_calendar()
+    if rfc_id is not None:  # after the files: a bad plan is named first, and no CMS is made
+        _require_rfc(settings, rfc_id)
     package = DML.from_settings().open(request.release)  # signature + every checksum
-    templates = {t.dest: t.src.read_text() for t in plan.config}
+    templates = {t.dest: _template_text(t.src, plan_file, i) for i, t in enumerate(plan.config)}
     rollout = plan_rollout(
         plan,
         hosts,

@@ -77,15 +77,47 @@ def duplicate_keys(node: yaml.Node, path: str = "") -> tuple[str, str] | None:
     return None
 
 
+# what pydantic says of each member of a union the value is not (`waves: [{hosts: 1, …}]`
+# is neither an int nor a str): the member the value does have the shape of says more
+_NOT_THIS_SHAPE = frozenset(
+    {"int_type", "int_parsing", "string_type", "float_type", "float_parsing", "bool_type",
+     "bool_parsing", "model_type", "model_attributes_type", "dict_type", "list_type",
+     "tuple_type"}
+)  # fmt: skip
+
+
+def _type_tag(part: Any) -> bool:
+    return isinstance(part, str) and (
+        part in ("int", "str", "float", "bool") or part.startswith(("list[", "tuple[", "dict["))
+    )
+
+
+def _field(loc: tuple[Any, ...], errors: list[Any]) -> str:
+    """The dotted field path, without the union members pydantic names in it: a place
+    where the errors name different members, one of them a type (`int`, `str`, …), holds
+    member names (`waves.0.ApprovedWave.timeout` is `waves.0.timeout`), not keys."""
+    parts = []
+    for k, part in enumerate(loc):
+        here = {tuple(e["loc"][:k]) == tuple(loc[:k]) and e["loc"][k] for e in errors
+                if len(e["loc"]) > k} - {False}  # fmt: skip
+        if not (len(here) > 1 and any(_type_tag(p) for p in here)):
+            parts.append(str(part))
+    return ".".join(parts) or "(top level)"
+
+
 def validation_error(path: Path | str, exc: ValidationError) -> SpecError:
-    """The first problem, named by file and dotted field path, with a fix where we know one."""
-    err = exc.errors()[0]
-    field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    """The first problem, named by file and dotted field path, with a fix where we know one
+    (of a union, the problem of the member the value has the shape of)."""
+    errors = exc.errors()
+    err = next((e for e in errors if e["type"] not in _NOT_THIS_SHAPE), errors[0])
+    field = _field(err["loc"], errors)
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     fix = _FIXES.get(err["type"])
-    more = len(exc.errors()) - 1
+    # other fields, not this one's own union members (which name it or a field above it)
+    others = {_field(e["loc"], errors) for e in errors}
+    more = len({f for f in others if f != field and not field.startswith(f + ".")})
     if more:
         msg += f" (and {more} more problem{'s' if more > 1 else ''})"
     return SpecError(str(path), field, msg, fix)

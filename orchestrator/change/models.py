@@ -228,6 +228,11 @@ class RfcRequest(_Strict):
             v = [v]
         if isinstance(v, list):
             out = [h.strip() for item in v for h in str(item).split(",") if h.strip()]
+            if v and not out:  # e.g. --hosts ',,': no hosts means every host of the environment
+                raise ValueError(
+                    "names no host; leave the option out for the whole environment, or name "
+                    "hosts or patterns (e.g. web-1,web-*)"
+                )
             bad = [h for h in out if not _HOST_PATTERN.match(h)]
             if bad:
                 raise ValueError(f"{bad[0]!r} is not a host name or pattern (e.g. web-*)")

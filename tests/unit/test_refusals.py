@@ -34,6 +34,37 @@ TABLE: list[tuple[list[str], int, str | None]] = [
     (["deploy", "plan.yaml", "-r", "shop@1.0", "--rfc", "999"], 2, "--rfc: RFC-999 does not exist"),
     (["deploy", "plan.yaml", "-r", "shop@1.0", "--hosts", "nothere"], 2, "'nothere' names none"),
     (["deploy", "plan.yaml"], 2, None),
+    # found by rendering or planning, still before anything is recorded; each names the plan
+    (
+        ["deploy", "plan-http.yaml", "-r", "shop@1.0"],
+        2,
+        "plan-http.yaml: milestone.checks[0].http: 'not a url' (host h1) is not an http(s) URL",
+    ),
+    (
+        ["deploy", "plan-tcp.yaml", "-r", "shop@1.0"],
+        2,
+        "plan-tcp.yaml: acceptance[0].address: '!!bad!!' (host h1) is not a host name",
+    ),
+    (["deploy", "plan-status.yaml", "-r", "shop@1.0"], 2, "status: Input should be less than"),
+    (["deploy", "plan-approve0.yaml", "-r", "shop@1.0"], 2, "0s leaves no time to decide"),
+    (["deploy", "plan-huge.yaml", "-r", "shop@1.0"], 2, "is longer than a week"),
+    (["deploy", "plan-tmpl.yaml", "-r", "shop@1.0"], 2, "plan-tmpl.yaml: config.0.src: "),
+    (
+        ["deploy", "plan-targets.yaml", "-r", "shop@1.0"],
+        2,
+        "plan-targets.yaml: targets: 'nosuch' is no group",
+    ),
+    (
+        ["deploy", "plan-waves.yaml", "-r", "shop@1.0"],
+        2,
+        "plan-waves.yaml: waves: 'nogroup' is neither",
+    ),
+    # a bad plan is named before the RFC is looked up (and no CMS is made for it)
+    (
+        ["deploy", "bad-plan.yaml", "-r", "shop@1.0", "--rfc", "999"],
+        2,
+        "bad-plan.yaml: strategy: Field required",
+    ),
     # status
     (["status", "--deployment", "999"], 2, "deployment 999 does not exist"),
     (["status", "--deployment", "abc"], 2, "'abc' is not a deployment id"),
@@ -60,6 +91,23 @@ TABLE: list[tuple[list[str], int, str | None]] = [
     (["rfc", "wait", "999", "--timeout", "0"], 2, "RFC-999 does not exist"),
     (["rfc", "new", "--release", "shop@1.0", "--env", "dev", "--model", "bogus"], 2, "--model"),
     (["rfc", "new", "--release", "shop", "--env", "dev", "--model", "normal"], 2, "--release"),
+    # ',,' names no host: left as it is, it would mean the whole environment
+    (
+        [
+            "rfc",
+            "new",
+            "--release",
+            "shop@1.0",
+            "--env",
+            "dev",
+            "--model",
+            "normal",
+            "--hosts",
+            ",,",
+        ],
+        2,
+        "--hosts: names no host",
+    ),
     (["rfc", "list", "--status", "bogus"], 2, "--status: 'bogus' is not an RFC status"),
     (["rfc", "approve", "{assessed}"], 3, "separation of duties"),
     (["rfc", "approve", "{rejected}"], 3, "rejected"),
@@ -83,9 +131,26 @@ def _prepare(run_ferry, work: Path) -> dict[str, str]:
     ssh = {"user": "ferry", "identity_file": str(work / "id_key"),
            "known_hosts": str(work / "known_hosts")}  # fmt: skip
     inv.write_text(yaml.safe_dump({"ssh": ssh, "hosts": {"h1": {"address": "198.18.0.1"}}}))
-    (work / "plan.yaml").write_text(
-        yaml.safe_dump({"environment": "dev", "inventory": str(inv), "strategy": "big-bang"})
-    )
+    plan = {"environment": "dev", "inventory": str(inv), "strategy": "big-bang"}
+    (work / "plan.yaml").write_text(yaml.safe_dump(plan))
+    (work / "tmpl-bad.j2").write_bytes(b"name = caf\xe9\n")  # Latin-1, not UTF-8
+    bad_plans = {
+        "http": {"milestone": {"checks": [{"http": "not a url"}]}},
+        "tcp": {
+            "acceptance": [{"name": "port", "type": "functional", "tcp": 80, "address": "!!bad!!"}]
+        },  # fmt: skip
+        "status": {"milestone": {"checks": [{"http": "http://127.0.0.1/", "status": 99999}]}},
+        "approve0": {
+            "strategy": "phased",
+            "waves": [{"hosts": 1, "approve": True, "timeout": "0s"}, "100%"],
+        },
+        "huge": {"milestone": {"deadline": 10**400}},
+        "tmpl": {"config": [{"src": "tmpl-bad.j2", "dest": "app.toml"}]},
+        "targets": {"targets": "nosuch"},
+        "waves": {"strategy": "phased", "waves": ["nogroup", "100%"]},
+    }
+    for name, fields in bad_plans.items():
+        (work / f"plan-{name}.yaml").write_text(yaml.safe_dump({**plan, **fields}))
     ids = {}
     for state in ("draft", "assessed", "rejected"):
         r = run_ferry("rfc", "new", "--release", "shop@1.0", "--env", "dev", "--model", "normal",
