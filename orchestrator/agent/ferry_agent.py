@@ -534,10 +534,18 @@ class Host:
         return found
 
     def missing_objects(self, manifest, expect=None):
-        """sha256 -> size of each object of `manifest` this host holds no copy of."""
+        """sha256 -> size of each object of `manifest` this host holds no good copy of. A
+        copy changed since it was verified (its identity moved: edited, or only touched) is
+        read now, and sent again when its bytes are no longer the object's: verify would
+        otherwise find it bad after the stream ended, and the stage could never succeed."""
         files = manifest["content"]["files"]
-        known = self.known_objects(expect, wanted={e["sha256"] for e in files}, intact=False)
-        return {e["sha256"]: e["size"] for e in files if e["sha256"] not in known}
+        known = self.known_objects(expect, wanted={e["sha256"] for e in files})
+        need = {}
+        for e in files:
+            copy = known.get(e["sha256"])  # (path, fresh, intact, …)
+            if copy is None or not (copy[1] or copy[2] or sha256_file(copy[0]) == e["sha256"]):
+                need[e["sha256"]] = e["size"]
+        return need
 
     def _lists_any(self, rid, shas):
         """Whether release `rid`'s stored manifest lists any of `shas`, read without checking
@@ -857,6 +865,14 @@ def op_config(host, args):
     return {"written": sorted(files)}
 
 
+def _point_current(host, name):
+    """`current` → releases/<name>, atomically (a symlink at a temp name, renamed over)."""
+    link = os.path.join(host.root, "current")
+    tmp = link + ".tmp-%d" % os.getpid()
+    os.symlink(os.path.join("releases", name), tmp)
+    os.replace(tmp, link)
+
+
 def op_switch(host, args):
     """Point `current` at releases/<id> atomically (symlink to a temp name, rename)."""
     link = os.path.join(host.root, "current")
@@ -870,9 +886,7 @@ def op_switch(host, args):
         target = safe_id(args.id)
         if not os.path.exists(os.path.join(host.meta, target + ".json")):
             raise bad_input("release %s is not verified on this host" % target)
-        tmp = link + ".tmp-%d" % os.getpid()
-        os.symlink(os.path.join("releases", target), tmp)
-        os.replace(tmp, link)
+        _point_current(host, target)
     if before != target:
         st["previous"], st["current"] = before, target
         st.setdefault("history", []).append(
@@ -945,6 +959,9 @@ def op_readback(host, args):
     if args.id and cur != args.id:
         result["mismatches"].append("current is %s, expected %s" % (cur, args.id))
         return result
+    if cur not in host.verified_ids():  # e.g. a copy changed on the host, set aside (op_check)
+        result["mismatches"].append("current is %s, not a release verified on this host" % cur)
+        return result
     expect = args.digest if args.id == cur else None
     manifest, result["mismatches"] = _mismatches(host, cur, args.full, args.rehash, expect)
     result["ok"] = not result["mismatches"]
@@ -966,7 +983,10 @@ def op_check(host, args):
     _manifest, bad = _mismatches(host, rid, args.full, expect=args.digest)
     if bad:
         aside = os.path.join(host.releases, ".broken-%s-%d" % (rid, int(time.time())))
+        live = host.current() == rid
         os.rename(os.path.join(host.releases, rid), aside)
+        if live:  # the service keeps running what it ran until a clean copy is activated
+            _point_current(host, os.path.basename(aside))
         for suffix in (".json", ".sig", ".ids"):
             try:
                 os.unlink(os.path.join(host.meta, rid + suffix))
@@ -978,6 +998,7 @@ def op_check(host, args):
             "ok": False,
             "mismatches": bad[:20],
             "set_aside": aside,
+            "current_set_aside": live,
         }
     return {"release": rid, "present": True, "ok": True, "mismatches": []}
 

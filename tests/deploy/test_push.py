@@ -279,6 +279,32 @@ def test_a_release_altered_on_a_host_is_staged_afresh_when_deployed_again(clean_
     assert files_match(fleet, "h1", "shop@1.0") and files_match(fleet, "h2", "shop@1.0")
 
 
+def test_a_file_edited_in_place_in_the_live_release_and_a_kept_one_is_sent_again(
+    clean_small, run_ferry
+):
+    """An unchanged file is one inode in every release that has it: edited in place on the
+    host, it is altered in the live release and in a kept one alike. Deploying the live
+    release again sets it aside (the service keeps running it meanwhile), asks for the
+    object again rather than taking the kept release's altered copy, and ends live and clean."""
+    fleet, work = clean_small, Path.cwd()
+    build(work, "1.0")
+    build(work, "2.0")
+    p = plan(work, fleet, targets="h1")
+    for version in ("1.0", "2.0", "1.0"):  # 1.0 live, 2.0 kept
+        release = f"shop@{version}"
+        assert deploy(run_ferry, p, release, rfc(run_ferry, release)).returncode == 0
+    releases = fleet.root_dir("h1") / "releases"
+    live, kept = (releases / rid(r) / "app" / "health.ok" for r in ("shop@1.0", "shop@2.0"))
+    assert live.stat().st_ino == kept.stat().st_ino
+    with open(live, "r+b") as f:  # in place: the inode both releases share
+        f.write(b"ko")
+    res = deploy(run_ferry, p, "shop@1.0", rfc(run_ferry, "shop@1.0"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.json()["bytes_sent"] > 0  # sent, not linked from 2.0's altered copy
+    assert host_release(fleet, "h1") == rid("shop@1.0") and files_match(fleet, "h1", "shop@1.0")
+    assert [p.name for p in releases.glob(".broken-*")], "the altered copy is kept aside"
+
+
 def test_a_window_closing_mid_rollout_stops_at_the_next_wave_boundary(clean_small, run_ferry):
     fleet, work = clean_small, Path.cwd()
     build(work, "1.0")

@@ -255,12 +255,42 @@ def test_a_new_release_reuses_intact_files_unread_and_rereads_any_that_changed(t
     assert back["ok"], "a quick read-back compares sizes only"
     back = run(tmp_path, "readback", "--id", "app-2", "--full")[1]
     assert back["mismatches"] == ["u/a: content differs"]
-    # and a later release that would reuse it rereads it and refuses the altered copy
+    # and a later release that would reuse it rereads it, and asks for the object instead
+    # of the altered copy (asked for and not sent: it never arrived, and nothing is placed)
     raw, sig = _release({"u/a": a}, "3")
     rc, res = run(tmp_path, "receive", "--id", "app-3", stdin=receive_stream(raw, sig, {}))
-    assert rc == 0 and res["needed"] == 0
-    rc, res = run(tmp_path, "verify", "--id", "app-3")
-    assert rc == 10 and "no longer matches its checksum" in res["message"]
+    assert rc == 10 and "never arrived" in res["message"]
+    assert not (tmp_path / "releases" / "app-3").exists()
+    sent = {hashlib.sha256(a).hexdigest(): a}
+    rc, res = run(tmp_path, "receive", "--id", "app-3", stdin=receive_stream(raw, sig, sent))
+    assert rc == 0 and res["needed"] == 1
+    assert run(tmp_path, "verify", "--id", "app-3")[0] == 0
+    assert (tmp_path / "releases" / "app-3" / "u" / "a").read_bytes() == a
+
+
+def test_the_live_release_set_aside_keeps_serving_until_a_clean_copy_is_switched_to(tmp_path):
+    """A deploy of the release a host runs, altered there, sets it aside: `current` follows
+    it (the service keeps what it ran, not a dangling link) until the clean copy is
+    activated, and a read-back says so instead of failing on the missing metadata."""
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    files = {"u/a": b"alpha", "u/b": b"beta"}
+    assert _publish(tmp_path, "app-1", files, "1", ["u/a", "u/b"])[0] == 0
+    assert run(tmp_path, "switch", "--id", "app-1")[0] == 0
+    (tmp_path / "releases" / "app-1" / "u" / "a").write_bytes(b"alphA")
+    rc, res = run(tmp_path, "check", "--id", "app-1", "--full")
+    assert rc == 0 and not res["ok"] and res["current_set_aside"], res
+    current = tmp_path / "current"
+    assert current.resolve() == Path(res["set_aside"]).resolve()
+    assert (current / "u" / "b").read_bytes() == b"beta"  # still serving
+    rc, back = run(tmp_path, "readback", "--id", "app-1")
+    assert rc == 0 and not back["ok"] and ".broken-app-1-" in back["mismatches"][0], back
+    rc, back = run(tmp_path, "readback")  # whatever it runs: not a verified release
+    assert rc == 0 and not back["ok"] and "not a release verified" in back["mismatches"][0]
+    # staged afresh (a copy set aside is no source: all of it is sent), switched to: live
+    assert _publish(tmp_path, "app-1", files, "1", ["u/a", "u/b"])[0] == 0
+    assert run(tmp_path, "switch", "--id", "app-1")[0] == 0
+    assert (current / "u" / "a").read_bytes() == b"alpha"
+    assert run(tmp_path, "readback", "--id", "app-1", "--full")[1]["ok"]
 
 
 @pytest.mark.parametrize("tag", ["cpython-0", sys.implementation.cache_tag])
@@ -419,9 +449,7 @@ def test_pruning_a_release_leaves_the_files_it_shared_trusted_unread_unless_they
     assert run(tmp_path, "prune", "--keep", "1")[1]["removed"] == ["app-2"]
     raw, sig = _release({"u/a": a}, "4")
     rc, res = run(tmp_path, "receive", "--id", "app-4", stdin=receive_stream(raw, sig, {}))
-    assert rc == 0 and res["needed"] == 0
-    rc, res = run(tmp_path, "verify", "--id", "app-4")
-    assert rc == 10 and "no longer matches its checksum" in res["message"]
+    assert rc == 10 and "never arrived" in res["message"]  # asked for again, not reused
 
 
 def _session_with_spy(root: Path, spy: str) -> subprocess.Popen[bytes]:
