@@ -148,6 +148,11 @@ def store_archive(
                 f"{archive}: {len(layer_names)} layers for {len(diff_ids)} diff_ids",
                 "save it again",
             )
+        for name in layer_names:  # all there before a blob is stored: none left orphaned
+            try:
+                tar.getmember(name)
+            except KeyError:
+                raise refuse(f"{archive} lacks layer {name}", "save the whole image") from None
         with open(_spool(config_bytes, tmp_dir), "rb") as fh:
             try:
                 cfg = _put(tmp_dir, blob_path, fh, config_info.size, None)

@@ -89,6 +89,26 @@ class Unit(BaseModel):
             )
         return value
 
+    @field_validator("image")
+    @classmethod
+    def _image_archive(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # docker-archive:FILE is read like a source directory: from the spec's tree only
+        base = (info.context or {}).get("base_dir")
+        if value is None or base is None or not value.startswith("docker-archive:"):
+            return value
+        where = (Path(base) / value[len("docker-archive:") :]).resolve()
+        if not where.is_file():
+            raise ValueError(f"{where} is not a file (paths are relative to the spec file)")
+        if not where.is_relative_to(Path(base).resolve()) and not (info.data or {}).get(
+            "outside_spec_dir"
+        ):
+            raise ValueError(
+                f"{where} is outside the spec's directory {Path(base).resolve()}: a package "
+                "takes only what the spec's tree holds (set outside_spec_dir: true on the unit "
+                "if this one is meant)"
+            )
+        return value
+
     @field_validator("path")
     @classmethod
     def _subdir(cls, value: str | None) -> str | None:

@@ -77,7 +77,8 @@ class BackoutRunner:
         for r in results:
             mark = "↩" if r.restored else "✗"
             extra = f" (warnings: {'; '.join(r.warnings)})" if r.warnings else ""
-            what = f"restored to {r.current}" if r.restored else f"NOT restored: {r.error}"
+            where = r.current or "no release (current removed: it had no prior)"
+            what = f"restored to {where}" if r.restored else f"NOT restored: {r.error}"
             self.progress(f"  {mark} {r.host}: {what}{extra}")
         return results
 

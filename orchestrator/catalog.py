@@ -80,9 +80,6 @@ def build_release(
             f"building {spec.name}@{spec.version}: {len(units)} units, "
             f"{len(sources.files)} files, {_size(total)}"
         )
-        key_created = dml.ensure_keys()
-        if key_created:
-            say(f"made the DML signing key {dml.key_id()} in {dml.keys_dir} (first use)")
 
         def report(done: int, all_: int) -> None:
             say(f"  packaged {_size(done)} of {_size(all_)}")
@@ -95,8 +92,16 @@ def build_release(
             dml.tmp_dir,
             report if total > 256 << 20 else None,
         )
-        built = add_images(built, spec_path, units, dml, sources.provenance, say)
+        try:  # an image that cannot be taken leaves no archive behind
+            built = add_images(built, spec_path, units, dml, sources.provenance, say)
+        except BaseException:
+            built.archive_path.unlink(missing_ok=True)
+            raise
         prov = build_provenance(spec_path, sources.provenance, actor)
+    # the key only once the package is whole: a spec refused above leaves no key made
+    key_created = dml.ensure_keys()
+    if key_created:
+        say(f"made the DML signing key {dml.key_id()} in {dml.keys_dir} (first use)")
     stored = dml.store(built, prov)
     pkg = dml.open(stored.release, verify_archive=False)
     if session is None:

@@ -127,7 +127,7 @@ def _tolerance(value: Any) -> int | str:
         m = _PERCENT.match(value.strip())
         if m and 0 <= float(m.group(1)) <= 100:
             return value.strip()
-        if value.strip().isdigit():
+        if re.fullmatch(r"[0-9]+", value.strip()):  # str.isdigit also takes '²'
             return int(value)
     raise ValueError(f"{value!r}: use a count of hosts (0, 1, …) or a percentage like 10%")
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -49,6 +50,21 @@ class Settings(BaseSettings):
     retention: int = Field(3, ge=1, description="releases kept per host (baseline always kept)")
     change_models: Path | None = Field(None, description="change models YAML (docs/change.md)")
     calendar: Path | None = Field(None, description="change calendar YAML (docs/change.md)")
+
+    @field_validator("database_url")
+    @classmethod
+    def _cms_url(cls, value: str | None) -> str | None:
+        # what the CMS can be (docs/cms.md): anything else failed at first use, as an
+        # internal error (no such dialect, or a driver that is not installed)
+        if value is not None and not re.match(
+            r"^(sqlite|postgresql(\+psycopg2?)?)://", value.strip(), re.IGNORECASE
+        ):
+            shown = value.split("://", 1)[0] + "://…" if "://" in value else value[:40]
+            raise ValueError(
+                f"{shown!r} is not a CMS URL: use sqlite:///PATH (the default) or "
+                "postgresql://USER@HOST/DB"
+            )
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -149,7 +165,7 @@ def _explain(exc: ValidationError) -> SpecError:
             else "settings: " + ", ".join(Settings.model_fields)
         )
         return SpecError(source, field, "unknown setting", fix)
-    return SpecError(source, field, str(err["msg"]))
+    return SpecError(source, field, str(err["msg"]).removeprefix("Value error, "))
 
 
 @lru_cache(maxsize=1)

@@ -17,7 +17,20 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _FIXES = {
     "extra_forbidden": "remove it, or check its spelling",
     "missing": "add it",
+    "date_type": "quote it: a bare date is read as a date, not text",
 }
+
+
+def pattern_words(err: Any) -> str | None:
+    """What a name field takes, in words, for pydantic's 'should match pattern <regex>'."""
+    if err.get("type") != "string_pattern_mismatch":
+        return None
+    pattern = str((err.get("ctx") or {}).get("pattern", ""))
+    extra = ", '+', '~'" if "+~" in pattern else ""
+    return (
+        f"not a valid name: use letters, digits, '.', '_', '-'{extra} (a letter or digit "
+        "first)" + (", at most 100" if "{0,99}" in pattern else "")
+    )
 
 
 def load_yaml(path: Path, text: str | None = None) -> Any:
@@ -111,7 +124,7 @@ def validation_error(path: Path | str, exc: ValidationError) -> SpecError:
     errors = exc.errors()
     err = next((e for e in errors if e["type"] not in _NOT_THIS_SHAPE), errors[0])
     field = _field(err["loc"], errors)
-    msg = err["msg"]
+    msg = pattern_words(err) or err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     fix = _FIXES.get(err["type"])
@@ -128,7 +141,12 @@ def parse_model(model: type[M], path: Path, data: Any | None = None, **context: 
     if data is None:
         data = load_yaml(path)
     if not isinstance(data, dict):
-        raise SpecError(str(path), "(top level)", "expected a mapping of fields")
+        raise SpecError(
+            str(path),
+            "(top level)",
+            "expected a mapping of fields" + (", found an empty file" if data is None else ""),
+            "write its fields as `key: value` lines; docs/ describes each file",
+        )
     try:
         return model.model_validate(data, context={"base_dir": path.parent, **context})
     except ValidationError as exc:

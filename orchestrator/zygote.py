@@ -176,8 +176,10 @@ def run_warm(argv: list[str]) -> int | None:
         conn.close()
     if not line:
         print(
-            f"ferry: the warm process's child {child} ended without an exit code "
-            "(killed?); run the command again, or with FERRY_WARM=0",
+            f"ferry: the warm process's child {child}, which ran this command, ended without "
+            "an exit code (killed?). `ferry status` says whether it left a deployment or "
+            "backout unfinished (then: `ferry remediate recover ID`); if it did not, run the "
+            "command again, or with FERRY_WARM=0",
             file=sys.stderr,
         )
         return 1

@@ -25,14 +25,14 @@ from orchestrator.cms import deployments
 from orchestrator.cms.db import session_scope
 from orchestrator.cms.deployments import DeploymentRecord, RecordedDeployment
 from orchestrator.cms.locks import HostLocks
-from orchestrator.cms.models import RFC, utcnow
+from orchestrator.cms.models import RFC, Deployment, HostBaseline, utcnow
 from orchestrator.errors import AuthorizationRefused, BadInput, ExitCode
 from orchestrator.lifecycle import Status
 from orchestrator.preparation import runner
 from orchestrator.rollout import Baseline, HostAction, Rollout, WavePlan
 from orchestrator.sessions import HostSessions
 from orchestrator.settings import Settings
-from remediation import recorded
+from remediation import decisions, recorded
 from remediation.survey import HostResult, Outcome, Progress, carry_out, needs_remediation, survey
 
 
@@ -83,6 +83,27 @@ def _back_out(
 ) -> Outcome:
     url = locks.url
     journal = recorded.journal(url, rec)  # as it is now that we hold the hosts
+    owners = _baseline_owners(url, [a.host for a in touched])
+    verdict, which = decisions.supersession(rec.id, owners)
+    if verdict == "superseded":
+        since = sorted({(o.id, o.release) for o in which.values()})
+        runs = "; ".join(
+            f"{', '.join(sorted(h for h, o in which.items() if o.id == d))} run {release} "
+            f"from deployment {d}"
+            for d, release in since
+        )
+        raise BadInput(
+            f"deployment {rec.id} was superseded: {runs}. Back out the later deployment "
+            f"instead (`ferry remediate backout {since[-1][0]} --rfc ID`), or deploy the "
+            "release you want"
+        )
+    if verdict == "backed-out":
+        by = sorted({o.id for o in which.values()})
+        progress(
+            f"deployment {rec.id} was already backed out (by {', '.join(map(str, by))}): "
+            "every host it touched is at its prior; nothing changed"
+        )
+        return Outcome(0, _report(rec, by[-1], "already-backed-out", []))
     priors = {a.host: a.prior for a in touched}
     record = _open(url, rec, req, rfc_ids, replace(rollout, waves=(WavePlan(1, tuple(touched)),)))
     locks.bind(record.id)
@@ -119,6 +140,25 @@ def _refuse_unsafe(rec: RecordedDeployment) -> None:
             f"deployment {rec.id} is still running (process {pid} on this machine): stop it "
             f"with `kill -TERM {pid}` (it backs out by itself), then check `ferry status`"
         )
+
+
+def _baseline_owners(url: str, hosts: list[str]) -> dict[str, decisions.BaselineOwner | None]:
+    """Which deployment last recorded each host's baseline (None: no baseline recorded)."""
+    with session_scope(url) as s:
+        rows = s.execute(
+            select(HostBaseline.host, HostBaseline.deployment_id).where(
+                HostBaseline.host.in_(hosts)
+            )
+        ).all()
+        ids = {d for _, d in rows if d is not None}
+        deps = {
+            d.id: decisions.BaselineOwner(
+                d.id, d.strategy, d.status, d.release, (d.evidence or {}).get("backs_out")
+            )
+            for d in s.scalars(select(Deployment).where(Deployment.id.in_(ids)))
+        }
+    owned = {h: deps.get(d) if d is not None else None for h, d in rows}
+    return {h: owned.get(h) for h in hosts}
 
 
 def _open(

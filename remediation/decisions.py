@@ -93,3 +93,39 @@ def plan_hosts(
         plan_host(h, steps, priors.get(h), currents.get(h), release_id, keep_data=keep_data)
         for h, steps in journal.items()
     ]
+
+
+@dataclass(frozen=True)
+class BaselineOwner:
+    """The deployment that last recorded a host's baseline (CMS `host_baselines`)."""
+
+    id: int
+    strategy: str  # "backout" for a manual backout
+    status: str
+    release: str
+    backs_out: int | None = None  # a manual backout: the deployment it backed out
+
+
+def supersession(
+    deployment: int, owners: Mapping[str, BaselineOwner | None]
+) -> tuple[str, dict[str, BaselineOwner]]:
+    """Whether a manual backout of `deployment` still applies to the hosts it touched:
+
+    superseded     a later deployment succeeded on some of them: what they run is its
+                   release, and backing out this one would take them to this one's
+                   prior under it (the later one is what to back out)
+    backed-out     every one was restored by a manual backout of this deployment:
+                   running it again has nothing to do
+    applies        otherwise (later deployments that failed or were backed out left
+                   these hosts where this one put them)
+    """
+    later = {h: o for h, o in owners.items() if o is not None and o.id > deployment}
+    ahead = {h: o for h, o in later.items() if o.strategy != "backout" and o.status == "succeeded"}
+    if ahead:
+        return "superseded", ahead
+    if owners and all(
+        o is not None and o.strategy == "backout" and o.backs_out == deployment
+        for o in owners.values()
+    ):
+        return "backed-out", dict(owners)  # type: ignore[arg-type]
+    return "applies", {}

@@ -48,12 +48,21 @@ def recover(req: RecoverRequest, settings: Settings, progress: Progress) -> Outc
     url = settings.cms_url
     rec = deployments.load(url, req.deployment_id)
     if not rec.open:
+        stuck = _still_stuck(rec)
         progress(
             f"deployment {rec.id} already finished ({rec.status}"
             + (f", {rec.finished_at:%Y-%m-%d %H:%M:%S} UTC" if rec.finished_at else "")
             + "): nothing to recover, nothing changed"
+            + (
+                f"; {', '.join(stuck)} still need remediation: `ferry remediate backout "
+                f"{rec.evidence.get('backs_out') or rec.id} --rfc ID` (an RFC for the prior "
+                "release)"
+                if stuck
+                else ""
+            )
         )
-        return Outcome(0, _report(rec, "already-finished", rec.status, []))
+        report = {**_report(rec, "already-finished", rec.status, []), "needs_remediation": stuck}
+        return Outcome(int(ExitCode.BACKOUT_INCOMPLETE if stuck else ExitCode.OK), report)
     alive = recorded.runner_alive(rec.evidence)
     if alive and not req.force:
         pid = rec.evidence["runner"]["pid"]
@@ -78,6 +87,14 @@ def recover(req: RecoverRequest, settings: Settings, progress: Progress) -> Outc
         return _recover(req, rec, url, progress)
     finally:
         locks.release()
+
+
+def _still_stuck(rec: RecordedDeployment) -> list[str]:
+    """The hosts a finished (failed) deployment records as not restored: a recover run
+    again changes nothing, and must not read as if nothing were left to do."""
+    if rec.status == Status.SUCCEEDED:  # its needs_remediation are hosts not read back
+        return []
+    return [i["host"] for i in rec.evidence.get("needs_remediation") or [] if i.get("host")]
 
 
 def _recover(req: RecoverRequest, rec: RecordedDeployment, url: str, progress: Progress) -> Outcome:

@@ -252,6 +252,9 @@ def _run(argv: list[str]) -> int:
     except KeyboardInterrupt:
         output.stderr.print("interrupted")
         code = 130
+    except output.ReaderGone:  # `ferry status | head -1`: the reader has what it wanted
+        _reader_gone()
+        code = 128 + 13  # as a shell reports a command SIGPIPE ended
     except Exception as exc:  # noqa: BLE001
         where = crashlog.write()
         output.error(
@@ -260,6 +263,17 @@ def _run(argv: list[str]) -> int:
         )
         code = ExitCode.INTERNAL
     return int(code)
+
+
+def _reader_gone() -> None:
+    """Point stdout at /dev/null: what is still buffered for the reader that left would
+    otherwise fail again when Python flushes it at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

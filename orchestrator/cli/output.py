@@ -44,7 +44,19 @@ def _console(name: Literal["stdout", "stderr"]) -> Console:
         from rich.console import Console
 
         made = globals()[name] = Console(stderr=name == "stderr", soft_wrap=True)
+        # rich ends the process itself, exit 1, when the reader goes away (`ferry status |
+        # head -1`): leave it to the CLI's boundary, which knows it is no error
+        made.on_broken_pipe = _reader_gone  # type: ignore[method-assign]
     return made
+
+
+class ReaderGone(Exception):  # noqa: N818 - an event, not an error: mapped in cli/main
+    """The reader of Ferry's output went away (`ferry status | head -1`). Not an OSError:
+    click would turn that into exit 1 on its own."""
+
+
+def _reader_gone() -> None:
+    raise ReaderGone
 
 
 def __getattr__(name: str) -> Console:  # `out.stdout` before it is made (PEP 562)
@@ -71,8 +83,11 @@ def progress(message: str) -> None:
 def result(data: Any, text: str | Callable[[], None] | None = None) -> None:
     """Print a command's result: JSON object, or the text (or renderer) for people."""
     if _mode is Format.json:
-        sys.stdout.write(json.dumps(data, indent=2, default=str, sort_keys=False) + "\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(json.dumps(data, indent=2, default=str, sort_keys=False) + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _reader_gone()
     elif callable(text):
         text()
     elif text is not None:

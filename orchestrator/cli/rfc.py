@@ -41,13 +41,14 @@ def _request(fields: dict[str, Any]) -> RfcRequest:
     from pydantic import ValidationError
 
     from orchestrator.change.models import RfcRequest
+    from orchestrator.yamlfile import pattern_words
 
     try:
         return RfcRequest.model_validate(fields)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = [str(p) for p in err["loc"] if not str(p).isdigit()]
-        msg = str(err["msg"]).removeprefix("Value error, ")
+        msg = pattern_words(err) or str(err["msg"]).removeprefix("Value error, ")
         if not loc and ": " in msg:  # whole-request rules name their field first
             head, msg = msg.split(": ", 1)
             loc = [head]

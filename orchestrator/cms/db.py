@@ -16,7 +16,10 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+from orchestrator.errors import BadInput
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -39,7 +42,13 @@ def make_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             _say_if_a_parent_has_one(Path(parsed.database))
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise BadInput(
+                    f"the CMS at {url} cannot be made: {exc.strerror}: {exc.filename} (check "
+                    "database_url in ferry.toml, FERRY_DATABASE_URL or FERRY_HOME)"
+                ) from None
         engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
@@ -132,10 +141,25 @@ def get_engine(url: str, *, migrate: bool = True) -> Engine:
         if engine is None:
             engine = _engines[url] = make_engine(url)
     if migrate and url not in _migrated:
-        if current_revision(engine) != head_revision():
+        try:
+            revision = current_revision(engine)  # the first connection of this process
+        except OperationalError as exc:
+            raise _unreachable(url, exc) from None
+        if revision != head_revision():
             upgrade(url)
         _migrated.add(url)
     return engine
+
+
+def _unreachable(url: str, exc: OperationalError) -> BadInput:
+    """The CMS cannot be opened at all (a host that does not resolve, a server down, a
+    password refused, a file that cannot be made): a line naming it, not a traceback."""
+    shown = make_url(url).render_as_string(hide_password=True)
+    why = " ".join(str(exc.orig or exc).split())[:300]
+    return BadInput(
+        f"the CMS at {shown} cannot be opened: {why} (check database_url in ferry.toml or "
+        "FERRY_DATABASE_URL, and that the database is up)"
+    )
 
 
 def dispose_all() -> None:

@@ -94,3 +94,37 @@ def test_spec_errors_for_image_units_name_the_field(tmp_path: Path, run_ferry) -
     write(src / "release.yaml", 'name: w\nversion: "1"\nunits:\n  web: {image: x, git: y}\n')
     res = run_ferry("release", "build", str(src / "release.yaml"))
     assert res.returncode == 2 and "exactly one of" in res.stderr
+
+
+def test_an_image_unit_refused_leaves_no_key_archive_or_blob_behind(
+    tmp_path: Path, run_ferry, ferry_home: Path
+) -> None:
+    import io
+    import tarfile
+
+    src = tmp_path / "src"
+    make_image(tmp_path / "outside.tar", "1")  # a good archive, but not in the spec's tree
+    write(
+        src / "release.yaml",
+        'name: w\nversion: "1"\nunits:\n  web: {image: "docker-archive:../outside.tar"}\n',
+    )
+    res = run_ferry("release", "build", str(src / "release.yaml"))
+    assert res.returncode == 2 and "outside the spec's directory" in res.stderr, res.stderr
+    # a docker-save archive whose manifest names a layer it does not hold
+    with tarfile.open(src / "web.tar", "w") as tar:
+        for name, data in {
+            "manifest.json": json.dumps([{"Config": "c.json", "Layers": ["l1/layer.tar"]}]),
+            "c.json": json.dumps({"rootfs": {"diff_ids": ["sha256:" + "0" * 64]}}),
+        }.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data.encode()))
+    write(
+        src / "release.yaml",
+        'name: w\nversion: "1"\nunits:\n  web: {image: "docker-archive:web.tar"}\n',
+    )
+    res = run_ferry("release", "build", str(src / "release.yaml"))
+    assert res.returncode == 2 and "lacks layer l1/layer.tar" in res.stderr, res.stderr
+    dml = ferry_home / ".ferry" / "dml"
+    left = [p.relative_to(dml) for p in dml.rglob("*") if p.is_file()] if dml.exists() else []
+    assert left == [], f"left behind: {left}"

@@ -44,7 +44,7 @@ BAD_SPECS = {
     "bad version": (
         "name: shop\nversion: ../../etc\nunits:\n  app: {source: app}\n",
         "version",
-        "should match pattern",
+        "not a valid name: use letters, digits, '.', '_', '-', '+', '~'",
     ),
     "unit with no files": (
         "name: shop\nversion: 1.0.0\nunits:\n  app: {source: app, include: ['*.nothing']}\n",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from orchestrator.errors import TransportError
 from orchestrator.planner import Baseline, release_id
-from remediation.decisions import plan_host
+from remediation.decisions import BaselineOwner, plan_host, supersession
 from remediation.drift import exit_code, judge
 
 PRIOR = Baseline("shop@1.0", "sha256:" + "a" * 64)
@@ -88,3 +88,47 @@ def test_a_modified_agent_file_on_a_host_is_tampering_and_an_intact_one_is_not()
     assert intact.state == "ok"
     assert changed.state == "tampered" and ".ferry/agent-ab.py was modified" in changed.detail
     assert exit_code([intact, changed]) == 6
+
+
+def _owner(i: int, strategy: str = "big-bang", status: str = "succeeded", backs_out=None):
+    return BaselineOwner(i, strategy, status, f"shop@{i}.0", backs_out)
+
+
+def test_a_backout_of_a_deployment_a_later_success_built_on_is_superseded():
+    # h1's baseline was recorded by deployment 9 (succeeded, later): backing out 5 would put
+    # it under 9's release to 5's prior
+    verdict, which = supersession(5, {"h1": _owner(9), "h2": _owner(5)})
+    assert verdict == "superseded" and list(which) == ["h1"]
+
+
+def test_later_failed_or_backed_out_deployments_and_backouts_of_others_leave_it_applicable():
+    owners = {
+        "h1": _owner(5),
+        "h2": _owner(7, status="backed-out"),  # its automatic backout restored h2
+        "h3": _owner(8, strategy="backout", backs_out=7),  # a later one backed out by hand
+        "h4": None,  # no baseline recorded
+        "h5": _owner(3),  # recorded before this deployment
+    }
+    assert supersession(5, owners) == ("applies", {})
+
+
+def test_a_deployment_every_host_of_which_a_backout_of_it_restored_is_already_backed_out():
+    done = _owner(6, strategy="backout", backs_out=5)
+    assert supersession(5, {"h1": done, "h2": done})[0] == "backed-out"
+    # one host the backout could not restore (its baseline is older): run it again
+    assert supersession(5, {"h1": done, "h2": _owner(5)})[0] == "applies"
+    assert supersession(5, {})[0] == "applies"
+
+
+def test_a_finished_deployment_names_the_hosts_it_left_unrestored_when_recovered_again():
+    from types import SimpleNamespace
+
+    from remediation.recover import _still_stuck
+
+    stuck = [{"host": "h3", "current": "shop-2.0-x", "error": "unreachable"}]
+    failed = SimpleNamespace(status="failed", evidence={"needs_remediation": stuck})
+    assert _still_stuck(failed) == ["h3"]
+    assert _still_stuck(SimpleNamespace(status="backed-out", evidence={})) == []
+    # a succeeded deployment's list is hosts not read back: drift's business, not recover's
+    succeeded = SimpleNamespace(status="succeeded", evidence={"needs_remediation": stuck})
+    assert _still_stuck(succeeded) == []

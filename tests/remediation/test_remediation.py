@@ -126,10 +126,25 @@ def test_manual_backout_of_a_succeeded_deployment_returns_every_host_to_its_prio
     assert {h["release"] for h in st["hosts"]} == {"shop@1.0"}
     assert st["needs_remediation"] == []
 
-    # repeating it changes nothing on the hosts: every host is already on its prior
+    # repeating it changes nothing: not the hosts, and no new record or RFC move
+    records = cms(lambda s: s.scalar(select(func.count()).select_from(Deployment)))
     again = run_ferry("remediate", "backout", "2", "--rfc", "3", "-o", "json")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert {h["verdict"] for h in again.json()["hosts"].values()} == {"at-prior"}
+    assert again.json()["status"] == "already-backed-out" and again.json()["hosts"] == {}
+    assert "already backed out" in again.stderr
+    assert cms(lambda s: s.scalar(select(func.count()).select_from(Deployment))) == records
+    assert cms(lambda s: s.get(Deployment, 2)).evidence["manual_backout"]["deployment"] == (
+        backout_id
+    )
+
+    # once a later deployment succeeded on the hosts, backing out an earlier one is refused
+    # before anything is recorded (it would put them under the later release to its prior)
+    third = _deploy(run_ferry, fleet, work, "3.0")["id"]
+    res = run_ferry("remediate", "backout", "1", "--rfc", rfc(run_ferry, "shop@1.0"))
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert f"run shop@3.0 from deployment {third}" in res.stderr
+    assert f"ferry remediate backout {third}" in res.stderr
+    assert _on_release(fleet, "shop@3.0") == fleet.hosts
 
 
 def test_recover_after_sigkill_mid_wave_backs_out_every_touched_host_and_is_idempotent(

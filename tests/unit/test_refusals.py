@@ -226,3 +226,41 @@ def _check(run, table, ids: dict[str, str]) -> list[str]:
         if problems:
             wrong.append(f"ferry {' '.join(args)}: " + "; ".join(problems) + f"\n{r.stderr[-600:]}")
     return wrong
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        ("garbage", "FERRY_DATABASE_URL: database_url: 'garbage' is not a CMS URL"),
+        ("mysql://u@h/db", "'mysql://…' is not a CMS URL"),
+        ("postgresql://u:secret@no-such-host.invalid/db", "postgresql://u:***@no-such-host"),
+        ("sqlite:////proc/no/such/cms.db", "the CMS at sqlite:////proc/no/such/cms.db cannot"),
+    ],
+)
+def test_a_cms_url_that_cannot_be_a_cms_is_one_line_and_exit_2(run_ferry, url, fragment):
+    r = run_ferry("status", env={"FERRY_DATABASE_URL": url})
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode == 2 and len(errors) == 1 and fragment in errors[0], r.stderr
+    assert "secret" not in r.stderr and "internal error" not in r.stderr
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_reader_that_went_away_ends_ferry_quietly_as_sigpipe_would(ferry_home, fmt):
+    """`ferry status | head -1`: the pipe's reader left before Ferry wrote. Not an error
+    of Ferry's: no message, and 141 as a shell reports a command SIGPIPE ended (click and
+    rich made it exit 1, the internal-error code)."""
+    import os
+    import subprocess
+
+    from tests.conftest import FERRY_BIN
+
+    read, write = os.pipe()
+    os.close(read)  # every write now fails with EPIPE (Python ignores SIGPIPE)
+    try:
+        proc = subprocess.run(
+            [str(FERRY_BIN), "status", "-o", fmt], stdout=write, stderr=subprocess.PIPE,
+            text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr) == (141, "")
