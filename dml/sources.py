@@ -217,7 +217,7 @@ def _git_unit(spec: Path, unit: str, u: Unit, stack: ExitStack) -> tuple[list[So
         )
     commit = rev.stdout.decode().strip()
     sub = (u.path or "").strip("/")
-    treeish = f"{commit}:{sub}" if sub else commit
+    treeish = f"{commit}:{sub}" if sub else f"{commit}^{{tree}}"  # no path: the whole tree
     if _git(repo, "cat-file", "-t", treeish).stdout.strip() != b"tree":
         raise _refuse(
             spec,

@@ -58,7 +58,26 @@ class HostDrift:
             "expected": self.expected,
             "current": self.current,
             "detail": self.detail,
+            "next": next_step(self),
         }
+
+
+def next_step(h: HostDrift) -> str | None:
+    """What on-call does about a host in this state (docs/remediation.md), or None."""
+    again = f"ferry deploy PLAN --release {h.release or 'RELEASE'} --rfc ID"
+    if h.state == "drifted":
+        return (
+            "find who switched it (.ferry/state.json on the host), then deploy the baseline "
+            f"again: {again}"
+        )
+    if h.state == "tampered":
+        return (
+            "a security incident first; then deploy the baseline again, which sets the "
+            f"altered copy aside: {again}"
+        )
+    if h.state == "unreachable":
+        return "check the host and its sshd, then audit again"
+    return None
 
 
 def exit_code(hosts: list[HostDrift]) -> int:

@@ -213,3 +213,5 @@ def _print_drift(data: dict[str, Any]) -> None:
     for host, h in data["hosts"].items():
         if h["state"] != "ok":
             _p(f"  {h['state']}: {host}: {h['detail']}")
+            if h.get("next"):
+                _p(f"    next: {h['next']}")

@@ -137,6 +137,12 @@ def test_git_ref_unit_packages_that_commit_and_records_it(tmp_path: Path, store:
     assert files["schema/run.sh"].mode == 0o755
     assert pkg.provenance["units"]["schema"]["git"]["commit"] == commit.strip()
     assert dict(pkg.iter_file_bytes())  # every file verifies on the way out
+    # no `path`: the commit's whole tree (it was refused, naming a field never written)
+    whole = make_tree(
+        tmp_path / "src2", "name: shop\nversion: '3'\nunits:\n  schema: {git: ../schema, ref: v1}\n"
+    )
+    files = {f.path for f in store.open(catalog.build_release(whole, dml=store)["release"]).files}
+    assert files == {"schema/README", "schema/migrations/0001.sql", "schema/migrations/run.sh"}
 
 
 def test_ci_variables_are_recorded_in_provenance(spec: Path, run_ferry) -> None:

@@ -132,3 +132,19 @@ def test_a_finished_deployment_names_the_hosts_it_left_unrestored_when_recovered
     # a succeeded deployment's list is hosts not read back: drift's business, not recover's
     succeeded = SimpleNamespace(status="succeeded", evidence={"needs_remediation": stuck})
     assert _still_stuck(succeeded) == []
+
+
+def test_each_drift_state_that_needs_work_says_what_to_do_next():
+    from remediation.drift import HostDrift, next_step
+
+    for state, words in {
+        "drifted": "who switched it",
+        "tampered": "a security incident first",
+        "unreachable": "check the host",
+    }.items():
+        step = next_step(HostDrift("h1", state, "shop-1.0-x", "shop@1.0"))
+        assert step is not None and words in step
+        if state != "unreachable":
+            assert "ferry deploy PLAN --release shop@1.0 --rfc ID" in step
+    assert next_step(HostDrift("h1", "ok")) is None
+    assert next_step(HostDrift("h1", "unmanaged")) is None
