@@ -92,17 +92,17 @@ def build_release(
             dml.tmp_dir,
             report if total > 256 << 20 else None,
         )
-        try:  # an image that cannot be taken leaves no archive behind
+        try:  # a package refused from here on leaves no temp archive behind
             built = add_images(built, spec_path, units, dml, sources.provenance, say)
+            prov = build_provenance(spec_path, sources.provenance, actor)
+            # the key only once the package is whole: a spec refused above makes no key
+            key_created = dml.ensure_keys()
         except BaseException:
             built.archive_path.unlink(missing_ok=True)
             raise
-        prov = build_provenance(spec_path, sources.provenance, actor)
-    # the key only once the package is whole: a spec refused above leaves no key made
-    key_created = dml.ensure_keys()
     if key_created:
         say(f"made the DML signing key {dml.key_id()} in {dml.keys_dir} (first use)")
-    stored = dml.store(built, prov)
+    stored = dml.store(built, prov)  # consumes the archive, or removes it when it fails
     pkg = dml.open(stored.release, verify_archive=False)
     if session is None:
         from orchestrator.cms.db import session_scope

@@ -54,12 +54,13 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _cms_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():  # set but empty (a CI secret not given): unset
+            return None
         # what the CMS can be (docs/cms.md): anything else failed at first use, as an
         # internal error (no such dialect, or a driver that is not installed)
-        if value is not None and not re.match(
-            r"^(sqlite|postgresql(\+psycopg2?)?)://", value.strip(), re.IGNORECASE
-        ):
-            shown = value.split("://", 1)[0] + "://…" if "://" in value else value[:40]
+        if not re.match(r"^(sqlite|postgresql(\+psycopg2?)?)://", value):
+            # the scheme only: whatever follows may hold a password
+            shown = re.split(r"[:/@?]", value, maxsplit=1)[0][:30] + "…"
             raise ValueError(
                 f"{shown!r} is not a CMS URL: use sqlite:///PATH (the default) or "
                 "postgresql://USER@HOST/DB"

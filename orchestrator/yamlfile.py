@@ -105,15 +105,22 @@ def _type_tag(part: Any) -> bool:
     )
 
 
+def _member(part: Any) -> bool:
+    """A union member's name as pydantic puts it in a location: a type or a model class."""
+    return _type_tag(part) or (isinstance(part, str) and part[:1].isupper() and part.isidentifier())
+
+
 def _field(loc: tuple[Any, ...], errors: list[Any]) -> str:
     """The dotted field path, without the union members pydantic names in it: a place
-    where the errors name different members, one of them a type (`int`, `str`, …), holds
-    member names (`waves.0.ApprovedWave.timeout` is `waves.0.timeout`), not keys."""
+    where the errors name different members, all of them types or model classes and one a
+    type (`int`, `str`, …), holds member names (`waves.0.ApprovedWave.timeout` is
+    `waves.0.timeout`), not keys (a mapping with a key `int` keeps all of its keys)."""
     parts = []
     for k, part in enumerate(loc):
         here = {tuple(e["loc"][:k]) == tuple(loc[:k]) and e["loc"][k] for e in errors
                 if len(e["loc"]) > k} - {False}  # fmt: skip
-        if not (len(here) > 1 and any(_type_tag(p) for p in here)):
+        members = len(here) > 1 and all(_member(p) for p in here)
+        if not (members and any(_type_tag(p) for p in here)):
             parts.append(str(part))
     return ".".join(parts) or "(top level)"
 

@@ -83,9 +83,16 @@ def _back_out(
 ) -> Outcome:
     url = locks.url
     journal = recorded.journal(url, rec)  # as it is now that we hold the hosts
-    owners = _baseline_owners(url, [a.host for a in touched])
-    verdict, which = decisions.supersession(rec.id, owners)
-    if verdict == "superseded":
+    if rec.status == Status.BACKED_OUT:  # every host it touched was restored
+        by = (rec.evidence.get("manual_backout") or {}).get("deployment")
+        progress(
+            f"deployment {rec.id} was already backed out"
+            + (f" (by {by})" if by else "")
+            + ": every host it touched is at its prior; nothing changed"
+        )
+        return Outcome(0, _report(rec, by, "already-backed-out", []))
+    which = decisions.supersession(rec.id, _baseline_owners(url, [a.host for a in touched]))
+    if which:
         since = sorted({(o.id, o.release) for o in which.values()})
         runs = "; ".join(
             f"{', '.join(sorted(h for h, o in which.items() if o.id == d))} run {release} "
@@ -97,13 +104,6 @@ def _back_out(
             f"instead (`ferry remediate backout {since[-1][0]} --rfc ID`), or deploy the "
             "release you want"
         )
-    if verdict == "backed-out":
-        by = sorted({o.id for o in which.values()})
-        progress(
-            f"deployment {rec.id} was already backed out (by {', '.join(map(str, by))}): "
-            "every host it touched is at its prior; nothing changed"
-        )
-        return Outcome(0, _report(rec, by[-1], "already-backed-out", []))
     priors = {a.host: a.prior for a in touched}
     record = _open(url, rec, req, rfc_ids, replace(rollout, waves=(WavePlan(1, tuple(touched)),)))
     locks.bind(record.id)

@@ -108,24 +108,17 @@ class BaselineOwner:
 
 def supersession(
     deployment: int, owners: Mapping[str, BaselineOwner | None]
-) -> tuple[str, dict[str, BaselineOwner]]:
-    """Whether a manual backout of `deployment` still applies to the hosts it touched:
-
-    superseded     a later deployment succeeded on some of them: what they run is its
-                   release, and backing out this one would take them to this one's
-                   prior under it (the later one is what to back out)
-    backed-out     every one was restored by a manual backout of this deployment:
-                   running it again has nothing to do
-    applies        otherwise (later deployments that failed or were backed out left
-                   these hosts where this one put them)
-    """
-    later = {h: o for h, o in owners.items() if o is not None and o.id > deployment}
-    ahead = {h: o for h, o in later.items() if o.strategy != "backout" and o.status == "succeeded"}
-    if ahead:
-        return "superseded", ahead
-    if owners and all(
-        o is not None and o.strategy == "backout" and o.backs_out == deployment
-        for o in owners.values()
-    ):
-        return "backed-out", dict(owners)  # type: ignore[arg-type]
-    return "applies", {}
+) -> dict[str, BaselineOwner]:
+    """The hosts a manual backout of `deployment` must not touch, each with the later
+    deployment that left it running its release since: one that succeeded, halted after
+    some waves, or failed with some hosts its backout could not restore (whatever it is
+    now, that host runs what the later one put there). Backing out `deployment` would put
+    such a host under the later release to this one's prior: the later one is what to back
+    out. A later backout (automatic: `backed-out`; by hand: strategy `backout`) left its
+    hosts where this one put them. {} when the backout applies."""
+    return {
+        h: o
+        for h, o in owners.items()
+        if o is not None and o.id > deployment and o.strategy != "backout"
+        and o.status != "backed-out"
+    }  # fmt: skip

@@ -340,6 +340,14 @@ def published_mode(entry):
     return 0o755 if entry["mode"] & 0o111 else 0o644
 
 
+def _holds(path, sha):
+    """Does the file hold the object (a file gone or unreadable does not)?"""
+    try:
+        return sha256_file(path) == sha
+    except OSError:
+        return False
+
+
 def sha256_file(path):
     h = new_hash()
     with open(path, "rb") as f:
@@ -543,7 +551,7 @@ class Host:
         need = {}
         for e in files:
             copy = known.get(e["sha256"])  # (path, fresh, intact, …)
-            if copy is None or not (copy[1] or copy[2] or sha256_file(copy[0]) == e["sha256"]):
+            if copy is None or not (copy[1] or copy[2] or _holds(copy[0], e["sha256"])):
                 need[e["sha256"]] = e["size"]
         return need
 

@@ -46,7 +46,7 @@ def _console(name: Literal["stdout", "stderr"]) -> Console:
         made = globals()[name] = Console(stderr=name == "stderr", soft_wrap=True)
         # rich ends the process itself, exit 1, when the reader goes away (`ferry status |
         # head -1`): leave it to the CLI's boundary, which knows it is no error
-        made.on_broken_pipe = _reader_gone  # type: ignore[method-assign]
+        made.on_broken_pipe = lambda: _reader_gone(made)  # type: ignore[method-assign]
     return made
 
 
@@ -55,7 +55,9 @@ class ReaderGone(Exception):  # noqa: N818 - an event, not an error: mapped in c
     click would turn that into exit 1 on its own."""
 
 
-def _reader_gone() -> None:
+def _reader_gone(console: Console | None = None) -> None:
+    if console is not None:
+        console.quiet = True  # as rich does: nothing more goes to a reader that left
     raise ReaderGone
 
 
@@ -98,8 +100,11 @@ def result(data: Any, text: str | Callable[[], None] | None = None) -> None:
 
 def error(payload: dict[str, Any], line: str) -> None:
     if _mode is Format.json:
-        sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:  # the reader left: the error line still goes to stderr
+            pass
     from rich.markup import escape
 
     # escaped: a message's own brackets (`after: [qa]`, `[bold]`) are text, not markup

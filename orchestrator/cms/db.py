@@ -154,7 +154,8 @@ def get_engine(url: str, *, migrate: bool = True) -> Engine:
 def _unreachable(url: str, exc: OperationalError) -> BadInput:
     """The CMS cannot be opened at all (a host that does not resolve, a server down, a
     password refused, a file that cannot be made): a line naming it, not a traceback."""
-    shown = make_url(url).render_as_string(hide_password=True)
+    # no password, and no query either (`?password=…` is one too)
+    shown = make_url(url).set(query={}).render_as_string(hide_password=True)
     why = " ".join(str(exc.orig or exc).split())[:300]
     return BadInput(
         f"the CMS at {shown} cannot be opened: {why} (check database_url in ferry.toml or "

@@ -268,6 +268,16 @@ def test_a_new_release_reuses_intact_files_unread_and_rereads_any_that_changed(t
     assert (tmp_path / "releases" / "app-3" / "u" / "a").read_bytes() == a
 
 
+def test_a_copy_gone_from_a_kept_release_is_asked_for_again(tmp_path):
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    a, b = b"A" * 100, b"B" * 100
+    assert _publish(tmp_path, "app-1", {"u/a": a, "u/b": b}, "1", ["u/a", "u/b"])[0] == 0
+    (tmp_path / "releases" / "app-1" / "u" / "a").unlink()  # by hand, on the host
+    raw, sig = _release({"u/a": a, "u/c": b}, "2")
+    rc, res = run(tmp_path, "receive", "--id", "app-2", stdin=receive_stream(raw, sig, {}))
+    assert rc == 10 and "1 objects never arrived" in res["message"], res  # asked, not an OS error
+
+
 def test_the_live_release_set_aside_keeps_serving_until_a_clean_copy_is_switched_to(tmp_path):
     """A deploy of the release a host runs, altered there, sets it aside: `current` follows
     it (the service keeps what it ran, not a dangling link) until the clean copy is

@@ -228,13 +228,25 @@ def _check(run, table, ids: dict[str, str]) -> list[str]:
     return wrong
 
 
+def test_an_empty_cms_url_is_the_default_cms(run_ferry):
+    """`FERRY_DATABASE_URL: ${{ secrets.CMS_URL }}` with no such secret sets it empty."""
+    r = run_ferry("status", env={"FERRY_DATABASE_URL": ""})
+    assert r.returncode == 0 and "error" not in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize(
     ("url", "fragment"),
     [
-        ("garbage", "FERRY_DATABASE_URL: database_url: 'garbage' is not a CMS URL"),
-        ("mysql://u@h/db", "'mysql://…' is not a CMS URL"),
+        ("garbage", "FERRY_DATABASE_URL: database_url: 'garbage…' is not a CMS URL"),
+        ("mysql://u@h/db", "'mysql…' is not a CMS URL"),
         ("postgresql://u:secret@no-such-host.invalid/db", "postgresql://u:***@no-such-host"),
         ("sqlite:////proc/no/such/cms.db", "the CMS at sqlite:////proc/no/such/cms.db cannot"),
+        # as SQLAlchemy takes them: lower case, nothing before the scheme
+        ("POSTGRESQL://u@h/db", "'POSTGRESQL…' is not a CMS URL"),
+        (" sqlite:///x.db", "is not a CMS URL"),
+        # a mistyped URL shows its scheme only: the rest may hold the password
+        ("postgresql:/u:secret@h/db", "'postgresql…' is not a CMS URL"),
+        ("postgresql://u@no-such-host.invalid/db?password=secret", "postgresql://u@no-such"),
     ],
 )
 def test_a_cms_url_that_cannot_be_a_cms_is_one_line_and_exit_2(run_ferry, url, fragment):
@@ -264,3 +276,30 @@ def test_a_reader_that_went_away_ends_ferry_quietly_as_sigpipe_would(ferry_home,
     finally:
         os.close(write)
     assert (proc.returncode, proc.stderr) == (141, "")
+
+
+def test_a_key_named_like_a_type_is_kept_in_the_field_path():
+    """Union members are dropped from an error's location, not a mapping's keys that
+    happen to be called `int` (nor the other keys of that mapping)."""
+    from pydantic import BaseModel, ValidationError
+
+    from orchestrator.yamlfile import validation_error
+
+    class M(BaseModel):
+        d: dict[str, int]
+        w: list[int | str] = []
+
+    try:
+        M.model_validate({"d": {"int": "x", "web": "y"}})
+    except ValidationError as exc:
+        assert (
+            validation_error("f.yaml", exc).message.startswith(
+                "f.yaml: d.int: Input should be a valid integer"
+            )
+            and "(and 1 more problem)" in validation_error("f.yaml", exc).message
+        )
+    try:
+        M.model_validate({"d": {}, "w": [[1]]})
+    except ValidationError as exc:  # a union's members: one field, no "more problems"
+        message = validation_error("f.yaml", exc).message
+        assert message.startswith("f.yaml: w.0: ") and "more problem" not in message, message
