@@ -44,8 +44,9 @@ Per host: revert → reactivate → restore → recheck, then a read-back of `cu
 every file. It runs what the deployment recorded: the same hosts, reached the same way,
 the backout commands rendered for each host's prior when it was planned (an edited plan
 changes nothing; --plan FILE runs that file's hooks instead). Hosts already on their
-prior are left as they are; a host now on a third release (a later deployment) is left
-alone and named.
+prior are left as they are; a host now on a third release (by hand) is left alone and
+named. Refused (exit 2) when a later deployment succeeded on its hosts: back that one out;
+a deployment already backed out is left as it is (exit 0).
 \b
 Records: a new deployment (strategy backout) journals every step; host baselines follow
 the restored hosts; the original deployment becomes backed-out (or failed, naming the
