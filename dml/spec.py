@@ -38,6 +38,19 @@ from orchestrator.yamlfile import load_yaml, parse_model
 UnitName = Annotated[str, StringConstraints(pattern=NAME_RE)]
 
 
+def _inside_spec(where: Path, base: str | Path, info: ValidationInfo) -> None:
+    """A unit's source directory or image archive lies in the spec's tree, unless the unit
+    says `outside_spec_dir: true` (validated before it: the field order)."""
+    if not where.is_relative_to(Path(base).resolve()) and not (info.data or {}).get(
+        "outside_spec_dir"
+    ):
+        raise ValueError(
+            f"{where} is outside the spec's directory {Path(base).resolve()}: a package "
+            "takes only what the spec's tree holds (set outside_spec_dir: true on the unit "
+            "if this one is meant)"
+        )
+
+
 class Unit(BaseModel):
     """One release unit: a directory, or a subdirectory of a git ref."""
 
@@ -80,13 +93,7 @@ class Unit(BaseModel):
             )
         if not where.is_dir():
             raise ValueError(f"{where} is not a directory")
-        outside = (info.data or {}).get("outside_spec_dir")
-        if not where.is_relative_to(Path(base).resolve()) and not outside:
-            raise ValueError(
-                f"{where} is outside the spec's directory {Path(base).resolve()}: a package "
-                "takes only what the spec's tree holds (set outside_spec_dir: true on the unit "
-                "if this one is meant)"
-            )
+        _inside_spec(where, base, info)
         return value
 
     @field_validator("image")
@@ -99,14 +106,7 @@ class Unit(BaseModel):
         where = (Path(base) / value[len("docker-archive:") :]).resolve()
         if not where.is_file():
             raise ValueError(f"{where} is not a file (paths are relative to the spec file)")
-        if not where.is_relative_to(Path(base).resolve()) and not (info.data or {}).get(
-            "outside_spec_dir"
-        ):
-            raise ValueError(
-                f"{where} is outside the spec's directory {Path(base).resolve()}: a package "
-                "takes only what the spec's tree holds (set outside_spec_dir: true on the unit "
-                "if this one is meant)"
-            )
+        _inside_spec(where, base, info)
         return value
 
     @field_validator("path")
