@@ -97,6 +97,12 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
+def is_http_url(value: str) -> bool:
+    """An http(s) URL with a host: a pull server, a webhook, an http check once rendered."""
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
 def _positive(seconds: float) -> float:
     if seconds <= 0:
         raise ValueError("0s would time out at once: give a duration above zero, e.g. 30s")
@@ -311,8 +317,7 @@ class Pull(BaseModel):
     @field_validator("server")
     @classmethod
     def _url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("https", "http") or not parts.hostname:
+        if not is_http_url(value):
             raise ValueError(f"{value!r}: the DML server is https://HOST:PORT")
         return value.rstrip("/")
 
@@ -365,8 +370,7 @@ class Notify(BaseModel):
     @field_validator("webhook")
     @classmethod
     def _http(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if not is_http_url(value):
             raise ValueError(f"{value!r} is not an http(s) URL")
         return value
 

@@ -23,13 +23,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from fractions import Fraction
 from typing import Any
-from urllib.parse import urlsplit
 
 from orchestrator import steps as step_table
 from orchestrator.context import Renderer, host_context, scalars
 from orchestrator.errors import PlanError
 from orchestrator.inventory import Host, SSHSettings, is_address
-from orchestrator.plan import ApprovedWave, Check, DeployPlan, wave_entry
+from orchestrator.plan import ApprovedWave, Check, DeployPlan, is_http_url, wave_entry
 from orchestrator.pullwindow import host_window
 from orchestrator.rollout import (
     Baseline,
@@ -269,8 +268,7 @@ class _HostRenderer:
             )  # fmt: skip
         if c.http is not None:
             url = self.r.render(c.http, ctx, field, host)
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
+            if not is_http_url(url):
                 raise PlanError(
                     f"{self.r.where}: {field}.http: {url!r} (host {host}) is not an http(s) "
                     "URL; give one like http://127.0.0.1:8080/health"

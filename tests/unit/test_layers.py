@@ -63,7 +63,6 @@ PURE_STDLIB = (
     "hashlib",
     "itertools",
     "json",  # text to values and back: no file, no socket
-    "urllib.parse",  # splitting a URL's text (urllib.request, the I/O, stays out)
     "math",
     "re",
     "typing",
