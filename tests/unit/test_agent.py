@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -266,6 +267,41 @@ def test_a_new_release_reuses_intact_files_unread_and_rereads_any_that_changed(t
     assert rc == 0 and res["needed"] == 1
     assert run(tmp_path, "verify", "--id", "app-3")[0] == 0
     assert (tmp_path / "releases" / "app-3" / "u" / "a").read_bytes() == a
+
+
+def test_a_kept_copy_read_at_receive_is_read_again_at_verify_only_if_it_changed_since(
+    tmp_path,
+):
+    """A copy whose identity moved (touched: same bytes) is read once in a session, when
+    receive looks for what the host lacks; verify stats it again and reuses it unread. A copy
+    written between the two is read again by verify and refused."""
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    a, b = b"A" * 4096, b"B" * 100
+    assert _publish(tmp_path, "app-1", {"u/a": a, "u/b": b}, "1", ["u/a", "u/b"])[0] == 0
+    kept = tmp_path / "releases" / "app-1" / "u" / "a"
+
+    def stage(rid: str, version: str, between=lambda: None) -> tuple[dict, dict]:
+        new = version.encode() * 100  # the one object the host lacks
+        raw, sig = _release({"u/a": a, "u/new": new}, version)
+        proc = _session_with_spy(tmp_path, "pass")
+        try:
+            stream = receive_stream(raw, sig, {hashlib.sha256(new).hexdigest(): new})
+            received = _answer(proc, {"op": "receive", "args": {"id": rid}}, stream)
+            between()
+            return received, _answer(proc, {"op": "verify", "args": {"id": rid}})
+        finally:
+            proc.stdin.close()
+            proc.wait(timeout=30)
+
+    os.utime(kept, ns=(1, 1))  # the same bytes, another identity: not trusted unread
+    received, placed = stage("app-2", "2")
+    assert received["_code"] == 0 and received["needed"] == 1, received
+    assert placed["_code"] == 0 and placed["rehashed"] == 0, placed  # read once, at receive
+    os.utime(kept, ns=(2, 2))
+    received, placed = stage("app-3", "3", between=lambda: kept.write_bytes(b"X" * 4096))
+    assert received["_code"] == 0 and received["needed"] == 1, received
+    assert placed["_code"] == 10 and "no longer matches its checksum" in placed["message"], placed
+    assert not (tmp_path / "releases" / "app-3").exists()
 
 
 def test_a_copy_gone_from_a_kept_release_is_asked_for_again(tmp_path):
