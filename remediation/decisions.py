@@ -12,12 +12,16 @@ true now. Together they decide, per host:
     elsewhere     `current` is neither (a later deployment, or a hand): left alone, named
 
 Running it again after it finished finds every host `at-prior`: remediation is idempotent.
+
+A drift audit's findings stay a host's until something supersedes them (`drift_found`), and
+each state says what on-call does next (`drift_next_step`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from orchestrator.backout import BackoutAction, backout_actions
 from orchestrator.planner import Baseline
@@ -122,3 +126,49 @@ def supersession(
         if o is not None and o.id > deployment and o.strategy != "backout"
         and o.status != "backed-out"
     }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DriftAudit:
+    """One `ferry remediate drift` as the audit log keeps it."""
+
+    id: int
+    at: datetime
+    environment: str | None  # None: it audited every environment
+    not_ok: Mapping[str, str]  # host → drifted | tampered | unreachable
+
+
+def drift_found(
+    baselines: Mapping[str, tuple[str, datetime]], audits: Sequence[DriftAudit]
+) -> dict[str, DriftAudit]:
+    """The hosts (name → (environment, baseline recorded at)) whose newest drift audit
+    (`audits`, newest first) found them not ok, each with that audit. A later audit that
+    covered the host (its environment, or all) and found it ok supersedes it, and so does a
+    baseline recorded after it (a deployment or backout that verified the host since)."""
+    found = {}
+    for host, (environment, recorded_at) in baselines.items():
+        for audit in audits:
+            if audit.environment not in (None, environment):
+                continue
+            if audit.at > recorded_at and host in audit.not_ok:
+                found[host] = audit
+            break
+    return found
+
+
+def drift_next_step(state: str, release: str | None) -> str | None:
+    """What on-call does about a host a drift audit found in `state` (docs/remediation.md)."""
+    again = f"ferry deploy PLAN --release {release or 'RELEASE'} --rfc ID"
+    if state == "drifted":
+        return (
+            "find who switched it (.ferry/state.json on the host), then deploy the baseline "
+            f"again: {again}"
+        )
+    if state == "tampered":
+        return (
+            "a security incident first; then deploy the baseline again, which sets the "
+            f"altered copy aside: {again}"
+        )
+    if state == "unreachable":
+        return "check the host and its sshd, then audit again"
+    return None

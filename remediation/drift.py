@@ -36,6 +36,7 @@ from orchestrator.inventory import Inventory, inventory_path, load_inventory
 from orchestrator.plan import load_plan
 from orchestrator.planner import release_id
 from orchestrator.settings import Settings
+from remediation.decisions import drift_next_step
 
 Progress = Callable[[str], None]
 STATES = ("ok", "drifted", "tampered", "unreachable", "unmanaged")
@@ -64,20 +65,7 @@ class HostDrift:
 
 def next_step(h: HostDrift) -> str | None:
     """What on-call does about a host in this state (docs/remediation.md), or None."""
-    again = f"ferry deploy PLAN --release {h.release or 'RELEASE'} --rfc ID"
-    if h.state == "drifted":
-        return (
-            "find who switched it (.ferry/state.json on the host), then deploy the baseline "
-            f"again: {again}"
-        )
-    if h.state == "tampered":
-        return (
-            "a security incident first; then deploy the baseline again, which sets the "
-            f"altered copy aside: {again}"
-        )
-    if h.state == "unreachable":
-        return "check the host and its sshd, then audit again"
-    return None
+    return drift_next_step(h.state, h.release)
 
 
 def exit_code(hosts: list[HostDrift]) -> int:

@@ -11,6 +11,10 @@ and the hosts needing remediation:
     interrupted   a deployment `planned`/`running` with no finish whose process is not
                   alive on this machine ("possibly interrupted" when Ferry cannot tell, e.g.
                   it ran elsewhere): `ferry remediate recover ID`
+    drifted, tampered, unreachable
+                  what the newest drift audit covering the host found, until a later
+                  audit finds it ok or a deployment records its baseline again: the
+                  audit's own next step
 """
 
 from __future__ import annotations
@@ -25,8 +29,17 @@ from orchestrator import lifecycle
 from orchestrator.cms import deployments
 from orchestrator.cms.db import session_scope
 from orchestrator.cms.deployments import RecordedDeployment
-from orchestrator.cms.models import Deployment, EnvironmentBaseline, HostBaseline, HostStep
+from orchestrator.cms.models import (
+    AuditEvent,
+    Deployment,
+    EnvironmentBaseline,
+    HostBaseline,
+    HostStep,
+)
 from orchestrator.errors import NotFound
+from remediation.decisions import DriftAudit, drift_found, drift_next_step
+
+DRIFT_AUDITS_READ = 200  # the newest drift audits status weighs (each names only hosts not ok)
 
 
 def reason_of(rec: RecordedDeployment) -> str | None:
@@ -150,6 +163,7 @@ def gather(
         journal = _journal_hosts(s, list(candidates))
         # a host a later deployment has verified since no longer needs this one's remediation
         verified = {b.host: b.deployment_id or 0 for b in s.scalars(select(HostBaseline))}
+        drift = _drift_needs(s, host_rows)
     needs = []
     for rec in sorted(candidates.values(), key=lambda r: r.id, reverse=True):
         for item in remediation_needed(rec, journal.get(rec.id, [])):
@@ -158,6 +172,7 @@ def gather(
             if rec.status == "failed" and verified.get(item["host"], 0) > rec.id:
                 continue
             needs.append(item)
+    needs += drift
     if host and not host_rows and not recent:
         raise NotFound(f"host {host} has no baseline and no deployment in the CMS")
     return {
@@ -240,4 +255,36 @@ def _journal_hosts(s: Any, ids: list[int]) -> dict[int, list[str]]:
     for did, h in s.execute(q.distinct()):
         if h not in out[did]:
             out[did].append(h)
+    return out
+
+
+def _drift_needs(s: Any, host_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The hosts of `host_rows` the newest drift audit covering them found not ok."""
+    q = (
+        select(AuditEvent)
+        .where(AuditEvent.action == "remediate.drift")
+        .order_by(desc(AuditEvent.id))
+        .limit(DRIFT_AUDITS_READ)
+    )
+    audits = [
+        DriftAudit(e.id, e.at, None if e.subject_id == "*" else e.subject_id,
+                   (e.data or {}).get("not_ok") or {})
+        for e in s.scalars(q)
+    ]  # fmt: skip
+    rows = {r["host"]: r for r in host_rows}
+    found = drift_found({h: (r["environment"], r["recorded_at"]) for h, r in rows.items()}, audits)
+    out = []
+    for name, audit in sorted(found.items()):
+        state, row = audit.not_ok[name], rows[name]
+        out.append(
+            {
+                "deployment": row["deployment"],
+                "audit": audit.id,
+                "host": name,
+                "state": state,
+                "reason": f"the drift audit of {audit.at:%Y-%m-%d %H:%M:%S} found it {state}; "
+                f"its baseline is {row['release']}",
+                "next": drift_next_step(state, row["release"]),
+            }
+        )
     return out

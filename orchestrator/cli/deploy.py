@@ -46,7 +46,9 @@ def register(app: typer.Typer) -> None:
 
 def deploy(
     plan: Annotated[Path, typer.Argument(help="deploy plan (YAML), e.g. deploy_plans/…")],
-    release: Annotated[str, typer.Option("--release", "-r", help="NAME@VERSION in the DML")],
+    release: Annotated[
+        str, typer.Option("--release", "-r", metavar="NAME@VERSION", help="the release, in the DML")
+    ],
     rfc: Annotated[str | None, typer.Option("--rfc", help="the authorizing RFC (id)")] = None,
     inventory: Annotated[
         Path | None, typer.Option("--inventory", "-i", help="inventory file (beats the plan's)")
@@ -56,6 +58,7 @@ def deploy(
         str,
         typer.Option(
             "--via",
+            metavar="local|prefect",
             help="'local' runs the flow in this process; 'prefect' submits it to a Prefect "
             "work pool (ferry prefect register) and follows it: same progress and exit code",
         ),

@@ -75,7 +75,29 @@ class CommandEntry:
         command = typer.main.get_group(host).commands.get(self.name)
         if command is None:  # not a KeyError: that would read as "no such command"
             raise RuntimeError(f"{self.module} defines no command {self.name!r}")
+        name_values(command)
         return command
+
+
+# what Typer shows for an option's value when nothing names it: its Python type
+TYPE_METAVARS = ("<str>", "<list[str]>")
+
+
+def name_values(command: Command) -> None:
+    """An option's value is named after the option in help (`--release RELEASE`, as argparse
+    and most tools do), not `<str>` or `<list[str]>` as Typer shows it; an option that names
+    its value itself (`metavar=`) keeps that, and so do paths, numbers and choices. (An
+    argument is listed as its name and its type: `spec <path>`, `release <str>`.)"""
+    ctx = Context(command)
+    for param in command.params:
+        option = param.opts[0].startswith("-")  # an argument shows its name and its type
+        if param.metavar or getattr(param, "is_flag", False) or not option:
+            continue
+        shown = getattr(param, "display_type", None)  # how this Typer names a value
+        if shown is not None and shown(ctx) in TYPE_METAVARS:
+            param.metavar = max(param.opts, key=len).lstrip("-").replace("-", "_").upper()
+    for sub in getattr(command, "commands", {}).values():
+        name_values(sub)
 
 
 COMMANDS = (
@@ -101,9 +123,9 @@ COMMANDS = (
         "the CMS (read-only).",
         kind="command",
     ),
-    CommandEntry("release", "Build release packages from release specs."),
-    CommandEntry("dml", "The Definitive Media Library: key, list, verify, gc, serve."),
-    CommandEntry("rfc", "Requests for change: raise, approve, show, wait."),
+    CommandEntry("release", "Release packages: build, checkin, list, show, accept, withdraw."),
+    CommandEntry("dml", "Definitive Media Library: keygen, list, verify, gc, serve."),
+    CommandEntry("rfc", "Requests for change: raise, approve, reject, show, list, wait."),
     CommandEntry("calendar", "Change windows and blackouts."),
     CommandEntry("remediate", "On-call: backout, recover, drift audit."),
     CommandEntry("els", "Early life support: re-run deployments' ELS checks during their period."),

@@ -32,7 +32,8 @@ def build(
     spec: Annotated[Path, typer.Argument(help="release spec (YAML)")],
     version: Annotated[str | None, typer.Option(help="override the spec's version")] = None,
     without: Annotated[
-        list[str] | None, typer.Option("--without", help="leave this unit out (repeatable)")
+        list[str] | None,
+        typer.Option("--without", metavar="UNIT", help="leave this unit out (repeatable)"),
     ] = None,
     fmt: OutputOpt = out.Format.text,
 ) -> None:

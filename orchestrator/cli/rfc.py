@@ -101,12 +101,13 @@ def _show_one(rfc_id: int, extra: dict[str, Any] | None = None) -> None:
 
 @app.command()
 def new(
-    release: Annotated[str, typer.Option(help="NAME@VERSION")],
+    release: Annotated[str, typer.Option(metavar="NAME@VERSION", help="the release to change to")],
     env: Annotated[str, typer.Option(help="the environment to change")],
     model: Annotated[str, typer.Option(help="standard, normal or emergency")],
     template: Annotated[str | None, typer.Option(help="standard change template")] = None,
     window: Annotated[
-        list[str] | None, typer.Option(help="START/END, ISO 8601 (repeatable; no offset = UTC)")
+        list[str] | None,
+        typer.Option(metavar="START/END", help="ISO 8601 (repeatable; no offset = UTC)"),
     ] = None,
     hosts: Annotated[
         str | None, typer.Option(help="host names or patterns, comma-separated")

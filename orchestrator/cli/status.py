@@ -18,6 +18,9 @@ Needs remediation lists:
   failed       a backout could not restore these hosts  → ferry remediate backout ID --rfc R
   interrupted  running/planned, no finish, no live process → ferry remediate recover ID
                ("possibly interrupted": it ran on another machine, Ferry cannot tell)
+  drifted, tampered, unreachable
+               found so by the newest drift audit of the host, and not deployed since
+               → the audit's next step (deploy the baseline again, or check the host)
 \b
 Examples:
   ferry status                       everything, newest deployments first
@@ -34,7 +37,8 @@ def register(app: typer.Typer) -> None:
 def status(
     env: Annotated[str | None, typer.Option("--env", "-e", help="only this environment")] = None,
     deployment: Annotated[
-        str | None, typer.Option("--deployment", "-d", help="show one deployment in detail")
+        str | None,
+        typer.Option("--deployment", "-d", metavar="ID", help="show one deployment in detail"),
     ] = None,
     host: Annotated[str | None, typer.Option("--host", help="only this host")] = None,
     limit: Annotated[int, typer.Option("--limit", help="recent deployments shown", min=1)] = 10,
@@ -102,7 +106,8 @@ def print_status(data: dict[str, Any]) -> None:
     needs = data["needs_remediation"]
     _p("Needs remediation:" + ("" if needs else " nothing"))
     for n in needs:
-        _p(f"  {n['host']}: {n['state']} (deployment {n['deployment']}): {n['reason']}")
+        origin = f"drift audit {n['audit']}" if n.get("audit") else f"deployment {n['deployment']}"
+        _p(f"  {n['host']}: {n['state']} ({origin}): {n['reason']}")
         _p(f"        next: {n['next']}")
 
 

@@ -131,6 +131,38 @@ def test_ferry_status_lists_deployments_without_reading_their_rollouts(migrated_
     assert {n["deployment"] for n in out["needs_remediation"]} == set(ids)  # never finished
 
 
+def test_ferry_status_lists_a_drift_audits_findings_until_the_host_is_recorded_again(
+    migrated_url,
+):
+    from datetime import timedelta
+
+    from orchestrator.cms import audit
+    from orchestrator.cms.models import HostBaseline
+    from remediation import status
+
+    with session_scope(migrated_url) as s:
+        for h in ("h1", "h2"):
+            s.add(HostBaseline(host=h, environment="prod", release="shop@1.0",
+                               package_digest="sha256:" + "a" * 64, deployment_id=1))  # fmt: skip
+    with session_scope(migrated_url) as s:
+        found = audit.append(
+            s,
+            actor="oncall",
+            action="remediate.drift",
+            subject_type="environment",
+            subject_id="prod",
+            data={"counts": {}, "full": True, "not_ok": {"h1": "tampered"}},
+        )
+        at, audit_id = found.at, found.id
+    needs = status.gather(migrated_url)["needs_remediation"]
+    assert [(n["host"], n["state"], n["audit"]) for n in needs] == [("h1", "tampered", audit_id)]
+    assert "a security incident first" in needs[0]["next"] and "shop@1.0" in needs[0]["next"]
+    assert status.gather(migrated_url, environment="dev")["needs_remediation"] == []
+    with session_scope(migrated_url) as s:  # deployed again since: recorded after the audit
+        s.get(HostBaseline, "h1").recorded_at = at + timedelta(seconds=1)
+    assert status.gather(migrated_url)["needs_remediation"] == []
+
+
 def test_early_life_support_and_outcomes_written_at_once_lose_nothing(migrated_url):
     """Two writers of one deployment's evidence (two processes: two records), at once:
     every early-life-support run and every outcome is kept (each write locks the row)."""

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from orchestrator.errors import TransportError
 from orchestrator.planner import Baseline, release_id
-from remediation.decisions import BaselineOwner, plan_host, supersession
+from remediation.decisions import (
+    BaselineOwner,
+    DriftAudit,
+    drift_found,
+    plan_host,
+    supersession,
+)
 from remediation.drift import exit_code, judge
 
 PRIOR = Baseline("shop@1.0", "sha256:" + "a" * 64)
@@ -143,3 +151,33 @@ def test_each_drift_state_that_needs_work_says_what_to_do_next():
             assert "ferry deploy PLAN --release shop@1.0 --rfc ID" in step
     assert next_step(HostDrift("h1", "ok")) is None
     assert next_step(HostDrift("h1", "unmanaged")) is None
+
+
+T0 = datetime(2026, 12, 7, 3, 0, tzinfo=UTC)
+
+
+def _audit(i: int, minutes: int, env: str | None, not_ok: dict[str, str]) -> DriftAudit:
+    return DriftAudit(i, T0 + timedelta(minutes=minutes), env, not_ok)
+
+
+def test_a_drift_audits_findings_stay_until_a_later_audit_or_baseline_supersedes_them():
+    baselines = {  # host → (environment, baseline recorded at)
+        "h1": ("prod", T0),  # found tampered by the newest audit covering prod
+        "h2": ("prod", T0 + timedelta(minutes=30)),  # deployed again after that audit
+        "h3": ("dev", T0),  # found drifted by an audit of all, ok in a later one of dev
+        "h4": ("dev", T0),  # unreachable in the audit of all; dev's later audit: ok
+        "h5": ("test", T0),  # unreachable in the audit of all, never audited since
+        "h6": ("prod", T0),  # never found anything
+    }
+    audits = [  # newest first
+        _audit(4, 40, "staging", {"h1": "drifted"}),  # another environment: h1 is not its
+        _audit(3, 20, "prod", {"h1": "tampered", "h2": "drifted"}),
+        _audit(2, 15, "dev", {}),
+        _audit(1, 10, None, {"h3": "drifted", "h4": "unreachable", "h5": "unreachable"}),
+    ]
+    found = drift_found(baselines, audits)
+    assert {h: (a.id, a.not_ok[h]) for h, a in found.items()} == {
+        "h1": (3, "tampered"),
+        "h5": (1, "unreachable"),
+    }
+    assert drift_found(baselines, []) == {}

@@ -267,3 +267,16 @@ def test_drift_audit_finds_a_hand_flipped_host_a_modified_file_and_unreachable_h
     assert data["hosts"]["h1"]["next"] is None
     # the audit itself changed nothing
     assert version.read_text() == "1.1\n" and host_release(fleet, "h5") == "hotfix"
+
+    # `ferry status` names what the newest audit of each host found, with its next step…
+    needs = {n["host"]: n for n in _status(run_ferry)["needs_remediation"]}
+    assert {h: n["state"] for h, n in needs.items()} == {
+        "h5": "drifted", "h7": "tampered", "h9": "unreachable"
+    }  # fmt: skip
+    assert "deploy the baseline again" in needs["h7"]["next"]
+    assert "h7: tampered (drift audit " in run_ferry("status").stdout
+    # …until a deployment records those hosts again (the baseline, deployed anew)
+    res = deploy(run_ferry, plan(work, fleet), "shop@1.0", rfc(run_ferry, "shop@1.0"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert _status(run_ferry)["needs_remediation"] == []
+    assert version.read_text() == "1.0\n" and host_release(fleet, "h5") == good

@@ -111,6 +111,26 @@ def test_the_listed_summary_is_what_the_command_itself_would_show(entry):
         assert stand_in.get_short_help_str(width) == built.get_short_help_str(width)
 
 
+def _commands(command, path=()):
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+@pytest.mark.parametrize("entry", COMMANDS, ids=lambda e: e.name)
+def test_every_options_value_is_named_in_help_not_typed(entry):
+    """`--release NAME@VERSION`, `--env ENV`: an option's value is never Typer's `<str>` or
+    `<list[str]>`."""
+    from typer._click import Context
+
+    built = entry.load()
+    for path, command in _commands(built):
+        text = command.get_help(Context(command, info_name=" ".join(["ferry", *path])))
+        options = [line for line in text.splitlines() if line.lstrip().startswith("-")]
+        typed = [line for line in options if "<str>" in line or "<list[str]>" in line]
+        assert not typed, (path, typed)
+
+
 def test_release_list_names_the_catalogs_statuses():
     assert release.STATUSES == catalog.STATUSES
 
