@@ -29,7 +29,7 @@ from sqlalchemy import desc, select
 from orchestrator.cms import audit
 from orchestrator.cms.db import session_scope
 from orchestrator.cms.deployments import deploy_roots
-from orchestrator.cms.models import Deployment, HostBaseline
+from orchestrator.cms.models import Deployment, HostBaseline, utcnow
 from orchestrator.errors import ExitCode, StepFailed, TransportError
 from orchestrator.hostops import HostOps
 from orchestrator.inventory import Inventory, inventory_path, load_inventory
@@ -119,6 +119,7 @@ def audit_drift(
     progress: Progress,
 ) -> dict[str, Any]:
     url = settings.cms_url
+    started = utcnow()  # what the audit judged is the baselines as of now (ferry status)
     with session_scope(url) as s:
         q = select(HostBaseline)
         if environment:
@@ -196,6 +197,7 @@ def audit_drift(
             subject_type="environment",
             subject_id=environment or "*",
             data={
+                "started": started.isoformat(),
                 "counts": counts,
                 "full": full,
                 "not_ok": {r.host: r.state for r in results if r.state not in ("ok", "unmanaged")},

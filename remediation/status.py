@@ -20,9 +20,10 @@ and the hosts needing remediation:
 from __future__ import annotations
 
 from collections import defaultdict
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import desc, select
+from sqlalchemy import desc, func, select
 from sqlalchemy.orm import defer
 
 from orchestrator import lifecycle
@@ -38,8 +39,6 @@ from orchestrator.cms.models import (
 )
 from orchestrator.errors import NotFound
 from remediation.decisions import DriftAudit, drift_found, drift_next_step
-
-DRIFT_AUDITS_READ = 200  # the newest drift audits status weighs (each names only hosts not ok)
 
 
 def reason_of(rec: RecordedDeployment) -> str | None:
@@ -259,15 +258,16 @@ def _journal_hosts(s: Any, ids: list[int]) -> dict[int, list[str]]:
 
 
 def _drift_needs(s: Any, host_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The hosts of `host_rows` the newest drift audit covering them found not ok."""
-    q = (
-        select(AuditEvent)
+    """The hosts of `host_rows` the newest drift audit covering them found not ok. Only the
+    newest audit of each scope (an environment, or all) can be a host's newest covering one."""
+    newest = (
+        select(func.max(AuditEvent.id))
         .where(AuditEvent.action == "remediate.drift")
-        .order_by(desc(AuditEvent.id))
-        .limit(DRIFT_AUDITS_READ)
+        .group_by(AuditEvent.subject_id)
     )
+    q = select(AuditEvent).where(AuditEvent.id.in_(newest)).order_by(desc(AuditEvent.id))
     audits = [
-        DriftAudit(e.id, e.at, None if e.subject_id == "*" else e.subject_id,
+        DriftAudit(e.id, _audit_start(e), None if e.subject_id == "*" else e.subject_id,
                    (e.data or {}).get("not_ok") or {})
         for e in s.scalars(q)
     ]  # fmt: skip
@@ -288,3 +288,13 @@ def _drift_needs(s: Any, host_rows: list[dict[str, Any]]) -> list[dict[str, Any]
             }
         )
     return out
+
+
+def _audit_start(event: AuditEvent) -> datetime:
+    """When a drift audit read the baselines it judged (its event is written at its end: a
+    deployment that recorded a host while the audit ran is newer than what it judged)."""
+    started = (event.data or {}).get("started")
+    try:
+        return datetime.fromisoformat(started) if started else event.at
+    except (TypeError, ValueError):
+        return event.at

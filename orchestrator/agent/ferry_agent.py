@@ -328,6 +328,13 @@ def recorded_as(st, recorded):
     return recorded is not None and identity_of(st) == list(recorded)
 
 
+def _stat(path):
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
 def unchanged(path, recorded):
     try:
         return recorded_as(os.stat(path), recorded)
@@ -376,7 +383,7 @@ class Host:
         self.retired_path = os.path.join(self.root, ".ferry", "dml.retired")
         self._checked = {}  # rid → (metadata file identity, manifest): see load_manifest
         self._signed = {}  # (manifest bytes, signature, keys) → manifest: see check_manifest
-        self._placed = {}  # (manifest digest, expect) → the copies receive found: see placement
+        self._placed = {}  # (manifest digest, expect) → the copies stage found: see placement
 
     def ensure_dirs(self):
         for d in (self.meta, self.incoming, self.releases, os.path.join(self.root, "shared")):
@@ -548,10 +555,10 @@ class Host:
                     continue
                 path = os.path.join(base, e["path"])
                 recorded = ids.get(e["path"])
-                ok = intact and unchanged(path, recorded)
+                st = _stat(path) if intact and recorded is not None else None
+                ok = st is not None and recorded_as(st, recorded)
                 if ok or sha not in found:  # a copy still as verified is reused unread
-                    # …and still has the mode it was published with (chmod moves the ctime)
-                    mode = published_mode(e) if ok else None
+                    mode = st.st_mode & 0o7777 if ok else None  # its own: chmod moves the ctime
                     found[sha] = (path, False, ok, rid, e["path"], mode, recorded if ok else None)
         return found
 
@@ -577,7 +584,7 @@ class Host:
                 need[sha] = e["size"]
             else:  # read just now: verify re-reads it only if it changes again
                 known[sha] = copy[:2] + (True,) + copy[3:5] + (None, seen)
-        self._placed[(manifest["digest"], _frozen(expect))] = known
+        self._placed = {(manifest["digest"], _frozen(expect)): known}  # the latest stage only
         return need
 
     def placement(self, manifest, expect=None):
@@ -597,11 +604,10 @@ class Host:
         for sha, copy in known.items():
             if copy[1] or not copy[2]:
                 continue
-            try:
-                st = os.stat(copy[0])
-            except OSError:
-                st = None
-            if st is None or not recorded_as(st, copy[6]):
+            st = _stat(copy[0])
+            if st is None:  # gone since (set aside, removed by hand): look for another
+                return self.known_objects(expect, wanted=wanted)
+            if not recorded_as(st, copy[6]):
                 known[sha] = copy[:2] + (False,) + copy[3:5] + (None, None)
             elif copy[5] is None:  # read at receive: its mode is what it is now
                 known[sha] = copy[:5] + (st.st_mode & 0o7777, copy[6])
@@ -800,7 +806,7 @@ def op_verify(host, args):
     os.makedirs(tmp)
     made = {tmp}  # directories made: one mkdir each, not one per file
     linked_from = {}  # (release, path) a file was linked from → its path in this release
-    chmodded = set()  # sources whose inode this verify gave another mode
+    given = {}  # received object → the mode its first path gave it
     for e in files:
         rel = safe_relpath(e["path"])
         dest = os.path.join(tmp, rel)
@@ -817,20 +823,28 @@ def op_verify(host, args):
             if sha256_file(src) != e["sha256"]:
                 raise integrity("%s: local copy %s no longer matches its checksum" % (rel, src))
             rehashed += 1
-        linked = True
-        try:
-            os.link(src, dest)
-        except OSError:
+        mode = published_mode(e)
+        if fresh and src not in given:  # in no release yet: its first path sets its mode
+            os.chmod(src, mode)
+            given[src] = mode
+        if fresh:
+            src_mode = given[src]
+        elif src_mode is None:  # read again above: its mode is what it is now
+            src_mode = os.stat(src).st_mode & 0o7777
+        # A published inode is never chmodded: every release linking it would change with
+        # it (a backout to one would then run files with another's modes). Content wanted
+        # with another mode than the copy has is copied instead (rare: a mode changed).
+        linked = src_mode == mode
+        if linked:
+            try:
+                os.link(src, dest)
+            except OSError:  # no hard links here (another filesystem, a link limit)
+                linked = False
+        if not linked:
             import shutil
 
             shutil.copyfile(src, dest)
-            linked = False
-        mode = published_mode(e)
-        if src_mode is None or src in chmodded:  # unknown, or changed a moment ago
-            src_mode = os.stat(dest).st_mode & 0o7777
-        if not linked or src_mode != mode:
-            os.chmod(dest, mode)  # a reused inode keeps its mode: left clean, not re-synced
-            chmodded.add(src)
+            os.chmod(dest, mode)
         if fresh:
             received.add(e["sha256"])
         if fresh or not linked:

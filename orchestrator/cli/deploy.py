@@ -78,7 +78,8 @@ def deploy(
         typer.Option("--hosts", help="only these of the plan's hosts (names, groups, globs)"),
     ] = None,
     junit: Annotated[
-        Path | None, typer.Option("--junit", help="write a JUnit XML report to FILE")
+        Path | None,
+        typer.Option("--junit", metavar="FILE", help="write a JUnit XML report to FILE"),
     ] = None,
     fmt: OutputOpt = out.Format.text,
 ) -> None:

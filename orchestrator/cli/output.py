@@ -43,7 +43,9 @@ def _console(name: Literal["stdout", "stderr"]) -> Console:
     if made is None:
         from rich.console import Console
 
-        made = globals()[name] = Console(stderr=name == "stderr", soft_wrap=True)
+        # markup off: Ferry prints hosts' and agents' words, whose brackets are text (a
+        # failure shown as `[check: …]` was taken for a style tag and vanished)
+        made = globals()[name] = Console(stderr=name == "stderr", soft_wrap=True, markup=False)
         # rich ends the process itself, exit 1, when the reader goes away (`ferry status |
         # head -1`): leave it to the CLI's boundary, which knows it is no error
         made.on_broken_pipe = lambda: _reader_gone(made)  # type: ignore[method-assign]
@@ -108,4 +110,4 @@ def error(payload: dict[str, Any], line: str) -> None:
     from rich.markup import escape
 
     # escaped: a message's own brackets (`after: [qa]`, `[bold]`) are text, not markup
-    _console("stderr").print(f"[bold red]error:[/] {escape(line)}", highlight=False)
+    _console("stderr").print(f"[bold red]error:[/] {escape(line)}", highlight=False, markup=True)

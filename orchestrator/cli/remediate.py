@@ -152,7 +152,8 @@ def drift(
         bool, typer.Option("--full", help="re-hash every file (slower; catches same-size edits)")
     ] = False,
     junit: Annotated[
-        Path | None, typer.Option("--junit", help="write a JUnit XML report (a case per host)")
+        Path | None,
+        typer.Option("--junit", metavar="FILE", help="write a JUnit XML report (a case per host)"),
     ] = None,
     fmt: OutputOpt = out.Format.text,
 ) -> None:

@@ -137,30 +137,46 @@ def test_ferry_status_lists_a_drift_audits_findings_until_the_host_is_recorded_a
     from datetime import timedelta
 
     from orchestrator.cms import audit
-    from orchestrator.cms.models import HostBaseline
+    from orchestrator.cms.models import HostBaseline, utcnow
     from remediation import status
 
+    def audited(env: str, not_ok: dict[str, str], started=None) -> int:
+        data = {"counts": {}, "full": True, "not_ok": not_ok}
+        if started is not None:
+            data["started"] = started.isoformat()
+        with session_scope(migrated_url) as s:
+            kind = {"subject_type": "environment", "subject_id": env}
+            return audit.append(s, actor="oncall", action="remediate.drift", data=data, **kind).id
+
+    def needs(**kw: str) -> list[tuple[str, str, int]]:
+        got = status.gather(migrated_url, **kw)["needs_remediation"]
+        return [(n["host"], n["state"], n["audit"]) for n in got]
+
+    t0 = utcnow()
     with session_scope(migrated_url) as s:
         for h in ("h1", "h2"):
-            s.add(HostBaseline(host=h, environment="prod", release="shop@1.0",
+            s.add(HostBaseline(host=h, environment="prod", release="shop@1.0", recorded_at=t0,
                                package_digest="sha256:" + "a" * 64, deployment_id=1))  # fmt: skip
+    first = audited("prod", {"h1": "tampered"})
+    assert needs() == [("h1", "tampered", first)]
+    got = status.gather(migrated_url)["needs_remediation"][0]
+    assert "a security incident first" in got["next"] and "shop@1.0" in got["next"]
+    assert needs(environment="dev") == []
+    for _ in range(3):  # audits of other scopes since do not hide it
+        audited("dev", {})
+    assert needs() == [("h1", "tampered", first)]
+    # h2 recorded again by a deployment while a later audit of prod ran: that audit judged
+    # the baseline before it, so its finding is not h2's now; it found h1 ok
+    recorded = utcnow()
     with session_scope(migrated_url) as s:
-        found = audit.append(
-            s,
-            actor="oncall",
-            action="remediate.drift",
-            subject_type="environment",
-            subject_id="prod",
-            data={"counts": {}, "full": True, "not_ok": {"h1": "tampered"}},
-        )
-        at, audit_id = found.at, found.id
-    needs = status.gather(migrated_url)["needs_remediation"]
-    assert [(n["host"], n["state"], n["audit"]) for n in needs] == [("h1", "tampered", audit_id)]
-    assert "a security incident first" in needs[0]["next"] and "shop@1.0" in needs[0]["next"]
-    assert status.gather(migrated_url, environment="dev")["needs_remediation"] == []
+        s.get(HostBaseline, "h2").recorded_at = recorded
+    audited("prod", {"h2": "drifted"}, started=recorded - timedelta(seconds=1))
+    assert needs() == []
+    late = audited("*", {"h1": "unreachable"}, started=utcnow())
+    assert needs() == [("h1", "unreachable", late)]
     with session_scope(migrated_url) as s:  # deployed again since: recorded after the audit
-        s.get(HostBaseline, "h1").recorded_at = at + timedelta(seconds=1)
-    assert status.gather(migrated_url)["needs_remediation"] == []
+        s.get(HostBaseline, "h1").recorded_at = utcnow()
+    assert needs() == []
 
 
 def test_early_life_support_and_outcomes_written_at_once_lose_nothing(migrated_url):

@@ -684,28 +684,46 @@ def test_a_release_the_new_one_needs_nothing_from_is_not_checked_or_read(tmp_pat
     assert back["ok"] and back["mismatches"] == [], back
 
 
-def test_a_reused_file_gets_the_mode_the_new_release_gives_it(tmp_path):
-    """A file app-2 links from app-1 keeps app-1's mode unless app-2 gives it another; the
-    same content at two paths of different modes ends as the later path's mode, as the
-    shared inode allows (what verify did when it read each mode back)."""
+def test_every_file_gets_its_manifests_mode_and_no_published_release_changes(tmp_path):
+    """A file app-2 links from app-1 keeps app-1's inode only when its mode is the one app-2
+    gives it; content wanted with another mode is copied, never chmodded in place: the
+    releases sharing that inode would change with it (a backout to app-1 would run its
+    files with app-2's modes). The same content at two paths of different modes is two files."""
     assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
     x, y = b"X" * 64, b"Y" * 64
     assert _publish(tmp_path, "app-1", {"u/a": x, "u/y": y}, "1", ["u/a", "u/y"])[0] == 0
+    one = tmp_path / "releases" / "app-1" / "u"
+
+    def mode(path: Path) -> int:
+        return path.stat().st_mode & 0o7777
+
     files = {"u/a": x, "u/b": x, "u/y": y}
     raw, sig = _release(files, "2", {"u/a": 0o755, "u/b": 0o644})
-    args = ["--id", "app-2"]
-    rc, res = run(tmp_path, "receive", *args, stdin=receive_stream(raw, sig, {}))
+    rc, res = run(tmp_path, "receive", "--id", "app-2", stdin=receive_stream(raw, sig, {}))
     assert rc == 0 and res["needed"] == 0, res
-    rc, res = run(tmp_path, "verify", *args)
+    rc, res = run(tmp_path, "verify", "--id", "app-2")
     assert rc == 0 and res["rehashed"] == 0, res
-    rel = tmp_path / "releases" / "app-2"
-    assert (rel / "u/y").stat().st_mode & 0o7777 == 0o644  # unchanged: not touched
-    assert (rel / "u/b").stat().st_mode & 0o7777 == 0o644  # the later path's, shared
-    assert (rel / "u/a").stat().st_ino == (rel / "u/b").stat().st_ino
-    raw2, sig2 = _release({"u/a": x}, "3", {"u/a": 0o755})
-    rc, res = run(tmp_path, "receive", "--id", "app-3", stdin=receive_stream(raw2, sig2, {}))
+    two = tmp_path / "releases" / "app-2" / "u"
+    assert (mode(two / "a"), mode(two / "b"), mode(two / "y")) == (0o755, 0o644, 0o644)
+    assert (two / "b").stat().st_ino == (one / "a").stat().st_ino  # same mode: one inode
+    assert (two / "a").stat().st_ino != (one / "a").stat().st_ino  # another mode: a copy
+    assert mode(one / "a") == 0o644  # app-1 as it was published
+    # app-3 gives u/a 0644 again: whichever copy it comes from, app-1 and app-2 keep theirs
+    raw3, sig3 = _release({"u/a": x}, "3", {"u/a": 0o644})
+    rc, res = run(tmp_path, "receive", "--id", "app-3", stdin=receive_stream(raw3, sig3, {}))
     assert rc == 0 and run(tmp_path, "verify", "--id", "app-3")[0] == 0
-    assert (tmp_path / "releases/app-3/u/a").stat().st_mode & 0o7777 == 0o755
+    assert mode(tmp_path / "releases" / "app-3" / "u" / "a") == 0o644
+    assert (mode(one / "a"), mode(two / "a"), mode(two / "b")) == (0o644, 0o755, 0o644)
+    # received content at two paths of different modes: each path gets its own
+    z = b"Z" * 64
+    raw4, sig4 = _release({"u/s": z, "u/t": z}, "4", {"u/s": 0o755, "u/t": 0o644})
+    sent = {hashlib.sha256(z).hexdigest(): z}
+    rc, res = run(tmp_path, "receive", "--id", "app-4", stdin=receive_stream(raw4, sig4, sent))
+    assert rc == 0 and run(tmp_path, "verify", "--id", "app-4")[0] == 0
+    four = tmp_path / "releases" / "app-4" / "u"
+    assert (mode(four / "s"), mode(four / "t")) == (0o755, 0o644)
+    for rid in ("app-1", "app-2", "app-3", "app-4"):  # every release still as verified
+        assert run(tmp_path, "check", "--id", rid, "--full")[1]["ok"] is True, rid
 
 
 def test_the_logins_environment_does_not_reach_the_agent(tmp_path):
