@@ -254,7 +254,30 @@ def main(argv: list[str] | None = None, *, warm_tried: bool = False) -> int:
     sys.exit(int(code))
 
 
+def show_completion(argv: list[str]) -> int | None:
+    """`ferry --show-completion` prints the script for the shell Typer finds among the
+    caller's parent processes. Under make, a CI runner or a detached job there is none, and
+    Typer answered "Shell  not supported.": the user's login shell ($SHELL) is used then.
+    None: Typer answers as usual."""
+    if argv != ["--show-completion"] or not os.environ.get("SHELL"):
+        return None
+    import shellingham
+
+    try:
+        shellingham.detect_shell()
+        return None
+    except shellingham.ShellDetectionFailure:
+        from typer._completion_shared import get_completion_script  # Typer's own script
+
+        shell = os.path.basename(os.environ["SHELL"])
+        print(get_completion_script(prog_name="ferry", complete_var="_FERRY_COMPLETE", shell=shell))
+        return 0
+
+
 def _run(argv: list[str]) -> int:
+    shown = show_completion(argv)
+    if shown is not None:
+        return shown
     # get_command (the root's callback makes it a group): it adds --install-completion
     command = typer.main.get_command(app)
     try:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from orchestrator import home
+from tests.conftest import FERRY_BIN
 
 
 @pytest.fixture
@@ -101,3 +105,28 @@ def test_version_and_shell_completion(run_ferry):
     assert done.returncode == 0 and done.stdout.split() == ["wait"]
     script = run_ferry("--show-completion", env={"SHELL": "/bin/bash"})
     assert script.returncode == 0 and "_FERRY_COMPLETE=complete_bash" in script.stdout
+
+
+# runs `ferry --show-completion` in a grandchild whose parent has exited: adopted by init, it
+# has no shell among its parents (as under make, a CI runner or a detached job)
+ORPHAN = """\
+import os, subprocess, sys
+if os.fork():
+    os._exit(0)
+os.setsid()
+r = subprocess.run(sys.argv[2:], capture_output=True, text=True)
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(f"{r.returncode}\\n{r.stdout}{r.stderr}")
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+"""
+
+
+def test_show_completion_with_no_shell_among_its_parents_uses_the_login_shell(tmp_path):
+    out = tmp_path / "shown"
+    argv = [sys.executable, "-c", ORPHAN, str(out), str(FERRY_BIN), "--show-completion"]
+    subprocess.run(argv, env={**os.environ, "SHELL": "/bin/bash"}, cwd=tmp_path, check=True)
+    deadline = time.monotonic() + 60
+    while not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    code, text = out.read_text().split("\n", 1)
+    assert code == "0" and "_FERRY_COMPLETE=complete_bash" in text, text
