@@ -113,7 +113,7 @@ class BackoutRunner:
             if not result.restored:
                 result.error = "; ".join(back.get("mismatches", [])[:3]) or "read-back differs"
         except (StepFailed, TransportError) as exc:
-            result.error = exc.message
+            result.error = exc.reason  # printed and recorded beside the host's name
         return result
 
     def _revert(self, ops: HostOps, host: HostAction, _: StepCommand) -> dict[str, Any]:

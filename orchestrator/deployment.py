@@ -423,8 +423,11 @@ class DeploymentRun:
         return results
 
     def _stuck(self) -> list[dict[str, Any]]:
+        """The hosts the backout could not restore, each with its prior release (what the
+        RFC of a manual backout must be for: `remediation.decisions.backout_next_step`)."""
+        prior = {a.host: a.prior.release if a.prior else None for a in self.rollout.hosts()}
         return [
-            {"host": h, "current": r.get("current"), "error": r.get("error")}
+            {"host": h, "current": r.get("current"), "error": r.get("error"), "prior": prior.get(h)}
             for h, r in self.record.load().latest("backout").items()
             if not r.get("restored")
         ]

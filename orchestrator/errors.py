@@ -119,7 +119,7 @@ class IntegrityError(FerryError):
 class TransportError(FerryError):
     def __init__(self, host: str, message: str) -> None:
         super().__init__(f"{host}: {message}", details={"host": host})
-        self.host = host
+        self.host, self.reason = host, message  # for a line that names the host already
 
 
 class StepFailed(FerryError):
@@ -131,6 +131,8 @@ class StepFailed(FerryError):
             details={"host": host, "step": step, "kind": kind, "output": output[-2000:]},
         )
         self.host, self.step, self.output, self.kind = host, step, output, kind
+        # for a line that names the host already, and the step (`problem`) or not (`reason`)
+        self.problem, self.reason = message, f"step {step} failed: {message}"
 
     @property
     def integrity(self) -> bool:

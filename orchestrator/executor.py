@@ -147,7 +147,8 @@ class Executor:
                 action.host,
                 False,
                 current,
-                exc.message,
+                # printed after the host and the step: "h1 at stage: disk full"
+                getattr(exc, "problem", None) or getattr(exc, "reason", None) or exc.message,
                 getattr(exc, "output", ""),
                 activated,
                 kind=getattr(exc, "kind", None)
@@ -269,9 +270,8 @@ class Executor:
                 if not ok:
                     return HostOutcome(o.host, False, "milestone", check.label, evidence, True)
         except (StepFailed, TransportError) as exc:
-            return HostOutcome(
-                o.host, False, "milestone", exc.message, getattr(exc, "output", ""), True
-            )
+            why = getattr(exc, "problem", None) or exc.reason
+            return HostOutcome(o.host, False, "milestone", why, getattr(exc, "output", ""), True)
         return o
 
     def soak(self, seconds: float) -> None:

@@ -136,6 +136,7 @@ class DriftAudit:
     at: datetime
     environment: str | None  # None: it audited every environment
     not_ok: Mapping[str, str]  # host → drifted | tampered | unreachable
+    unlisted: frozenset[str] = frozenset()  # of those unreachable: not in its inventory
 
 
 def drift_found(
@@ -156,8 +157,9 @@ def drift_found(
     return found
 
 
-def drift_next_step(state: str, release: str | None) -> str | None:
-    """What on-call does about a host a drift audit found in `state` (docs/remediation.md)."""
+def drift_next_step(state: str, release: str | None, listed: bool = True) -> str | None:
+    """What on-call does about a host a drift audit found in `state` (docs/remediation.md);
+    `listed`: the host was in the inventory the audit was given (else it was not asked)."""
     again = f"ferry deploy PLAN --release {release or 'RELEASE'} --rfc ID"
     if state == "drifted":
         return (
@@ -169,6 +171,24 @@ def drift_next_step(state: str, release: str | None) -> str | None:
             "a security incident first; then deploy the baseline again, which sets the "
             f"altered copy aside: {again}"
         )
+    if state == "unreachable" and not listed:
+        return (
+            "audit again with an inventory that lists it (--inventory FILE), or add it to "
+            "this one; a host retired for good keeps its baseline until it is replaced"
+        )
     if state == "unreachable":
         return "check the host and its sshd, then audit again"
     return None
+
+
+def backout_next_step(deployment: int | str, release: str, stuck: Sequence[Mapping]) -> str:
+    """The command that backs out `deployment` (of `release`) once the cause is fixed, and
+    the RFCs it needs: one for each stuck host's prior release, or for `release` itself where
+    a host had none (the backout removes it). Records written before the prior was kept in
+    `stuck` say "the prior release"."""
+    wanted = sorted({i["prior"] or release for i in stuck if "prior" in i})
+    if len(wanted) > 1:
+        what = "one RFC for each of " + ", ".join(wanted)
+    else:
+        what = f"an RFC for {wanted[0] if wanted else 'the prior release'}"
+    return f"ferry remediate backout {deployment} --rfc ID ({what})"

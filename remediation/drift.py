@@ -50,6 +50,7 @@ class HostDrift:
     release: str | None = None  # the baseline's release (name@version)
     current: str | None = None
     detail: str = ""
+    listed: bool = True  # in the inventory the audit was given (else it was not asked)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -65,7 +66,7 @@ class HostDrift:
 
 def next_step(h: HostDrift) -> str | None:
     """What on-call does about a host in this state (docs/remediation.md), or None."""
-    return drift_next_step(h.state, h.release)
+    return drift_next_step(h.state, h.release, h.listed)
 
 
 def exit_code(hosts: list[HostDrift]) -> int:
@@ -161,10 +162,10 @@ def audit_drift(
                     )
             return verdict
         except TransportError as exc:
-            why = exc.message.removeprefix(f"{name}: ").removeprefix("unreachable: ")
+            why = exc.reason.removeprefix("unreachable: ")
             return HostDrift(name, "unreachable", expected, release, None, why)
         except StepFailed as exc:
-            return HostDrift(name, "unreachable", expected, release, None, f"agent: {exc.message}")
+            return HostDrift(name, "unreachable", expected, release, None, f"agent: {exc.reason}")
         finally:
             ops.close()
 
@@ -177,7 +178,13 @@ def audit_drift(
             release, expected = baselines[name]
             results.append(
                 HostDrift(
-                    name, "unreachable", expected, release, None, "not in the inventory given"
+                    name,
+                    "unreachable",
+                    expected,
+                    release,
+                    None,
+                    "not in the inventory given",
+                    listed=False,
                 )
             )
     scope = set(environment_hosts(inventory, url, environment)) if environment else None
@@ -201,6 +208,7 @@ def audit_drift(
                 "counts": counts,
                 "full": full,
                 "not_ok": {r.host: r.state for r in results if r.state not in ("ok", "unmanaged")},
+                "unlisted": sorted(r.host for r in results if not r.listed),
             },
         )
     return {

@@ -33,6 +33,7 @@ from orchestrator.lifecycle import BadTransition, Status
 from orchestrator.sessions import HostSessions
 from orchestrator.settings import Settings
 from remediation import recorded
+from remediation.decisions import backout_next_step
 from remediation.survey import HostResult, Outcome, Progress, carry_out, needs_remediation, survey
 
 
@@ -49,17 +50,13 @@ def recover(req: RecoverRequest, settings: Settings, progress: Progress) -> Outc
     rec = deployments.load(url, req.deployment_id)
     if not rec.open:
         stuck = _still_stuck(rec)
+        items = [i for i in rec.evidence.get("needs_remediation") or [] if i.get("host") in stuck]
+        then = backout_next_step(rec.evidence.get("backs_out") or rec.id, rec.release, items)
         progress(
             f"deployment {rec.id} already finished ({rec.status}"
             + (f", {rec.finished_at:%Y-%m-%d %H:%M:%S} UTC" if rec.finished_at else "")
             + "): nothing to recover, nothing changed"
-            + (
-                f"; {', '.join(stuck)} still need remediation: `ferry remediate backout "
-                f"{rec.evidence.get('backs_out') or rec.id} --rfc ID` (an RFC for the prior "
-                "release)"
-                if stuck
-                else ""
-            )
+            + (f"; {', '.join(stuck)} still need remediation: {then}" if stuck else "")
         )
         report = {**_report(rec, "already-finished", rec.status, []), "needs_remediation": stuck}
         return Outcome(int(ExitCode.BACKOUT_INCOMPLETE if stuck else ExitCode.OK), report)

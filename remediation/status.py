@@ -38,7 +38,7 @@ from orchestrator.cms.models import (
     HostStep,
 )
 from orchestrator.errors import NotFound
-from remediation.decisions import DriftAudit, drift_found, drift_next_step
+from remediation.decisions import DriftAudit, backout_next_step, drift_found, drift_next_step
 
 
 def reason_of(rec: RecordedDeployment) -> str | None:
@@ -120,8 +120,9 @@ def remediation_needed(rec: RecordedDeployment, journal_hosts: list[str]) -> lis
                 "host": item.get("host"),
                 "state": f"current: {item.get('current') or 'unknown'}",
                 "reason": item.get("error") or rec.status,
-                "next": f"ferry remediate backout {rec.evidence.get('backs_out') or rec.id} "
-                "--rfc ID",
+                "next": backout_next_step(
+                    rec.evidence.get("backs_out") or rec.id, rec.release, [item]
+                ),
             }
         )
     return out
@@ -266,11 +267,7 @@ def _drift_needs(s: Any, host_rows: list[dict[str, Any]]) -> list[dict[str, Any]
         .group_by(AuditEvent.subject_id)
     )
     q = select(AuditEvent).where(AuditEvent.id.in_(newest)).order_by(desc(AuditEvent.id))
-    audits = [
-        DriftAudit(e.id, _audit_start(e), None if e.subject_id == "*" else e.subject_id,
-                   (e.data or {}).get("not_ok") or {})
-        for e in s.scalars(q)
-    ]  # fmt: skip
+    audits = [_drift_audit(e) for e in s.scalars(q)]
     rows = {r["host"]: r for r in host_rows}
     found = drift_found({h: (r["environment"], r["recorded_at"]) for h, r in rows.items()}, audits)
     out = []
@@ -284,10 +281,21 @@ def _drift_needs(s: Any, host_rows: list[dict[str, Any]]) -> list[dict[str, Any]
                 "state": state,
                 "reason": f"the drift audit of {audit.at:%Y-%m-%d %H:%M:%S} found it {state}; "
                 f"its baseline is {row['release']}",
-                "next": drift_next_step(state, row["release"]),
+                "next": drift_next_step(state, row["release"], name not in audit.unlisted),
             }
         )
     return out
+
+
+def _drift_audit(event: AuditEvent) -> DriftAudit:
+    data = event.data or {}
+    return DriftAudit(
+        event.id,
+        _audit_start(event),
+        None if event.subject_id == "*" else event.subject_id,
+        data.get("not_ok") or {},
+        frozenset(data.get("unlisted") or ()),  # audits before it was recorded: none
+    )
 
 
 def _audit_start(event: AuditEvent) -> datetime:

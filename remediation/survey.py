@@ -105,9 +105,15 @@ def tell(r: HostResult, progress: Progress) -> None:
 
 
 def needs_remediation(results: list[HostResult]) -> list[dict[str, Any]]:
-    """The evidence shape DeploymentRun uses: host, current, error."""
+    """The evidence shape DeploymentRun uses: host, current, error, prior (the release a
+    backout RFC must be for)."""
     return [
-        {"host": r.host, "current": r.current, "error": r.error or r.verdict}
+        {
+            "host": r.host,
+            "current": r.current,
+            "error": r.error or r.verdict,
+            "prior": r.prior.release if r.prior else None,
+        }
         for r in results
         if not r.restored
     ]

@@ -9,6 +9,7 @@ from orchestrator.planner import Baseline, release_id
 from remediation.decisions import (
     BaselineOwner,
     DriftAudit,
+    backout_next_step,
     drift_found,
     plan_host,
     supersession,
@@ -151,6 +152,24 @@ def test_each_drift_state_that_needs_work_says_what_to_do_next():
             assert "ferry deploy PLAN --release shop@1.0 --rfc ID" in step
     assert next_step(HostDrift("h1", "ok")) is None
     assert next_step(HostDrift("h1", "unmanaged")) is None
+    # a host the audit did not ask (the inventory given lacks it): no sshd to check
+    unlisted = next_step(HostDrift("h1", "unreachable", "shop-1.0-x", "shop@1.0", listed=False))
+    assert unlisted is not None and "inventory that lists it" in unlisted
+    assert "sshd" not in unlisted
+
+
+def test_a_manual_backouts_next_step_names_the_release_each_rfc_must_be_for():
+    def stuck(host: str, prior: str | None) -> dict:
+        return {"host": host, "current": "shop-2.0-x", "error": "unreachable", "prior": prior}
+
+    one = backout_next_step(7, "shop@2.0", [stuck("h1", "shop@1.0"), stuck("h2", "shop@1.0")])
+    assert one == "ferry remediate backout 7 --rfc ID (an RFC for shop@1.0)"
+    # a host with no prior loses `current`: the RFC is for the deployment's own release
+    two = backout_next_step(7, "shop@2.0", [stuck("h1", "shop@1.0"), stuck("h3", None)])
+    assert two == "ferry remediate backout 7 --rfc ID (one RFC for each of shop@1.0, shop@2.0)"
+    # a record written before the prior was kept in it
+    old = backout_next_step("7", "shop@2.0", [{"host": "h1", "current": None, "error": "x"}])
+    assert old == "ferry remediate backout 7 --rfc ID (an RFC for the prior release)"
 
 
 T0 = datetime(2026, 12, 7, 3, 0, tzinfo=UTC)

@@ -534,6 +534,52 @@ COUNTING = (  # its own names: BOOT's code runs in the same globals and uses n, 
 )
 
 
+def test_a_pruned_releases_inode_judged_once_for_every_kept_release_still_finds_a_swapped_file(
+    tmp_path,
+):
+    """Prune stats each shared inode once, through one path, for every kept release that
+    recorded it. A file swapped for another inode (a rename over it) in one of them is not
+    that inode: after the prune its release still reads back as altered, and the next
+    release is placed from the good copy."""
+    import os
+
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    a = b"A" * 4096
+    for i, rid in enumerate(["app-1", "app-2", "app-3"]):
+        files = {"u/a": a, "u/x": b"x%d" % i}
+        assert _publish(tmp_path, rid, files, str(i + 1), ["u/x"] if i else ["u/a", "u/x"])[0] == 0
+        assert run(tmp_path, "switch", "--id", rid)[0] == 0
+    inode = (tmp_path / "releases" / "app-1" / "u" / "a").stat().st_ino
+    assert (tmp_path / "releases" / "app-3" / "u" / "a").stat().st_ino == inode  # one inode
+    swapped = tmp_path / "releases" / "app-3" / "u" / "a"
+    (tmp_path / "evil").write_bytes(b"E" * 4096)
+    os.replace(tmp_path / "evil", swapped)  # same size, another inode
+    assert run(tmp_path, "prune", "--keep", "2")[1]["removed"] == ["app-1"]
+    rc, back = run(tmp_path, "readback", "--id", "app-3", "--full")
+    assert not back["ok"] and back["mismatches"] == ["u/a: content differs"], back
+    # the next release is placed from a copy that still holds u/a's bytes
+    assert _publish(tmp_path, "app-4", {"u/a": a, "u/x": b"x4"}, "4", ["u/x"])[0] == 0
+    assert (tmp_path / "releases" / "app-4" / "u" / "a").read_bytes() == a
+
+
+def test_removing_a_tree_never_follows_a_symlink_out_of_it(tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "d").mkdir(parents=True)
+    (outside / "d" / "keep").write_bytes(b"k")
+    tree = tmp_path / "tree"
+    (tree / "a" / "b").mkdir(parents=True)
+    (tree / "a" / "b" / "f").write_bytes(b"f")
+    (tree / "a" / "link").symlink_to(outside / "d")
+    (tree / "file-link").symlink_to(outside / "d" / "keep")
+    ferry_agent.remove_tree(str(tree))
+    assert not tree.exists()
+    assert (outside / "d" / "keep").read_bytes() == b"k"
+    ferry_agent.remove_tree(str(tree))  # gone already: nothing to do, no error
+    (tmp_path / "dir-link").symlink_to(outside)
+    ferry_agent.remove_tree(str(tmp_path / "dir-link"))  # a link itself is not a tree to empty
+    assert (outside / "d" / "keep").exists()
+
+
 @pytest.mark.parametrize("syncfs", [True, False])
 def test_a_release_is_made_durable_once_and_its_signature_checked_once_per_session(
     tmp_path, syncfs
@@ -541,12 +587,12 @@ def test_a_release_is_made_durable_once_and_its_signature_checked_once_per_sessi
     """receive then verify in one session: the manifest's ed25519 runs once (verify reads back
     the bytes receive checked), the objects cross a 1 MiB pipe, and the placed release is made
     durable by one syncfs(2), not an fsync per file, where the host has it (Linux); without
-    it (no ctypes), every received file and directory is fsynced."""
+    it (no _ctypes), every received file and directory is fsynced."""
     import fcntl
 
     files = {f"u/d{i % 4}/f{i}": f"content {i}\n".encode() * 50 for i in range(40)}
     raw, sig, _ = package(files)
-    spy = COUNTING + ("" if syncfs else ";sys.modules['ctypes']=None")
+    spy = COUNTING + ("" if syncfs else ";sys.modules['_ctypes']=None")
     proc = _session_with_spy(tmp_path, spy)
     assert _answer(proc, {"op": "pin", "args": {"key": PUB.hex()}})["_code"] == 0
     objects = {hashlib.sha256(d).hexdigest(): d for d in files.values()}
