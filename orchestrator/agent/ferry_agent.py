@@ -974,9 +974,11 @@ def op_switch(host, args):
 
 
 def _mismatches(host, rid, full, rehash=False, expect=None):
-    """Files of releases/<rid> that differ from its signed manifest: sizes always; with
-    `full`, the sha256 of every file whose identity changed since it was verified; with
-    `rehash` (the drift audit), the sha256 of every file whatever its identity."""
+    """Files of releases/<rid> that differ from its signed manifest: sizes and modes always
+    (a published file's mode is its manifest's and never changes: a chmod, +x or a setuid
+    bit, is a change to the release); with `full`, the sha256 of every file whose identity
+    changed since it was verified; with `rehash` (the drift audit), the sha256 of every
+    file whatever its identity."""
     manifest = host.load_manifest(rid, expect)
     base = os.path.join(host.releases, rid)
     ids = {} if rehash else host.identities(rid)
@@ -988,6 +990,9 @@ def _mismatches(host, rid, full, rehash=False, expect=None):
         except FileNotFoundError:
             out.append("%s: missing" % e["path"])
             continue
+        mode = st.st_mode & 0o7777
+        if mode != published_mode(e):
+            out.append("%s: mode %04o, published %04o" % (e["path"], mode, published_mode(e)))
         if st.st_size != e["size"]:
             out.append("%s: content differs" % e["path"])
         elif full and not recorded_as(st, ids.get(e["path"])):

@@ -730,6 +730,26 @@ def test_a_release_the_new_one_needs_nothing_from_is_not_checked_or_read(tmp_pat
     assert back["ok"] and back["mismatches"] == [], back
 
 
+def test_a_mode_changed_on_the_host_is_a_change_to_the_release(tmp_path):
+    """A published file's mode is its manifest's: a chmod (+x, a setuid bit, world-writable)
+    is found by every read-back, quick or full, as an edit of its bytes is; `check` sets
+    the release aside so that the next deploy publishes a clean copy."""
+    import os
+
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    x, y = b"X" * 64, b"Y" * 64
+    assert _publish(tmp_path, "app-1", {"u/a": x, "u/y": y}, "1", ["u/a", "u/y"])[0] == 0
+    assert run(tmp_path, "switch", "--id", "app-1")[0] == 0
+    for full in ([], ["--full"]):
+        assert run(tmp_path, "readback", "--id", "app-1", *full)[1]["ok"] is True
+    os.chmod(tmp_path / "releases" / "app-1" / "u" / "a", 0o4755)
+    for args in ([], ["--full"], ["--full", "--rehash"]):
+        back = run(tmp_path, "readback", "--id", "app-1", *args)[1]
+        assert not back["ok"] and back["mismatches"] == ["u/a: mode 4755, published 0644"], back
+    res = run(tmp_path, "check", "--id", "app-1")[1]
+    assert res["ok"] is False and res["current_set_aside"] is True, res
+
+
 def test_every_file_gets_its_manifests_mode_and_no_published_release_changes(tmp_path):
     """A file app-2 links from app-1 keeps app-1's inode only when its mode is the one app-2
     gives it; content wanted with another mode is copied, never chmodded in place: the
