@@ -408,14 +408,23 @@ class Host:
         ids = sorted(n[:-5] for n in names if n.endswith(".json"))
         return [i for i in ids if os.path.isdir(os.path.join(self.releases, i))]
 
+    def _meta_key(self, rid):
+        st = os.stat(os.path.join(self.meta, rid + ".json"))
+        return (rid, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def checked(self, rid, manifest):
+        """`manifest` (checked by its signature) was just stored as rid's metadata: this
+        session's later loads of it (the read-back, ~3 ms of parsing and digest) take it
+        as long as the file keeps the identity it has now."""
+        self._checked[rid] = (self._meta_key(rid), manifest)
+
     def load_manifest(self, rid, expect=None):
         """A published release's manifest, checked: by its signature, or — when Ferry says
         which digest it expects (it holds the verified package) — by that digest, which
         binds every byte of the content as the signature does, without the pure-Python
         ed25519 (~10 ms). A session checks each unchanged metadata file once."""
         path = os.path.join(self.meta, rid + ".json")
-        st = os.stat(path)
-        key = (rid, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        key = self._meta_key(rid)
         cached = self._checked.get(rid)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -849,6 +858,7 @@ def op_verify(host, args):
     os.replace(tmp, final)
     write_atomic(os.path.join(host.meta, rid + ".json"), raw)
     write_atomic(os.path.join(host.meta, rid + ".sig"), sig)
+    host.checked(rid, manifest)
     for sha in received:  # only what came from incoming: a lookup per file is not free
         try:
             os.unlink(os.path.join(host.incoming, sha))
