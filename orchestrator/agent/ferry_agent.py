@@ -38,7 +38,8 @@ import time
 # An agent session starts on every host of every deployment, so its imports are most of
 # its start-up: json (with re and enum), hashlib, subprocess and signal cost ~30 ms of CPU
 # per host, more than the login. The session's hot path uses their C cores directly (_json,
-# _hashlib, os.posix_spawn); the pure-Python modules load only where they are needed.
+# _hashlib, os.posix_spawn); the pure-Python modules load only where they are needed, and
+# OpenSSL only where bulk bytes are hashed (small_hash).
 try:
     import _json
 except ImportError:  # not CPython: the json module's own pure-Python codec
@@ -141,6 +142,27 @@ def _key(k):
     if isinstance(k, (int, float)):
         return dumps(k)
     raise TypeError("keys must be str, int, float, bool or None, not %s" % type(k).__name__)
+
+
+_SMALL = {}  # name → CPython's built-in constructor (or new_hash where there is none)
+
+
+def small_hash(data, name="sha256"):
+    """sha256/sha512 of bytes already in memory (a manifest's digest, a key's id, ed25519's
+    challenge) through CPython's built-in code: loading OpenSSL (_hashlib) costs ~5.5 ms of
+    a host's CPU, and a no-op deploy hashes only ~0.1 MB (one manifest's digest). OpenSSL is
+    ~7x faster on a CPU with SHA extensions, so files and streams still go through it."""
+    make = _SMALL.get(name)
+    if make is None:
+        make = new_hash
+        for module in ("_sha2", "_" + name):  # 3.12 on: _sha2; before: _sha256, _sha512
+            try:
+                make = getattr(__import__(module), name)
+                break
+            except (ImportError, AttributeError):
+                continue
+        _SMALL[name] = make
+    return make(data) if make is not new_hash else new_hash(data, name)
 
 
 def new_hash(data=b"", name="sha256"):
@@ -261,7 +283,7 @@ def ed25519_verify(public, message, signature):
     s = int.from_bytes(signature[32:], "little")
     if s >= _L:
         return False
-    h = int.from_bytes(new_hash(signature[:32] + public + message, "sha512").digest(), "little")
+    h = int.from_bytes(small_hash(signature[:32] + public + message, "sha512").digest(), "little")
     h %= _L
     left, right = _mul(s, _G), _add(r, _mul(h, a))
     return (left[0] * right[2] - right[0] * left[2]) % _P == 0 and (
@@ -271,7 +293,7 @@ def ed25519_verify(public, message, signature):
 
 # --- helpers ------------------------------------------------------------------------------
 def content_digest(manifest):
-    return "sha256:" + new_hash(canonical(manifest["content"])).hexdigest()
+    return "sha256:" + small_hash(canonical(manifest["content"])).hexdigest()
 
 
 def canonical(obj):
@@ -660,7 +682,7 @@ ROTATION = b"ferry-dml-key-rotation\x00"  # what an old key signs: this prefix +
 
 
 def key_id(public):
-    return new_hash(public).hexdigest()[:16]
+    return small_hash(public).hexdigest()[:16]
 
 
 def rotated_to(pinned, key, rotations):
@@ -1027,7 +1049,7 @@ def _agent_files(host):
         want = name[len("agent-") : -len(".py")]
         try:
             with open(os.path.join(where, name), "rb") as f:
-                got = new_hash(f.read()).hexdigest()[: len(want)]
+                got = small_hash(f.read()).hexdigest()[: len(want)]
         except OSError:
             got = None
         out.append({"file": ".ferry/" + name, "modified": got != want, "sha256": got})
