@@ -2234,8 +2234,9 @@ def pull_main(mode, root):
 
 def _quit(code):
     """End a session's process without the interpreter's teardown: freeing the manifests,
-    identities and modules it holds one by one cost ~15 ms of the host's CPU after its last
-    answer (measured in one incremental session), and the orchestrator waits for the exit.
+    identities and modules it holds one by one cost ~10 ms of the host's CPU after its last
+    answer (~3 ms with this; one incremental session, 1,000 files), and the orchestrator
+    waits for the exit.
     Every file the agent wrote is closed by then; only the answer streams may hold bytes,
     and atexit's functions (none of the agent's own) still run."""
     try:
