@@ -1188,6 +1188,11 @@ def remove_tree(path):
     CPU, each time a release goes). Like it, it never follows a symlink: each directory is
     opened with O_NOFOLLOW through its parent's descriptor, so one swapped for a link
     while it runs cannot lead outside the tree. What cannot be removed is left."""
+    if os.scandir not in os.supports_fd or os.open not in os.supports_dir_fd:
+        import shutil  # no descriptor-relative calls here: shutil's own fallback
+
+        shutil.rmtree(path, ignore_errors=True)
+        return
     flags = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(path, flags)
