@@ -55,6 +55,9 @@ class FerryError(Exception):
         super().__init__(message)
         self.message = message
         self.details = details or {}
+        # for a line that names the place already: `reason` without the host, `problem`
+        # without the host and the step (or the file and the field); subclasses narrow them
+        self.reason = self.problem = message
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -119,7 +122,7 @@ class IntegrityError(FerryError):
 class TransportError(FerryError):
     def __init__(self, host: str, message: str) -> None:
         super().__init__(f"{host}: {message}", details={"host": host})
-        self.host, self.reason = host, message  # for a line that names the host already
+        self.host, self.reason, self.problem = host, message, message
 
 
 class StepFailed(FerryError):
@@ -131,7 +134,6 @@ class StepFailed(FerryError):
             details={"host": host, "step": step, "kind": kind, "output": output[-2000:]},
         )
         self.host, self.step, self.output, self.kind = host, step, output, kind
-        # for a line that names the host already, and the step (`problem`) or not (`reason`)
         self.problem, self.reason = message, f"step {step} failed: {message}"
 
     @property

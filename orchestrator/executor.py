@@ -148,7 +148,7 @@ class Executor:
                 False,
                 current,
                 # printed after the host and the step: "h1 at stage: disk full"
-                getattr(exc, "problem", None) or getattr(exc, "reason", None) or exc.message,
+                exc.problem,
                 getattr(exc, "output", ""),
                 activated,
                 kind=getattr(exc, "kind", None)
@@ -270,8 +270,9 @@ class Executor:
                 if not ok:
                     return HostOutcome(o.host, False, "milestone", check.label, evidence, True)
         except (StepFailed, TransportError) as exc:
-            why = getattr(exc, "problem", None) or exc.reason
-            return HostOutcome(o.host, False, "milestone", why, getattr(exc, "output", ""), True)
+            return HostOutcome(
+                o.host, False, "milestone", exc.problem, getattr(exc, "output", ""), True
+            )
         return o
 
     def soak(self, seconds: float) -> None:

@@ -49,8 +49,8 @@ def recover(req: RecoverRequest, settings: Settings, progress: Progress) -> Outc
     url = settings.cms_url
     rec = deployments.load(url, req.deployment_id)
     if not rec.open:
-        stuck = _still_stuck(rec)
-        items = [i for i in rec.evidence.get("needs_remediation") or [] if i.get("host") in stuck]
+        items = _still_stuck(rec)
+        stuck = [i["host"] for i in items]
         then = backout_next_step(rec.evidence.get("backs_out") or rec.id, rec.release, items)
         progress(
             f"deployment {rec.id} already finished ({rec.status}"
@@ -86,12 +86,12 @@ def recover(req: RecoverRequest, settings: Settings, progress: Progress) -> Outc
         locks.release()
 
 
-def _still_stuck(rec: RecordedDeployment) -> list[str]:
-    """The hosts a finished (failed) deployment records as not restored: a recover run
+def _still_stuck(rec: RecordedDeployment) -> list[dict[str, Any]]:
+    """What a finished (failed) deployment records of each host not restored: a recover run
     again changes nothing, and must not read as if nothing were left to do."""
     if rec.status == Status.SUCCEEDED:  # its needs_remediation are hosts not read back
         return []
-    return [i["host"] for i in rec.evidence.get("needs_remediation") or [] if i.get("host")]
+    return [i for i in rec.evidence.get("needs_remediation") or [] if i.get("host")]
 
 
 def _recover(req: RecoverRequest, rec: RecordedDeployment, url: str, progress: Progress) -> Outcome:

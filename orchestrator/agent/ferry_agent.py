@@ -144,7 +144,7 @@ def _key(k):
     raise TypeError("keys must be str, int, float, bool or None, not %s" % type(k).__name__)
 
 
-_SMALL = {}  # name → CPython's built-in constructor (or new_hash where there is none)
+_SMALL = {}  # name → a constructor: CPython's built-in one, or OpenSSL's where there is none
 
 
 def small_hash(data, name="sha256"):
@@ -154,15 +154,17 @@ def small_hash(data, name="sha256"):
     ~7x faster on a CPU with SHA extensions, so files and streams still go through it."""
     make = _SMALL.get(name)
     if make is None:
-        make = new_hash
-        for module in ("_sha2", "_" + name):  # 3.12 on: _sha2; before: _sha256, _sha512
-            try:
-                make = getattr(__import__(module), name)
-                break
-            except (ImportError, AttributeError):
-                continue
-        _SMALL[name] = make
-    return make(data) if make is not new_hash else new_hash(data, name)
+        make = _SMALL[name] = _builtin_hash(name)
+    return make(data)
+
+
+def _builtin_hash(name):
+    for module in ("_sha2", "_" + name):  # 3.12 on: _sha2; before: _sha256, _sha512
+        try:
+            return getattr(__import__(module), name)
+        except (ImportError, AttributeError):
+            continue
+    return lambda data: new_hash(data, name)
 
 
 def new_hash(data=b"", name="sha256"):
