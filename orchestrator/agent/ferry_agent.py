@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Ferry's host agent. Standard library only: it runs with the host's own python3.
+"""Ferry's host agent. Standard library only: it runs with the host's own python3, 3.6 or
+later (so its syntax is 3.6's: tests/unit/test_agent.py parses it as such).
 
     python3 ferry_agent.py OP --root DEPLOY_ROOT [args]      (prints one JSON object)
     python3 ferry_agent.py serve --root DEPLOY_ROOT          (one session, many requests)
@@ -1127,11 +1128,14 @@ def op_prune(host, args):
     # file would count as changed and be read again by every later deploy. So the files
     # still exactly as verified just before the removal are re-recorded just after it; a
     # file already changed stays changed. Only inodes a removed release recorded can move.
-    moved = {rec[0] for rid in gone for rec in host.identities(rid).values()}
+    # A removed release without recorded identities (a crash between its publish and its
+    # record) could have shared any inode: every kept file is looked at then.
+    removed = [host.identities(rid) for rid in gone]
+    moved = None if not all(removed) else {rec[0] for r in removed for rec in r.values()}
     before, kept = Inodes(), {}
     for rid in [r for r in ids if r in keep]:
         base, recorded = os.path.join(host.releases, rid), host.identities(rid)
-        shared = {rel: rec for rel, rec in recorded.items() if rec[0] in moved}
+        shared = {rel: rec for rel, rec in recorded.items() if moved is None or rec[0] in moved}
         intact = [rel for rel, rec in shared.items()
                   if before.as_recorded(os.path.join(base, rel), rec)]  # fmt: skip
         kept[rid] = (recorded, intact)
@@ -1176,20 +1180,31 @@ class Inodes:
         return recorded_as(seen[0], recorded)
 
     def again(self):
-        """Each inode's identity now, through the same path (None: gone or replaced)."""
+        """Each inode's identity now, through the same path, where only its ctime moved
+        (what unlinking another of its names does); none for an inode gone, replaced, or
+        written or chmod'ed while the removal ran, which stays as recorded: changed. (A
+        write that also puts the size and mtime back cannot be told from the unlink by a
+        stat: `ferry remediate drift` re-hashes.)"""
         out = {}
-        for ino, (_st, path) in self.stats.items():
+        for ino, (was, path) in self.stats.items():
             st = _stat(path)
-            if st is not None and st.st_ino == ino:
+            if st is not None and st.st_ino == ino and _only_ctime_moved(was, st):
                 out[ino] = identity_of(st)
         return out
+
+
+def _only_ctime_moved(was, now):
+    same = ("st_size", "st_mtime_ns", "st_mode")
+    return all(getattr(was, a) == getattr(now, a) for a in same)
 
 
 def remove_tree(path):
     """shutil.rmtree(path, ignore_errors=True) without importing shutil (~15 ms of a host's
     CPU, each time a release goes). Like it, it never follows a symlink: each directory is
     opened with O_NOFOLLOW through its parent's descriptor, so one swapped for a link
-    while it runs cannot lead outside the tree. What cannot be removed is left."""
+    while it runs cannot lead outside the tree. Unlike it, a directory on another
+    filesystem (something mounted inside a release) is left as it is, with what it holds
+    (like `rm --one-file-system`). What cannot be removed is left."""
     if os.scandir not in os.supports_fd or os.open not in os.supports_dir_fd:
         import shutil  # no descriptor-relative calls here: shutil's own fallback
 
@@ -1197,35 +1212,64 @@ def remove_tree(path):
         return
     flags = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(path, flags)
+        top = os.open(path, flags)
     except OSError:
         return
     try:
-        _empty_dir(fd, flags)
+        _empty_tree(top, flags, os.fstat(top).st_dev)
     finally:
-        os.close(fd)
+        os.close(top)
     try:
         os.rmdir(path)
     except OSError:
         pass
 
 
-def _empty_dir(fd, flags):
-    with os.scandir(fd) as entries:
-        names = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
-    for name, is_dir in names:
-        try:
-            if is_dir:
-                sub = os.open(name, flags, dir_fd=fd)
-                try:
-                    _empty_dir(sub, flags)
-                finally:
-                    os.close(sub)
-                os.rmdir(name, dir_fd=fd)
+def _empty_tree(top, flags, dev):
+    """Depth first with a stack of open directories, not recursion: a tree as deep as its
+    paths allow outlasts Python's recursion limit. A directory that cannot be opened (or
+    listed, or past the process's descriptors) is left with its parents."""
+    stack = [(top, _entries(top), None)]  # (descriptor, entries left, name in its parent)
+    try:
+        while stack:
+            fd, entries, name = stack[-1]
+            if not entries:
+                stack.pop()
+                if name is not None:  # a subdirectory, now as empty as it can be
+                    os.close(fd)
+                    try:
+                        os.rmdir(name, dir_fd=stack[-1][0])
+                    except OSError:
+                        pass
+                continue
+            child, is_dir = entries.pop()
+            try:
+                if not is_dir:
+                    os.unlink(child, dir_fd=fd)
+                    continue
+                sub = os.open(child, flags, dir_fd=fd)
+            except OSError:
+                continue
+            try:
+                ours = os.fstat(sub).st_dev == dev
+            except OSError:
+                ours = False
+            if ours:
+                stack.append((sub, _entries(sub), child))
             else:
-                os.unlink(name, dir_fd=fd)
-        except OSError:
-            pass
+                os.close(sub)
+    finally:
+        for fd, _entries_left, name in stack:
+            if name is not None:
+                os.close(fd)
+
+
+def _entries(fd):
+    try:
+        with os.scandir(fd) as it:
+            return [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+    except OSError:
+        return []
 
 
 def op_run(host, args):
@@ -2124,25 +2168,25 @@ class PullAgent:
         req.add_header("Authorization", "Bearer " + self.token)
         h, got = new_hash(), 0
         try:
-            with (
-                urllib.request.urlopen(req, timeout=120, context=self.ctx) as r,
-                open(part, "wb") as out,
-            ):
-                while True:
-                    chunk = r.read(CHUNK)
-                    if not chunk:
-                        break
-                    got += len(chunk)
-                    if got > size:
-                        break
-                    h.update(chunk)
-                    out.write(chunk)
-                # http.client ends a body cut short quietly, still expecting bytes: a cut,
-                # fetched again; a whole body of the wrong size is corrupted (below)
-                if got < size and r.length:
-                    import http.client
+            # two withs, not one in parentheses: the host compiles this with its own
+            # Python, which may be older than 3.9
+            with urllib.request.urlopen(req, timeout=120, context=self.ctx) as r:  # noqa: SIM117
+                with open(part, "wb") as out:
+                    while True:
+                        chunk = r.read(CHUNK)
+                        if not chunk:
+                            break
+                        got += len(chunk)
+                        if got > size:
+                            break
+                        h.update(chunk)
+                        out.write(chunk)
+                    # http.client ends a body cut short quietly, still expecting bytes: a cut,
+                    # fetched again; a whole body of the wrong size is corrupted (below)
+                    if got < size and r.length:
+                        import http.client
 
-                    raise http.client.IncompleteRead(b"", r.length)
+                        raise http.client.IncompleteRead(b"", r.length)
         except BaseException:
             if os.path.exists(part):
                 os.unlink(part)

@@ -851,3 +851,100 @@ def test_the_logins_environment_does_not_reach_the_agent(tmp_path):
     assert proc.returncode == 0, proc.stderr.decode()[-500:]
     assert [r["pinned"] for r in results] == ["new"]
     assert not ran.exists(), f"shadowing modules ran: {ran.read_text()}"
+
+
+def test_the_agent_is_python_3_6_syntax_so_older_hosts_can_compile_it():
+    """A host compiles the agent's source with its own python3 when its Python is not
+    Ferry's (BOOT): a construct newer than that host's Python fails every step there. A
+    parenthesized `with` (3.9) did, on every Ubuntu 20.04 or Debian 10 host."""
+    import ast
+
+    ast.parse(agent.source().decode(), feature_version=(3, 6))
+
+
+def _two_releases_sharing_a_file(root: Path) -> Path:
+    """app-1 and app-2 published and switched to, one inode for u/a in both: app-2's."""
+    assert run(root, "pin", "--key", PUB.hex())[0] == 0
+    for i, rid in enumerate(["app-1", "app-2"]):
+        files = {"u/a": b"A" * 4096, "u/x": b"x%d" % i}
+        assert _publish(root, rid, files, str(i + 1), ["u/x"] if i else ["u/a", "u/x"])[0] == 0
+        assert run(root, "switch", "--id", rid)[0] == 0
+    return root / "releases" / "app-2" / "u" / "a"
+
+
+def test_a_kept_file_written_while_prune_removes_a_release_still_reads_back_as_changed(
+    tmp_path, monkeypatch
+):
+    """Unlinking app-1's name of a shared inode moves its ctime, so prune records app-2's
+    file again after the removal, but only where nothing but the ctime moved: a write in
+    that window (same size) stays a change that read-back finds, not a verified copy that
+    the next release would be linked from unread."""
+    kept = _two_releases_sharing_a_file(tmp_path)
+    remove = ferry_agent.remove_tree
+
+    def remove_then_write(path: str) -> None:
+        remove(path)
+        kept.write_bytes(b"X" * 4096)
+
+    monkeypatch.setattr(ferry_agent, "remove_tree", remove_then_write)
+    host = ferry_agent.Host(str(tmp_path))
+    args = ferry_agent.Args(**dict(ferry_agent.DEFAULTS, keep=1))
+    res, code = ferry_agent.dispatch(host, "prune", args)
+    assert code == 0 and res["removed"] == ["app-1"], res
+    assert not ferry_agent.recorded_as(os.stat(kept), host.identities("app-2")["u/a"])
+    back = run(tmp_path, "readback", "--id", "app-2", "--full")[1]  # re-hashes what moved
+    assert not back["ok"] and back["mismatches"] == ["u/a: content differs"], back
+
+
+def test_prune_records_shared_files_again_when_the_removed_release_has_no_identities(tmp_path):
+    """A removed release whose identities were never recorded (a crash between its publish
+    and that record) may share any inode with the kept ones: each kept file is looked at,
+    so an intact one is not re-read by the next deploy for the ctime the removal moved."""
+    kept = _two_releases_sharing_a_file(tmp_path)
+    os.unlink(tmp_path / ".ferry" / "meta" / "app-1.ids")
+    assert run(tmp_path, "prune", "--keep", "1")[1]["removed"] == ["app-1"]
+    recorded = ferry_agent.Host(str(tmp_path)).identities("app-2")["u/a"]
+    assert ferry_agent.recorded_as(os.stat(kept), recorded)
+
+
+def test_removing_a_tree_deeper_than_pythons_recursion_limit(tmp_path):
+    """Directory by directory with a stack, not recursion: a release holding a tree 1,500
+    deep (past the default limit of 1,000 frames) is removed, not left to fail every prune."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096:  # one descriptor per level while it descends
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    try:
+        tree = tmp_path / "tree"
+        fd = os.open(tmp_path, os.O_RDONLY)
+        for name in ["tree"] + ["d"] * 1500:  # mkdir relative to the last: no long paths
+            os.mkdir(name, dir_fd=fd)
+            fd, parent = os.open(name, os.O_RDONLY, dir_fd=fd), fd
+            os.close(parent)
+        os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd))
+        os.close(fd)
+        ferry_agent.remove_tree(str(tree))
+        assert not tree.exists()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_removing_a_tree_leaves_a_filesystem_mounted_inside_it(tmp_path):
+    """A filesystem mounted inside an old release (a bind of data by hand, a tmpfs) is not
+    the release's to empty, as with `rm --one-file-system`: it and its parents are left."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a filesystem needs root")
+    tree = tmp_path / "tree"
+    (tree / "a").mkdir(parents=True)
+    (tree / "a" / "f").write_bytes(b"f")
+    mount = tree / "data"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "ferry-test", str(mount)], check=True)
+    try:
+        (mount / "keep").write_bytes(b"k")
+        ferry_agent.remove_tree(str(tree))
+        assert (mount / "keep").read_bytes() == b"k"
+        assert not (tree / "a").exists() and tree.exists()
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
