@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Ferry's host agent. Standard library only: it runs with the host's own python3, 3.6 or
-later (so its syntax is 3.6's: tests/unit/test_agent.py parses it as such).
+later (tests/unit/test_agent.py parses it as 3.6 and runs sessions with 3.6 and 3.8).
 
     python3 ferry_agent.py OP --root DEPLOY_ROOT [args]      (prints one JSON object)
     python3 ferry_agent.py serve --root DEPLOY_ROOT          (one session, many requests)
@@ -1305,17 +1305,7 @@ def spawn(argv, cwd, env, timeout):
         os.chdir(cwd)
     r, w = os.pipe()  # both close-on-exec; only the dup2'd copies reach the child
     try:
-        pid = os.posix_spawn(
-            argv[0],
-            list(argv),
-            env,
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, w, 1),
-                (os.POSIX_SPAWN_DUP2, w, 2),
-            ],
-            setsid=True,
-        )
+        pid = _start(argv, env, w)
     finally:
         os.close(w)
     chunks, deadline, killed = [], time.monotonic() + timeout, False
@@ -1339,7 +1329,40 @@ def spawn(argv, cwd, env, timeout):
         os.close(r)
     _, status = os.waitpid(pid, 0)
     out = b"".join(chunks)
-    return (None, out) if killed else (os.waitstatus_to_exitcode(status), out)
+    return (None, out) if killed else (_exit_code(status), out)
+
+
+def _start(argv, env, w):
+    """The child, in its own session: stdin from /dev/null, stdout and stderr into `w`."""
+    if hasattr(os, "posix_spawn"):  # Python 3.8 on
+        return os.posix_spawn(
+            argv[0],
+            list(argv),
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, w, 1),
+                (os.POSIX_SPAWN_DUP2, w, 2),
+            ],
+            setsid=True,
+        )
+    pid = os.fork()  # 3.6 and 3.7: the same by hand (the agent runs one thread)
+    if pid == 0:
+        try:
+            os.setsid()
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            os.dup2(w, 1)
+            os.dup2(w, 2)
+            os.execve(argv[0], list(argv), env)
+        finally:
+            os._exit(127)
+    return pid
+
+
+def _exit_code(status):
+    if hasattr(os, "waitstatus_to_exitcode"):  # Python 3.9 on
+        return os.waitstatus_to_exitcode(status)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 def op_probe(host, args):

@@ -498,12 +498,14 @@ def test_pruning_a_release_leaves_the_files_it_shared_trusted_unread_unless_they
     assert rc == 10 and "never arrived" in res["message"]  # asked for again, not reused
 
 
-def _session_with_spy(root: Path, spy: str) -> subprocess.Popen[bytes]:
+def _session_with_spy(
+    root: Path, spy: str, python: str = sys.executable
+) -> subprocess.Popen[bytes]:
     """A serve session as a host runs it, with `spy` (Python) run before the agent."""
     from orchestrator.transport.session import BOOT, boot_input
 
     proc = subprocess.Popen(
-        [sys.executable, "-I", "-S", "-c", f"{spy};{BOOT}", "serve", "--root", str(root)],
+        [python, "-I", "-S", "-c", f"{spy};{BOOT}", "serve", "--root", str(root)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     assert proc.stdin is not None
@@ -948,3 +950,37 @@ def test_removing_a_tree_leaves_a_filesystem_mounted_inside_it(tmp_path):
         assert not (tree / "a").exists() and tree.exists()
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.parametrize("version", ["3.6", "3.8"])
+def test_a_session_on_an_older_hosts_python_publishes_runs_hooks_and_prunes(tmp_path, version):
+    """The host's own python3 runs the agent: 3.6 has no posix_spawn, 3.8 no
+    waitstatus_to_exitcode, and a hook or check used both (every milestone check failed
+    the session on such a host). The agent's source is compiled there, not Ferry's code."""
+    import glob
+
+    pyenv = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+    found = sorted(glob.glob(f"{pyenv}/versions/{version}.*/bin/python{version}"))
+    if not found:
+        pytest.skip(f"no CPython {version} on this machine (pyenv) to run the agent with")
+    proc = _session_with_spy(tmp_path, "pass", found[-1])
+    assert _answer(proc, {"op": "pin", "args": {"key": PUB.hex()}})["_code"] == 0
+    for i, rid in enumerate(["app-1", "app-2"]):
+        files = {"u/a": b"A" * 4096, "u/x": b"x%d" % i}
+        raw, sig = _release(files, str(i + 1))
+        send = [files["u/x"]] + ([] if i else [files["u/a"]])  # app-2 has u/a already
+        objects = {hashlib.sha256(d).hexdigest(): d for d in send}
+        receive = {"op": "receive", "args": {"id": rid}}
+        assert _answer(proc, receive, receive_stream(raw, sig, objects))["_code"] == 0
+        for op in ("verify", "switch"):
+            assert _answer(proc, {"op": op, "args": {"id": rid}})["_code"] == 0, (rid, op)
+    hook = {"command": "echo out; echo err >&2; exit 3", "timeout": 10}
+    done = _answer(proc, {"op": "run", "args": hook})
+    assert (done["rc"], done["output"]) == (3, "out\nerr\n"), done
+    killed = _answer(proc, {"op": "run", "args": {"command": "sleep 30", "timeout": 0.3}})
+    assert killed["rc"] == 124, killed  # the timeout's exit code, as timeout(1) gives
+    back = _answer(proc, {"op": "readback", "args": {"id": "app-2", "full": True}})
+    assert back["ok"], back
+    assert _answer(proc, {"op": "prune", "args": {"keep": 1}})["removed"] == ["app-1"]
+    proc.stdin.close()  # type: ignore[union-attr]
+    assert proc.wait(timeout=30) == 0
