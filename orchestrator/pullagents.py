@@ -53,7 +53,7 @@ chmod 700 "$d"
 if [ -s "$d/daemon.pid" ]; then kill -TERM -- "-$(cat "$d/daemon.pid")" 2>/dev/null || true; fi
 rm -f "$d/daemon.pid"
 umask 077
-printf %s "$FERRY_AGENT_B64" | base64 -d > "$d/ferry_agent.py.tmp"
+printf %s __AGENT_PARTS__ | base64 -d > "$d/ferry_agent.py.tmp"
 mv "$d/ferry_agent.py.tmp" "$d/ferry_agent.py"
 printf %s "$FERRY_SUPERVISOR" > "$d/supervise.sh"
 printf %s "$FERRY_CONFIG" > "$d/config.json"
@@ -94,6 +94,23 @@ def agent_source() -> bytes:
     return AGENT_FILE.read_bytes()
 
 
+# Linux caps one environment string at 128 KiB (MAX_ARG_STRLEN), and the agent's ~99 KB
+# are ~132 KB of base64: it crosses in parts, which the install script joins in order
+AGENT_PART = 64 * 1024
+
+
+def agent_parts(source: bytes) -> dict[str, str]:
+    """The agent's source, base64, as FERRY_AGENT_B64_0, _1, … each under the limit."""
+    b64 = base64.b64encode(source).decode()
+    at = range(0, len(b64), AGENT_PART)
+    return {f"FERRY_AGENT_B64_{i}": b64[a : a + AGENT_PART] for i, a in enumerate(at)}
+
+
+def install_script(parts: dict[str, str]) -> str:
+    """INSTALL for the agent in `parts` (agent_parts): printf joins them, in order."""
+    return INSTALL.replace("__AGENT_PARTS__", " ".join(f'"${name}"' for name in parts))
+
+
 def install(
     url: str,
     hosts: list[Host],
@@ -111,15 +128,15 @@ def install(
     from orchestrator.hostops import HostOps
 
     source = agent_source()
-    sha = hashlib.sha256(source).hexdigest()
+    sha, parts = hashlib.sha256(source).hexdigest(), agent_parts(source)
     insecure = str(pull["server"]).startswith("http://")
 
     def one(h: Host) -> dict[str, Any]:
         root = roots[h.name]
         try:
             ops = HostOps.open(h, ssh, root, timeout=60, connect_timeout=ssh.connect_timeout)
-        except FerryError as exc:
-            return {"host": h.name, "installed": False, "error": exc.message}
+        except FerryError as exc:  # printed after the host's name
+            return {"host": h.name, "installed": False, "error": exc.reason}
         try:
             probed = ops.run("install", pulldaemon.PROBE, {}, None)
             facts = pulldaemon.HostFacts.parse(str(probed.get("output", "")))
@@ -140,7 +157,7 @@ def install(
             }
             env = {
                 "FERRY_ROOT": root,
-                "FERRY_AGENT_B64": base64.b64encode(source).decode(),
+                **parts,
                 "FERRY_AGENT_SHA": sha,
                 "FERRY_SUPERVISOR": SUPERVISOR,
                 "FERRY_CONFIG": json.dumps(config),
@@ -150,7 +167,7 @@ def install(
                 "FERRY_UNIT": unit,
                 **_UNIT_ENV,
             }
-            res = ops.run("install", INSTALL, env, None)
+            res = ops.run("install", install_script(parts), env, None)
             if res["rc"] != 0:
                 why = res["output"].replace(token, "***")[-500:]  # never a token in a record
                 return {"host": h.name, "installed": False, "error": f"install failed: {why}"}
@@ -160,7 +177,7 @@ def install(
                 "supervisor": supervisor, "supervisor_why": why,
             }  # fmt: skip
         except FerryError as exc:
-            return {"host": h.name, "installed": False, "error": exc.message}
+            return {"host": h.name, "installed": False, "error": exc.reason}
         finally:
             ops.close()
 

@@ -131,7 +131,7 @@ def test_a_finished_deployment_names_the_hosts_it_left_unrestored_when_recovered
 
     stuck = [{"host": "h3", "current": "shop-2.0-x", "error": "unreachable"}]
     failed = SimpleNamespace(status="failed", evidence={"needs_remediation": stuck})
-    assert _still_stuck(failed) == ["h3"]
+    assert _still_stuck(failed) == stuck  # each host with what was recorded of it
     assert _still_stuck(SimpleNamespace(status="backed-out", evidence={})) == []
     # a succeeded deployment's list is hosts not read back: drift's business, not recover's
     succeeded = SimpleNamespace(status="succeeded", evidence={"needs_remediation": stuck})

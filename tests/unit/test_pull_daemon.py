@@ -112,17 +112,23 @@ def test_the_install_script_writes_and_starts_the_unit_where_systemd_was_chosen(
     shim.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
     shim.chmod(0o755)
     unit = unit_text(str(root), SHA)
+    # the real agent: its base64 is longer than one environment string may be (128 KiB)
+    source = pullagents.agent_source()
+    parts = pullagents.agent_parts(source)
+    assert len(parts) > 1 and sum(map(len, parts.values())) > 128 * 1024
     env = {
-        "PATH": f"{bin_dir}:/usr/bin:/bin", "FERRY_ROOT": str(root),
-        "FERRY_AGENT_B64": "cHJpbnQoMSkK", "FERRY_AGENT_SHA": SHA, "FERRY_SUPERVISOR": "",
+        "PATH": f"{bin_dir}:/usr/bin:/bin", "FERRY_ROOT": str(root), **parts,
+        "FERRY_AGENT_SHA": SHA, "FERRY_SUPERVISOR": "",
         "FERRY_CONFIG": "{}", "FERRY_TOKEN": "h1.secret", "FERRY_CA": "",
         "FERRY_SUPERVISE": "systemd", "FERRY_UNIT": unit,
         "FERRY_UNIT_DIR": str(units), "FERRY_UNIT_NAME": UNIT_NAME,
     }  # fmt: skip
-    res = subprocess.run(["/bin/sh", "-c", pullagents.INSTALL], env=env, capture_output=True,
+    script = pullagents.install_script(parts)
+    res = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True,
                          text=True, timeout=60)  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == f"started {UNIT_NAME}"
+    assert (root / ".ferry" / "pull" / "ferry_agent.py").read_bytes() == source
     written = units / UNIT_NAME
     assert written.read_text() == unit and stat.S_IMODE(written.stat().st_mode) == 0o644
     d = root / ".ferry" / "pull"
