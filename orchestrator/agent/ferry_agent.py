@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Ferry's host agent. Standard library only: it runs with the host's own python3, 3.6 or
-later (tests/unit/test_agent.py parses it as 3.6 and runs sessions with 3.6 and 3.8).
+later (tests/unit/test_agent.py parses it as 3.6 and runs sessions without the calls
+3.6 and 3.8 lack).
 
     python3 ferry_agent.py OP --root DEPLOY_ROOT [args]      (prints one JSON object)
     python3 ferry_agent.py serve --root DEPLOY_ROOT          (one session, many requests)
