@@ -12,7 +12,6 @@ with every other process of the hosts' namespaces.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 from collections.abc import Callable
@@ -45,20 +44,18 @@ while :; do
 done
 """
 
+# before the new files are written: the old daemon ends (its supervisor's process group)
+HALT = r"""d="$FERRY_ROOT/.ferry/pull"
+if [ -s "$d/daemon.pid" ]; then kill -TERM -- "-$(cat "$d/daemon.pid")" 2>/dev/null || true; fi
+rm -f "$d/daemon.pid"
+echo halted
+"""
+
+# after them (agent, supervise.sh, config.json, token, ca.pem: the agent's pull_files op
+# wrote them from the session's own stream): the daemon starts
 INSTALL = r"""set -e
 d="$FERRY_ROOT/.ferry/pull"
 unit="$FERRY_UNIT_DIR/$FERRY_UNIT_NAME"
-mkdir -p "$d"
-chmod 700 "$d"
-if [ -s "$d/daemon.pid" ]; then kill -TERM -- "-$(cat "$d/daemon.pid")" 2>/dev/null || true; fi
-rm -f "$d/daemon.pid"
-umask 077
-printf %s __AGENT_PARTS__ | base64 -d > "$d/ferry_agent.py.tmp"
-mv "$d/ferry_agent.py.tmp" "$d/ferry_agent.py"
-printf %s "$FERRY_SUPERVISOR" > "$d/supervise.sh"
-printf %s "$FERRY_CONFIG" > "$d/config.json"
-printf %s "$FERRY_TOKEN" > "$d/token"
-printf %s "$FERRY_CA" > "$d/ca.pem"
 if [ "$FERRY_SUPERVISE" = systemd ]; then
   (umask 022; printf %s "$FERRY_UNIT" > "$unit.tmp" && mv "$unit.tmp" "$unit")
   systemctl daemon-reload
@@ -94,21 +91,22 @@ def agent_source() -> bytes:
     return AGENT_FILE.read_bytes()
 
 
-# Linux caps one environment string at 128 KiB (MAX_ARG_STRLEN), and the agent's ~99 KB
-# are ~132 KB of base64: it crosses in parts, which the install script joins in order
-AGENT_PART = 64 * 1024
-
-
-def agent_parts(source: bytes) -> dict[str, str]:
-    """The agent's source, base64, as FERRY_AGENT_B64_0, _1, … each under the limit."""
-    b64 = base64.b64encode(source).decode()
-    at = range(0, len(b64), AGENT_PART)
-    return {f"FERRY_AGENT_B64_{i}": b64[a : a + AGENT_PART] for i, a in enumerate(at)}
-
-
-def install_script(parts: dict[str, str]) -> str:
-    """INSTALL for the agent in `parts` (agent_parts): printf joins them, in order."""
-    return INSTALL.replace("__AGENT_PARTS__", " ".join(f'"${name}"' for name in parts))
+def pull_files(
+    source: bytes, config: dict[str, Any], token: str, ca_pem: str
+) -> tuple[list[list[Any]], bytes]:
+    """The daemon's files as the agent's pull_files op takes them: ([name, mode, size]
+    each, their bytes in that order). Only the token is secret (0600); the directory is
+    0700 in any case."""
+    files = [
+        ("ferry_agent.py", 0o600, source),
+        ("supervise.sh", 0o600, SUPERVISOR.encode()),
+        ("config.json", 0o600, json.dumps(config).encode()),
+        ("token", 0o600, token.encode()),
+        ("ca.pem", 0o600, ca_pem.encode()),
+    ]
+    return [[name, mode, len(data)] for name, mode, data in files], b"".join(
+        data for _, _, data in files
+    )
 
 
 def install(
@@ -128,7 +126,7 @@ def install(
     from orchestrator.hostops import HostOps
 
     source = agent_source()
-    sha, parts = hashlib.sha256(source).hexdigest(), agent_parts(source)
+    sha = hashlib.sha256(source).hexdigest()
     insecure = str(pull["server"]).startswith("http://")
 
     def one(h: Host) -> dict[str, Any]:
@@ -155,22 +153,23 @@ def install(
                 "heartbeat": pull.get("heartbeat", 10),
                 "insecure_http": insecure,
             }
+            base = {"FERRY_ROOT": root, **_UNIT_ENV}
+            ops.run("install", HALT, base, None)
+            names, data = pull_files(source, config, token, "" if insecure else ca_pem)
+            ops.call("install", "pull_files", files=names, payload=data)
             env = {
-                "FERRY_ROOT": root,
-                **parts,
+                **base,
                 "FERRY_AGENT_SHA": sha,
-                "FERRY_SUPERVISOR": SUPERVISOR,
-                "FERRY_CONFIG": json.dumps(config),
-                "FERRY_TOKEN": token,
-                "FERRY_CA": "" if insecure else ca_pem,
                 "FERRY_SUPERVISE": supervisor,
                 "FERRY_UNIT": unit,
-                **_UNIT_ENV,
             }
-            res = ops.run("install", install_script(parts), env, None)
+            res = ops.run("install", INSTALL, env, None)
             if res["rc"] != 0:
-                why = res["output"].replace(token, "***")[-500:]  # never a token in a record
-                return {"host": h.name, "installed": False, "error": f"install failed: {why}"}
+                return {
+                    "host": h.name,
+                    "installed": False,
+                    "error": f"install failed: {res['output'][-500:]}",
+                }
             progress(f"  {h.name}: agent started by {supervisor} (pull from {pull['server']})")
             return {
                 "host": h.name, "installed": True, "agent_sha256": sha, "root": root,

@@ -10,7 +10,8 @@ later (tests/unit/test_agent.py parses it as 3.6 and runs sessions without the c
                                                               the pending release at once)
 
 OPs: state, pin, inspect, receive, verify, config, switch, readback, check, prune, run,
-probe; for container release units (the host's Docker engine): images, image_load,
+probe, pull_files (the pull daemon's files, at `ferry agent install`); for container
+release units (the host's Docker engine): images, image_load,
 container_switch, container_health, container_state, container_revert. In `serve` mode
 the agent reads one request per line on stdin, `{"op": OP, "args": {...}, "payload": N}`
 followed by N payload bytes, and answers each with one `RESULT {json}` line (its `_code`
@@ -1388,6 +1389,29 @@ def op_probe(host, args):
         return {"ok": False, "got": "error %s" % (e,)}
 
 
+def op_pull_files(host, args):
+    """Write the pull daemon's files into ROOT/.ferry/pull/ (made 0700): `files` is
+    [[name, mode, size], ...] and the payload their bytes in that order. Each is written
+    atomically and durably. They come on the session's own stream, not through a command's
+    environment: Linux caps one environment string at 128 KiB (the agent's base64 is more),
+    and a token there would sit in the shell's /proc/PID/environ while it ran."""
+    d = os.path.join(host.root, PULL_DIR)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    os.chmod(d, 0o700)
+    data, at, written = args.payload or b"", 0, []
+    for name, mode, size in args.files or []:
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+            raise bad_input("bad pull file name %r" % (name,))
+        if int(mode) & ~0o777 or int(size) < 0 or at + int(size) > len(data):
+            raise bad_input("bad pull file %r: mode %r, size %r" % (name, mode, size))
+        write_atomic(os.path.join(d, name), data[at : at + int(size)], int(mode))
+        at += int(size)
+        written.append(name)
+    if at != len(data):
+        raise bad_input("%d payload bytes name no file" % (len(data) - at))
+    return {"written": written}
+
+
 # --- container release units (image layers, containers): see orchestrator/containers.py --
 # The host's own Docker engine, through the `docker` CLI: DOCKER_HOST, else the endpoint
 # in ROOT/.ferry/docker-host (a lab host's own engine), else docker's default socket.
@@ -1698,6 +1722,7 @@ OPS = {
     "prune": op_prune,
     "run": op_run,
     "probe": op_probe,
+    "pull_files": op_pull_files,
     # container release units
     "images": op_images,
     "image_load": op_image_load,
@@ -1711,7 +1736,7 @@ DEFAULTS = {
     "payload": None, "command": None, "env": None, "cwd": None, "timeout": None,
     "kind": None, "target": None, "port": None, "status": 200, "rehash": False,
     "digest": None, "rotations": None, "known": None,
-    "unit": None, "units": None, "send": None, "container": None, "action": None,
+    "unit": None, "units": None, "files": None, "send": None, "container": None, "action": None,
 }  # fmt: skip
 
 

@@ -100,10 +100,30 @@ def test_systemd_accepts_the_unit_without_a_warning(tmp_path: Path) -> None:
     assert res.returncode == 0 and res.stderr.strip() == "", res.stderr
 
 
-def test_the_install_script_writes_and_starts_the_unit_where_systemd_was_chosen(tmp_path: Path):
-    """The install script's systemd branch, run here with a `systemctl` shim that records
-    its arguments (this machine has no systemd to start units): the unit is written
-    world-readable where systemd reads units, the token 0600, and no loop is started."""
+def _pull_files_session(root: Path, files: list, data: bytes) -> dict:
+    """One pull_files request to a serve session of the agent, as a host runs it."""
+    import json
+    import sys
+
+    from orchestrator.transport.session import BOOT, boot_input
+
+    head = {"op": "pull_files", "args": {"files": files}, "payload": len(data)}
+    feed = boot_input() + json.dumps(head).encode() + b"\n" + data
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", BOOT, "serve", "--root", str(root)],
+                          input=feed, capture_output=True, timeout=60)  # fmt: skip
+    lines = [ln for ln in proc.stdout.decode().splitlines() if ln.startswith("RESULT ")]
+    assert len(lines) == 1, proc.stderr
+    return dict(json.loads(lines[0][7:]))
+
+
+def test_the_install_writes_the_daemons_files_from_the_session_and_starts_the_unit(tmp_path):
+    """`ferry agent install` on a host where systemd was chosen, its three steps run here:
+    the agent's pull_files op writes the daemon's files from the session's own stream (the
+    real agent, whose base64 would not fit one environment string: 128 KiB), then the
+    install script runs with a `systemctl` shim that records its arguments (this machine
+    has no systemd to start units). The unit is written world-readable where systemd reads
+    units, the directory 0700 and every file 0600, no token in any command's environment,
+    and no loop is started."""
     root, units, bin_dir = tmp_path / "app", tmp_path / "units", tmp_path / "bin"
     units.mkdir()
     bin_dir.mkdir()
@@ -112,27 +132,30 @@ def test_the_install_script_writes_and_starts_the_unit_where_systemd_was_chosen(
     shim.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
     shim.chmod(0o755)
     unit = unit_text(str(root), SHA)
-    # the real agent: its base64 is longer than one environment string may be (128 KiB)
     source = pullagents.agent_source()
-    parts = pullagents.agent_parts(source)
-    assert len(parts) > 1 and sum(map(len, parts.values())) > 128 * 1024
+    assert len(source) * 4 / 3 > 128 * 1024
+    names, data = pullagents.pull_files(source, {"host": "h1"}, "h1.secret", "CA")
+    assert _pull_files_session(root, names, data) == {
+        "written": ["ferry_agent.py", "supervise.sh", "config.json", "token", "ca.pem"],
+        "_code": 0,
+    }
+    d = root / ".ferry" / "pull"
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert (d / "ferry_agent.py").read_bytes() == source
+    assert (d / "supervise.sh").read_text() == pullagents.SUPERVISOR
+    assert (d / "token").read_text() == "h1.secret" and (d / "ca.pem").read_text() == "CA"
+    assert {stat.S_IMODE(p.stat().st_mode) for p in d.iterdir()} == {0o600}
     env = {
-        "PATH": f"{bin_dir}:/usr/bin:/bin", "FERRY_ROOT": str(root), **parts,
-        "FERRY_AGENT_SHA": SHA, "FERRY_SUPERVISOR": "",
-        "FERRY_CONFIG": "{}", "FERRY_TOKEN": "h1.secret", "FERRY_CA": "",
+        "PATH": f"{bin_dir}:/usr/bin:/bin", "FERRY_ROOT": str(root), "FERRY_AGENT_SHA": SHA,
         "FERRY_SUPERVISE": "systemd", "FERRY_UNIT": unit,
         "FERRY_UNIT_DIR": str(units), "FERRY_UNIT_NAME": UNIT_NAME,
     }  # fmt: skip
-    script = pullagents.install_script(parts)
-    res = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True,
-                         text=True, timeout=60)  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == f"started {UNIT_NAME}"
-    assert (root / ".ferry" / "pull" / "ferry_agent.py").read_bytes() == source
+    for script, said in ((pullagents.HALT, "halted"), (pullagents.INSTALL, f"started {UNIT_NAME}")):
+        res = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+        assert res.returncode == 0 and res.stdout.strip() == said, res.stderr
     written = units / UNIT_NAME
     assert written.read_text() == unit and stat.S_IMODE(written.stat().st_mode) == 0o644
-    d = root / ".ferry" / "pull"
-    assert stat.S_IMODE((d / "token").stat().st_mode) == 0o600
     assert not (d / "daemon.pid").exists()  # no supervised loop beside the unit
     assert calls.read_text().splitlines() == [
         "daemon-reload", f"enable {UNIT_NAME}", f"restart {UNIT_NAME}",
@@ -142,3 +165,22 @@ def test_the_install_script_writes_and_starts_the_unit_where_systemd_was_chosen(
                          text=True, timeout=60)  # fmt: skip
     assert res.returncode == 0 and not written.exists() and not (d / "token").exists()
     assert calls.read_text().splitlines()[3:] == [f"disable --now {UNIT_NAME}", "daemon-reload"]
+
+
+@pytest.mark.parametrize(
+    ("files", "data", "why"),
+    [
+        ([["../token", 0o600, 1]], b"x", "bad pull file name '../token'"),
+        ([["a/b", 0o600, 1]], b"x", "bad pull file name 'a/b'"),
+        ([[".ferry", 0o600, 1]], b"x", "bad pull file name '.ferry'"),
+        ([["token", 0o4755, 1]], b"x", "bad pull file 'token'"),
+        ([["token", 0o600, 5]], b"x", "bad pull file 'token'"),
+        ([["token", 0o600, 1]], b"xy", "1 payload bytes name no file"),
+    ],
+)
+def test_pull_files_refuses_a_name_outside_its_directory_a_mode_or_a_size_it_cannot_write(
+    tmp_path, files, data, why
+):
+    res = _pull_files_session(tmp_path, files, data)
+    assert res["_code"] == 11 and res["error"] == "input" and why in res["message"]
+    assert not (tmp_path / "token").exists() and not (tmp_path.parent / "token").exists()
