@@ -818,6 +818,8 @@ def op_verify(host, args):
     final = os.path.join(host.releases, rid)
     if os.path.isdir(final) and os.path.exists(os.path.join(host.meta, rid + ".json")):
         return {"release": rid, "placed": 0, "already": True}
+    if os.path.lexists(final):
+        _clear_unrecorded(host, rid, final)
     with open(os.path.join(host.incoming, rid + ".manifest"), "rb") as f:
         raw = f.read()
     with open(os.path.join(host.incoming, rid + ".sig"), "rb") as f:
@@ -909,6 +911,26 @@ def op_verify(host, args):
         "already": False,
         "rehashed": rehashed,
     }
+
+
+def _clear_unrecorded(host, rid, final):
+    """releases/<id> is there without its record: a crash between publishing it and
+    recording it, or a prune that could not remove all of it (a filesystem mounted inside
+    it). Unverified, it is never used: it makes way for the copy about to be published.
+    One that `current` points to (its record removed by hand) keeps serving, set aside."""
+    if host.current() == rid:
+        aside = os.path.join(host.releases, ".broken-%s-%d" % (rid, int(time.time())))
+        os.rename(final, aside)
+        _point_current(host, os.path.basename(aside))
+        return
+    if os.path.isdir(final) and not os.path.islink(final):
+        remove_tree(final)
+    else:
+        os.unlink(final)
+    if os.path.lexists(final):
+        raise AgentError("os", "releases/%s is left from a release removed before, with what "
+                         "could not be removed (a filesystem mounted inside it?): unmount "
+                         "it or remove it by hand, then deploy again" % rid, EXIT_OS)  # fmt: skip
 
 
 def _sync_tree(top, files):
@@ -1141,13 +1163,13 @@ def op_prune(host, args):
         intact = [rel for rel, rec in shared.items()
                   if before.as_recorded(os.path.join(base, rel), rec)]  # fmt: skip
         kept[rid] = (recorded, intact)
-    for rid in gone:
-        remove_tree(os.path.join(host.releases, rid))
-        for suffix in (".json", ".sig", ".ids"):
+    for rid in gone:  # unrecorded first: a crash in between never leaves a partial
+        for suffix in (".json", ".sig", ".ids"):  # release recorded as verified
             try:
                 os.unlink(os.path.join(host.meta, rid + suffix))
             except FileNotFoundError:
                 pass
+        remove_tree(os.path.join(host.releases, rid))
     after = before.again()
     for rid, (recorded, intact) in kept.items():
         if intact:

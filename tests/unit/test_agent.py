@@ -948,6 +948,66 @@ def test_removing_a_tree_leaves_a_filesystem_mounted_inside_it(tmp_path):
         subprocess.run(["umount", str(mount)], check=True)
 
 
+def test_a_release_published_but_never_recorded_is_published_again_over_its_leftover(
+    tmp_path,
+):
+    """A crash between placing releases/<id> and recording it leaves the directory without
+    its record: the next deploy of that release publishes a clean copy in its place (it
+    once failed on every later try: Directory not empty)."""
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    files = {"u/a": b"A", "u/b": b"B"}
+    assert _publish(tmp_path, "app-1", files, "1", ["u/a", "u/b"])[0] == 0
+    os.unlink(tmp_path / ".ferry" / "meta" / "app-1.json")  # the crash's window
+    (tmp_path / "releases" / "app-1" / "u" / "b").write_bytes(b"tampered")
+    assert not run(tmp_path, "inspect", "--id", "app-1", "--key", PUB.hex())[1]["have"]
+    rc, res = _publish(tmp_path, "app-1", files, "1", ["u/a", "u/b"])
+    assert rc == 0 and res["already"] is False, res
+    assert run(tmp_path, "switch", "--id", "app-1")[0] == 0
+    back = run(tmp_path, "readback", "--id", "app-1", "--full")[1]
+    assert back["ok"], back
+    assert (tmp_path / "releases" / "app-1" / "u" / "b").read_bytes() == b"B"
+
+
+def test_a_leftover_the_live_service_runs_from_is_set_aside_not_removed(tmp_path):
+    """`current` points at a release whose record is gone (removed by hand): the service
+    keeps running from it, set aside, until the clean copy is switched to."""
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    assert _publish(tmp_path, "app-1", {"u/a": b"A"}, "1", ["u/a"])[0] == 0
+    assert run(tmp_path, "switch", "--id", "app-1")[0] == 0
+    os.unlink(tmp_path / ".ferry" / "meta" / "app-1.json")
+    assert _publish(tmp_path, "app-1", {"u/a": b"A"}, "1", ["u/a"])[0] == 0
+    live = os.readlink(tmp_path / "current")
+    assert live.startswith("releases/.broken-app-1-"), live
+    assert (tmp_path / live / "u" / "a").read_bytes() == b"A"
+    assert (tmp_path / "releases" / "app-1" / "u" / "a").read_bytes() == b"A"
+
+
+def test_a_leftover_holding_a_mount_is_refused_with_its_remedy_and_the_mount_kept(tmp_path):
+    """A prune that met a filesystem mounted inside a release leaves that directory without
+    its record; publishing the same release again says what is in the way, and empties
+    nothing mounted there."""
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    assert _publish(tmp_path, "app-1", {"u/a": b"A"}, "1", ["u/a"])[0] == 0
+    assert _publish(tmp_path, "app-2", {"u/a": b"B"}, "2", ["u/a"])[0] == 0
+    assert run(tmp_path, "switch", "--id", "app-2")[0] == 0
+    mount = tmp_path / "releases" / "app-1" / "data"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "ferry-test", str(mount)], check=True)
+    try:
+        (mount / "keep").write_bytes(b"k")
+        assert run(tmp_path, "prune", "--keep", "1")[1]["removed"] == ["app-1"]
+        assert not (tmp_path / ".ferry" / "meta" / "app-1.json").exists()
+        rc, res = _publish(tmp_path, "app-1", {"u/a": b"A"}, "1", ["u/a"])
+        assert (
+            rc == 12 and "releases/app-1 is left from a release removed before" in (res["message"])
+        ), res
+        assert "unmount" in res["message"] and (mount / "keep").read_bytes() == b"k"
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+    rc, res = _publish(tmp_path, "app-1", {"u/a": b"A"}, "1", [])  # received before
+    assert rc == 0 and res["already"] is False, res
+
+
 # what a host's older python3 lacks, taken away from this one before the agent starts
 OLDER_PYTHONS = {
     "3.6": "import os;del os.posix_spawn;del os.waitstatus_to_exitcode",
