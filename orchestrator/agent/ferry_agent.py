@@ -404,10 +404,52 @@ class Host:
         self._checked = {}  # rid → (metadata file identity, manifest): see load_manifest
         self._signed = {}  # (manifest bytes, signature, keys) → manifest: see check_manifest
         self._placed = {}  # (manifest digest, expect) → the copies stage found: see placement
+        self._settled = False  # incoming/ looked at: see settle_incoming
 
     def ensure_dirs(self):
         for d in (self.meta, self.incoming, self.releases, os.path.join(self.root, "shared")):
             os.makedirs(d, exist_ok=True)
+
+    def settle_incoming(self):
+        """Once per process, before incoming/ is used: objects there are trusted unread by
+        verify (each was hashed as it arrived), so only while that still holds.
+        - Not made durable one by one (verify makes the release durable once), an object
+          may be empty or torn after the host itself crashed (power, kernel): they are
+          trusted only within the boot that received them. incoming/.boot names it
+          (Linux's boot_id); what an earlier boot left is removed, to be sent again. A
+          process that dies loses nothing the kernel holds.
+        - An object with another name besides its own was placed by a verify cut short
+          before it let go of it: that release directory, unrecorded, is not Ferry's to
+          trust, and the shared inode could be written through it. It is let go of here."""
+        if self._settled:
+            return
+        boot = None
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                boot = f.read().strip()
+        except OSError:  # not Linux: no boot to tell apart
+            pass
+        mark = os.path.join(self.incoming, ".boot")
+        try:
+            with open(mark) as f:
+                same = boot is None or f.read() == boot
+        except FileNotFoundError:
+            same = boot is None
+        os.makedirs(self.incoming, exist_ok=True)
+        for name in os.listdir(self.incoming):
+            path = os.path.join(self.incoming, name)
+            if name == ".boot" or (same and len(name) != 64):
+                continue
+            st = os.lstat(path)
+            if same and st.st_nlink == 1:
+                continue
+            if st.st_mode & 0o170000 == 0o040000:  # a directory (image-<unit>/)
+                remove_tree(path)
+            else:
+                os.unlink(path)
+        if not same:
+            write_atomic(mark, boot.encode())
+        self._settled = True
 
     def state(self):
         try:
@@ -757,6 +799,7 @@ def _read_exact(stream, n):
 def op_receive(host, args):
     """Read manifest + signature, say which objects are missing, then read those objects."""
     host.ensure_dirs()
+    host.settle_incoming()
     rid = safe_id(args.id)
     inp, out = sys.stdin.buffer, sys.stdout
     header = loads(inp.readline().decode())
@@ -820,6 +863,7 @@ def op_verify(host, args):
         return {"release": rid, "placed": 0, "already": True}
     if os.path.lexists(final):
         _clear_unrecorded(host, rid, final)
+    host.settle_incoming()
     with open(os.path.join(host.incoming, rid + ".manifest"), "rb") as f:
         raw = f.read()
     with open(os.path.join(host.incoming, rid + ".sig"), "rb") as f:
@@ -885,9 +929,12 @@ def op_verify(host, args):
                 linked_from[(src_rid, src_rel)] = e["path"]
     _sync_tree(tmp, unsynced)  # durability once per release, not once per file
     os.replace(tmp, final)
-    write_atomic(os.path.join(host.meta, rid + ".json"), raw)
+    # The record is written last: meta/<id>.json says the release is published, so before
+    # it its signature is stored and incoming/ let go of what it placed. A received object
+    # left in incoming/ after the record would still be a link to the published file, and
+    # the next release would take it as freshly received: unread, and chmodded in place.
+    # A crash before the record leaves an unrecorded directory (_clear_unrecorded).
     write_atomic(os.path.join(host.meta, rid + ".sig"), sig)
-    host.checked(rid, manifest)
     for sha in received:  # only what came from incoming: a lookup per file is not free
         try:
             os.unlink(os.path.join(host.incoming, sha))
@@ -898,6 +945,8 @@ def op_verify(host, args):
             os.unlink(os.path.join(host.incoming, rid + suffix))
         except FileNotFoundError:
             pass
+    write_atomic(os.path.join(host.meta, rid + ".json"), raw)
+    host.checked(rid, manifest)
     # identities last: linking and unlinking above changed the inodes' ctime. The releases
     # the reused files came from share those inodes, so their records follow (a linked
     # file's identity is its inode's: the one just recorded for its path in this release).
@@ -919,9 +968,7 @@ def _clear_unrecorded(host, rid, final):
     it). Unverified, it is never used: it makes way for the copy about to be published.
     One that `current` points to (its record removed by hand) keeps serving, set aside."""
     if host.current() == rid:
-        aside = os.path.join(host.releases, ".broken-%s-%d" % (rid, int(time.time())))
-        os.rename(final, aside)
-        _point_current(host, os.path.basename(aside))
+        _set_aside(host, rid)
         return
     if os.path.isdir(final) and not os.path.islink(final):
         remove_tree(final)
@@ -1013,11 +1060,14 @@ def op_switch(host, args):
         target = None
     else:
         target = safe_id(args.id)
-        if not os.path.exists(os.path.join(host.meta, target + ".json")):
+        if not os.path.exists(os.path.join(host.meta, target + ".json")) or not os.path.isdir(
+            os.path.join(host.releases, target)
+        ):
             raise bad_input("release %s is not verified on this host" % target)
         _point_current(host, target)
-    if before != target:
-        st["previous"], st["current"] = before, target
+    recorded = st.get("current")
+    if before != target or recorded != target:  # or the link moved and a crash cut the record
+        st["previous"], st["current"] = before if before != target else recorded, target
         st.setdefault("history", []).append(
             {"current": target, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         )
@@ -1116,16 +1166,7 @@ def op_check(host, args):
         return {"release": rid, "present": False, "ok": False, "mismatches": []}
     _manifest, bad = _mismatches(host, rid, args.full, expect=args.digest)
     if bad:
-        aside = os.path.join(host.releases, ".broken-%s-%d" % (rid, int(time.time())))
-        live = host.current() == rid
-        os.rename(os.path.join(host.releases, rid), aside)
-        if live:  # the service keeps running what it ran until a clean copy is activated
-            _point_current(host, os.path.basename(aside))
-        for suffix in (".json", ".sig", ".ids"):
-            try:
-                os.unlink(os.path.join(host.meta, rid + suffix))
-            except FileNotFoundError:
-                pass
+        aside, live = _set_aside(host, rid)
         return {
             "release": rid,
             "present": True,
@@ -1137,6 +1178,61 @@ def op_check(host, args):
     return {"release": rid, "present": True, "ok": True, "mismatches": []}
 
 
+def _set_aside(host, rid):
+    """releases/<rid> → releases/.broken-<rid>-<time>, kept for forensics (pruned by hand),
+    its record removed first: (the new path, whether `current` pointed at it). The service
+    keeps running what it ran until a clean copy is activated, and `current` never names a
+    missing directory on the way, even if the agent dies between two steps: a live release
+    is first copied as hard links (no byte copied), `current` moved to the copy, and only
+    then the original removed (renaming it would leave `current` dangling until the next
+    rename)."""
+    final = os.path.join(host.releases, rid)
+    aside = base = os.path.join(host.releases, ".broken-%s-%d" % (rid, int(time.time())))
+    n = 1
+    while os.path.lexists(aside) or os.path.lexists(aside + ".tmp"):  # one cut short before
+        aside, n = "%s~%d" % (base, n), n + 1
+    for suffix in (".json", ".sig", ".ids"):
+        try:
+            os.unlink(os.path.join(host.meta, rid + suffix))
+        except FileNotFoundError:
+            pass
+    if host.current() != rid:
+        os.rename(final, aside)
+        return aside, False
+    tmp = aside + ".tmp"
+    _link_tree(final, tmp)
+    os.rename(tmp, aside)
+    _point_current(host, os.path.basename(aside))
+    remove_tree(final)
+    return aside, True
+
+
+def _link_tree(src, dest):
+    """dest as a copy of the tree src made of hard links (symlinks copied as symlinks, a
+    file that cannot be linked copied); never follows a symlink."""
+    import shutil
+
+    def fail(exc):  # a part not copied must not be removed with the original
+        raise exc
+
+    modes = []  # each directory's own mode, set once it is filled (it may forbid writing)
+    for top, dirs, files in os.walk(src, onerror=fail):
+        base = os.path.normpath(os.path.join(dest, os.path.relpath(top, src)))
+        os.mkdir(base, 0o700)
+        modes.append((base, os.stat(top).st_mode & 0o7777))
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
+            path, to = os.path.join(top, name), os.path.join(base, name)
+            if os.path.islink(path):
+                os.symlink(os.readlink(path), to)
+                continue
+            try:
+                os.link(path, to)
+            except OSError:
+                shutil.copy2(path, to)
+    for base, mode in reversed(modes):
+        os.chmod(base, mode)
+
+
 def op_prune(host, args):
     """Keep the newest `keep` releases by install history, and every protected one."""
     protect = set(args.protect or []) | {host.current()}
@@ -1145,8 +1241,10 @@ def op_prune(host, args):
     keep = set(ranked[: args.keep]) | protect
     ids = host.verified_ids()
     gone = [rid for rid in ids if rid not in keep]
+    swept = _sweep_leftovers(host, ids)
     if not gone:  # nothing removed: no inode's ctime moves
-        return {"removed": [], "kept": sorted(k for k in keep if k), "current": host.current()}
+        return {"removed": [], "kept": sorted(k for k in keep if k), "current": host.current(),
+                "swept": swept}  # fmt: skip
     # A kept release shares inodes with the ones removed (a file unchanged between
     # releases is one inode), and removing a link changes that inode's ctime: the kept
     # file would count as changed and be read again by every later deploy. So the files
@@ -1179,7 +1277,41 @@ def op_prune(host, args):
                     continue
                 recorded[rel] = now
             write_atomic(os.path.join(host.meta, rid + ".ids"), dumps(recorded).encode())
-    return {"removed": gone, "kept": sorted(k for k in keep if k), "current": host.current()}
+    return {"removed": gone, "kept": sorted(k for k in keep if k), "current": host.current(),
+            "swept": swept}  # fmt: skip
+
+
+LEFTOVER_AGE = 3600  # s: no session is that slow between two steps on what it still writes
+
+
+def _sweep_leftovers(host, recorded):
+    """What a crash leaves and nothing else would remove, once it is LEFTOVER_AGE old: a
+    release directory without its record (not `current`), verify's .tmp-<id>, a copy set
+    aside but cut short, receive's .part files. `.broken-*` are kept for forensics. The
+    names removed."""
+    now, live, swept = time.time(), host.current(), []
+    for name in os.listdir(host.releases) if os.path.isdir(host.releases) else []:
+        if name in recorded or name == live:
+            continue
+        if name.startswith(".broken-") and not name.endswith(".tmp"):  # a copy cut short
+            continue
+        if name.startswith(".") and not name.startswith((".tmp-", ".broken-")):
+            continue
+        path = os.path.join(host.releases, name)
+        st = os.lstat(path)
+        if now - st.st_mtime < LEFTOVER_AGE:
+            continue
+        if st.st_mode & 0o170000 == 0o040000:
+            remove_tree(path)
+        else:
+            os.unlink(path)
+        swept.append("releases/" + name)
+    for name in os.listdir(host.incoming) if os.path.isdir(host.incoming) else []:
+        path = os.path.join(host.incoming, name)
+        if name.endswith(".part") and now - os.lstat(path).st_mtime >= LEFTOVER_AGE:
+            os.unlink(path)
+            swept.append(".ferry/incoming/" + name)
+    return swept
 
 
 class Inodes:
@@ -1607,7 +1739,11 @@ def op_container_switch(host, args):
     image = spec["image"]
     now = _container(host, name)
     if now and now["image"] == image and now["running"]:
-        _note_switch(host, unit, args.id, changed=False)
+        # this release's own switch, cut short after its container started (pending), did
+        # change it: a backout of the release must still put the prior one back
+        last = _switched(host, unit)
+        cut = last.get("release") == args.id and last.get("pending")
+        _note_switch(host, unit, args.id, changed=bool(cut))
         return {"container": name, "image": image, "already": True, "downtime_s": 0.0}
     run = ["run", "-d", "--name", name, "--network", "host", "--restart", "no"]
     run += ["--label", "ferry.unit=" + unit, "--label", "ferry.release=" + safe_id(args.id)]
@@ -1626,6 +1762,7 @@ def op_container_switch(host, args):
     run += list(spec.get("command") or [])
     replaced = None
     started = time.monotonic()
+    _note_switch(host, unit, args.id, changed=True, pending=True)  # before any change
     if now is not None:
         if _container(host, prior) is not None:
             _docker(host, ["rm", "-f", prior])
@@ -1642,6 +1779,7 @@ def op_container_switch(host, args):
         if replaced is not None:  # put the old one back as it was: the switch did not happen
             _docker(host, ["rename", prior, name], check=False)
             _docker(host, ["start", name], check=False)
+        _note_switch(host, unit, args.id, changed=False)
         raise AgentError("docker", "docker run: %s" % out[-800:], EXIT_OS)
     _note_switch(host, unit, args.id, changed=True)
     return {
@@ -1678,16 +1816,19 @@ def _switches_path(host):
     return os.path.join(host.root, ".ferry", "containers.json")
 
 
-def _note_switch(host, unit, rid, changed, reverted=False):
+def _note_switch(host, unit, rid, changed, reverted=False, pending=False):
     """Which release last switched each unit, whether it changed the container, whether
     it was reverted: a backout of a release that found its container already running, or
-    one already reverted (a recover run again), leaves the containers alone."""
+    one already reverted (a recover run again), leaves the containers alone. `pending`: a
+    switch is changing the containers now (written before the first change)."""
     try:
         with open(_switches_path(host)) as f:
             st = loads(f.read())
     except (FileNotFoundError, ValueError):
         st = {}
     st[unit] = {"release": rid, "changed": changed, "reverted": reverted}
+    if pending:
+        st[unit]["pending"] = True
     host.ensure_dirs()
     write_atomic(_switches_path(host), dumps(st, indent=1).encode())
 
@@ -2208,6 +2349,7 @@ class PullAgent:
         """The signed manifest first, checked against the pinned key before anything else is
         fetched; then only the objects this host lacks, each checked against its sha256."""
         self.host.ensure_dirs()
+        self.host.settle_incoming()
         check = op_check(self.host, Args(**dict(DEFAULTS, id=rid, full=True, digest=digest)))
         if check["ok"]:
             return {"already": True, "bytes": 0}

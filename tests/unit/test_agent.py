@@ -1042,3 +1042,201 @@ def test_a_session_on_an_older_hosts_python_publishes_runs_hooks_and_prunes(tmp_
     assert _answer(proc, {"op": "prune", "args": {"keep": 1}})["removed"] == ["app-1"]
     proc.stdin.close()  # type: ignore[union-attr]
     assert proc.wait(timeout=30) == 0
+
+
+# --- crashes between two of an operation's writes (an adversarial review's findings) -----
+
+
+class Killed(BaseException):
+    """The agent killed at this point: nothing of the operation runs after it."""
+
+
+def _op(root: Path, op: str, **args: object) -> tuple[dict, int]:
+    """One operation in this process (a fresh Host: a new session), so a step can be
+    replaced by one that kills it."""
+    return ferry_agent.dispatch(
+        ferry_agent.Host(str(root)), op, ferry_agent.Args(**dict(ferry_agent.DEFAULTS, **args))
+    )
+
+
+def _receive(root: Path, rid: str, files: dict[str, bytes], version: str, send: list[str]):
+    raw, sig = _release(files, version)
+    objects = {hashlib.sha256(files[p]).hexdigest(): files[p] for p in send}
+    return run(root, "receive", "--id", rid, stdin=receive_stream(raw, sig, objects))
+
+
+def test_a_verify_cut_before_its_record_leaves_no_received_object_trusted_unread(
+    tmp_path, monkeypatch
+):
+    """Killed while letting go of the objects it placed, verify leaves app-1 unrecorded and
+    an object in incoming/ that is still a link to app-1/u/a. A write through that leftover
+    must not reach app-2: its receive asks for the object again (it was once taken as
+    freshly received: published unread, and chmodded in place)."""
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    x = b"X" * 64
+    assert _receive(tmp_path, "app-1", {"u/a": x, "u/b": b"B"}, "1", ["u/a", "u/b"])[0] == 0
+    unlink = os.unlink
+
+    def killed(path, *a, **kw):  # type: ignore[no-untyped-def]
+        if "/incoming/" in str(path) and len(os.path.basename(str(path))) == 64:
+            raise Killed
+        return unlink(path, *a, **kw)
+
+    monkeypatch.setattr(os, "unlink", killed)
+    with pytest.raises(Killed):
+        _op(tmp_path, "verify", id="app-1")
+    monkeypatch.setattr(os, "unlink", unlink)
+    assert not (tmp_path / ".ferry" / "meta" / "app-1.json").exists()
+    with open(tmp_path / "releases" / "app-1" / "u" / "a", "r+b") as f:
+        f.write(b"EVIL")  # the leftover is not Ferry's: anyone may have written it
+    rc, res = _receive(tmp_path, "app-2", {"u/x": x, "u/c": b"C"}, "2", ["u/x", "u/c"])
+    assert rc == 0 and res["needed"] == 2, res
+    assert _op(tmp_path, "verify", id="app-2")[1] == 0
+    assert run(tmp_path, "switch", "--id", "app-2")[0] == 0
+    assert run(tmp_path, "readback", "--id", "app-2", "--full")[1]["ok"]
+    assert (tmp_path / "releases" / "app-2" / "u" / "x").read_bytes() == x
+
+
+def test_objects_received_before_the_host_rebooted_are_sent_again(tmp_path):
+    """Received objects are made durable once, at publish: a power loss before that may
+    leave one empty or torn. After a reboot (another boot_id) receive asks for all again."""
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    files = {"u/a": b"A" * 5000, "u/b": b"B"}
+    assert _receive(tmp_path, "app-1", files, "1", ["u/a", "u/b"])[0] == 0
+    incoming = tmp_path / ".ferry" / "incoming"
+    assert (incoming / ".boot").read_text() == Path(
+        "/proc/sys/kernel/random/boot_id"
+    ).read_text().strip()
+    (incoming / ".boot").write_text("an-earlier-boot")
+    (incoming / hashlib.sha256(files["u/a"]).hexdigest()).write_bytes(b"\0" * 5000)  # torn
+    rc, res = _receive(tmp_path, "app-1", files, "1", ["u/a", "u/b"])
+    assert rc == 0 and res["needed"] == 2, res
+    assert _op(tmp_path, "verify", id="app-1")[1] == 0
+    assert (tmp_path / "releases" / "app-1" / "u" / "a").read_bytes() == files["u/a"]
+
+
+def test_a_switch_cut_before_its_state_record_records_it_when_run_again(tmp_path, monkeypatch):
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    for i, rid in enumerate(["app-1", "app-2"]):
+        assert _publish(tmp_path, rid, {"u/a": b"%d" % i}, str(i + 1), ["u/a"])[0] == 0
+    assert run(tmp_path, "switch", "--id", "app-1")[0] == 0
+
+    def killed(self, st):  # type: ignore[no-untyped-def]
+        raise Killed
+
+    monkeypatch.setattr(ferry_agent.Host, "save_state", killed)
+    with pytest.raises(Killed):
+        _op(tmp_path, "switch", id="app-2")
+    monkeypatch.undo()
+    assert os.readlink(tmp_path / "current") == "releases/app-2"
+    assert run(tmp_path, "switch", "--id", "app-2")[0] == 0
+    st = json.loads((tmp_path / ".ferry" / "state.json").read_text())
+    assert (st["current"], st["previous"]) == ("app-2", "app-1")
+    assert [h["current"] for h in st["history"]] == ["app-1", "app-2"]
+
+
+@pytest.mark.parametrize("step", ["_link_tree", "_point_current", "remove_tree", None])
+def test_setting_aside_the_live_release_never_leaves_current_naming_a_missing_directory(
+    tmp_path, monkeypatch, step
+):
+    """A live release found altered is set aside while the service runs from it: killed at
+    any step, `current` still names a directory holding the live files, and the next
+    deploy of the release publishes a clean copy and switches to it."""
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    files = {"u/a": b"A" * 10, "u/d/b": b"B"}
+    assert _publish(tmp_path, "app-1", files, "1", ["u/a", "u/d/b"])[0] == 0
+    assert run(tmp_path, "switch", "--id", "app-1")[0] == 0
+    (tmp_path / "releases" / "app-1" / "u" / "a").write_bytes(b"altered!!!")
+    if step is not None:
+
+        def killed(*a):  # type: ignore[no-untyped-def]
+            raise Killed
+
+        monkeypatch.setattr(ferry_agent, step, killed)
+        with pytest.raises(Killed):
+            _op(tmp_path, "check", id="app-1", full=True)
+        monkeypatch.undo()
+    else:
+        res = _op(tmp_path, "check", id="app-1", full=True)[0]
+        assert res["current_set_aside"] and not (tmp_path / "releases" / "app-1").exists()
+    live = tmp_path / "current"
+    assert (live / "u" / "a").read_bytes() == b"altered!!!"  # what the service ran
+    assert (live / "u" / "d" / "b").read_bytes() == b"B"
+    rc, res = _receive(tmp_path, "app-1", files, "1", ["u/a", "u/d/b"])  # none is trusted
+    assert rc == 0, res
+    assert _op(tmp_path, "verify", id="app-1")[1] == 0
+    assert run(tmp_path, "switch", "--id", "app-1")[0] == 0
+    assert (live / "u" / "a").read_bytes() == files["u/a"]
+    assert run(tmp_path, "readback", "--id", "app-1", "--full")[1]["ok"]
+
+
+def test_prune_sweeps_what_crashes_leave_once_it_is_an_hour_old(tmp_path):
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    assert _publish(tmp_path, "app-1", {"u/a": b"A"}, "1", ["u/a"])[0] == 0
+    assert run(tmp_path, "switch", "--id", "app-1")[0] == 0
+    releases, incoming = tmp_path / "releases", tmp_path / ".ferry" / "incoming"
+    old = ["releases/app-0", "releases/.tmp-app-2", "releases/.broken-app-1-2.tmp",
+           ".ferry/incoming/" + "a" * 64 + ".part"]  # fmt: skip
+    young = ["releases/app-3", ".ferry/incoming/" + "b" * 64 + ".part"]
+    kept = ["releases/.broken-app-1-1", ".ferry/incoming/" + "c" * 64]  # staged, unverified
+    for rel in old + young + kept:
+        path = tmp_path / rel
+        if rel.startswith("releases/"):
+            (path / "u").mkdir(parents=True)
+            (path / "u" / "f").write_bytes(b"f")
+        else:
+            path.write_bytes(b"part")
+        if rel not in young:
+            os.utime(path, (1_000_000, 1_000_000))
+    res = _op(tmp_path, "prune", keep=1)[0]
+    assert sorted(res["swept"]) == sorted(old), res
+    assert not any((tmp_path / rel).exists() for rel in old)
+    assert all((tmp_path / rel).exists() for rel in young + kept + ["releases/app-1/u/a"])
+    assert incoming.is_dir() and releases.is_dir()
+
+
+def test_a_container_switch_cut_after_its_container_started_is_still_reverted(
+    tmp_path, monkeypatch
+):
+    """Killed between `docker run` and its record, the retried switch finds its container
+    running; the backout of that release must still put the prior container back (it once
+    recorded the switch as no change and left the new one running). A fake engine: the
+    real one is tests/containers'."""
+    engine: dict[str, dict] = {}
+    cut = [False]
+
+    def docker(host, argv, timeout=120, stdin=None, check=True):  # type: ignore[no-untyped-def]
+        if argv[0] == "run":
+            name = argv[argv.index("--name") + 1]
+            engine[name] = {"image": next(a for a in argv if a.startswith("img:")), "running": True}
+            if cut[0]:
+                raise Killed
+        elif argv[0] in ("stop", "start"):
+            engine[argv[-1]]["running"] = argv[0] == "start"
+        elif argv[0] == "rename":
+            engine[argv[2]] = engine.pop(argv[1])
+        elif argv[0] == "rm":
+            engine.pop(argv[-1], None)
+        return 0, ""
+
+    monkeypatch.setattr(ferry_agent, "_docker", docker)
+    monkeypatch.setattr(ferry_agent, "_container", lambda host, name: engine.get(name))
+
+    def switch(rid: str, image: str) -> dict:
+        res, code = _op(tmp_path, "container_switch", id=rid, unit="u", container={"image": image})
+        assert code == 0, res
+        return res
+
+    switch("r1", "img:1")
+    cut[0] = True
+    with pytest.raises(Killed):
+        switch("r2", "img:2")
+    cut[0] = False
+    assert switch("r2", "img:2")["already"]
+    assert _op(tmp_path, "container_revert", id="r2", unit="u")[0]["image"] == "img:1"
+    assert engine["ferry-u"] == {"image": "img:1", "running": True}
+    # a release whose switch found its container running from a finished switch changed
+    # nothing: its backout leaves the containers alone
+    switch("r3", "img:3")
+    assert switch("r3", "img:3")["already"]
+    assert _op(tmp_path, "container_revert", id="r3", unit="u")[0]["unchanged"]
