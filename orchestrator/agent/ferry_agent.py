@@ -420,7 +420,9 @@ class Host:
           process that dies loses nothing the kernel holds.
         - An object with another name besides its own was placed by a verify cut short
           before it let go of it: that release directory, unrecorded, is not Ferry's to
-          trust, and the shared inode could be written through it. It is let go of here."""
+          trust, and the shared inode could be written through it. It is let go of here.
+        - A container's env file (its secrets) outlives its switch only if that was cut
+          short: it goes too."""
         if self._settled:
             return
         boot = None
@@ -438,10 +440,10 @@ class Host:
         os.makedirs(self.incoming, exist_ok=True)
         for name in os.listdir(self.incoming):
             path = os.path.join(self.incoming, name)
-            if name == ".boot" or (same and len(name) != 64):
+            if name == ".boot" or (same and len(name) != 64 and not name.startswith("env-")):
                 continue
             st = os.lstat(path)
-            if same and st.st_nlink == 1:
+            if same and st.st_nlink == 1 and len(name) == 64:
                 continue
             if st.st_mode & 0o170000 == 0o040000:  # a directory (image-<unit>/)
                 remove_tree(path)
@@ -1751,6 +1753,7 @@ def op_container_switch(host, args):
     env_file = os.path.join(host.incoming, "env-" + unit)
     if env:  # a file only root reads, not the command line (any user sees that in ps)
         host.ensure_dirs()
+        host.settle_incoming()
         lines = ["%s=%s" % (k, str(env[k]).replace("\n", " ")) for k in sorted(env)]
         fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

@@ -1227,7 +1227,12 @@ def test_a_container_switch_cut_after_its_container_started_is_still_reverted(
         assert code == 0, res
         return res
 
-    switch("r1", "img:1")
+    left = tmp_path / ".ferry" / "incoming" / "env-v"  # another unit's switch, cut short
+    left.parent.mkdir(parents=True)
+    left.write_text("TOKEN=secret\n")
+    res, code = _op(tmp_path, "container_switch", id="r1", unit="u",
+                    container={"image": "img:1", "env": {"A": "1"}})  # fmt: skip
+    assert code == 0 and not left.exists(), res  # its secrets do not stay on the host
     cut[0] = True
     with pytest.raises(Killed):
         switch("r2", "img:2")
