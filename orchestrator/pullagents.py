@@ -44,10 +44,16 @@ while :; do
 done
 """
 
-# before the new files are written: the old daemon ends (its supervisor's process group)
+# before the new files are written: the old daemon ends (its supervisor's process group,
+# or the unit an install on this root started)
 HALT = r"""d="$FERRY_ROOT/.ferry/pull"
+unit="$FERRY_UNIT_DIR/$FERRY_UNIT_NAME"
 if [ -s "$d/daemon.pid" ]; then kill -TERM -- "-$(cat "$d/daemon.pid")" 2>/dev/null || true; fi
 rm -f "$d/daemon.pid"
+if [ -f "$unit" ] && grep -q -- "--root $FERRY_ROOT\$" "$unit" && command -v systemctl >/dev/null
+then
+  systemctl stop "$FERRY_UNIT_NAME" >/dev/null 2>&1 || true
+fi
 echo halted
 """
 

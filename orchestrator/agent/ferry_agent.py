@@ -440,7 +440,7 @@ class Host:
         os.makedirs(self.incoming, exist_ok=True)
         for name in os.listdir(self.incoming):
             path = os.path.join(self.incoming, name)
-            if name == ".boot" or (same and len(name) != 64 and not name.startswith("env-")):
+            if name == ".boot" or (same and len(name) != 64 and not name.startswith(".env-")):
                 continue
             st = os.lstat(path)
             if same and st.st_nlink == 1 and len(name) == 64:
@@ -883,53 +883,57 @@ def op_verify(host, args):
     made = {tmp}  # directories made: one mkdir each, not one per file
     linked_from = {}  # (release, path) a file was linked from → its path in this release
     given = {}  # received object → the mode its first path gave it
-    for e in files:
-        rel = safe_relpath(e["path"])
-        dest = os.path.join(tmp, rel)
-        parent = os.path.dirname(dest)
-        if parent not in made:
-            os.makedirs(parent, exist_ok=True)
-            made.add(parent)
-        src, fresh, intact, src_rid, src_rel, src_mode, _seen = known.get(
-            e["sha256"], (None, False, False, None, None, None, None)
-        )
-        if src is None:
-            raise integrity("%s: no verified copy of its content on this host" % rel)
-        if not fresh and not intact:
-            if sha256_file(src) != e["sha256"]:
-                raise integrity("%s: local copy %s no longer matches its checksum" % (rel, src))
-            rehashed += 1
-        mode = published_mode(e)
-        if fresh and src not in given:  # in no release yet: its first path sets its mode
-            os.chmod(src, mode)
-            given[src] = mode
-        if fresh:
-            src_mode = given[src]
-        elif src_mode is None:  # read again above: its mode is what it is now
-            src_mode = os.stat(src).st_mode & 0o7777
-        # A published inode is never chmodded: every release linking it would change with
-        # it (a backout to one would then run files with another's modes). Content wanted
-        # with another mode than the copy has is copied instead (rare: a mode changed).
-        linked = src_mode == mode
-        if linked:
-            try:
-                os.link(src, dest)
-            except OSError:  # no hard links here (another filesystem, a link limit)
-                linked = False
-        if not linked:
-            import shutil
-
-            shutil.copyfile(src, dest)
-            os.chmod(dest, mode)
-        if fresh:
-            received.add(e["sha256"])
-        if fresh or not linked:
-            unsynced.append(dest)
-        if src_rid is not None:
-            reused.setdefault(src_rid, set()).add(src_rel)
+    try:
+        for e in files:
+            rel = safe_relpath(e["path"])
+            dest = os.path.join(tmp, rel)
+            parent = os.path.dirname(dest)
+            if parent not in made:
+                os.makedirs(parent, exist_ok=True)
+                made.add(parent)
+            src, fresh, intact, src_rid, src_rel, src_mode, _seen = known.get(
+                e["sha256"], (None, False, False, None, None, None, None)
+            )
+            if src is None:
+                raise integrity("%s: no verified copy of its content on this host" % rel)
+            if not fresh and not intact:
+                if sha256_file(src) != e["sha256"]:
+                    raise integrity("%s: local copy %s no longer matches its checksum" % (rel, src))
+                rehashed += 1
+            mode = published_mode(e)
+            if fresh and src not in given:  # in no release yet: its first path sets its mode
+                os.chmod(src, mode)
+                given[src] = mode
+            if fresh:
+                src_mode = given[src]
+            elif src_mode is None:  # read again above: its mode is what it is now
+                src_mode = os.stat(src).st_mode & 0o7777
+            # A published inode is never chmodded: every release linking it would change with
+            # it (a backout to one would then run files with another's modes). Content wanted
+            # with another mode than the copy has is copied instead (rare: a mode changed).
+            linked = src_mode == mode
             if linked:
-                linked_from[(src_rid, src_rel)] = e["path"]
-    _sync_tree(tmp, unsynced)  # durability once per release, not once per file
+                try:
+                    os.link(src, dest)
+                except OSError:  # no hard links here (another filesystem, a link limit)
+                    linked = False
+            if not linked:
+                import shutil
+
+                shutil.copyfile(src, dest)
+                os.chmod(dest, mode)
+            if fresh:
+                received.add(e["sha256"])
+            if fresh or not linked:
+                unsynced.append(dest)
+            if src_rid is not None:
+                reused.setdefault(src_rid, set()).add(src_rel)
+                if linked:
+                    linked_from[(src_rid, src_rel)] = e["path"]
+        _sync_tree(tmp, unsynced)  # durability once per release, not once per file
+    except Exception:  # a failed verify lets go of what it placed: received objects keep
+        remove_tree(tmp)  # one name each, so the next session finds them as received
+        raise
     os.replace(tmp, final)
     # The record is written last: meta/<id>.json says the release is published, so before
     # it its signature is stored and incoming/ let go of what it placed. A received object
@@ -1183,11 +1187,13 @@ def op_check(host, args):
 def _set_aside(host, rid):
     """releases/<rid> → releases/.broken-<rid>-<time>, kept for forensics (pruned by hand),
     its record removed first: (the new path, whether `current` pointed at it). The service
-    keeps running what it ran until a clean copy is activated, and `current` never names a
-    missing directory on the way, even if the agent dies between two steps: a live release
-    is first copied as hard links (no byte copied), `current` moved to the copy, and only
-    then the original removed (renaming it would leave `current` dangling until the next
-    rename)."""
+    keeps running what it ran until a clean copy is activated: the directory itself is
+    renamed, never copied or removed, so a process whose working directory is in it keeps
+    it. For a live release `current` never names a missing directory on the way, even if
+    the agent dies between two steps: it points at a bridge (a copy made of hard links, no
+    byte copied) while the original is renamed, then at the renamed original, and the
+    bridge goes. Where no bridge can be made, the rename and the repoint follow each other
+    directly (two system calls apart)."""
     final = os.path.join(host.releases, rid)
     aside = base = os.path.join(host.releases, ".broken-%s-%d" % (rid, int(time.time())))
     n = 1
@@ -1201,38 +1207,60 @@ def _set_aside(host, rid):
     if host.current() != rid:
         os.rename(final, aside)
         return aside, False
-    tmp = aside + ".tmp"
-    _link_tree(final, tmp)
-    os.rename(tmp, aside)
+    bridge = aside + ".tmp"
+    try:
+        _link_tree(final, bridge)
+    except OSError:  # (unreadable, no space): what was made goes, the direct way instead
+        remove_tree(bridge)
+        bridge = None
+    else:
+        _point_current(host, os.path.basename(bridge))
+    os.rename(final, aside)
     _point_current(host, os.path.basename(aside))
-    remove_tree(final)
+    if bridge is not None:
+        remove_tree(bridge)
     return aside, True
 
 
 def _link_tree(src, dest):
     """dest as a copy of the tree src made of hard links (symlinks copied as symlinks, a
-    file that cannot be linked copied); never follows a symlink."""
+    file that cannot be linked copied); never follows a symlink. A directory on another
+    filesystem (a volume mounted inside) is copied as an empty directory, never its
+    contents. OSError where the tree changes under it or cannot be read."""
     import shutil
 
-    def fail(exc):  # a part not copied must not be removed with the original
+    def fail(exc):  # a part not copied must not be served as the whole
         raise exc
 
+    if os.path.islink(src) or not os.path.isdir(src):
+        raise OSError(errno.ENOTDIR, "not a directory", src)
+    dev = os.lstat(src).st_dev
     modes = []  # each directory's own mode, set once it is filled (it may forbid writing)
     for top, dirs, files in os.walk(src, onerror=fail):
-        base = os.path.normpath(os.path.join(dest, os.path.relpath(top, src)))
-        os.mkdir(base, 0o700)
-        modes.append((base, os.stat(top).st_mode & 0o7777))
-        for name in files + [d for d in dirs if os.path.islink(os.path.join(top, d))]:
-            path, to = os.path.join(top, name), os.path.join(base, name)
+        here = os.path.normpath(os.path.join(dest, os.path.relpath(top, src)))
+        os.mkdir(here, 0o700)
+        modes.append((here, os.lstat(top).st_mode & 0o7777))
+        for name in list(dirs):
+            path = os.path.join(top, name)
+            st = os.lstat(path)
+            if st.st_mode & 0o170000 == 0o120000:  # a link to a directory: walked as a link
+                dirs.remove(name)
+                files.append(name)
+            elif st.st_dev != dev:  # a mount point: the bridge names it, holds none of it
+                dirs.remove(name)
+                os.mkdir(os.path.join(here, name), 0o700)
+                modes.append((os.path.join(here, name), st.st_mode & 0o7777))
+        for name in files:
+            path, to = os.path.join(top, name), os.path.join(here, name)
             if os.path.islink(path):
                 os.symlink(os.readlink(path), to)
                 continue
             try:
-                os.link(path, to)
-            except OSError:
-                shutil.copy2(path, to)
-    for base, mode in reversed(modes):
-        os.chmod(base, mode)
+                os.link(path, to, follow_symlinks=False)
+            except OSError:  # a link limit: this file's bytes, never through a symlink
+                shutil.copy2(path, to, follow_symlinks=False)
+    for here, mode in reversed(modes):
+        os.chmod(here, mode)
 
 
 def op_prune(host, args):
@@ -1304,10 +1332,11 @@ def _sweep_leftovers(host, recorded):
         if now - st.st_mtime < LEFTOVER_AGE:
             continue
         if st.st_mode & 0o170000 == 0o040000:
-            remove_tree(path)
+            remove_tree(path)  # a mount inside stays, and with it the directory
         else:
             os.unlink(path)
-        swept.append("releases/" + name)
+        if not os.path.lexists(path):
+            swept.append("releases/" + name)
     for name in os.listdir(host.incoming) if os.path.isdir(host.incoming) else []:
         path = os.path.join(host.incoming, name)
         if name.endswith(".part") and now - os.lstat(path).st_mtime >= LEFTOVER_AGE:
@@ -1548,9 +1577,10 @@ def op_probe(host, args):
 def op_pull_files(host, args):
     """Write the pull daemon's files into ROOT/.ferry/pull/ (made 0700): `files` is
     [[name, mode, size], ...] and the payload their bytes in that order. Each is written
-    atomically and durably. They come on the session's own stream, not through a command's
-    environment: Linux caps one environment string at 128 KiB (the agent's base64 is more),
-    and a token there would sit in the shell's /proc/PID/environ while it ran."""
+    atomically (its bytes synced before the rename). They come on the session's own
+    stream, not through a command's environment: Linux caps one environment string at
+    128 KiB (the agent's base64 is more), and a token there would sit in the shell's
+    /proc/PID/environ while it ran."""
     d = os.path.join(host.root, PULL_DIR)
     os.makedirs(d, mode=0o700, exist_ok=True)
     os.chmod(d, 0o700)
@@ -1750,7 +1780,7 @@ def op_container_switch(host, args):
     run = ["run", "-d", "--name", name, "--network", "host", "--restart", "no"]
     run += ["--label", "ferry.unit=" + unit, "--label", "ferry.release=" + safe_id(args.id)]
     env = spec.get("env") or {}
-    env_file = os.path.join(host.incoming, "env-" + unit)
+    env_file = os.path.join(host.incoming, ".env-" + unit)  # no release id starts with "."
     if env:  # a file only root reads, not the command line (any user sees that in ps)
         host.ensure_dirs()
         host.settle_incoming()
@@ -1779,10 +1809,11 @@ def op_container_switch(host, args):
             os.unlink(env_file)
     if rc != 0:
         _docker(host, ["rm", "-f", name], check=False)
+        back = True
         if replaced is not None:  # put the old one back as it was: the switch did not happen
-            _docker(host, ["rename", prior, name], check=False)
-            _docker(host, ["start", name], check=False)
-        _note_switch(host, unit, args.id, changed=False)
+            back = _docker(host, ["rename", prior, name], check=False)[0] == 0
+            back = back and _docker(host, ["start", name], check=False)[0] == 0
+        _note_switch(host, unit, args.id, changed=not back)  # not back: a backout reverts
         raise AgentError("docker", "docker run: %s" % out[-800:], EXIT_OS)
     _note_switch(host, unit, args.id, changed=True)
     return {

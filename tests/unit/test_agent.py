@@ -1157,8 +1157,12 @@ def test_setting_aside_the_live_release_never_leaves_current_naming_a_missing_di
             _op(tmp_path, "check", id="app-1", full=True)
         monkeypatch.undo()
     else:
+        inode = os.stat(tmp_path / "releases" / "app-1").st_ino
         res = _op(tmp_path, "check", id="app-1", full=True)[0]
         assert res["current_set_aside"] and not (tmp_path / "releases" / "app-1").exists()
+        # the directory itself moved: a process working in it (its cwd) keeps it
+        assert os.stat(res["set_aside"]).st_ino == inode
+        assert os.path.realpath(tmp_path / "current") == res["set_aside"]
     live = tmp_path / "current"
     assert (live / "u" / "a").read_bytes() == b"altered!!!"  # what the service ran
     assert (live / "u" / "d" / "b").read_bytes() == b"B"
@@ -1227,7 +1231,7 @@ def test_a_container_switch_cut_after_its_container_started_is_still_reverted(
         assert code == 0, res
         return res
 
-    left = tmp_path / ".ferry" / "incoming" / "env-v"  # another unit's switch, cut short
+    left = tmp_path / ".ferry" / "incoming" / ".env-v"  # another unit's switch, cut short
     left.parent.mkdir(parents=True)
     left.write_text("TOKEN=secret\n")
     res, code = _op(tmp_path, "container_switch", id="r1", unit="u",
@@ -1245,3 +1249,68 @@ def test_a_container_switch_cut_after_its_container_started_is_still_reverted(
     switch("r3", "img:3")
     assert switch("r3", "img:3")["already"]
     assert _op(tmp_path, "container_revert", id="r3", unit="u")[0]["unchanged"]
+
+
+def test_setting_aside_a_live_release_with_a_volume_mounted_inside_copies_none_of_it(tmp_path):
+    """The bridge that `current` names while the live release is renamed holds the mount
+    point, never the volume's bytes; afterwards the volume is where `current` leads."""
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    assert _publish(tmp_path, "app-1", {"u/a": b"A" * 10}, "1", ["u/a"])[0] == 0
+    assert run(tmp_path, "switch", "--id", "app-1")[0] == 0
+    mount = tmp_path / "releases" / "app-1" / "u" / "data"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "ferry-test", str(mount)], check=True)
+    try:
+        (mount / "keep").write_bytes(b"k")
+        (tmp_path / "releases" / "app-1" / "u" / "a").write_bytes(b"altered!!!")
+        linked = []
+        real = ferry_agent._link_tree
+
+        def spy(src: str, dest: str) -> None:
+            real(src, dest)
+            linked.append(sorted(os.listdir(os.path.join(dest, "u", "data"))))
+
+        ferry_agent._link_tree = spy  # type: ignore[assignment]
+        try:
+            res = _op(tmp_path, "check", id="app-1", full=True)[0]
+        finally:
+            ferry_agent._link_tree = real  # type: ignore[assignment]
+        assert res["current_set_aside"] and linked == [[]], (res, linked)
+        assert (tmp_path / "current" / "u" / "data" / "keep").read_bytes() == b"k"
+        assert os.path.ismount(tmp_path / "current" / "u" / "data")
+    finally:
+        subprocess.run(["umount", str(tmp_path / "current" / "u" / "data")], check=True)
+
+
+def test_a_verify_that_fails_keeps_what_was_received_for_the_next_try(tmp_path, monkeypatch):
+    """A verify that fails before publishing (here: no space for a copy) lets go of the
+    release it was placing: the objects it received stay received, and the next session
+    asks for none of them again (each would otherwise be sent again, the old copies still
+    taking their space)."""
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    files = {"u/a": b"A" * 100, "u/b": b"B" * 100}
+    assert _receive(tmp_path, "app-1", files, "1", ["u/a", "u/b"])[0] == 0
+    sync = ferry_agent._sync_tree
+
+    def full(top, unsynced):  # type: ignore[no-untyped-def]
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ferry_agent, "_sync_tree", full)
+    res, code = _op(tmp_path, "verify", id="app-1")
+    assert code == 12 and res["error"] == "disk-full", res
+    monkeypatch.setattr(ferry_agent, "_sync_tree", sync)
+    assert not (tmp_path / "releases" / ".tmp-app-1").exists()
+    rc, res = _receive(tmp_path, "app-1", files, "1", [])  # a new session: nothing is sent
+    assert rc == 0 and res["needed"] == 0, res
+    assert _op(tmp_path, "verify", id="app-1")[1] == 0
+
+
+def test_a_release_of_an_app_named_env_keeps_its_staged_manifest_across_sessions(tmp_path):
+    """Release ids start with the app's name: one called env-exporter is not a container's
+    env file, which the next session removes."""
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    files = {"u/a": b"A"}
+    assert _receive(tmp_path, "env-exporter-1", files, "1", ["u/a"])[0] == 0
+    assert run(tmp_path, "state")[0] == 0
+    assert _receive(tmp_path, "app-2", {"u/x": b"X"}, "2", ["u/x"])[0] == 0  # settles
+    assert _op(tmp_path, "verify", id="env-exporter-1")[1] == 0

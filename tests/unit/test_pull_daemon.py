@@ -160,11 +160,15 @@ def test_the_install_writes_the_daemons_files_from_the_session_and_starts_the_un
     assert calls.read_text().splitlines() == [
         "daemon-reload", f"enable {UNIT_NAME}", f"restart {UNIT_NAME}",
     ]  # fmt: skip
+    # installing again stops the unit before its files are replaced
+    res = subprocess.run(["/bin/sh", "-c", pullagents.HALT], env=env, capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert res.returncode == 0 and calls.read_text().splitlines()[3:] == [f"stop {UNIT_NAME}"]
     # and `ferry agent revoke`'s stop takes the unit away again
     res = subprocess.run(["/bin/sh", "-c", pullagents.STOP], env=env, capture_output=True,
                          text=True, timeout=60)  # fmt: skip
     assert res.returncode == 0 and not written.exists() and not (d / "token").exists()
-    assert calls.read_text().splitlines()[3:] == [f"disable --now {UNIT_NAME}", "daemon-reload"]
+    assert calls.read_text().splitlines()[4:] == [f"disable --now {UNIT_NAME}", "daemon-reload"]
 
 
 @pytest.mark.parametrize(
