@@ -1895,6 +1895,15 @@ def op_container_revert(host, args):
     if args.id and last.get("release") == args.id:
         if last.get("changed") is False or last.get("reverted"):
             return {"container": name, "image": None, "unchanged": True}
+        now = _container(host, name)
+        if last.get("pending") and now is not None and now.get("release") != args.id:
+            # the switch was cut before its own container ran: ferry-<unit> is still the
+            # one it would have replaced (perhaps stopped), and -prior an older one
+            stopped = not now["running"]
+            if stopped:
+                _docker(host, ["start", name])
+            _note_switch(host, unit, args.id, changed=True, reverted=True)
+            return {"container": name, "image": now["image"], "restarted": stopped}
     old = _container(host, prior)
     if _container(host, name) is not None:
         _docker(host, ["rm", "-f", name])

@@ -1207,16 +1207,20 @@ def test_a_container_switch_cut_after_its_container_started_is_still_reverted(
     recorded the switch as no change and left the new one running). A fake engine: the
     real one is tests/containers'."""
     engine: dict[str, dict] = {}
-    cut = [False]
+    cut = [""]  # the docker command the agent is killed in
 
     def docker(host, argv, timeout=120, stdin=None, check=True):  # type: ignore[no-untyped-def]
         if argv[0] == "run":
             name = argv[argv.index("--name") + 1]
-            engine[name] = {"image": next(a for a in argv if a.startswith("img:")), "running": True}
-            if cut[0]:
+            release = next(a for a in argv if a.startswith("ferry.release="))[14:]
+            engine[name] = {"image": next(a for a in argv if a.startswith("img:")),
+                            "running": True, "release": release}  # fmt: skip
+            if cut[0] == "run":
                 raise Killed
         elif argv[0] in ("stop", "start"):
             engine[argv[-1]]["running"] = argv[0] == "start"
+            if cut[0] == argv[0]:
+                raise Killed
         elif argv[0] == "rename":
             engine[argv[2]] = engine.pop(argv[1])
         elif argv[0] == "rm":
@@ -1237,13 +1241,23 @@ def test_a_container_switch_cut_after_its_container_started_is_still_reverted(
     res, code = _op(tmp_path, "container_switch", id="r1", unit="u",
                     container={"image": "img:1", "env": {"A": "1"}})  # fmt: skip
     assert code == 0 and not left.exists(), res  # its secrets do not stay on the host
-    cut[0] = True
+    cut[0] = "run"
     with pytest.raises(Killed):
         switch("r2", "img:2")
-    cut[0] = False
+    cut[0] = ""
     assert switch("r2", "img:2")["already"]
     assert _op(tmp_path, "container_revert", id="r2", unit="u")[0]["image"] == "img:1"
-    assert engine["ferry-u"] == {"image": "img:1", "running": True}
+    assert engine["ferry-u"] == {"image": "img:1", "running": True, "release": "r1"}
+    # cut once the old one stopped, before its own ran: the backout starts the old one
+    # again (the switch had already removed the older -prior, as every switch does)
+    switch("r2", "img:2")
+    cut[0] = "stop"
+    with pytest.raises(Killed):
+        switch("r4", "img:4")
+    cut[0] = ""
+    assert engine["ferry-u"] == {"image": "img:2", "running": False, "release": "r2"}
+    assert _op(tmp_path, "container_revert", id="r4", unit="u")[0]["restarted"]
+    assert engine == {"ferry-u": {"image": "img:2", "running": True, "release": "r2"}}
     # a release whose switch found its container running from a finished switch changed
     # nothing: its backout leaves the containers alone
     switch("r3", "img:3")
@@ -1278,8 +1292,17 @@ def test_setting_aside_a_live_release_with_a_volume_mounted_inside_copies_none_o
         assert res["current_set_aside"] and linked == [[]], (res, linked)
         assert (tmp_path / "current" / "u" / "data" / "keep").read_bytes() == b"k"
         assert os.path.ismount(tmp_path / "current" / "u" / "data")
-    finally:
-        subprocess.run(["umount", str(tmp_path / "current" / "u" / "data")], check=True)
+    finally:  # wherever the volume is now, and whatever the agent did
+        _unmount_under(tmp_path)
+
+
+def _unmount_under(top: Path) -> None:
+    """Every mount below `top` (this test's own tmpfs), deepest first."""
+    with open("/proc/mounts") as f:
+        points = [ln.split()[1] for ln in f]
+    for point in sorted((p for p in points if p.startswith(f"{top}/")), reverse=True):
+        subprocess.run(["umount", point], check=True)
+    assert not any(p.startswith(f"{top}/") for p in Path("/proc/mounts").read_text().split())
 
 
 def test_a_verify_that_fails_keeps_what_was_received_for_the_next_try(tmp_path, monkeypatch):
