@@ -445,10 +445,7 @@ class Host:
             st = os.lstat(path)
             if same and st.st_nlink == 1 and len(name) == 64:
                 continue
-            if st.st_mode & 0o170000 == 0o040000:  # a directory (image-<unit>/)
-                remove_tree(path)
-            else:
-                os.unlink(path)
+            _remove(path, st)  # a directory too (image-<unit>/)
         if not same:
             write_atomic(mark, boot.encode())
         self._settled = True
@@ -478,6 +475,15 @@ class Host:
             return []
         ids = sorted(n[:-5] for n in names if n.endswith(".json"))
         return [i for i in ids if os.path.isdir(os.path.join(self.releases, i))]
+
+    def forget(self, rid):
+        """rid is no longer recorded as verified: its manifest, signature and identities go
+        (the manifest first: it is the record)."""
+        for suffix in (".json", ".sig", ".ids"):
+            try:
+                os.unlink(os.path.join(self.meta, rid + suffix))
+            except FileNotFoundError:
+                pass
 
     def _meta_key(self, rid):
         st = os.stat(os.path.join(self.meta, rid + ".json"))
@@ -976,10 +982,7 @@ def _clear_unrecorded(host, rid, final):
     if host.current() == rid:
         _set_aside(host, rid)
         return
-    if os.path.isdir(final) and not os.path.islink(final):
-        remove_tree(final)
-    else:
-        os.unlink(final)
+    _remove(final, os.lstat(final))
     if os.path.lexists(final):
         raise AgentError("os", "releases/%s is left from a release removed before, with what "
                          "could not be removed (a filesystem mounted inside it?): unmount "
@@ -1199,11 +1202,7 @@ def _set_aside(host, rid):
     n = 1
     while os.path.lexists(aside) or os.path.lexists(aside + ".tmp"):  # one cut short before
         aside, n = "%s~%d" % (base, n), n + 1
-    for suffix in (".json", ".sig", ".ids"):
-        try:
-            os.unlink(os.path.join(host.meta, rid + suffix))
-        except FileNotFoundError:
-            pass
+    host.forget(rid)
     if host.current() != rid:
         os.rename(final, aside)
         return aside, False
@@ -1292,11 +1291,7 @@ def op_prune(host, args):
                   if before.as_recorded(os.path.join(base, rel), rec)]  # fmt: skip
         kept[rid] = (recorded, intact)
     for rid in gone:  # unrecorded first: a crash in between never leaves a partial
-        for suffix in (".json", ".sig", ".ids"):  # release recorded as verified
-            try:
-                os.unlink(os.path.join(host.meta, rid + suffix))
-            except FileNotFoundError:
-                pass
+        host.forget(rid)  # release recorded as verified
         remove_tree(os.path.join(host.releases, rid))
     after = before.again()
     for rid, (recorded, intact) in kept.items():
@@ -1331,10 +1326,7 @@ def _sweep_leftovers(host, recorded):
         st = os.lstat(path)
         if now - st.st_mtime < LEFTOVER_AGE:
             continue
-        if st.st_mode & 0o170000 == 0o040000:
-            remove_tree(path)  # a mount inside stays, and with it the directory
-        else:
-            os.unlink(path)
+        _remove(path, st)  # a mount inside stays, and with it the directory
         if not os.path.lexists(path):
             swept.append("releases/" + name)
     for name in os.listdir(host.incoming) if os.path.isdir(host.incoming) else []:
@@ -1383,6 +1375,14 @@ class Inodes:
 def _only_ctime_moved(was, now):
     same = ("st_size", "st_mtime_ns", "st_mode")
     return all(getattr(was, a) == getattr(now, a) for a in same)
+
+
+def _remove(path, st):
+    """The file, link or (with remove_tree) directory at `path`, lstat'ed as `st`."""
+    if st.st_mode & 0o170000 == 0o040000:
+        remove_tree(path)
+    else:
+        os.unlink(path)
 
 
 def remove_tree(path):
