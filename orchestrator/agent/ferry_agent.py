@@ -31,6 +31,7 @@ Exit codes: 0 ok, 10 integrity (signature/checksum/pinned key), 11 bad input, 12
                                manifests already on this host, never a new one
     ROOT/.ferry/meta/<id>.json, <id>.sig   the signed manifest of each verified release
     ROOT/.ferry/incoming/      objects received and verified, not yet placed
+    ROOT/.ferry/agent.lock     held by the one agent process changing the host (see Host.hold)
 """
 
 import errno
@@ -190,6 +191,19 @@ class AgentError(Exception):
     def __init__(self, kind, message, code):
         Exception.__init__(self, message)
         self.kind, self.message, self.code = kind, message, code
+
+
+LOCK_WAIT = 30.0  # s: how long a step waits for another agent's (a step's own timeout is longer)
+
+
+def _holder(raw):
+    """Who holds agent.lock, from what it wrote there: "count pid since what [from addr]"."""
+    try:
+        _count, pid, since, what = raw.decode("utf-8", "replace").split(" ", 3)
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(int(since)))
+        return "pid %s, %s, since %s" % (pid, what, when)
+    except ValueError:
+        return "its holder did not say who it is"
 
 
 def copy_hashed(inp, path, size, view, what):
@@ -405,6 +419,9 @@ class Host:
         self._signed = {}  # (manifest bytes, signature, keys) → manifest: see check_manifest
         self._placed = {}  # (manifest digest, expect) → the copies stage found: see placement
         self._settled = False  # incoming/ looked at: see settle_incoming
+        self.lock_path = os.path.join(self.root, ".ferry", "agent.lock")
+        self._lock_fd = None
+        self._lock_count = None  # the lock's count as this process left it: see hold
 
     def ensure_dirs(self):
         for d in (self.meta, self.incoming, self.releases, os.path.join(self.root, "shared")):
@@ -449,6 +466,57 @@ class Host:
         if not same:
             write_atomic(mark, boot.encode())
         self._settled = True
+
+    def hold(self, what, wait=None):
+        """Take ROOT/.ferry/agent.lock: one agent process changes this host at a time. A push
+        session (one per deployment, its CMS host lock serializes Ferry's own runs) and the
+        pull daemon (which applies on its own) are two processes; Ferry installs with two
+        CMSes are two more. Each step's writes are ordered to survive a crash, not a second
+        writer: one session's settle of incoming/ would take the objects another's verify is
+        placing. Waits up to `wait` seconds (LOCK_WAIT), then refuses as "busy", naming the
+        holder. flock: the kernel lets go when the holder dies, however it dies.
+        The file counts every hold: a count this process did not leave means another agent
+        changed the host in between, so what this one remembered of it is forgotten."""
+        import fcntl
+
+        if self._lock_fd is None:
+            os.makedirs(os.path.dirname(self.lock_path), exist_ok=True)
+            self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)  # no exec
+        fd = self._lock_fd
+        deadline = time.monotonic() + (LOCK_WAIT if wait is None else wait)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            if time.monotonic() >= deadline:
+                raise AgentError(
+                    "busy",
+                    "another Ferry agent is changing this host (%s); %s waited %g s for it: "
+                    "try again when it is done" % (_holder(os.pread(fd, 512, 0)), what,
+                                                   LOCK_WAIT if wait is None else wait),
+                    EXIT_OS,
+                )  # fmt: skip
+            time.sleep(0.05)
+        try:
+            count = int(os.pread(fd, 512, 0).split(b" ", 1)[0] or b"0")
+        except ValueError:
+            count = 0
+        if self._lock_count is not None and count != self._lock_count:
+            self._checked, self._placed, self._settled = {}, {}, False
+        self._lock_count = count + 1
+        peer = (os.environ.get("SSH_CLIENT") or "").split(" ")[0]
+        note = "%d %d %d %s%s" % (self._lock_count, os.getpid(), int(time.time()), what,
+                                  " from " + peer if peer else "")  # fmt: skip
+        os.pwrite(fd, note.encode("utf-8", "replace")[:500], 0)
+        os.ftruncate(fd, min(len(note.encode("utf-8", "replace")), 500))
+
+    def let_go(self):
+        import fcntl
+
+        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def state(self):
         try:
@@ -1943,13 +2011,30 @@ DEFAULTS = {
     "kind": None, "target": None, "port": None, "status": 200, "rehash": False,
     "digest": None, "rotations": None, "known": None,
     "unit": None, "units": None, "files": None, "send": None, "container": None, "action": None,
+    "wait": None,
 }  # fmt: skip
 
 
-def dispatch(host, op, args):
+# what changes the host, under Host.hold; the rest only read it (a no-op deploy takes no lock)
+CHANGES = frozenset(
+    ("pin", "receive", "verify", "config", "switch", "prune", "run", "pull_files",
+     "image_load", "container_switch", "container_revert")
+)  # fmt: skip
+
+
+def dispatch(host, op, args, who="a push session"):
     """One operation → (result, exit code); every failure is a result, never a traceback."""
     try:
-        return OPS[op](host, args), 0
+        if op not in CHANGES:
+            return OPS[op](host, args), 0
+        # the orchestrator says how long it can wait (a part of its step's timeout): a busy
+        # host is then refused in words, not as a timeout
+        wait = LOCK_WAIT if args.wait is None else min(LOCK_WAIT, float(args.wait))
+        host.hold("%s's %s" % (who, op), wait)
+        try:
+            return OPS[op](host, args), 0
+        finally:
+            host.let_go()
     except AgentError as exc:
         return {"error": exc.kind, "message": exc.message}, exc.code
     except OSError as exc:
@@ -2207,7 +2292,7 @@ class PullAgent:
                 pass
             return True
         how = d.get("apply") or "now"
-        if how == "now" or d.get("purpose") == "backout":
+        if how == "now" or d.get("purpose") == "backout" or d.get("held_back"):
             return True
         if how == "boot":
             return self.booted
@@ -2250,6 +2335,18 @@ class PullAgent:
     def apply(self, d):
         rid = d.get("release_id")
         spec = d.get("spec") or {}
+        try:
+            self.host.hold(
+                "the pull agent's %s of %s (deployment %s)"
+                % (d.get("purpose"), rid, d.get("deployment")),
+                wait=0,
+            )
+        except AgentError as exc:  # a push session's step: this waits, tried again shortly
+            if not d.get("held_back"):
+                _plog("%s; it is applied once that agent is done" % (exc.message,))
+            self.st["pending"] = dict(d, held_back=True)
+            self._save()
+            return
         self.applying = rid
         try:
             for action in spec.get("actions", []):
@@ -2308,6 +2405,7 @@ class PullAgent:
             )
         finally:
             self.applying = None
+            self.host.let_go()
 
     def do(self, d, action, spec):
         step, rid = action["step"], d.get("release_id")
@@ -2585,7 +2683,7 @@ def main(argv=None):
     for key, value in DEFAULTS.items():
         if not hasattr(args, key):
             setattr(args, key, value)
-    result, code = dispatch(Host(args.root), args.op, args)
+    result, code = dispatch(Host(args.root), args.op, args, who="a one-shot agent")
     reply(result)
     return code
 

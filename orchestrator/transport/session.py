@@ -378,7 +378,7 @@ class AgentSession:
         """One agent operation; its failure is StepFailed (with the agent's error kind)."""
         with self._lock, self._session():
             deadline = time.monotonic() + timeout
-            head = {"op": op, "args": args or {}}
+            head = {"op": op, "args": _waiting(args or {}, timeout)}
             if payload:
                 head["payload"] = len(payload)
             self._write(json.dumps(head).encode() + b"\n" + (payload or b""), deadline, step)
@@ -399,7 +399,7 @@ class AgentSession:
         `known`: release id → digest of what the CMS records on the host (its prior)."""
         with self._lock, self._session():
             deadline = time.monotonic() + timeout
-            args = {"id": rid, "known": known}
+            args = _waiting({"id": rid, "known": known}, timeout)
             head = json.dumps({"op": "receive", "args": args}).encode() + b"\n"
             sizes = json.dumps({"manifest_len": len(manifest), "sig_len": len(signature)})
             self._write(head + sizes.encode() + b"\n" + manifest + signature, deadline, "stage")
@@ -431,7 +431,8 @@ class AgentSession:
         (the agent knows their sizes from the signed manifest); `bytes_sent` counts them."""
         with self._lock, self._session():
             deadline = time.monotonic() + timeout
-            self._write(json.dumps({"op": op, "args": args}).encode() + b"\n", deadline, step)
+            head = {"op": op, "args": _waiting(args, timeout)}
+            self._write(json.dumps(head).encode() + b"\n", deadline, step)
             sent = 0
             assert self._pipe is not None
             for path in paths:
@@ -445,6 +446,13 @@ class AgentSession:
         out = _checked(self.name, step, result)
         out["bytes_sent"] = sent
         return out
+
+
+def _waiting(args: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """How long a step that changes the host may wait for another agent process changing it
+    (the pull daemon, another Ferry's session): half the step's time, so that a busy host
+    is refused in the agent's words, naming who holds it, before the step times out."""
+    return {**args, "wait": round(timeout / 2, 1)}
 
 
 def _checked(host: str, step: str, result: dict[str, Any]) -> dict[str, Any]:

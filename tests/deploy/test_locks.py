@@ -5,6 +5,7 @@ plans its priors from what the first left."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +17,17 @@ from orchestrator.cms import db
 from orchestrator.cms.models import RFC, Deployment, HostLock, HostStep
 from orchestrator.settings import reset_settings
 from tests.conftest import FERRY_BIN
-from tests.deploy.helpers import BROKEN_CHECK, build, cms, deploy, host_release, plan, rfc, rid
+from tests.deploy.helpers import (
+    BROKEN_CHECK,
+    build,
+    cms,
+    deploy,
+    dumps,
+    host_release,
+    plan,
+    rfc,
+    rid,
+)
 from tests.pg import fresh_postgres_url, postgres_server  # noqa: F401
 
 pytestmark = pytest.mark.fleet
@@ -122,3 +133,44 @@ def test_with_wait_lock_a_second_deploy_queues_and_plans_from_what_the_first_lef
     hosts = cms(lambda s: s.get(Deployment, 2).rollout["hosts"])
     assert {h["prior"]["release"] for h in hosts.values()} == {"shop@1.0"}
     assert cms(lambda s: s.scalar(select(func.count()).select_from(HostLock))) == 0
+
+
+def test_a_host_another_agent_is_changing_is_waited_for_then_refused_alone_naming_it(
+    clean_small, run_ferry
+):
+    """The CMS's locks serialize one Ferry's runs; on the host, one agent process changes it
+    at a time: the pull daemon, or a session of another Ferry with its own CMS. A short hold
+    is waited out; a long one fails that host alone, in words naming the holder."""
+    import threading
+
+    from orchestrator.agent import ferry_agent
+
+    fleet, work = clean_small, Path.cwd()
+    build(work, "1.0")
+    assert (
+        deploy(run_ferry, plan(work, fleet), "shop@1.0", rfc(run_ferry, "shop@1.0")).returncode == 0
+    )
+    build(work, "2.0")
+    # the lab's hosts share this kernel: the test holds their agent.lock as another agent would
+    busy, brief = (ferry_agent.Host(str(fleet.root_dir(h))) for h in ("h7", "h1"))
+    busy.hold("another Ferry's deploy of shop@9")
+    brief.hold("the pull agent's deploy of shop@1.0 (deployment 1)")
+    timer = threading.Timer(2.0, brief.let_go)
+    timer.start()
+    tolerant = {"max_failed": 1, "deadline": "120s", "soak": "0s", "checks": [BROKEN_CHECK]}
+    p = plan(work, fleet, name="tolerant.yaml", milestone=tolerant, timeouts={"step": "8s"})
+    try:
+        res = deploy(run_ferry, p, "shop@2.0", rfc(run_ferry, "shop@2.0"))
+    finally:
+        timer.join()
+        busy.let_go()
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.json()
+    assert out["milestones"][-1]["failed"] == ["h7"], dumps(out["milestones"])
+    reason = dumps(out["hosts"]["h7"])
+    assert (
+        f"another Ferry agent is changing this host (pid {os.getpid()}, another Ferry's" in reason
+    )
+    assert "waited 4 s for it" in reason and "timed out" not in reason
+    assert host_release(fleet, "h7") == rid("shop@1.0")  # refused before it was touched
+    assert {host_release(fleet, h) for h in fleet.hosts if h != "h7"} == {rid("shop@2.0")}

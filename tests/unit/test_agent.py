@@ -1337,3 +1337,96 @@ def test_a_release_of_an_app_named_env_keeps_its_staged_manifest_across_sessions
     assert run(tmp_path, "state")[0] == 0
     assert _receive(tmp_path, "app-2", {"u/x": b"X"}, "2", ["u/x"])[0] == 0  # settles
     assert _op(tmp_path, "verify", id="env-exporter-1")[1] == 0
+
+
+# --- one agent at a time: a push session, the pull daemon, another Ferry's session ------------
+
+
+def test_a_step_waits_for_another_agent_then_refuses_as_busy_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(ferry_agent, "LOCK_WAIT", 0.3)
+    other = ferry_agent.Host(str(tmp_path))
+    other.hold("the pull agent's deploy of app-2 (deployment 7)")
+    res, code = _op(tmp_path, "pin", key=PUB.hex())
+    assert (res["error"], code) == ("busy", ferry_agent.EXIT_OS), res
+    assert f"pid {os.getpid()}, the pull agent's deploy of app-2 (deployment 7)" in res["message"]
+    assert "a push session's pin waited 0.3 s" in res["message"], res["message"]
+    assert not (tmp_path / ".ferry/dml.pub").exists()  # refused before any write
+    assert _op(tmp_path, "state")[1] == 0  # reading the host takes no lock
+    other.let_go()
+    assert _op(tmp_path, "pin", key=PUB.hex())[1] == 0
+
+
+def test_a_step_that_waits_goes_ahead_once_the_other_agent_is_done(tmp_path):
+    import threading
+    import time
+
+    other = ferry_agent.Host(str(tmp_path))
+    other.hold("a push session's verify")
+    threading.Timer(0.4, other.let_go).start()
+    started = time.monotonic()
+    res, code = _op(tmp_path, "pin", key=PUB.hex())
+    assert code == 0 and time.monotonic() - started >= 0.35, res
+    assert (tmp_path / ".ferry/dml.pub").read_text().strip() == PUB.hex()
+
+
+def test_the_lock_goes_with_its_holder_however_it_dies_and_never_with_a_hook(tmp_path):
+    import signal
+
+    holder = subprocess.Popen(
+        [sys.executable, "-I", "-c",
+         "import sys; sys.path.insert(0, sys.argv[1]); import ferry_agent as a; "
+         "a.Host(sys.argv[2]).hold('x'); print('held', flush=True); sys.stdin.read()",
+         str(agent.SOURCE_PATH.parent), str(tmp_path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == b"held\n"  # type: ignore[union-attr]
+        with pytest.raises(ferry_agent.AgentError, match="busy|another Ferry agent"):
+            ferry_agent.Host(str(tmp_path)).hold("y", wait=0)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+    host = ferry_agent.Host(str(tmp_path))
+    host.hold("y", wait=2)  # the kernel let go of the killed holder's lock
+    host.let_go()
+    # a hook's child that outlives its step (a daemon it starts) does not keep the lock
+    res, code = _op(tmp_path, "run", command="(sleep 5 >/dev/null 2>&1 &)", timeout=5)
+    assert code == 0 and res["rc"] == 0, res
+    host.hold("z", wait=0)
+    host.let_go()
+
+
+def test_an_agent_forgets_what_it_knew_of_the_host_once_another_agent_changed_it(tmp_path):
+    mine, other = ferry_agent.Host(str(tmp_path)), ferry_agent.Host(str(tmp_path))
+    mine.hold("a")
+    mine._placed, mine._settled = {"k": "placement"}, True
+    mine.let_go()
+    mine.hold("b")  # nobody in between: what it knows still holds
+    assert mine._placed == {"k": "placement"} and mine._settled
+    mine.let_go()
+    other.hold("c")
+    other.let_go()
+    mine.hold("d")
+    assert mine._placed == {} and not mine._settled  # incoming/ is looked at again too
+    mine.let_go()
+
+
+def test_the_pull_daemon_holds_back_while_a_push_session_changes_the_host(tmp_path):
+    pull = tmp_path / ".ferry/pull"
+    pull.mkdir(parents=True)
+    config = {"server": "http://127.0.0.1:9", "host": "h1", "insecure_http": True}
+    (pull / "config.json").write_text(json.dumps(config))
+    (pull / "token").write_text("t")
+    daemon = ferry_agent.PullAgent(str(tmp_path))
+    daemon.call = lambda *a, **k: (_ for _ in ()).throw(OSError("the server is down"))
+    work = {"generation": 3, "deployment": 7, "purpose": "deploy", "release_id": None,
+            "apply": "boot", "spec": {"actions": [{"step": "switch", "switch": None}]}}  # fmt: skip
+    session = ferry_agent.Host(str(tmp_path))
+    session.hold("a push session's switch")
+    daemon.booted = False
+    daemon.apply(work)
+    assert daemon.st["outbox"] == []  # nothing reported: the host is not failing
+    assert daemon.st["pending"]["held_back"] and daemon.time_has_come(daemon.st["pending"])
+    session.let_go()
+    daemon.apply(daemon.st["pending"])
+    assert [(r["step"], r["ok"]) for r in daemon.st["outbox"]] == [("switch", True), ("done", True)]
