@@ -302,6 +302,18 @@ def _started_work() -> str:
 
 
 def serve(path: Path) -> int:
+    # seen by `running` (and so `ferry warm stop`) from the start: the imports take seconds,
+    # and a process stopped in them must not be missed and left to idle out
+    starting = path.with_name(f"{path.stem}.{os.getpid()}.starting")
+    signal.signal(signal.SIGTERM, lambda _s, _f: sys.exit(0))  # the marker goes with it
+    starting.write_text(f"{os.getpid()}\n")
+    try:
+        return _serve(path)
+    finally:
+        starting.unlink(missing_ok=True)
+
+
+def _serve(path: Path) -> int:
     stamp = path.name.removeprefix("warm-").removesuffix(".sock")
     try:
         preload()
@@ -335,6 +347,7 @@ def serve(path: Path) -> int:
     mine = os.stat(path).st_ino
     pidfile = path.with_suffix(".pid")
     pidfile.write_text(f"{os.getpid()}\n")
+    path.with_name(f"{path.stem}.{os.getpid()}.starting").unlink(missing_ok=True)  # started
     idle = float(os.environ.get("FERRY_WARM_IDLE", IDLE_DEFAULT))
     children: set[int] = set()
     last = time.monotonic()
@@ -537,26 +550,35 @@ def running(base: Path | None = None) -> list[dict[str, object]]:
     base = base or warm_dir()
     if not base.is_dir():
         return out
-    for pidfile in sorted(base.glob("warm-*.pid")):
+    seen = set()
+    for pidfile in sorted(base.glob("warm-*.pid")) + sorted(base.glob("warm-*.starting")):
         try:
             pid = int(pidfile.read_text().strip())
         except (OSError, ValueError):
             continue
-        if not _is_warm_process(pid):
+        stamp = pidfile.name.removeprefix("warm-").split(".", 1)[0]
+        sock = pidfile.with_name(f"warm-{stamp}.sock")
+        if pid in seen:
             continue
-        stamp = pidfile.stem.removeprefix("warm-")
-        out.append(
-            {"pid": pid, "socket": str(pidfile.with_suffix(".sock")), "current": stamp == here}
-        )
+        if not _is_warm_process(pid, sock):
+            if pidfile.suffix == ".starting":  # killed in its imports: nothing else removes it
+                pidfile.unlink(missing_ok=True)
+            continue
+        seen.add(pid)
+        entry = {"pid": pid, "socket": str(sock), "current": stamp == here}
+        if pidfile.suffix == ".starting":
+            entry["starting"] = True  # still importing (or lost the race for the socket)
+        out.append(entry)
     return out
 
 
-def _is_warm_process(pid: int) -> bool:
+def _is_warm_process(pid: int, sock: Path | None = None) -> bool:
+    """`pid` is a warm process (of `sock`, if given: a PID reused by another one is not)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"orchestrator.zygote" in cmdline
+    return b"orchestrator.zygote" in cmdline and (sock is None or os.fsencode(sock) in cmdline)
 
 
 def stop_all(base: Path | None = None, timeout: float = 10.0) -> list[int]:

@@ -43,6 +43,7 @@ def status(fmt: OutputOpt = out.Format.text) -> None:
         f"warm start {'on' if data['enabled'] else 'off'} ({data['dir']})",
         *(
             f"  pid {p['pid']}: {p['socket']}"
+            + (" (starting)" if p.get("starting") else "")
             + ("" if p["current"] else " (older code: leaves when idle)")
             for p in procs
         ),

@@ -177,6 +177,26 @@ def test_a_killed_warm_process_is_replaced_by_the_next_command(ferry_home, tmp_p
         _stop(second)
 
 
+def test_warm_stop_ends_a_warm_process_still_importing_and_leaves_nothing(ferry_home, tmp_path):
+    """A command starts the next warm process as it ends; it imports for seconds before it
+    listens. `ferry warm stop` then must not miss it (it once left it to idle out)."""
+    env = _warm_env(tmp_path)
+    warm = Path(env["FERRY_WARM_DIR"])
+    assert _ferry(env, "rfc", "list").returncode == 0  # cold: starts one in the background
+    starting = list(warm.glob("warm-*.starting"))
+    assert len(starting) == 1 and not list(warm.glob("warm-*.pid")), sorted(warm.iterdir())
+    pid = int(starting[0].read_text())
+    try:
+        status = _ferry(env, "warm", "status", "-o", "json")
+        assert [p["starting"] for p in json.loads(status.stdout)["processes"]] == [True]
+        stopped = _ferry(env, "warm", "stop", "-o", "json")
+        assert json.loads(stopped.stdout)["stopped"] == [pid], stopped.stdout + stopped.stderr
+        assert not _alive(pid)
+        assert list(warm.glob("warm-*")) == []  # no marker, socket or PID file left
+    finally:
+        _stop(pid)
+
+
 def test_the_code_stamp_follows_every_module_file(tmp_path):
     root = tmp_path / "src"
     (root / "orchestrator" / "cli").mkdir(parents=True)
