@@ -19,6 +19,7 @@ from orchestrator.planner import Baseline
 from orchestrator.steps import STEPS, owed
 
 DONE = ("succeeded", "started", "failed")  # a started or failed step may have had effects
+REFUSED = "refused"  # the agent refused the step before it began (busy): it had none
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from orchestrator import steps as step_table
+from orchestrator.backout import REFUSED
 from orchestrator.cms.deployments import DeploymentRecord
 from orchestrator.errors import FerryError, StepFailed, TransportError
 from orchestrator.hostops import HostOps
@@ -138,7 +139,11 @@ class Executor:
                 try:
                     detail = self._forward[step](ops, action, command) or {}
                 except BaseException as exc:
-                    self.record.end(sid, "failed", {"error": str(exc)[-2000:]})
+                    # refused before it changed anything: another agent process was changing
+                    # the host (its session holds the agent lock from its first change on,
+                    # so only a step before that is refused): nothing to back out of it
+                    busy = getattr(exc, "kind", None) == "busy"
+                    self.record.end(sid, REFUSED if busy else "failed", {"error": str(exc)[-2000:]})
                     raise
                 self.record.end(sid, "succeeded", detail)
             return HostOutcome(action.host, True, activated=activated)

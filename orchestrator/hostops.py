@@ -107,13 +107,15 @@ class HostOps:
     def prune(self, keep: int, protect: list[str]) -> dict[str, Any]:
         return self.call("prune", "prune", keep=keep, protect=[p for p in protect if p])
 
-    def run(self, step: str, command: str, env: dict[str, str], cwd: str | None) -> dict[str, Any]:
-        return self.session.request(
-            step,
-            "run",
-            {"command": command, "env": env, "cwd": cwd, "timeout": self.timeout},
-            timeout=self.timeout + _MARGIN,
-        )
+    def run(
+        self, step: str, command: str, env: dict[str, str], cwd: str | None, *, lock: bool = True
+    ) -> dict[str, Any]:
+        """A command on the host; `lock=False`: it only reads the host, or ends the agent
+        that holds it (the agent lock, docs/deploy.md), so it never waits for that."""
+        args = {"command": command, "env": env, "cwd": cwd, "timeout": self.timeout}
+        if not lock:
+            args["lock"] = False
+        return self.session.request(step, "run", args, timeout=self.timeout + _MARGIN)
 
     def hook(self, step: str, command: str, context: dict[str, str]) -> str:
         """Run a rendered plan hook in the release directory, with FERRY_* env."""
@@ -129,7 +131,7 @@ class HostOps:
             res = self.session.request(
                 "milestone",
                 "run",
-                {"command": check.target, "cwd": None, "timeout": check.timeout},
+                {"command": check.target, "cwd": None, "timeout": check.timeout, "lock": False},
                 timeout=check.timeout + _MARGIN,
             )
             return res["rc"] == 0, f"{check.label}: exit {res['rc']} {res['output'].strip()[-500:]}"

@@ -142,7 +142,7 @@ def install(
         except FerryError as exc:  # printed after the host's name
             return {"host": h.name, "installed": False, "error": exc.reason}
         try:
-            probed = ops.run("install", pulldaemon.PROBE, {}, None)
+            probed = ops.run("install", pulldaemon.PROBE, {}, None, lock=False)
             facts = pulldaemon.HostFacts.parse(str(probed.get("output", "")))
             supervisor, why = pulldaemon.choose_supervisor(facts)
             unit = (
@@ -160,7 +160,7 @@ def install(
                 "insecure_http": insecure,
             }
             base = {"FERRY_ROOT": root, **_UNIT_ENV}
-            ops.run("install", HALT, base, None)
+            ops.run("install", HALT, base, None, lock=False)  # ends the holder
             names, data = pull_files(source, config, token, "" if insecure else ca_pem)
             ops.call("install", "pull_files", files=names, payload=data)
             env = {
@@ -196,7 +196,7 @@ def stop(host: Host, ssh: SSHSettings, root: str) -> dict[str, Any]:
 
     ops = HostOps.open(host, ssh, root, timeout=30, connect_timeout=ssh.connect_timeout)
     try:
-        res = ops.run("install", STOP, {"FERRY_ROOT": root, **_UNIT_ENV}, None)
+        res = ops.run("install", STOP, {"FERRY_ROOT": root, **_UNIT_ENV}, None, lock=False)
         return {"host": host.name, "stopped": res["rc"] == 0}
     finally:
         ops.close()

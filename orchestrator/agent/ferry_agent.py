@@ -193,17 +193,7 @@ class AgentError(Exception):
         self.kind, self.message, self.code = kind, message, code
 
 
-LOCK_WAIT = 30.0  # s: how long a step waits for another agent's (a step's own timeout is longer)
-
-
-def _holder(raw):
-    """Who holds agent.lock, from what it wrote there: "count pid since what [from addr]"."""
-    try:
-        _count, pid, since, what = raw.decode("utf-8", "replace").split(" ", 3)
-        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(int(since)))
-        return "pid %s, %s, since %s" % (pid, what, when)
-    except ValueError:
-        return "its holder did not say who it is"
+LOCK_WAIT = 30.0  # s a step waits for another agent's; the orchestrator's deadline moves as much
 
 
 def copy_hashed(inp, path, size, view, what):
@@ -421,7 +411,11 @@ class Host:
         self._settled = False  # incoming/ looked at: see settle_incoming
         self.lock_path = os.path.join(self.root, ".ferry", "agent.lock")
         self._lock_fd = None
+        self._lock_writable = True
         self._lock_count = None  # the lock's count as this process left it: see hold
+        self._held = False
+        self.who, self.wait = "an agent", None  # whose steps these are, and their wait
+        self.announce = None  # serve: tells the orchestrator that a step waits (see hold)
 
     def ensure_dirs(self):
         for d in (self.meta, self.incoming, self.releases, os.path.join(self.root, "shared")):
@@ -473,50 +467,118 @@ class Host:
         pull daemon (which applies on its own) are two processes; Ferry installs with two
         CMSes are two more. Each step's writes are ordered to survive a crash, not a second
         writer: one session's settle of incoming/ would take the objects another's verify is
-        placing. Waits up to `wait` seconds (LOCK_WAIT), then refuses as "busy", naming the
-        holder. flock: the kernel lets go when the holder dies, however it dies.
-        The file counts every hold: a count this process did not leave means another agent
-        changed the host in between, so what this one remembered of it is forgotten."""
+        placing. flock: the kernel lets go when the holder dies, however it dies.
+        - Held already: nothing to do. A session holds it from its first change to its end
+          (dispatch), so a deployment is never refused half-way, only before it changed
+          anything here; the pull daemon for one apply.
+        - Held by another: waits up to `wait` s (LOCK_WAIT), telling the orchestrator first
+          (`announce`: its deadline moves by as much), then refuses as "busy", naming it.
+        - The file counts every hold: a count this process did not leave means another agent
+          changed the host in between, so what this one remembered of it is forgotten."""
+        if self._held:
+            return
         import fcntl
 
-        if self._lock_fd is None:
-            os.makedirs(os.path.dirname(self.lock_path), exist_ok=True)
-            self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)  # no exec
-        fd = self._lock_fd
-        deadline = time.monotonic() + (LOCK_WAIT if wait is None else wait)
+        wait = LOCK_WAIT if wait is None else wait
+        deadline, told = time.monotonic() + wait, False
         while True:
+            fd = self._lock_file()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
-            if time.monotonic() >= deadline:
-                raise AgentError(
-                    "busy",
-                    "another Ferry agent is changing this host (%s); %s waited %g s for it: "
-                    "try again when it is done" % (_holder(os.pread(fd, 512, 0)), what,
-                                                   LOCK_WAIT if wait is None else wait),
-                    EXIT_OS,
-                )  # fmt: skip
-            time.sleep(0.05)
+                if time.monotonic() >= deadline:
+                    err = AgentError(
+                        "busy",
+                        "another Ferry agent is changing this host (%s); %s waited %g s for "
+                        "it: try again when it is done" % (self.holder(), what, wait),
+                        EXIT_OS,
+                    )
+                    err.holder = self.holder()
+                    raise err
+                if not told and wait > 0 and self.announce is not None:
+                    self.announce(wait)
+                    told = True
+                time.sleep(0.05)
+                continue
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            # removed or replaced while this waited: a lock on that file guards nothing
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            self._lock_fd = None
         try:
-            count = int(os.pread(fd, 512, 0).split(b" ", 1)[0] or b"0")
+            self._note(what)
+        except BaseException:  # (no space for the note): never left held by nobody's step
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            raise
+        self._held = True
+
+    def _lock_file(self):
+        if self._lock_fd is None:
+            os.makedirs(os.path.dirname(self.lock_path), exist_ok=True)
+            try:  # not inherited by hooks (PEP 446); readable by all: it holds no secret
+                self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+                self._lock_writable = True
+            except PermissionError:  # another user's (a root daemon's): flock works read-only
+                self._lock_fd = os.open(self.lock_path, os.O_RDONLY)
+                self._lock_writable = False
+        return self._lock_fd
+
+    def _note(self, what):
+        """Count the hold and say who holds it ("count pid since what [from addr]")."""
+        fd = self._lock_fd
+        try:
+            count = int(os.pread(fd, 512, 0).split(b" ", 1)[0].strip() or b"0")
         except ValueError:
             count = 0
-        if self._lock_count is not None and count != self._lock_count:
-            self._checked, self._placed, self._settled = {}, {}, False
+        if not self._lock_writable or count != self._lock_count:
+            if self._lock_count is not None or not self._lock_writable:
+                self._checked, self._placed, self._settled = {}, {}, False
+        if not self._lock_writable:
+            return
         self._lock_count = count + 1
         peer = (os.environ.get("SSH_CLIENT") or "").split(" ")[0]
         note = "%d %d %d %s%s" % (self._lock_count, os.getpid(), int(time.time()), what,
                                   " from " + peer if peer else "")  # fmt: skip
-        os.pwrite(fd, note.encode("utf-8", "replace")[:500], 0)
-        os.ftruncate(fd, min(len(note.encode("utf-8", "replace")), 500))
+        data = note.encode("utf-8", "replace")[:500]
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+
+    def holder(self):
+        """Who holds agent.lock, in words, from what it wrote there."""
+        try:
+            raw = os.pread(self._lock_file(), 512, 0)
+            _count, pid, since, what = raw.decode("utf-8", "replace").split(" ", 3)
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(int(since)))
+            return "pid %s, %s, since %s" % (pid, what, when)
+        except (OSError, ValueError):
+            return "its holder has not said who it is yet"
+
+    def hold_for(self, op):
+        """hold, for this process's own kind of step (see dispatch)."""
+        self.hold("%s's %s" % (self.who, op), self.wait)
 
     def let_go(self):
+        if not self._held:
+            return
         import fcntl
 
-        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        self._held = False
+        try:
+            if self._lock_writable:  # the count stays, the words go: nobody holds it now
+                data = str(self._lock_count).encode()
+                os.pwrite(self._lock_fd, data, 0)
+                os.ftruncate(self._lock_fd, len(data))
+        except OSError:
+            pass  # words only; a stale note names a holder that is gone
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def state(self):
         try:
@@ -833,6 +895,8 @@ def op_pin(host, args):
     key = args.key.strip().lower()
     if len(bytes.fromhex(key)) != 32:
         raise bad_input("a DML public key is 32 bytes (64 hex digits)")
+    if not (os.path.exists(host.key_path) and host.pinned_key().hex() == key):
+        host.hold_for("pin")  # (from inspect, which takes no lock for its usual "already")
     if os.path.exists(host.key_path):
         pinned = host.pinned_key()
         if pinned.hex() == key:
@@ -1242,6 +1306,11 @@ def op_check(host, args):
     if rid not in host.verified_ids():
         return {"release": rid, "present": False, "ok": False, "mismatches": []}
     _manifest, bad = _mismatches(host, rid, args.full, expect=args.digest)
+    if bad:
+        host.hold_for("set-aside of %s" % rid)  # (inspect takes no lock: a change is rare)
+        if rid not in host.verified_ids():  # another agent set it aside or pruned it
+            return {"release": rid, "present": False, "ok": False, "mismatches": []}
+        _manifest, bad = _mismatches(host, rid, args.full, expect=args.digest)
     if bad:
         aside, live = _set_aside(host, rid)
         return {
@@ -2011,30 +2080,33 @@ DEFAULTS = {
     "kind": None, "target": None, "port": None, "status": 200, "rehash": False,
     "digest": None, "rotations": None, "known": None,
     "unit": None, "units": None, "files": None, "send": None, "container": None, "action": None,
-    "wait": None,
+    "lock": None,
 }  # fmt: skip
 
 
-# what changes the host, under Host.hold; the rest only read it (a no-op deploy takes no lock)
+# what changes the host, under Host.hold; the rest only read it (a no-op deploy takes no lock),
+# but for the writes some may come to make (inspect's first pin, check's set-aside), which
+# take it where they do
 CHANGES = frozenset(
     ("pin", "receive", "verify", "config", "switch", "prune", "run", "pull_files",
-     "image_load", "container_switch", "container_revert")
+     "image_load", "container_switch", "container_revert", "container_state")
 )  # fmt: skip
 
 
-def dispatch(host, op, args, who="a push session"):
-    """One operation → (result, exit code); every failure is a result, never a traceback."""
+def dispatch(host, op, args, who="a Ferry session", keep=False):
+    """One operation → (result, exit code); every failure is a result, never a traceback.
+    An operation that changes the host holds the agent lock (Host.hold): `keep`, a session
+    keeps it to its end; otherwise it is let go after the operation. `lock: false` on a
+    command: it only reads (a check, a probe) or ends the holder (halt), so never waits."""
+    host.who = who
     try:
-        if op not in CHANGES:
-            return OPS[op](host, args), 0
-        # the orchestrator says how long it can wait (a part of its step's timeout): a busy
-        # host is then refused in words, not as a timeout
-        wait = LOCK_WAIT if args.wait is None else min(LOCK_WAIT, float(args.wait))
-        host.hold("%s's %s" % (who, op), wait)
         try:
+            if op in CHANGES and args.lock is not False:
+                host.hold_for(op)
             return OPS[op](host, args), 0
         finally:
-            host.let_go()
+            if not keep:
+                host.let_go()
     except AgentError as exc:
         return {"error": exc.kind, "message": exc.message}, exc.code
     except OSError as exc:
@@ -2042,6 +2114,13 @@ def dispatch(host, op, args, who="a push session"):
         return {"error": kind, "message": str(exc)}, EXIT_OS
     except (ValueError, KeyError, TypeError) as exc:
         return {"error": "input", "message": "%s: %s" % (type(exc).__name__, exc)}, EXIT_INPUT
+
+
+def _announce_wait(seconds):
+    """Before a step waits for another agent: `WAIT <s>`, so that the orchestrator's deadline
+    for the step moves by as much, and a busy host is refused in words, not as a timeout."""
+    sys.stdout.write("WAIT %g\n" % seconds)
+    sys.stdout.flush()
 
 
 def reply(result):
@@ -2053,6 +2132,14 @@ def serve(root):
     """Answer requests on stdin until it closes: one process for a whole deployment."""
     inp = sys.stdin.buffer
     host = Host(root)
+    host.announce = _announce_wait
+    try:
+        return _serve_requests(host, inp)
+    finally:
+        host.let_go()  # (a kill lets go too: the kernel's; this also clears its words)
+
+
+def _serve_requests(host, inp):
     while True:
         line = inp.readline()
         if not line:
@@ -2068,7 +2155,7 @@ def serve(root):
         except (ValueError, KeyError, TypeError, AgentError) as exc:
             reply({"error": "input", "message": "bad request: %s" % (exc,), "_code": EXIT_INPUT})
             return EXIT_INPUT  # the stream cannot be trusted to be in step any more
-        result, code = dispatch(host, op, args)
+        result, code = dispatch(host, op, args, keep=True)
         result["_code"] = code
         reply(result)
         if op in ("receive", "image_load") and code:
@@ -2246,6 +2333,9 @@ class PullAgent:
         backoff = 1.0
         while True:
             try:
+                pending = self.st.get("pending")
+                if pending is not None and pending.get("held_back"):
+                    self.retry(pending)  # due before: needs no answer of the server's
                 self.flush()
                 wait = self.poll if self.st.get("pending") is None else min(self.poll, 2.0)
                 path = "/v1/hosts/%s/desired?after=%d&nudge=%d&wait=%d" % (
@@ -2268,10 +2358,8 @@ class PullAgent:
                     self.st["generation"] = ans.get("generation", 0)
                 self.booted = False
                 pending = self.st.get("pending")
-                if pending is not None and self.time_has_come(pending, nudge=False):
-                    self.st["pending"] = None
-                    self._save()
-                    self.apply(pending)
+                if pending is not None:
+                    self.retry(pending)
             except Refused as exc:
                 _plog("%s; retrying in 30s" % exc)
                 time.sleep(30 * random.uniform(0.8, 1.2))
@@ -2284,6 +2372,29 @@ class PullAgent:
                 time.sleep(backoff * random.uniform(0.5, 1.5))
                 backoff = min(backoff * 2, 30.0)
 
+    def retry(self, pending):
+        """Apply pending work whose time has come (it stays pending if another agent holds
+        the host: see apply)."""
+        if not self.time_has_come(pending, nudge=False):
+            return
+        if pending.get("held_back"):
+            try:
+                self.host.hold(self.what(pending), wait=0)
+            except (AgentError, OSError):
+                return  # still held: tried again shortly, with nothing written meanwhile
+        try:
+            self.st["pending"] = None
+            self._save()
+        except BaseException:
+            self.host.let_go()
+            raise
+        self.apply(pending)
+
+    @staticmethod
+    def what(d):
+        return "the pull agent's %s of %s (deployment %s)" % (
+            d.get("purpose"), d.get("release_id") or "no release", d.get("deployment"))  # fmt: skip
+
     def time_has_come(self, d, nudge=False):
         if os.path.exists(os.path.join(self.dir, "apply-now")):
             try:
@@ -2292,10 +2403,10 @@ class PullAgent:
                 pass
             return True
         how = d.get("apply") or "now"
-        if how == "now" or d.get("purpose") == "backout" or d.get("held_back"):
+        if how == "now" or d.get("purpose") == "backout":
             return True
-        if how == "boot":
-            return self.booted
+        if how == "boot":  # held back at its boot by another agent: its time came then
+            return self.booted or bool(d.get("held_back"))
         if how == "window":
             return in_window((d.get("spec") or {}).get("window"), time.time())
         return False
@@ -2307,6 +2418,8 @@ class PullAgent:
             pending = self.st.get("pending")
             if pending is None or pending.get("generation") != gen:
                 return  # handled before (also before a restart): never applied twice
+            if pending.get("held_back"):
+                d = dict(d, held_back=True)
         self.st["generation"] = gen
         self.st["pending"] = None
         self._save()
@@ -2335,17 +2448,19 @@ class PullAgent:
     def apply(self, d):
         rid = d.get("release_id")
         spec = d.get("spec") or {}
+        self.host.who = "the pull agent"
+        what = self.what(d)
         try:
-            self.host.hold(
-                "the pull agent's %s of %s (deployment %s)"
-                % (d.get("purpose"), rid, d.get("deployment")),
-                wait=0,
-            )
-        except AgentError as exc:  # a push session's step: this waits, tried again shortly
+            self.host.hold(what, wait=0)
+        except AgentError as exc:  # a session of Ferry's changes the host: this waits for it
             if not d.get("held_back"):
-                _plog("%s; it is applied once that agent is done" % (exc.message,))
+                _plog("another Ferry agent is changing this host (%s): %s waits until it "
+                      "is done" % (exc.holder, what))  # fmt: skip
             self.st["pending"] = dict(d, held_back=True)
             self._save()
+            return
+        except OSError as exc:  # the lock cannot be taken at all (a read-only root, …)
+            self.report(d, "lock", False, {"error": str(exc), "kind": "os"})
             return
         self.applying = rid
         try:
@@ -2683,7 +2798,7 @@ def main(argv=None):
     for key, value in DEFAULTS.items():
         if not hasattr(args, key):
             setattr(args, key, value)
-    result, code = dispatch(Host(args.root), args.op, args, who="a one-shot agent")
+    result, code = dispatch(Host(args.root), args.op, args, who="a one-shot agent", keep=True)
     reply(result)
     return code
 

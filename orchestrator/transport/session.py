@@ -40,6 +40,8 @@ from orchestrator.transport import openssh
 from orchestrator.transport.pipes import BUDGET as WIDE_PIPES
 from orchestrator.transport.ssh import SSHHost, StepTimeout
 
+# the agent's LOCK_WAIT: the most a step's deadline moves while the agent waits for another
+AGENT_LOCK_WAIT = 30.0
 # logins in flight at once, whatever the concurrency: sshd's MaxStartups refuses a burst
 # (10:30:100 by default), and Kamal caps its starts at 30 for the same reason
 MAX_STARTS = int(os.environ.get("FERRY_SSH_STARTS", "24"))
@@ -358,12 +360,49 @@ class AgentSession:
         line, _, self._buf = self._buf.partition(b"\n")
         return line
 
-    def _result(self, deadline: float, step: str) -> dict[str, Any]:
+    def _answer(self, deadline: float, step: str) -> tuple[bytes, float]:
+        """The agent's next line but `WAIT <s>`: the agent waits up to that long for another
+        agent process changing the host (the pull daemon, another Ferry's session) before
+        it starts the step, so the step's deadline moves by as much; a busy host is then
+        refused in its words, naming the holder, not as a timeout."""
         while True:
             line = self._line(deadline, step)
+            if not line.startswith(b"WAIT "):
+                return line, deadline
+            deadline += min(float(line[5:]), AGENT_LOCK_WAIT)
+
+    def _result(self, deadline: float, step: str) -> dict[str, Any]:
+        while True:
+            line, deadline = self._answer(deadline, step)
             if line.startswith(b"RESULT "):
                 self._answered = True
                 return json.loads(line[7:])
+
+    def _refusal(self, what: str, step: str, deadline: float) -> dict[str, Any]:
+        """The answer of an agent that stopped reading in the middle of a transfer: it refuses
+        (an object corrupted, the disk full, another agent busy), answers and ends, and the
+        sender is left a broken pipe. Its answer, not the pipe, is the step's failure: an
+        integrity refusal stays one (never tolerated), a full disk says so."""
+        assert self._pipe is not None
+        buf, until = self._buf, min(deadline, time.monotonic() + 5)
+        try:
+            while b"\nRESULT " not in b"\n" + buf or not buf.endswith(b"\n"):
+                chunk = self._pipe.read_some(until)
+                if not chunk:
+                    break
+                buf += chunk
+        except (TimeoutError, OSError, ValueError):
+            pass
+        for line in buf.split(b"\n"):
+            if line.startswith(b"RESULT "):
+                try:
+                    said = json.loads(line[7:])
+                except ValueError:
+                    break
+                if said.get("_code"):
+                    self._answered = True
+                    return dict(said)  # the caller drops the session: it is out of step
+        raise self._broken(step, what, time.monotonic() >= deadline) from None
 
     # -- requests --------------------------------------------------------------------------
     def request(
@@ -378,7 +417,7 @@ class AgentSession:
         """One agent operation; its failure is StepFailed (with the agent's error kind)."""
         with self._lock, self._session():
             deadline = time.monotonic() + timeout
-            head = {"op": op, "args": _waiting(args or {}, timeout)}
+            head = {"op": op, "args": args or {}}
             if payload:
                 head["payload"] = len(payload)
             self._write(json.dumps(head).encode() + b"\n" + (payload or b""), deadline, step)
@@ -399,11 +438,11 @@ class AgentSession:
         `known`: release id → digest of what the CMS records on the host (its prior)."""
         with self._lock, self._session():
             deadline = time.monotonic() + timeout
-            args = _waiting({"id": rid, "known": known}, timeout)
+            args = {"id": rid, "known": known}
             head = json.dumps({"op": "receive", "args": args}).encode() + b"\n"
             sizes = json.dumps({"manifest_len": len(manifest), "sig_len": len(signature)})
             self._write(head + sizes.encode() + b"\n" + manifest + signature, deadline, "stage")
-            line = self._line(deadline, "stage")
+            line, deadline = self._answer(deadline, "stage")
             sent = 0
             if line.startswith(b"NEED "):
                 need = json.loads(line[5:])
@@ -411,9 +450,9 @@ class AgentSession:
                 assert self._pipe is not None
                 try:
                     sent = self._pipe.sendfile(path, deadline)
+                    result = self._result(deadline, "stage")
                 except OSError as exc:
-                    raise self._broken("stage", f"transfer failed ({exc})") from None
-                result = self._result(deadline, "stage")
+                    result = self._refusal(f"transfer failed ({exc})", "stage", deadline)
             elif line.startswith(b"RESULT "):
                 result = json.loads(line[7:])
             else:
@@ -431,28 +470,23 @@ class AgentSession:
         (the agent knows their sizes from the signed manifest); `bytes_sent` counts them."""
         with self._lock, self._session():
             deadline = time.monotonic() + timeout
-            head = {"op": op, "args": _waiting(args, timeout)}
-            self._write(json.dumps(head).encode() + b"\n", deadline, step)
+            # the bytes follow at once: an agent waiting for another's step (Host.hold) reads
+            # none until it is done, and its WAIT line is read only after them
+            deadline += AGENT_LOCK_WAIT
+            self._write(json.dumps({"op": op, "args": args}).encode() + b"\n", deadline, step)
             sent = 0
             assert self._pipe is not None
-            for path in paths:
-                try:
+            try:
+                for path in paths:
                     sent += self._pipe.sendfile(path, deadline)
-                except OSError as exc:
-                    raise self._broken(step, f"transfer failed ({exc})") from None
-            result = self._result(deadline, step)
+                result = self._result(deadline, step)
+            except OSError as exc:
+                result = self._refusal(f"transfer failed ({exc})", step, deadline)
             if result.get("_code"):
                 self._drop()  # the agent ends a failed stream: it is out of step
         out = _checked(self.name, step, result)
         out["bytes_sent"] = sent
         return out
-
-
-def _waiting(args: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """How long a step that changes the host may wait for another agent process changing it
-    (the pull daemon, another Ferry's session): half the step's time, so that a busy host
-    is refused in the agent's words, naming who holds it, before the step times out."""
-    return {**args, "wait": round(timeout / 2, 1)}
 
 
 def _checked(host: str, step: str, result: dict[str, Any]) -> dict[str, Any]:

@@ -140,7 +140,8 @@ def test_a_host_another_agent_is_changing_is_waited_for_then_refused_alone_namin
 ):
     """The CMS's locks serialize one Ferry's runs; on the host, one agent process changes it
     at a time: the pull daemon, or a session of another Ferry with its own CMS. A short hold
-    is waited out; a long one fails that host alone, in words naming the holder."""
+    is waited out; a long one fails that host alone, in words naming the holder, however
+    short the step's own timeout (the agent says it waits: the deadline moves)."""
     import threading
 
     from orchestrator.agent import ferry_agent
@@ -171,6 +172,14 @@ def test_a_host_another_agent_is_changing_is_waited_for_then_refused_alone_namin
     assert (
         f"another Ferry agent is changing this host (pid {os.getpid()}, another Ferry's" in reason
     )
-    assert "waited 4 s for it" in reason and "timed out" not in reason
+    assert "a Ferry session's receive waited 30 s for it" in reason, reason  # not a timeout
+    journal = cms(
+        lambda s: {
+            (st.step, st.status)
+            for st in s.scalars(select(HostStep).where(HostStep.host == "h7"))
+            if st.deployment_id == 2
+        }
+    )
+    assert journal == {("stage", "refused")}  # nothing to back out of it
     assert host_release(fleet, "h7") == rid("shop@1.0")  # refused before it was touched
     assert {host_release(fleet, h) for h in fleet.hosts if h != "h7"} == {rid("shop@2.0")}

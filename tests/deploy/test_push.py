@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from datetime import UTC, datetime, timedelta
@@ -166,6 +167,20 @@ def test_disk_full_on_one_host_fails_its_wave_and_backs_out(clean_small, run_fer
     prior = rid("shop@1.0")
     for host in fleet.hosts:
         assert host_release(fleet, host) == prior, host
+
+
+def test_a_disk_that_fills_in_the_middle_of_a_transfer_is_reported_as_full(clean_small, run_ferry):
+    """The agent refuses, answers and ends while Ferry is still sending: the failure is its
+    answer (disk-full), not the broken pipe the sender is left with."""
+    fleet, work = clean_small, Path.cwd()
+    build(work, "1.0", extra={"blob.bin": os.urandom(24 << 20)})  # far more than the pipes hold
+    with fleet.faulted("h1", "disk_full", size_mib=4, fill=False):  # wave 1's host
+        res = deploy(run_ferry, plan(work, fleet), "shop@1.0", rfc(run_ferry, "shop@1.0"))
+    assert res.returncode == 4, res.stdout + res.stderr
+    failure = res.json()["hosts"]["h1"]["failure"]
+    assert failure["kind"] == "disk-full" and failure["step"] == "stage", failure
+    assert "No space left on device" in failure["reason"] and "Broken pipe" not in failure["reason"]
+    assert all(host_release(fleet, h) is None for h in fleet.hosts)
 
 
 def test_without_an_authorizing_rfc_nothing_reaches_any_host(clean_small, run_ferry):

@@ -1349,7 +1349,7 @@ def test_a_step_waits_for_another_agent_then_refuses_as_busy_naming_it(tmp_path,
     res, code = _op(tmp_path, "pin", key=PUB.hex())
     assert (res["error"], code) == ("busy", ferry_agent.EXIT_OS), res
     assert f"pid {os.getpid()}, the pull agent's deploy of app-2 (deployment 7)" in res["message"]
-    assert "a push session's pin waited 0.3 s" in res["message"], res["message"]
+    assert "a Ferry session's pin waited 0.3 s" in res["message"], res["message"]
     assert not (tmp_path / ".ferry/dml.pub").exists()  # refused before any write
     assert _op(tmp_path, "state")[1] == 0  # reading the host takes no lock
     other.let_go()
@@ -1361,7 +1361,7 @@ def test_a_step_that_waits_goes_ahead_once_the_other_agent_is_done(tmp_path):
     import time
 
     other = ferry_agent.Host(str(tmp_path))
-    other.hold("a push session's verify")
+    other.hold("a Ferry session's verify")
     threading.Timer(0.4, other.let_go).start()
     started = time.monotonic()
     res, code = _op(tmp_path, "pin", key=PUB.hex())
@@ -1422,11 +1422,107 @@ def test_the_pull_daemon_holds_back_while_a_push_session_changes_the_host(tmp_pa
     work = {"generation": 3, "deployment": 7, "purpose": "deploy", "release_id": None,
             "apply": "boot", "spec": {"actions": [{"step": "switch", "switch": None}]}}  # fmt: skip
     session = ferry_agent.Host(str(tmp_path))
-    session.hold("a push session's switch")
+    session.hold("a Ferry session's switch")
     daemon.booted = False
     daemon.apply(work)
     assert daemon.st["outbox"] == []  # nothing reported: the host is not failing
     assert daemon.st["pending"]["held_back"] and daemon.time_has_come(daemon.st["pending"])
+    daemon.retry(daemon.st["pending"])  # still held: nothing changes
+    assert daemon.st["pending"]["held_back"] and daemon.st["outbox"] == []
     session.let_go()
-    daemon.apply(daemon.st["pending"])
+    daemon.retry(daemon.st["pending"])
     assert [(r["step"], r["ok"]) for r in daemon.st["outbox"]] == [("switch", True), ("done", True)]
+    assert daemon.st["pending"] is None
+    # held back in its window: once the window has closed, it waits for the next one
+    closed = {"days": [], "start": "00:00", "end": "00:01", "tz": "UTC"}
+    late = dict(work, apply="window", held_back=True, spec=dict(work["spec"], window=closed))
+    assert not daemon.time_has_come(late)
+
+
+def test_a_session_holds_the_lock_from_its_first_change_to_its_end_and_says_when_it_waits(
+    tmp_path,
+):
+    """A deployment is never refused half-way on a host: only before its first change. Its
+    wait is announced (WAIT), so the orchestrator's deadline moves by as much."""
+    import threading
+
+    proc = _session_with_spy(tmp_path, "pass")
+    other = ferry_agent.Host(str(tmp_path))
+    try:
+        state = _answer(proc, {"op": "state"})  # reading takes no lock
+        assert state["_code"] == 0
+        other.hold("the pull agent's deploy of app-9 (deployment 3)", wait=0)
+        threading.Timer(0.5, other.let_go).start()
+        proc.stdin.write(json.dumps({"op": "pin", "args": {"key": PUB.hex()}}).encode() + b"\n")  # type: ignore[union-attr]
+        proc.stdin.flush()  # type: ignore[union-attr]
+        assert proc.stdout.readline() == b"WAIT 30\n"  # type: ignore[union-attr]
+        assert json.loads(proc.stdout.readline()[7:])["_code"] == 0  # type: ignore[union-attr]
+        with pytest.raises(ferry_agent.AgentError) as held:  # held to the session's end
+            other.hold("the pull agent's deploy of app-9 (deployment 3)", wait=0)
+        assert "a Ferry session's pin, since " in held.value.message, held.value.message
+        done = _answer(proc, {"op": "run", "args": {"command": "true", "timeout": 5}})
+        assert done["_code"] == 0  # its own later changes never wait for it
+    finally:
+        proc.stdin.close()  # type: ignore[union-attr]
+        proc.wait(timeout=30)
+    assert (tmp_path / ".ferry/agent.lock").read_text() == "2"  # its end let go: no holder
+    other.hold("after the session", wait=0)
+    other.let_go()
+
+
+def test_inspect_and_check_take_the_lock_only_for_the_writes_they_come_to_make(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(ferry_agent, "LOCK_WAIT", 0.3)
+    other = ferry_agent.Host(str(tmp_path))
+    other.hold("the pull agent's deploy of app-2 (deployment 7)")
+    res, code = _op(tmp_path, "inspect", id="app-1", key=PUB.hex())
+    assert res["error"] == "busy" and not (tmp_path / ".ferry/dml.pub").exists(), res
+    other.let_go()
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    files = {"u/a": b"alpha"}
+    assert _publish(tmp_path, "app-1", files, "1", ["u/a"])[0] == 0
+    (tmp_path / "releases/app-1/u/a").write_bytes(b"alphA")  # altered on the host
+    other.hold("the pull agent's deploy of app-2 (deployment 7)")
+    res, code = _op(tmp_path, "inspect", id="app-1", key=PUB.hex(), full=True)
+    assert res["error"] == "busy", res  # it found the alteration, but may not set it aside
+    assert (tmp_path / "releases/app-1").is_dir() and "app-1" in ferry_agent.Host(
+        str(tmp_path)
+    ).verified_ids()
+    res, code = _op(tmp_path, "run", command="true", timeout=5, lock=False)
+    assert code == 0 and res["rc"] == 0  # a check's command never waits
+    other.let_go()
+    res, code = _op(tmp_path, "inspect", id="app-1", key=PUB.hex(), full=True)
+    assert code == 0 and res["check"]["set_aside"], res
+    res, code = _op(tmp_path, "inspect", id="app-1", key=PUB.hex())
+    assert code == 0 and res["pinned"] == "already"
+    other.hold("the pull agent's deploy of app-2 (deployment 7)")
+    res, code = _op(tmp_path, "inspect", id="app-1", key=PUB.hex())  # the no-op's path
+    assert code == 0 and res["pinned"] == "already", res
+    other.let_go()
+
+
+def test_the_lock_is_never_left_held_and_a_replaced_lock_file_is_not_trusted(tmp_path, monkeypatch):
+    import errno
+
+    host = ferry_agent.Host(str(tmp_path))
+    real = os.pwrite
+
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ferry_agent.os, "pwrite", full)
+    res, code = _op(tmp_path, "pin", key=PUB.hex())
+    assert res["error"] == "disk-full", res
+    monkeypatch.setattr(ferry_agent.os, "pwrite", real)
+    host.hold("free", wait=0)  # the failed step let go
+    host.let_go()
+    # someone removes the lock file while an agent has it open: a lock on it guards nothing
+    (tmp_path / ".ferry/agent.lock").unlink()
+    other = ferry_agent.Host(str(tmp_path))
+    other.hold("the new file's holder", wait=0)
+    with pytest.raises(ferry_agent.AgentError, match="the new file's holder"):
+        host.hold("the old file's", wait=0.2)
+    other.let_go()
+    host.hold("the old file's", wait=0)
+    host.let_go()

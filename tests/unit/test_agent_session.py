@@ -1,0 +1,62 @@
+"""The orchestrator's side of an agent session (orchestrator/transport/session.py) with the
+real agent and the real OpenSSH pipe code, the agent started locally instead of through
+ssh: what it makes of an agent that waits for another agent, or refuses mid-transfer."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from orchestrator.agent import ferry_agent
+from orchestrator.errors import StepFailed
+from orchestrator.transport import openssh, session
+from tests.unit.test_agent import PUB, package
+
+
+@pytest.fixture
+def local(monkeypatch, tmp_path):
+    """An AgentSession whose "ssh" runs the login's command here (sh -c)."""
+    if not openssh.available():
+        pytest.fail("the OpenSSH client is part of Ferry's set-up (make bootstrap)")
+    monkeypatch.setattr(openssh, "argv", lambda _h, _s, _t, command: ["sh", "-c", command])
+    host = SimpleNamespace(name="h1")
+    ssh = SimpleNamespace(bulk="openssh", become=False, user="root")
+    s = session.AgentSession(host, ssh, str(tmp_path), connect_timeout=5)  # type: ignore[arg-type]
+    yield s
+    s.close()
+
+
+def test_the_agents_lock_wait_is_the_one_the_orchestrator_allows_for():
+    assert session.AGENT_LOCK_WAIT == ferry_agent.LOCK_WAIT
+
+
+def test_a_step_that_waits_for_another_agent_moves_its_deadline(local, tmp_path):
+    other = ferry_agent.Host(str(tmp_path))
+    other.hold("the pull agent's deploy of app-2 (deployment 7)")
+    threading.Timer(1.5, other.let_go).start()
+    started = time.monotonic()
+    res = local.request("stage", "pin", {"key": PUB.hex()}, timeout=0.5)  # a short step
+    assert res["pinned"] == "new" and time.monotonic() - started >= 1.4
+    assert (tmp_path / ".ferry/dml.pub").exists()
+
+
+def test_an_agent_that_refuses_in_the_middle_of_a_transfer_is_heard(local, tmp_path):
+    small, large = b"s" * 1024, os.urandom(16 << 20)  # far more than the pipes hold
+    raw, sig, _ = package({"u/small": small, "u/large": large})
+    local.request("stage", "pin", {"key": PUB.hex()}, timeout=10)
+    frames = tmp_path.parent / "frames"
+    with open(frames, "wb") as f:  # the small object arrives corrupted, the large after it
+        f.write(f"{hashlib.sha256(small).hexdigest()} {len(small)}\n".encode() + b"x" * 1024)
+        f.write(f"{hashlib.sha256(large).hexdigest()} {len(large)}\n".encode() + large)
+        f.write(b"END\n")
+    with pytest.raises(StepFailed) as refused:
+        local.receive("app-1", raw, sig, lambda _need: Path(frames), timeout=30)
+    assert refused.value.kind == "integrity", refused.value.message
+    assert "arrived corrupted" in refused.value.message
+    assert not (tmp_path / ".ferry/incoming" / hashlib.sha256(large).hexdigest()).exists()
