@@ -2798,7 +2798,7 @@ def main(argv=None):
     for key, value in DEFAULTS.items():
         if not hasattr(args, key):
             setattr(args, key, value)
-    result, code = dispatch(Host(args.root), args.op, args, who="a one-shot agent", keep=True)
+    result, code = dispatch(Host(args.root), args.op, args, who="a one-shot agent")
     reply(result)
     return code
 

@@ -1526,3 +1526,26 @@ def test_the_lock_is_never_left_held_and_a_replaced_lock_file_is_not_trusted(tmp
     other.let_go()
     host.hold("the old file's", wait=0)
     host.let_go()
+
+
+def test_a_no_op_session_takes_no_lock(tmp_path):
+    """A host that already runs the release costs one login and one small request: its
+    session never waits for, or takes, the agent lock (its count stays where it was)."""
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    assert _publish(tmp_path, "app-1", {"u/a": b"alpha"}, "1", ["u/a"])[0] == 0
+    assert run(tmp_path, "switch", "--id", "app-1")[0] == 0
+    count = (tmp_path / ".ferry/agent.lock").read_text()
+    other = ferry_agent.Host(str(tmp_path))
+    other.hold("the pull agent's deploy of app-2 (deployment 7)")  # it would wait 30 s
+    proc = _session_with_spy(tmp_path, "pass")
+    try:
+        inspect = {"id": "app-1", "key": PUB.hex(), "full": True}
+        res = _answer(proc, {"op": "inspect", "args": inspect})
+        assert res["_code"] == 0 and res["have"] and res["current"] == "app-1", res
+        check = {"command": "test -d current", "timeout": 5, "lock": False}
+        assert _answer(proc, {"op": "run", "args": check})["rc"] == 0
+    finally:
+        proc.stdin.close()  # type: ignore[union-attr]
+        assert proc.wait(timeout=30) == 0
+        other.let_go()
+    assert (tmp_path / ".ferry/agent.lock").read_text() == str(int(count) + 1)  # other's only
