@@ -194,6 +194,7 @@ class AgentError(Exception):
 
 
 LOCK_WAIT = 30.0  # s a step waits for another agent's; the orchestrator's deadline moves as much
+LOCK_IDLE = LOCK_WAIT  # s without a request after which a session lets go (see serve)
 
 
 def copy_hashed(inp, path, size, view, what):
@@ -413,7 +414,7 @@ class Host:
         self._lock_fd = None
         self._lock_writable = True
         self._lock_count = None  # the lock's count as this process left it: see hold
-        self._held = False
+        self.held = False
         self.who, self.wait = "an agent", None  # whose steps these are, and their wait
         self.announce = None  # serve: tells the orchestrator that a step waits (see hold)
 
@@ -469,13 +470,14 @@ class Host:
         writer: one session's settle of incoming/ would take the objects another's verify is
         placing. flock: the kernel lets go when the holder dies, however it dies.
         - Held already: nothing to do. A session holds it from its first change to its end
-          (dispatch), so a deployment is never refused half-way, only before it changed
-          anything here; the pull daemon for one apply.
+          (dispatch), or until it has had no request for LOCK_IDLE s (serve), so a
+          deployment is refused on a host before it changed anything there, not half-way
+          (unless it paused that long); the pull daemon holds it for one apply.
         - Held by another: waits up to `wait` s (LOCK_WAIT), telling the orchestrator first
           (`announce`: its deadline moves by as much), then refuses as "busy", naming it.
         - The file counts every hold: a count this process did not leave means another agent
           changed the host in between, so what this one remembered of it is forgotten."""
-        if self._held:
+        if self.held:
             return
         import fcntl
 
@@ -517,7 +519,7 @@ class Host:
         except BaseException:  # (no space for the note): never left held by nobody's step
             fcntl.flock(fd, fcntl.LOCK_UN)
             raise
-        self._held = True
+        self.held = True
 
     def _lock_file(self):
         if self._lock_fd is None:
@@ -565,11 +567,11 @@ class Host:
         self.hold("%s's %s" % (self.who, op), self.wait)
 
     def let_go(self):
-        if not self._held:
+        if not self.held:
             return
         import fcntl
 
-        self._held = False
+        self.held = False
         try:
             if self._lock_writable:  # the count stays, the words go: nobody holds it now
                 data = str(self._lock_count).encode()
@@ -1612,6 +1614,9 @@ def op_run(host, args):
     return {"rc": rc, "output": text[-4000:], "seconds": round(time.monotonic() - started, 3)}
 
 
+KILLED_OUTPUT_WAIT = 2.0  # s: what a timed-out command's killed group may still write
+
+
 def spawn(argv, cwd, env, timeout):
     """(exit code, stdout+stderr) of `argv` run in `cwd` in a session of its own, stdin
     /dev/null (never the session's own stream); (None, output so far) when `timeout`
@@ -1643,8 +1648,13 @@ def spawn(argv, cwd, env, timeout):
                     os.killpg(pid, 9)  # SIGKILL, without the signal module's import
                 except OSError:
                     pass
-                killed = True
-            if killed or poller.poll(max(1, int(left * 1000))):
+                killed, deadline = True, time.monotonic() + KILLED_OUTPUT_WAIT
+                left = KILLED_OUTPUT_WAIT
+            elif killed and left <= 0:
+                # a process that left the group (setsid) still holds the output: the answer
+                # must not wait for it (the session would hang, holding the agent lock)
+                break
+            if poller.poll(max(1, int(left * 1000))):
                 chunk = os.read(r, 1 << 16)
                 if not chunk:
                     break
@@ -2085,10 +2095,10 @@ DEFAULTS = {
 
 
 # what changes the host, under Host.hold; the rest only read it (a no-op deploy takes no lock),
-# but for the writes some may come to make (inspect's first pin, check's set-aside), which
+# but for the writes some may come to make (a pin that writes, check's set-aside), which
 # take it where they do
 CHANGES = frozenset(
-    ("pin", "receive", "verify", "config", "switch", "prune", "run", "pull_files",
+    ("receive", "verify", "config", "switch", "prune", "run", "pull_files",
      "image_load", "container_switch", "container_revert", "container_state")
 )  # fmt: skip
 
@@ -2141,6 +2151,8 @@ def serve(root):
 
 def _serve_requests(host, inp):
     while True:
+        if host.held:
+            _let_go_when_idle(host, inp)
         line = inp.readline()
         if not line:
             return 0
@@ -2160,6 +2172,29 @@ def _serve_requests(host, inp):
         reply(result)
         if op in ("receive", "image_load") and code:
             return code  # objects may still be on the wire: the stream is out of step
+
+
+def _let_go_when_idle(host, inp):
+    """A session holding the agent lock that gets no request for LOCK_IDLE s lets go of it
+    (its next change takes it again, waiting as any step would): its orchestrator may have
+    gone without this host's sshd noticing for hours (a crashed machine, a dead worker, a
+    NAT that dropped the idle connection), or be pausing (a soak, an approval). LOCK_IDLE is
+    LOCK_WAIT: a backout's new session outwaits a session its orchestrator left behind."""
+    import select
+
+    fd = inp.fileno()
+    try:  # a request already read into the buffer is not idleness (select cannot see it)
+        os.set_blocking(fd, False)
+        try:
+            ready = inp.peek(1)
+        except BlockingIOError:
+            ready = b""
+        finally:
+            os.set_blocking(fd, True)
+    except (OSError, ValueError, AttributeError):
+        return
+    if not ready and not select.select([fd], [], [], LOCK_IDLE)[0]:
+        host.let_go()
 
 
 # --- pull mode: the same operations, driven by the agent itself ------------------------------

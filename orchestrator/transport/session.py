@@ -256,6 +256,7 @@ class AgentSession:
         self._pipe: _Pipe | None = None
         self._buf = b""
         self._answered = False  # has this session's agent answered a request yet?
+        self._waited = False  # has the agent said WAIT for the request in flight?
         self._lock = threading.Lock()
         self.logins = 0
 
@@ -369,7 +370,13 @@ class AgentSession:
             line = self._line(deadline, step)
             if not line.startswith(b"WAIT "):
                 return line, deadline
-            deadline += min(float(line[5:]), AGENT_LOCK_WAIT)
+            try:
+                seconds = float(line[5:])
+            except ValueError:
+                raise self._broken(step, f"unexpected answer {line[:80]!r}") from None
+            if not self._waited:  # once a request: no host holds a step open for longer
+                self._waited = True
+                deadline += seconds if 0 <= seconds <= AGENT_LOCK_WAIT else AGENT_LOCK_WAIT
 
     def _result(self, deadline: float, step: str) -> dict[str, Any]:
         while True:
@@ -416,7 +423,7 @@ class AgentSession:
     ) -> dict[str, Any]:
         """One agent operation; its failure is StepFailed (with the agent's error kind)."""
         with self._lock, self._session():
-            deadline = time.monotonic() + timeout
+            deadline, self._waited = time.monotonic() + timeout, False
             head = {"op": op, "args": args or {}}
             if payload:
                 head["payload"] = len(payload)
@@ -437,11 +444,16 @@ class AgentSession:
         """`stage`: the signed manifest, the agent's NEED list, only those objects, the end.
         `known`: release id → digest of what the CMS records on the host (its prior)."""
         with self._lock, self._session():
-            deadline = time.monotonic() + timeout
+            deadline, self._waited = time.monotonic() + timeout, False
             args = {"id": rid, "known": known}
             head = json.dumps({"op": "receive", "args": args}).encode() + b"\n"
             sizes = json.dumps({"manifest_len": len(manifest), "sig_len": len(signature)})
-            self._write(head + sizes.encode() + b"\n" + manifest + signature, deadline, "stage")
+            # the agent reads the manifest only once it holds the lock (its WAIT comes after)
+            self._write(
+                head + sizes.encode() + b"\n" + manifest + signature,
+                deadline + AGENT_LOCK_WAIT,
+                "stage",
+            )
             line, deadline = self._answer(deadline, "stage")
             sent = 0
             if line.startswith(b"NEED "):
@@ -469,10 +481,9 @@ class AgentSession:
         """One request whose bytes follow it on the stream: each file of `paths`, in order
         (the agent knows their sizes from the signed manifest); `bytes_sent` counts them."""
         with self._lock, self._session():
-            deadline = time.monotonic() + timeout
             # the bytes follow at once: an agent waiting for another's step (Host.hold) reads
             # none until it is done, and its WAIT line is read only after them
-            deadline += AGENT_LOCK_WAIT
+            deadline, self._waited = time.monotonic() + timeout + AGENT_LOCK_WAIT, True
             self._write(json.dumps({"op": op, "args": args}).encode() + b"\n", deadline, step)
             sent = 0
             assert self._pipe is not None

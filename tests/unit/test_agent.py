@@ -1549,3 +1549,49 @@ def test_a_no_op_session_takes_no_lock(tmp_path):
         assert proc.wait(timeout=30) == 0
         other.let_go()
     assert (tmp_path / ".ferry/agent.lock").read_text() == str(int(count) + 1)  # other's only
+
+
+def test_a_session_idle_with_the_lock_lets_go_and_takes_it_again_at_its_next_change(
+    tmp_path, monkeypatch
+):
+    """Its orchestrator may be gone without the host's sshd noticing (hours), or pausing: an
+    idle session must not keep every other agent off the host."""
+    import time
+
+    monkeypatch.setattr(ferry_agent, "LOCK_IDLE", 0.2)
+    host = ferry_agent.Host(str(tmp_path))
+    host.hold("a Ferry session's switch")
+    r, w = os.pipe()
+    with open(r, "rb") as inp:
+        os.write(w, b'{"op": "state"}\n{"op": "state"}\n')
+        assert inp.readline()
+        started = time.monotonic()
+        ferry_agent._let_go_when_idle(host, inp)  # the next request is read already
+        assert host.held and time.monotonic() - started < 0.15
+        assert inp.readline()
+        ferry_agent._let_go_when_idle(host, inp)  # nothing comes
+        assert not host.held and time.monotonic() - started >= 0.2
+        other = ferry_agent.Host(str(tmp_path))
+        other.hold("the pull agent's deploy of app-2 (deployment 7)", wait=0)
+        other.let_go()
+        os.close(w)
+
+
+def test_a_timed_out_hook_whose_child_left_its_group_still_answers(tmp_path):
+    """A daemon a hook starts with setsid is not killed with the hook's group, and holds its
+    output: the answer (and the agent lock) must not wait for it."""
+    import signal
+    import time
+
+    pidfile = tmp_path / "daemon.pid"
+    command = f"setsid sh -c 'echo $$ > {pidfile}; exec sleep 60' & echo started; sleep 30"
+    started = time.monotonic()
+    res, code = _op(tmp_path, "run", command=command, timeout=1)
+    try:
+        assert code == 0 and res["rc"] == 124 and "started" in res["output"], res
+        assert time.monotonic() - started < 1 + ferry_agent.KILLED_OUTPUT_WAIT + 2
+    finally:
+        deadline = time.monotonic() + 5
+        while not pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(int(pidfile.read_text()), signal.SIGKILL)  # by the PID it wrote

@@ -60,3 +60,40 @@ def test_an_agent_that_refuses_in_the_middle_of_a_transfer_is_heard(local, tmp_p
     assert refused.value.kind == "integrity", refused.value.message
     assert "arrived corrupted" in refused.value.message
     assert not (tmp_path / ".ferry/incoming" / hashlib.sha256(large).hexdigest()).exists()
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    """An AgentSession whose "agent" is `script` (Python), run here: a host that misbehaves."""
+
+    def make(script: str) -> session.AgentSession:
+        path = tmp_path / "fake_agent.py"
+        drain = "import sys, threading\nthreading.Thread(target=sys.stdin.buffer.read).start()\n"
+        path.write_text(drain + script)  # it reads what it is sent, and answers `script`'s way
+        argv = ["python3", "-I", str(path)]
+        monkeypatch.setattr(openssh, "argv", lambda _h, _s, _t, _command: argv)
+        host, ssh = SimpleNamespace(name="h1"), SimpleNamespace(bulk="openssh", become=False)
+        return session.AgentSession(host, ssh, str(tmp_path), connect_timeout=5)  # type: ignore[arg-type]
+
+    return make
+
+
+def test_a_host_cannot_hold_a_step_open_by_saying_wait_again_and_again(fake):
+    s = fake("import time\nwhile True:\n    print('WAIT 1', flush=True)\n    time.sleep(0.3)\n")
+    started = time.monotonic()
+    try:
+        with pytest.raises(session.StepTimeout):
+            s.request("stage", "pin", {"key": PUB.hex()}, timeout=0.5)
+        # the step's 0.5 s and one WAIT's 1 s, then up to 7 s to hear why and hang up; never more
+        assert time.monotonic() - started < 12
+    finally:
+        s.close()
+
+
+def test_a_garbled_wait_line_fails_the_host_not_the_deployment(fake):
+    s = fake("import time\nprint('WAIT soon', flush=True)\ntime.sleep(30)\n")
+    try:
+        with pytest.raises(StepFailed, match="unexpected answer b'WAIT soon'"):
+            s.request("stage", "pin", {"key": PUB.hex()}, timeout=10)
+    finally:
+        s.close()
