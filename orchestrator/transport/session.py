@@ -385,12 +385,14 @@ class AgentSession:
                 self._answered = True
                 return json.loads(line[7:])
 
-    def _refusal(self, what: str, step: str, deadline: float) -> dict[str, Any]:
+    def _refusal(self, exc: OSError, what: str, step: str, deadline: float) -> dict[str, Any]:
         """The answer of an agent that stopped reading in the middle of a transfer: it refuses
         (an object corrupted, the disk full, another agent busy), answers and ends, and the
         sender is left a broken pipe. Its answer, not the pipe, is the step's failure: an
         integrity refusal stays one (never tolerated), a full disk says so."""
         assert self._pipe is not None
+        if exc.filename is not None:  # this side's own file (the frames gone): none to hear
+            raise self._broken(step, what) from None
         buf, until = self._buf, min(deadline, time.monotonic() + 5)
         try:
             while b"\nRESULT " not in b"\n" + buf or not buf.endswith(b"\n"):
@@ -464,7 +466,7 @@ class AgentSession:
                     sent = self._pipe.sendfile(path, deadline)
                     result = self._result(deadline, "stage")
                 except OSError as exc:
-                    result = self._refusal(f"transfer failed ({exc})", "stage", deadline)
+                    result = self._refusal(exc, f"transfer failed ({exc})", "stage", deadline)
             elif line.startswith(b"RESULT "):
                 result = json.loads(line[7:])
             else:
@@ -492,7 +494,7 @@ class AgentSession:
                     sent += self._pipe.sendfile(path, deadline)
                 result = self._result(deadline, step)
             except OSError as exc:
-                result = self._refusal(f"transfer failed ({exc})", step, deadline)
+                result = self._refusal(exc, f"transfer failed ({exc})", step, deadline)
             if result.get("_code"):
                 self._drop()  # the agent ends a failed stream: it is out of step
         out = _checked(self.name, step, result)

@@ -97,3 +97,11 @@ def test_a_garbled_wait_line_fails_the_host_not_the_deployment(fake):
             s.request("stage", "pin", {"key": PUB.hex()}, timeout=10)
     finally:
         s.close()
+
+
+def test_a_transfer_this_side_cannot_read_is_said_so(local, tmp_path):
+    raw, sig, _ = package({"u/a": b"alpha"})
+    local.request("stage", "pin", {"key": PUB.hex()}, timeout=10)
+    gone = tmp_path.parent / "frames-gone"
+    with pytest.raises(StepFailed, match=r"transfer failed \(\[Errno 2\] No such file"):
+        local.receive("app-1", raw, sig, lambda _need: gone, timeout=30)
