@@ -1614,13 +1614,15 @@ def op_run(host, args):
     return {"rc": rc, "output": text[-4000:], "seconds": round(time.monotonic() - started, 3)}
 
 
-KILLED_OUTPUT_WAIT = 2.0  # s: what a timed-out command's killed group may still write
+KILLED_OUTPUT_WAIT = 2.0  # s a command's output is read for after it ended or was killed
 
 
 def spawn(argv, cwd, env, timeout):
     """(exit code, stdout+stderr) of `argv` run in `cwd` in a session of its own, stdin
-    /dev/null (never the session's own stream); (None, output so far) when `timeout`
-    passes, its whole process group killed. posix_spawn and poll, not subprocess: importing
+    /dev/null (never the session's own stream), once it has exited (its output read for
+    KILLED_OUTPUT_WAIT s more: a daemon it left may hold the pipe for ever); (None, output
+    so far) when `timeout` passes, its whole process group killed, whatever it did with
+    its output. posix_spawn and poll, not subprocess: importing
     subprocess (and signal, enum) costs ~16 ms of CPU, paid by every host of a deployment
     whose milestone runs a check. posix_spawn has no portable chdir, so the agent moves
     there itself (it uses absolute paths only)."""
@@ -1637,31 +1639,45 @@ def spawn(argv, cwd, env, timeout):
         pid = _start(argv, env, w)
     finally:
         os.close(w)
-    chunks, deadline, killed = [], time.monotonic() + timeout, False
+    chunks, deadline, killed, status, eof = [], time.monotonic() + timeout, False, None, False
+    grace = None  # once the command is gone: how long its output may still come
+    nap = 0.001  # output closed, the command not reaped yet: it is exiting, most likely
     poller = select.poll()
     poller.register(r, select.POLLIN | select.POLLHUP)
     try:
         while True:
-            left = deadline - time.monotonic()
-            if not killed and left <= 0:
-                try:
-                    os.killpg(pid, 9)  # SIGKILL, without the signal module's import
-                except OSError:
-                    pass
-                killed, deadline = True, time.monotonic() + KILLED_OUTPUT_WAIT
-                left = KILLED_OUTPUT_WAIT
-            elif killed and left <= 0:
-                # a process that left the group (setsid) still holds the output: the answer
-                # must not wait for it (the session would hang, holding the agent lock)
+            now = time.monotonic()
+            if status is None:
+                done, st = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    status, grace = st, now + KILLED_OUTPUT_WAIT
+            if status is None and now >= deadline:
+                for kill in (os.killpg, os.kill):  # the group; itself, had it no group yet
+                    try:
+                        kill(pid, 9)  # SIGKILL, without the signal module's import
+                    except OSError:
+                        pass
+                _, status = os.waitpid(pid, 0)  # it cannot outlive SIGKILL
+                killed, grace = True, now + KILLED_OUTPUT_WAIT
+            if status is not None and (eof or now >= grace):
+                # what a child left running (setsid, or not in the group) still holds the
+                # output: the answer, and the agent lock, must not wait for it
                 break
-            if poller.poll(max(1, int(left * 1000))):
+            if eof:  # output closed (or sent elsewhere), the command still runs: its timeout
+                time.sleep(min(nap, max(0.0, deadline - now)))
+                nap = min(nap * 2, 0.05)
+                continue
+            # wake at least every 0.1 s: a command that ends with its output still held
+            # shows only in waitpid
+            until = deadline if grace is None else grace
+            if poller.poll(max(1, min(100, int((until - now) * 1000)))):
                 chunk = os.read(r, 1 << 16)
-                if not chunk:
-                    break
-                chunks.append(chunk)
+                if chunk:
+                    chunks.append(chunk)
+                else:
+                    eof = True
     finally:
         os.close(r)
-    _, status = os.waitpid(pid, 0)
     out = b"".join(chunks)
     return (None, out) if killed else (_exit_code(status), out)
 

@@ -446,31 +446,30 @@ class AgentSession:
         """`stage`: the signed manifest, the agent's NEED list, only those objects, the end.
         `known`: release id → digest of what the CMS records on the host (its prior)."""
         with self._lock, self._session():
-            deadline, self._waited = time.monotonic() + timeout, False
+            # the agent reads the manifest only once it holds the lock: its WAIT comes after
+            # the manifest is written, so the wait is allowed for from the start (as stream)
+            deadline = time.monotonic() + timeout + AGENT_LOCK_WAIT
+            self._waited = True
             args = {"id": rid, "known": known}
             head = json.dumps({"op": "receive", "args": args}).encode() + b"\n"
             sizes = json.dumps({"manifest_len": len(manifest), "sig_len": len(signature)})
-            # the agent reads the manifest only once it holds the lock (its WAIT comes after)
-            self._write(
-                head + sizes.encode() + b"\n" + manifest + signature,
-                deadline + AGENT_LOCK_WAIT,
-                "stage",
-            )
-            line, deadline = self._answer(deadline, "stage")
+            assert self._pipe is not None
             sent = 0
-            if line.startswith(b"NEED "):
-                need = json.loads(line[5:])
-                path = frames(need)  # `<sha> <size>\n<bytes>` … END, shared between hosts
-                assert self._pipe is not None
-                try:
+            try:  # an agent that refuses (busy, a bad signature) answers and stops reading
+                self._pipe.write(head + sizes.encode() + b"\n" + manifest + signature, deadline)
+                line, deadline = self._answer(deadline, "stage")
+                if line.startswith(b"NEED "):
+                    path = frames(json.loads(line[5:]))  # `<sha> <size>\n<bytes>` … END
                     sent = self._pipe.sendfile(path, deadline)
                     result = self._result(deadline, "stage")
-                except OSError as exc:
-                    result = self._refusal(exc, f"transfer failed ({exc})", "stage", deadline)
-            elif line.startswith(b"RESULT "):
-                result = json.loads(line[7:])
-            else:
-                raise self._broken("stage", f"unexpected answer {line[:80]!r}")
+                elif line.startswith(b"RESULT "):
+                    result = json.loads(line[7:])
+                else:
+                    raise self._broken("stage", f"unexpected answer {line[:80]!r}")
+            except OSError as exc:
+                result = self._refusal(exc, f"transfer failed ({exc})", "stage", deadline)
+            except ValueError as exc:  # (not JSON, or an object the package lacks)
+                raise self._broken("stage", f"unexpected answer ({exc})") from None
             if result.get("_code"):
                 self._drop()  # the agent ends a failed receive: its stream is out of step
         out = _checked(self.name, "stage", result)

@@ -1595,3 +1595,34 @@ def test_a_timed_out_hook_whose_child_left_its_group_still_answers(tmp_path):
         while not pidfile.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         os.kill(int(pidfile.read_text()), signal.SIGKILL)  # by the PID it wrote
+
+
+@pytest.mark.parametrize(
+    "command, rc, seconds",
+    [
+        # its output sent elsewhere: still timed out (it once ran on, holding the session)
+        ("echo elsewhere; exec >/dev/null 2>&1; sleep 30", 124, (1, 4)),
+        # ended well, leaving a daemon that holds the output: its own exit code, at once
+        ("setsid sh -c 'echo $$ > {d}/daemon; exec sleep 30' & echo started; exit 0", 0, (0, 3)),
+        ("echo quick", 0, (0, 0.5)),
+    ],
+)
+def test_a_command_is_judged_by_its_own_process_not_by_who_holds_its_output(
+    tmp_path, command, rc, seconds
+):
+    import signal
+    import time
+
+    started = time.monotonic()
+    res, code = _op(tmp_path, "run", command=command.format(d=tmp_path), timeout=1)
+    took = time.monotonic() - started
+    try:
+        assert code == 0 and res["rc"] == rc, res
+        assert seconds[0] <= took < seconds[1], took
+    finally:
+        daemon = tmp_path / "daemon"
+        deadline = time.monotonic() + 5
+        while "daemon" in command and not daemon.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if daemon.exists():
+            os.kill(int(daemon.read_text()), signal.SIGKILL)  # by the PID it wrote

@@ -105,3 +105,30 @@ def test_a_transfer_this_side_cannot_read_is_said_so(local, tmp_path):
     gone = tmp_path.parent / "frames-gone"
     with pytest.raises(StepFailed, match=r"transfer failed \(\[Errno 2\] No such file"):
         local.receive("app-1", raw, sig, lambda _need: gone, timeout=30)
+
+
+def test_a_busy_host_that_never_reads_a_large_manifest_is_still_heard(local, tmp_path, monkeypatch):
+    """The agent takes the lock before it reads the manifest; refusing, it answers and ends
+    with the manifest unread: the sender's broken pipe must not hide its words."""
+    import marshal
+    import sys
+
+    from orchestrator import agent
+
+    quick = agent.source().replace(b"\nLOCK_WAIT = 30.0", b"\nLOCK_WAIT = 1.0")
+    assert quick != agent.source()
+    code = marshal.dumps(compile(quick, "ferry-agent", "exec"))
+    head = f"{len(quick)} {len(code)} {sys.implementation.cache_tag}\n".encode()
+    monkeypatch.setattr(session, "boot_input", lambda: head + quick + code)
+    raw, sig, _ = package({f"u/f{i:05d}": b"%d" % i for i in range(6000)})
+    assert len(raw) > 1 << 19  # more than the pipes between them hold
+    other = ferry_agent.Host(str(tmp_path))
+    local.request("stage", "state", {}, timeout=10)
+    other.hold("the pull agent's deploy of app-2 (deployment 7)")
+    try:
+        with pytest.raises(StepFailed) as refused:
+            local.receive("app-1", raw, sig, lambda _need: tmp_path / "unused", timeout=10)
+    finally:
+        other.let_go()
+    assert refused.value.kind == "busy", refused.value.message
+    assert "the pull agent's deploy of app-2 (deployment 7)" in refused.value.message
