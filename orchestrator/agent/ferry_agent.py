@@ -415,7 +415,7 @@ class Host:
         self._lock_writable = True
         self._lock_count = None  # the lock's count as this process left it: see hold
         self.held = False
-        self.who, self.wait = "an agent", None  # whose steps these are, and their wait
+        self.who = "an agent"  # whose steps these are: see dispatch
         self.announce = None  # serve: tells the orchestrator that a step waits (see hold)
 
     def ensure_dirs(self):
@@ -491,13 +491,14 @@ class Host:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
                 if time.monotonic() >= deadline:
+                    holder = self.holder()
                     err = AgentError(
                         "busy",
                         "another Ferry agent is changing this host (%s); %s waited %g s for "
-                        "it: try again when it is done" % (self.holder(), what, wait),
+                        "it: try again when it is done" % (holder, what, wait),
                         EXIT_OS,
                     )
-                    err.holder = self.holder()
+                    err.holder = holder
                     raise err
                 if not told and wait > 0 and self.announce is not None:
                     self.announce(wait)
@@ -539,9 +540,8 @@ class Host:
             count = int(os.pread(fd, 512, 0).split(b" ", 1)[0].strip() or b"0")
         except ValueError:
             count = 0
-        if not self._lock_writable or count != self._lock_count:
-            if self._lock_count is not None or not self._lock_writable:
-                self._checked, self._placed, self._settled = {}, {}, False
+        if not self._lock_writable or (self._lock_count not in (None, count)):
+            self._checked, self._placed, self._settled = {}, {}, False  # (unknown: forgotten)
         if not self._lock_writable:
             return
         self._lock_count = count + 1
@@ -564,7 +564,7 @@ class Host:
 
     def hold_for(self, op):
         """hold, for this process's own kind of step (see dispatch)."""
-        self.hold("%s's %s" % (self.who, op), self.wait)
+        self.hold("%s's %s" % (self.who, op))
 
     def let_go(self):
         if not self.held:
