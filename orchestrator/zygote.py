@@ -308,12 +308,12 @@ def serve(path: Path) -> int:
     signal.signal(signal.SIGTERM, lambda _s, _f: sys.exit(0))  # the marker goes with it
     starting.write_text(f"{os.getpid()}\n")
     try:
-        return _serve(path)
+        return _serve(path, starting)
     finally:
         starting.unlink(missing_ok=True)
 
 
-def _serve(path: Path) -> int:
+def _serve(path: Path, starting: Path) -> int:
     stamp = path.name.removeprefix("warm-").removesuffix(".sock")
     try:
         preload()
@@ -347,7 +347,7 @@ def _serve(path: Path) -> int:
     mine = os.stat(path).st_ino
     pidfile = path.with_suffix(".pid")
     pidfile.write_text(f"{os.getpid()}\n")
-    path.with_name(f"{path.stem}.{os.getpid()}.starting").unlink(missing_ok=True)  # started
+    starting.unlink(missing_ok=True)  # started: the PID file says so from here on
     idle = float(os.environ.get("FERRY_WARM_IDLE", IDLE_DEFAULT))
     children: set[int] = set()
     last = time.monotonic()
