@@ -194,16 +194,71 @@ class AgentError(Exception):
 
 
 LOCK_WAIT = 30.0  # s a step waits for another agent's; the orchestrator's deadline moves as much
+# s a transfer may go without a byte when the request names no `stall` (its sender's deadline)
+STALL = 600.0
+
+
+class Silence(object):
+    """A sender silent in the middle of a transfer for longer than it would itself wait for
+    the step is gone: a crashed machine, a dead worker, a partitioned network, which this
+    host's sshd may not notice for hours. The step then fails, so the process ends and lets
+    go of the agent lock, instead of blocking in a read that holds it. listen() before each
+    read that waits for the sender (one setitimer per chunk of up to 1 MiB); hush() while
+    the agent works on its own. Where signals cannot be had (not the main thread) it does
+    nothing."""
+
+    def __init__(self, seconds, what):
+        self.seconds, self.what, self._signal, self._old = float(seconds), what, None, None
+
+    def __enter__(self):
+        try:
+            import _signal as sig  # not `signal`: it imports enum, ~1 ms of a session
+        except ImportError:
+            import signal as sig
+        try:
+            self._old = sig.signal(sig.SIGALRM, self._gone)
+            self._signal = sig
+        except (ValueError, AttributeError):  # not the main thread, or no SIGALRM
+            pass
+        return self
+
+    def listen(self):
+        if self._signal is not None:
+            self._signal.setitimer(self._signal.ITIMER_REAL, self.seconds)
+
+    def hush(self):
+        if self._signal is not None:
+            self._signal.setitimer(self._signal.ITIMER_REAL, 0)
+
+    def __exit__(self, *exc):
+        if self._signal is not None:
+            self.hush()
+            if self._old is not None:  # (None: a handler not set from Python)
+                self._signal.signal(self._signal.SIGALRM, self._old)
+        return False
+
+    def _gone(self, signum, frame):
+        raise AgentError(
+            "stalled",
+            "nothing arrived for %g s in the middle of %s: its sender is taken for gone, "
+            "and this host is let go" % (self.seconds, self.what),
+            EXIT_INPUT,
+        )
+
+
 LOCK_IDLE = LOCK_WAIT  # s without a request after which a session lets go (see serve)
 
 
-def copy_hashed(inp, path, size, view, what):
+def copy_hashed(inp, path, size, view, what, silence=None):
     """Write the next `size` bytes of `inp` to a new 0600 file at `path`, hashing them as
-    they pass through one reused buffer `view` (no second read); the sha256 hex digest."""
+    they pass through one reused buffer `view` (no second read); the sha256 hex digest.
+    `silence` (a Silence) is told before every read that waits for the sender."""
     h, left = new_hash(), size
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         while left:  # no allocation or copy per chunk
+            if silence is not None:
+                silence.listen()
             n = inp.readinto(view[: min(CHUNK, left)])
             if not n:
                 raise bad_input("stream ended inside %s" % what)
@@ -943,10 +998,17 @@ def op_receive(host, args):
     host.ensure_dirs()
     host.settle_incoming()
     rid = safe_id(args.id)
+    with Silence(args.stall or STALL, "the release's transfer") as silence:
+        return _receive(host, rid, args, silence)
+
+
+def _receive(host, rid, args, silence):
     inp, out = sys.stdin.buffer, sys.stdout
+    silence.listen()
     header = loads(inp.readline().decode())
     raw = _read_exact(inp, int(header["manifest_len"]))
     sig = _read_exact(inp, int(header["sig_len"]))
+    silence.hush()
     manifest = host.check_manifest(raw, sig)
     write_atomic(os.path.join(host.incoming, rid + ".manifest"), raw)
     write_atomic(os.path.join(host.incoming, rid + ".sig"), sig)
@@ -958,6 +1020,7 @@ def op_receive(host, args):
     received = nbytes = 0
     view = memoryview(bytearray(CHUNK))
     while True:
+        silence.listen()
         line = inp.readline().decode().strip()
         if line == "END":
             break
@@ -968,7 +1031,7 @@ def op_receive(host, args):
         if sha not in wanted or wanted[sha] != size:
             raise integrity("object %s was not asked for" % sha)
         part = os.path.join(host.incoming, sha + ".part")
-        if copy_hashed(inp, part, size, view, "object %s" % sha) != sha:
+        if copy_hashed(inp, part, size, view, "object %s" % sha, silence) != sha:
             os.unlink(part)
             raise integrity("object %s arrived corrupted" % sha)
         os.replace(part, os.path.join(host.incoming, sha))
@@ -1855,9 +1918,9 @@ def _signed_images(host, rid, digest):
     return manifest["content"].get("images") or {}
 
 
-def _receive_blob(inp, path, digest, size):
+def _receive_blob(inp, path, digest, size, silence):
     view = memoryview(bytearray(CHUNK))
-    if "sha256:" + copy_hashed(inp, path, size, view, "blob %s" % digest) != digest:
+    if "sha256:" + copy_hashed(inp, path, size, view, "blob %s" % digest, silence) != digest:
         os.unlink(path)
         raise integrity("image blob %s arrived corrupted" % digest)
 
@@ -1885,11 +1948,13 @@ def op_image_load(host, args):
     inp = sys.stdin.buffer
     config = record["config"]
     try:
-        _receive_blob(inp, os.path.join(work, "config.json"), config["digest"], int(config["size"]))
-        nbytes = 0
-        for digest in send:
-            _receive_blob(inp, os.path.join(work, digest[7:]), digest, sizes[digest])
-            nbytes += sizes[digest]
+        with Silence(args.stall or STALL, "the image's transfer") as silence:
+            size = int(config["size"])
+            _receive_blob(inp, os.path.join(work, "config.json"), config["digest"], size, silence)
+            nbytes = 0
+            for digest in send:
+                _receive_blob(inp, os.path.join(work, digest[7:]), digest, sizes[digest], silence)
+                nbytes += sizes[digest]
         # a docker-save archive holding only the layers sent: the engine's loader takes
         # the layers it has (same chain) from its own store and never opens their files
         proc = subprocess.Popen(
@@ -2106,7 +2171,7 @@ DEFAULTS = {
     "kind": None, "target": None, "port": None, "status": 200, "rehash": False,
     "digest": None, "rotations": None, "known": None,
     "unit": None, "units": None, "files": None, "send": None, "container": None, "action": None,
-    "lock": None,
+    "lock": None, "stall": None,
 }  # fmt: skip
 
 

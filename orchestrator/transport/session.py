@@ -450,7 +450,8 @@ class AgentSession:
             # the manifest is written, so the wait is allowed for from the start (as stream)
             deadline = time.monotonic() + timeout + AGENT_LOCK_WAIT
             self._waited = True
-            args = {"id": rid, "known": known}
+            # the agent gives up after as long without a byte: this side would have by then
+            args = {"id": rid, "known": known, "stall": timeout + AGENT_LOCK_WAIT}
             head = json.dumps({"op": "receive", "args": args}).encode() + b"\n"
             sizes = json.dumps({"manifest_len": len(manifest), "sig_len": len(signature)})
             assert self._pipe is not None
@@ -485,6 +486,7 @@ class AgentSession:
             # the bytes follow at once: an agent waiting for another's step (Host.hold) reads
             # none until it is done, and its WAIT line is read only after them
             deadline, self._waited = time.monotonic() + timeout + AGENT_LOCK_WAIT, True
+            args = dict(args, stall=timeout + AGENT_LOCK_WAIT)  # (as receive)
             self._write(json.dumps({"op": op, "args": args}).encode() + b"\n", deadline, step)
             sent = 0
             assert self._pipe is not None

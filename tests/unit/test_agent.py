@@ -1626,3 +1626,72 @@ def test_a_command_is_judged_by_its_own_process_not_by_who_holds_its_output(
             time.sleep(0.05)
         if daemon.exists():
             os.kill(int(daemon.read_text()), signal.SIGKILL)  # by the PID it wrote
+
+
+def _receive_paced(
+    root: Path, stall: float, data: bytes, sends: list[tuple[float, int]]
+) -> tuple[dict, float]:
+    """A serve session receives one object, `data`, the request naming `stall`: after the
+    object's frame line, each (pause, upto) sends `data` up to that offset; all of it sent,
+    END follows. The sender then waits without hanging up. The agent's answer, and how long
+    after the last byte it came."""
+    import select
+    import time
+
+    raw, sig, _ = package({"u/big": data})
+    proc = _session_with_spy(root, "pass")
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert _answer(proc, {"op": "pin", "args": {"key": PUB.hex()}})["_code"] == 0
+        head = json.dumps({"manifest_len": len(raw), "sig_len": len(sig)}).encode()
+        request = {"op": "receive", "args": {"id": "app-1", "stall": stall}}
+        proc.stdin.write(json.dumps(request).encode() + b"\n" + head + b"\n" + raw + sig)
+        proc.stdin.flush()
+        assert proc.stdout.readline().startswith(b"NEED "), proc.stderr
+        proc.stdin.write(f"{hashlib.sha256(data).hexdigest()} {len(data)}\n".encode())
+        sent = 0
+        for pause, upto in sends:
+            time.sleep(pause)
+            proc.stdin.write(data[sent:upto] + (b"END\n" if upto == len(data) else b""))
+            proc.stdin.flush()
+            sent = upto
+        last = time.monotonic()
+        answered = select.select([proc.stdout], [], [], stall + 10)[0]  # (the fd: none buffered)
+        assert answered, f"no answer {stall + 10:g} s after the last byte"
+        line = proc.stdout.readline()
+        took = time.monotonic() - last
+        assert line.startswith(b"RESULT "), (line, proc.stderr.read() if proc.stderr else "")
+        res = json.loads(line[7:])
+        if res["_code"]:  # a failed receive ends its session: its own exit, not our kill
+            res["_exit"] = proc.wait(timeout=10)
+        return res, took
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_sender_silent_in_the_middle_of_a_transfer_is_taken_for_gone_and_the_host_let_go(
+    tmp_path,
+):
+    """Its orchestrator gone (a crashed machine, a partitioned network) while its sshd has not
+    noticed: the agent fails the receive once nothing arrived for the request's `stall`, so
+    its process ends and the agent lock is free, instead of blocking in a read for hours."""
+    import fcntl
+
+    data = os.urandom(2 << 20)
+    res, took = _receive_paced(tmp_path, 1.5, data, [(0, 3 << 19)])  # 1.5 of its 2 MiB
+    assert res["_code"] == 11 and res["error"] == "stalled" and res["_exit"] == 11, res
+    assert "nothing arrived for 1.5 s in the middle of the release's transfer" in res["message"]
+    assert 1.0 <= took < 6, took
+    with open(tmp_path / ".ferry" / "agent.lock", "rb") as lock:  # no one holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert (tmp_path / ".ferry" / "agent.lock").read_bytes().isdigit()  # its count: no holder
+
+
+def test_a_slow_sender_that_keeps_sending_is_not_taken_for_gone(tmp_path):
+    """The silence counts from the last chunk read, not from the step's start: four MiB 0.8 s
+    apart (2.4 s from the first to the last) pass a 1.5 s stall, and the object arrives."""
+    data = os.urandom(4 << 20)
+    sends = [(0.0 if k == 1 else 0.8, k << 20) for k in range(1, 5)]
+    res, _ = _receive_paced(tmp_path, 1.5, data, sends)
+    assert res["_code"] == 0 and res["received"] == 1 and res["bytes"] == 4 << 20, res
