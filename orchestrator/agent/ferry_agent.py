@@ -1201,11 +1201,7 @@ def _sync_tree(top, files):
         finally:
             os.close(fd)
     for dirpath, _dirs, _files in os.walk(top):
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(dirpath)
 
 
 def _syncfs(path):
@@ -1248,11 +1244,26 @@ def op_config(host, args):
 
 
 def _point_current(host, name):
-    """`current` → releases/<name>, atomically (a symlink at a temp name, renamed over)."""
+    """`current` → releases/<name>, atomically (a symlink at a temp name, renamed over).
+    First the entries of releases/ and meta/ are made durable: a power loss after `current`
+    moved must not find the directory it names unpublished (still .tmp-<id>, or not yet
+    set aside) or its record gone. One journal commit where nothing is pending; ext4 and
+    XFS commit them with `current` anyway, a filesystem that logs per inode (btrfs) may not."""
+    fsync_dir(host.releases)
+    fsync_dir(host.meta)
     link = os.path.join(host.root, "current")
     tmp = link + ".tmp-%d" % os.getpid()
     os.symlink(os.path.join("releases", name), tmp)
     os.replace(tmp, link)
+
+
+def fsync_dir(path):
+    """A directory's entries made durable: what was renamed into it, created or removed."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def op_switch(host, args):
@@ -1280,11 +1291,7 @@ def op_switch(host, args):
         st["history"] = st["history"][-50:]
     st["current"] = target
     host.save_state(st)
-    dfd = os.open(host.root, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(host.root)
     return {"current": target, "before": before}
 
 
