@@ -202,13 +202,15 @@ class Silence(object):
     """A sender silent in the middle of a transfer for longer than it would itself wait for
     the step is gone: a crashed machine, a dead worker, a partitioned network, which this
     host's sshd may not notice for hours. The step then fails, so the process ends and lets
-    go of the agent lock, instead of blocking in a read that holds it. listen() before each
-    read that waits for the sender (one setitimer per chunk of up to 1 MiB); hush() while
-    the agent works on its own. Where signals cannot be had (not the main thread) it does
-    nothing."""
+    go of the agent lock, instead of blocking in a read that holds it. Only the reads that
+    wait for the sender are timed (read(): one setitimer before and one after each read of
+    up to 1 MiB), not this host's own work between them (hashing, a slow disk). Where
+    signals cannot be had (not the main thread) it does nothing."""
 
     def __init__(self, seconds, what):
-        self.seconds, self.what, self._signal, self._old = float(seconds), what, None, None
+        self.seconds, self.what = float(seconds), what
+        self._signal = self._old = None
+        self._waiting = False
 
     def __enter__(self):
         try:
@@ -222,28 +224,33 @@ class Silence(object):
             pass
         return self
 
-    def listen(self):
-        if self._signal is not None:
-            self._signal.setitimer(self._signal.ITIMER_REAL, self.seconds)
-
-    def hush(self):
-        if self._signal is not None:
+    def read(self, call, *args):
+        """call(*args), a read from the sender, failed as stalled if it waits too long."""
+        if self._signal is None:
+            return call(*args)
+        self._waiting = True
+        self._signal.setitimer(self._signal.ITIMER_REAL, self.seconds)
+        try:
+            return call(*args)
+        finally:
+            self._waiting = False  # (an alarm due just as the read ended is ignored)
             self._signal.setitimer(self._signal.ITIMER_REAL, 0)
 
     def __exit__(self, *exc):
         if self._signal is not None:
-            self.hush()
+            self._signal.setitimer(self._signal.ITIMER_REAL, 0)
             if self._old is not None:  # (None: a handler not set from Python)
                 self._signal.signal(self._signal.SIGALRM, self._old)
         return False
 
     def _gone(self, signum, frame):
-        raise AgentError(
-            "stalled",
-            "nothing arrived for %g s in the middle of %s: its sender is taken for gone, "
-            "and this host is let go" % (self.seconds, self.what),
-            EXIT_INPUT,
-        )
+        if self._waiting:
+            raise AgentError(
+                "stalled",
+                "the sender went silent in the middle of %s (a read of up to 1 MiB waited "
+                "%g s): it is taken for gone, and this host is let go" % (self.what, self.seconds),
+                EXIT_INPUT,
+            )
 
 
 LOCK_IDLE = LOCK_WAIT  # s without a request after which a session lets go (see serve)
@@ -252,14 +259,13 @@ LOCK_IDLE = LOCK_WAIT  # s without a request after which a session lets go (see 
 def copy_hashed(inp, path, size, view, what, silence=None):
     """Write the next `size` bytes of `inp` to a new 0600 file at `path`, hashing them as
     they pass through one reused buffer `view` (no second read); the sha256 hex digest.
-    `silence` (a Silence) is told before every read that waits for the sender."""
+    `silence` (a Silence) times every read that waits for the sender."""
     h, left = new_hash(), size
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         while left:  # no allocation or copy per chunk
-            if silence is not None:
-                silence.listen()
-            n = inp.readinto(view[: min(CHUNK, left)])
+            chunk = view[: min(CHUNK, left)]
+            n = inp.readinto(chunk) if silence is None else silence.read(inp.readinto, chunk)
             if not n:
                 raise bad_input("stream ended inside %s" % what)
             h.update(view[:n])
@@ -1004,11 +1010,9 @@ def op_receive(host, args):
 
 def _receive(host, rid, args, silence):
     inp, out = sys.stdin.buffer, sys.stdout
-    silence.listen()
-    header = loads(inp.readline().decode())
-    raw = _read_exact(inp, int(header["manifest_len"]))
-    sig = _read_exact(inp, int(header["sig_len"]))
-    silence.hush()
+    header = loads(silence.read(inp.readline).decode())
+    raw = silence.read(_read_exact, inp, int(header["manifest_len"]))
+    sig = silence.read(_read_exact, inp, int(header["sig_len"]))
     manifest = host.check_manifest(raw, sig)
     write_atomic(os.path.join(host.incoming, rid + ".manifest"), raw)
     write_atomic(os.path.join(host.incoming, rid + ".sig"), sig)
@@ -1020,8 +1024,7 @@ def _receive(host, rid, args, silence):
     received = nbytes = 0
     view = memoryview(bytearray(CHUNK))
     while True:
-        silence.listen()
-        line = inp.readline().decode().strip()
+        line = silence.read(inp.readline).decode().strip()
         if line == "END":
             break
         if not line:
@@ -1258,10 +1261,15 @@ def _point_current(host, name):
 
 
 def fsync_dir(path):
-    """A directory's entries made durable: what was renamed into it, created or removed."""
+    """A directory's entries made durable: what was renamed into it, created or removed.
+    A filesystem that cannot sync a directory says EINVAL (or EBADF) and has nothing to
+    make durable that way (as PostgreSQL treats it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 

@@ -5,6 +5,7 @@ plans its priors from what the first left."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -183,3 +184,46 @@ def test_a_host_another_agent_is_changing_is_waited_for_then_refused_alone_namin
     assert journal == {("stage", "refused")}  # nothing to back out of it
     assert host_release(fleet, "h7") == rid("shop@1.0")  # refused before it was touched
     assert {host_release(fleet, h) for h in fleet.hosts if h != "h7"} == {rid("shop@2.0")}
+
+
+def test_a_host_cut_off_in_the_middle_of_a_transfer_frees_its_lock_once_the_sender_is_overdue(
+    clean_small, run_ferry
+):
+    """A partition mid-transfer: Ferry gives up on the host at its step's deadline and the
+    host's sshd never hears of it (its link is down, and TCP keepalive takes two hours).
+    The agent, blocked in a read, ends once that read has waited the request's stall (the
+    step's deadline: 5 s and the lock's 30 s), so the host is free again for the next
+    deployment or the pull daemon, the link still down."""
+    from orchestrator.agent import ferry_agent
+
+    fleet, work = clean_small, Path.cwd()
+    build(work, "1.0", extra={"blob.bin": os.urandom(48 << 20)})
+    p = plan(work, fleet, name="short.yaml", timeouts={"step": "5s", "connect": "3s"})
+    incoming = fleet.root_dir("h1") / ".ferry" / "incoming"  # h1: wave 1's host
+    lock = fleet.root_dir("h1") / ".ferry" / "agent.lock"
+    with fleet.faulted("h1", "slow", rate="8mbit"):  # 48 MiB: ~50 s to send
+        proc = _start(p, "shop@1.0", rfc(run_ferry, "shop@1.0"))
+        try:
+            deadline = time.monotonic() + 60
+            while not any(f.stat().st_size > 1 << 20 for f in incoming.glob("*.part")):
+                if time.monotonic() > deadline:
+                    pytest.fail("the blob never started to arrive")
+                time.sleep(0.1)
+            agent_pid = int(lock.read_text().split()[1])  # the holder's note: count pid …
+            with fleet.faulted("h1", "down"):
+                cut = time.monotonic()
+                stdout, stderr = proc.communicate(timeout=120)
+                probe = ferry_agent.Host(str(fleet.root_dir("h1")))
+                probe.hold("the test", wait=60)
+                freed = time.monotonic() - cut
+                probe.let_go()
+                assert not os.path.exists(f"/proc/{agent_pid}"), "the lock is free: its agent ended"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 4, stdout + stderr
+    failure = json.loads(stdout)["hosts"]["h1"]["failure"]
+    assert failure["step"] == "stage", failure
+    assert 25 <= freed <= 50, freed  # its read waited 35 s from about the cut
+    assert host_release(fleet, "h1") is None

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -1629,17 +1630,24 @@ def test_a_command_is_judged_by_its_own_process_not_by_who_holds_its_output(
 
 
 def _receive_paced(
-    root: Path, stall: float, data: bytes, sends: list[tuple[float, int]]
+    root: Path,
+    stall: float,
+    data: bytes,
+    sends: list[tuple[float, int]],
+    *,
+    spy: str = "pass",
+    then: Callable[[], None] | None = None,
 ) -> tuple[dict, float]:
     """A serve session receives one object, `data`, the request naming `stall`: after the
     object's frame line, each (pause, upto) sends `data` up to that offset; all of it sent,
     END follows. The sender then waits without hanging up. The agent's answer, and how long
-    after the last byte it came."""
+    after the last byte it came; `then` (a pause, say) runs after a good answer, and the
+    answer to a verify that follows it is `_then`. `spy`: Python run before the agent."""
     import select
     import time
 
     raw, sig, _ = package({"u/big": data})
-    proc = _session_with_spy(root, "pass")
+    proc = _session_with_spy(root, spy)
     assert proc.stdin is not None and proc.stdout is not None
     try:
         assert _answer(proc, {"op": "pin", "args": {"key": PUB.hex()}})["_code"] == 0
@@ -1664,6 +1672,9 @@ def _receive_paced(
         res = json.loads(line[7:])
         if res["_code"]:  # a failed receive ends its session: its own exit, not our kill
             res["_exit"] = proc.wait(timeout=10)
+        elif then is not None:
+            then()
+            res["_then"] = _answer(proc, {"op": "verify", "args": {"id": "app-1"}})
         return res, took
     finally:
         proc.kill()
@@ -1681,7 +1692,8 @@ def test_a_sender_silent_in_the_middle_of_a_transfer_is_taken_for_gone_and_the_h
     data = os.urandom(2 << 20)
     res, took = _receive_paced(tmp_path, 1.5, data, [(0, 3 << 19)])  # 1.5 of its 2 MiB
     assert res["_code"] == 11 and res["error"] == "stalled" and res["_exit"] == 11, res
-    assert "nothing arrived for 1.5 s in the middle of the release's transfer" in res["message"]
+    said = "the sender went silent in the middle of the release's transfer (a read of up to 1 MiB"
+    assert said in res["message"] and "waited 1.5 s" in res["message"], res
     assert 1.0 <= took < 6, took
     with open(tmp_path / ".ferry" / "agent.lock", "rb") as lock:  # no one holds it
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1690,11 +1702,30 @@ def test_a_sender_silent_in_the_middle_of_a_transfer_is_taken_for_gone_and_the_h
 
 def test_a_slow_sender_that_keeps_sending_is_not_taken_for_gone(tmp_path):
     """The silence counts from the last chunk read, not from the step's start: four MiB 0.8 s
-    apart (2.4 s from the first to the last) pass a 1.5 s stall, and the object arrives."""
+    apart (2.4 s from the first to the last) pass a 2 s stall, and the object arrives. The
+    timer is off once the transfer is over: the session answers a request after a pause
+    longer than the stall (an alarm left armed would end it: SIGALRM's default action)."""
+    import time
+
     data = os.urandom(4 << 20)
     sends = [(0.0 if k == 1 else 0.8, k << 20) for k in range(1, 5)]
-    res, _ = _receive_paced(tmp_path, 1.5, data, sends)
+    res, _ = _receive_paced(tmp_path, 2.0, data, sends, then=lambda: time.sleep(2.5))
     assert res["_code"] == 0 and res["received"] == 1 and res["bytes"] == 4 << 20, res
+    assert res["_then"]["_code"] == 0 and res["_then"]["placed"] == 1, res["_then"]
+
+
+def test_a_host_whose_own_disk_is_slow_does_not_blame_its_sender(tmp_path):
+    """Only the reads that wait for the sender are timed: the first write of the object's
+    bytes takes 2 s here, the host's own work, with a 1.5 s stall and every byte sent."""
+    data = os.urandom(4 << 20)
+    spy = (
+        "import os,time;_w=os.write;_slow=[2.0]\n"
+        "def slow(fd,b):\n if len(b)>=1<<19 and _slow:time.sleep(_slow.pop())\n"
+        " return _w(fd,b)\n"
+        "os.write=slow"
+    )
+    res, _ = _receive_paced(tmp_path, 1.5, data, [(0.0, len(data))], spy=spy)
+    assert res["_code"] == 0 and res["received"] == 1, res
 
 
 # logs each fsync (by the path of its descriptor) and each rename over a name, in order,

@@ -132,3 +132,36 @@ def test_a_busy_host_that_never_reads_a_large_manifest_is_still_heard(local, tmp
         other.let_go()
     assert refused.value.kind == "busy", refused.value.message
     assert "the pull agent's deploy of app-2 (deployment 7)" in refused.value.message
+
+
+def test_a_transfer_names_the_orchestrators_own_deadline_as_the_agents_stall(monkeypatch, tmp_path):
+    """The agent gives up on a silent sender only after the sender's own deadline for the
+    step (its timeout and the lock's wait), so a live orchestrator is never cut off: what
+    the requests carry, as the agent read them (the session's stdin copied by tee)."""
+    import json
+
+    sent = tmp_path.parent / "sent"
+    monkeypatch.setattr(
+        openssh, "argv", lambda _h, _s, _t, command: ["sh", "-c", f"tee {sent} | {command}"]
+    )
+    host = SimpleNamespace(name="h1")
+    ssh = SimpleNamespace(bulk="openssh", become=False, user="root")
+    s = session.AgentSession(host, ssh, str(tmp_path), connect_timeout=5)  # type: ignore[arg-type]
+    data = b"alpha"
+    raw, sig, _ = package({"u/a": data})
+    frames = tmp_path.parent / "frames"
+    frames.write_bytes(f"{hashlib.sha256(data).hexdigest()} 5\n".encode() + data + b"END\n")
+    try:
+        s.request("stage", "pin", {"key": PUB.hex()}, timeout=10)
+        assert s.receive("app-1", raw, sig, lambda _need: frames, timeout=7)["received"] == 1
+        with pytest.raises(StepFailed, match="no image unit"):
+            s.stream("stage", "image_load", {"id": "app-1", "unit": "web"}, [], timeout=5)
+    finally:
+        s.close()
+    requests = {}
+    for line in sent.read_bytes().split(b"\n"):
+        if line.startswith(b'{"op": '):
+            req = json.loads(line)
+            requests[req["op"]] = req["args"]
+    assert requests["receive"]["stall"] == 7 + session.AGENT_LOCK_WAIT, requests
+    assert requests["image_load"]["stall"] == 5 + session.AGENT_LOCK_WAIT, requests
