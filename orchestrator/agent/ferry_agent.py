@@ -194,7 +194,7 @@ class AgentError(Exception):
 
 
 LOCK_WAIT = 30.0  # s a step waits for another agent's; the orchestrator's deadline moves as much
-# s a transfer may go without a byte when the request names no `stall` (its sender's deadline)
+# s a read from the sender may wait (Silence) when the request names no `stall` (its deadline)
 STALL = 600.0
 
 

@@ -450,7 +450,7 @@ class AgentSession:
             # the manifest is written, so the wait is allowed for from the start (as stream)
             deadline = time.monotonic() + timeout + AGENT_LOCK_WAIT
             self._waited = True
-            # the agent gives up after as long without a byte: this side would have by then
+            # the agent gives up on a read from here that waits this long: so would this side
             args = {"id": rid, "known": known, "stall": timeout + AGENT_LOCK_WAIT}
             head = json.dumps({"op": "receive", "args": args}).encode() + b"\n"
             sizes = json.dumps({"manifest_len": len(manifest), "sig_len": len(signature)})
