@@ -1943,10 +1943,7 @@ def _receive_blob(inp, path, digest, size, silence):
 def op_image_load(host, args):
     """Read the image's config and the layers Ferry sends (the engine has the others),
     check each against the release's signed manifest, and `docker load` them."""
-    import io
     import shutil
-    import subprocess
-    import tarfile
 
     rid, unit = safe_id(args.id), safe_id(args.unit)
     record = _signed_images(host, rid, args.digest).get(unit)
@@ -1970,8 +1967,28 @@ def op_image_load(host, args):
             for digest in send:
                 _receive_blob(inp, os.path.join(work, digest[7:]), digest, sizes[digest], silence)
                 nbytes += sizes[digest]
-        # a docker-save archive holding only the layers sent: the engine's loader takes
-        # the layers it has (same chain) from its own store and never opens their files
+        # the orchestrator gives up on the step after `stall`: a load still running then
+        # (an engine that hangs) must not keep this process, and the host's lock, forever
+        _docker_load(host, work, layers, send, args.stall or STALL)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if config["digest"] not in _engine_images(host):
+        raise integrity("the engine did not load image %s" % config["digest"])
+    tag = "ferry/%s:%s" % (unit.lower(), config["digest"][7:19])
+    _docker(host, ["tag", config["digest"], tag])
+    return {"image": config["digest"], "tag": tag, "layers_sent": len(send), "bytes": nbytes}
+
+
+def _docker_load(host, work, layers, send, limit):
+    """`docker load` a docker-save archive of the config and the layers sent, written
+    straight into it: the engine's loader takes the layers it has (same chain) from its own
+    store and never opens their files. Killed (by its PID) if it runs past `limit` s."""
+    import io
+    import subprocess
+    import tarfile
+    import threading
+
+    try:
         proc = subprocess.Popen(
             ["docker", "load", "-q"],
             env=_docker_env(host),
@@ -1979,8 +1996,14 @@ def op_image_load(host, args):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        names = [b["digest"][7:] + "/layer.tar" for b in layers]
-        manifest = [{"Config": "config.json", "RepoTags": None, "Layers": names}]
+    except FileNotFoundError:
+        raise AgentError("docker", "no docker CLI on this host", EXIT_OS)
+    late = threading.Timer(limit, proc.kill)
+    late.daemon = True
+    late.start()
+    names = [b["digest"][7:] + "/layer.tar" for b in layers]
+    manifest = [{"Config": "config.json", "RepoTags": None, "Layers": names}]
+    try:
         try:
             with tarfile.open(fileobj=proc.stdin, mode="w|") as tar:
                 tar.add(os.path.join(work, "config.json"), "config.json")
@@ -1991,18 +2014,21 @@ def op_image_load(host, args):
                 info.size = len(raw)
                 tar.addfile(info, io.BytesIO(raw))
             proc.stdin.close()
-        except BrokenPipeError:
+        except (BrokenPipeError, ValueError):  # it ended (or was killed) before reading all
             pass
         out = proc.stdout.read().decode(errors="replace")
-        if proc.wait() != 0:
-            raise AgentError("docker", "docker load: %s" % out.strip()[-800:], EXIT_OS)
+        rc = proc.wait()
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-    if config["digest"] not in _engine_images(host):
-        raise integrity("the engine did not load image %s" % config["digest"])
-    tag = "ferry/%s:%s" % (unit.lower(), config["digest"][7:19])
-    _docker(host, ["tag", config["digest"], tag])
-    return {"image": config["digest"], "tag": tag, "layers_sent": len(send), "bytes": nbytes}
+        late.cancel()
+    if late.finished.is_set() and rc < 0:
+        raise AgentError(
+            "docker",
+            "docker load did not finish in %g s (the host's Docker engine does not answer?): "
+            "it was stopped, and this host is let go" % limit,
+            EXIT_OS,
+        )
+    if rc != 0:
+        raise AgentError("docker", "docker load: %s" % out.strip()[-800:], EXIT_OS)
 
 
 def op_container_switch(host, args):
