@@ -36,6 +36,7 @@ Exit codes: 0 ok, 10 integrity (signature/checksum/pinned key), 11 bad input, 12
 
 import errno
 import os
+import stat  # (os has loaded it: free)
 import sys
 import time
 
@@ -493,7 +494,13 @@ class Host:
           process that dies loses nothing the kernel holds.
         - An object with another name besides its own was placed by a verify cut short
           before it let go of it: that release directory, unrecorded, is not Ferry's to
-          trust, and the shared inode could be written through it. It is let go of here.
+          trust, and the shared inode could be written through it. A verify killed while
+          placing leaves that name in releases/.tmp-<id>, which this process (holding the
+          agent lock: no verify runs) removes; each object that then has its own name only
+          is read again and kept if its bytes are still its name, so it is not sent again
+          (a 100 MB release's objects are read in ~0.1 s; resent, they cross the network).
+          An object still named elsewhere (a published directory whose record a crash cut
+          off, cleared by its next verify) is let go of here, to be sent again.
         - A container's env file (its secrets) outlives its switch only if that was cut
           short: it goes too."""
         if self._settled:
@@ -511,17 +518,37 @@ class Host:
         except FileNotFoundError:
             same = boot is None
         os.makedirs(self.incoming, exist_ok=True)
+        placed = []  # objects a cut-short verify also named elsewhere
         for name in os.listdir(self.incoming):
             path = os.path.join(self.incoming, name)
             if name == ".boot" or (same and len(name) != 64 and not name.startswith(".env-")):
                 continue
             st = os.lstat(path)
-            if same and st.st_nlink == 1 and len(name) == 64:
+            if same and len(name) == 64 and stat.S_ISREG(st.st_mode):
+                if st.st_nlink > 1:
+                    placed.append(name)
                 continue
             _remove(path, st)  # a directory too (image-<unit>/)
+        if placed:
+            self._take_back(placed)
         if not same:
             write_atomic(mark, boot.encode())
         self._settled = True
+
+    def _take_back(self, names):
+        """settle_incoming's objects that a cut-short verify also named elsewhere: its
+        releases/.tmp-<id> goes, and each object named nowhere else now is kept if it
+        still hashes to its name, otherwise (or still named elsewhere) removed."""
+        for name in os.listdir(self.releases) if os.path.isdir(self.releases) else []:
+            if name.startswith(".tmp-"):
+                remove_tree(os.path.join(self.releases, name))
+        for name in names:
+            path = os.path.join(self.incoming, name)
+            st = os.lstat(path)
+            if st.st_nlink == 1 and sha256_file(path) == name:
+                os.chmod(path, 0o600)  # as received (verify sets its published mode)
+            else:
+                os.unlink(path)
 
     def hold(self, what, wait=None):
         """Take ROOT/.ferry/agent.lock: one agent process changes this host at a time. A push

@@ -1098,6 +1098,52 @@ def test_a_verify_cut_before_its_record_leaves_no_received_object_trusted_unread
     assert (tmp_path / "releases" / "app-2" / "u" / "x").read_bytes() == x
 
 
+@pytest.mark.parametrize("tampered", [False, True])
+def test_a_verify_killed_while_placing_leaves_its_objects_received_unless_written_since(
+    tmp_path, monkeypatch, tampered
+):
+    """Killed while placing files (kill -9, the OOM killer), verify leaves releases/.tmp-<id>
+    holding a second name of each object it placed. The next session removes that
+    directory and reads those objects again: each whose bytes are still its name stays
+    received and is not sent again; one written through the leftover name is."""
+    assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
+    files = {"u/a": b"A" * 3000, "u/b": b"B" * 2000, "u/c": b"C" * 1000}
+    assert _receive(tmp_path, "app-1", files, "1", list(files))[0] == 0
+    link, placed = os.link, []
+
+    def killed(src, dest, *a, **kw):  # type: ignore[no-untyped-def]
+        if len(placed) == 2:
+            raise Killed
+        placed.append(dest)
+        return link(src, dest, *a, **kw)
+
+    monkeypatch.setattr(os, "link", killed)
+    with pytest.raises(Killed):
+        _op(tmp_path, "verify", id="app-1")
+    monkeypatch.setattr(os, "link", link)
+    incoming = tmp_path / ".ferry" / "incoming"
+    shas = {p: hashlib.sha256(d).hexdigest() for p, d in files.items()}
+    assert sorted(os.stat(incoming / shas[p]).st_nlink for p in files) == [1, 2, 2]
+    first = Path(placed[0])
+    assert first.parent.parent.name == ".tmp-app-1"
+    if tampered:
+        with open(first, "r+b") as f:
+            f.write(b"EVIL")  # through the leftover name: the object is not its bytes now
+    resend = [str(first.relative_to(first.parent.parent))] if tampered else []
+    rc, res = _receive(tmp_path, "app-1", files, "1", resend)  # what would be asked for
+    assert rc == 0 and res["needed"] == len(resend), res
+    assert not (tmp_path / "releases" / ".tmp-app-1").exists()
+    kept = [incoming / shas[str(Path(d).relative_to(first.parent.parent))] for d in placed]
+    for path in kept[1:] if tampered else kept:  # the ones taken back: 0600, as received
+        assert os.stat(path).st_mode & 0o777 == 0o600 and os.stat(path).st_nlink == 1
+    res, code = _op(tmp_path, "verify", id="app-1")
+    assert code == 0 and res["rehashed"] == 0, res
+    assert run(tmp_path, "switch", "--id", "app-1")[0] == 0
+    assert run(tmp_path, "readback", "--id", "app-1", "--full")[1]["ok"]
+    for p, data in files.items():
+        assert (tmp_path / "releases" / "app-1" / p).read_bytes() == data
+
+
 def test_objects_received_before_the_host_rebooted_are_sent_again(tmp_path):
     """Received objects are made durable once, at publish: a power loss before that may
     leave one empty or torn. After a reboot (another boot_id) receive asks for all again."""
