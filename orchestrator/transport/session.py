@@ -320,6 +320,11 @@ class AgentSession:
 
     def _broken(self, step: str, what: str, timed_out: bool = False) -> Exception:
         """The session is over: say why (ssh could not connect, timeout, the agent died)."""
+        if timed_out:  # past the deadline nothing ssh could still say changes the answer:
+            pipe = self._detach()  # it is killed now, not after waiting 5 + 2 s for words
+            if pipe is not None:
+                pipe.close(deadline=time.monotonic())
+            return StepTimeout(self.name, f"{what}: timed out")
         pipe = self._pipe
         ssh_failed, words = (False, "") if pipe is None else pipe.why_closed()
         answered = self._answered
@@ -329,8 +334,6 @@ class AgentSession:
         if answered and not any(w in words for w in _CONNECTION_LOST):
             ssh_failed = False
             words = words or "the agent process died"
-        if timed_out:
-            return StepTimeout(self.name, f"{what}: timed out")
         if ssh_failed and "Host key verification failed" in words:
             return TransportError(
                 self.name, "host key does not match known_hosts (refused; possible MITM)"

@@ -165,3 +165,27 @@ def test_a_transfer_names_the_orchestrators_own_deadline_as_the_agents_stall(mon
             requests[req["op"]] = req["args"]
     assert requests["receive"]["stall"] == 7 + session.AGENT_LOCK_WAIT, requests
     assert requests["image_load"]["stall"] == 5 + session.AGENT_LOCK_WAIT, requests
+
+
+def test_a_step_past_its_deadline_fails_at_once_and_its_ssh_is_ended(monkeypatch, tmp_path):
+    """A host that takes every byte and never answers: the step fails as timed out at its
+    deadline, and the connection (here the "ssh", by its PID) is ended then, without
+    waiting seconds more for words that could not change the answer."""
+    from orchestrator.transport.ssh import StepTimeout
+
+    pidfile = tmp_path / "pid"
+    monkeypatch.setattr(
+        openssh, "argv", lambda *_: ["sh", "-c", f"echo $$ > {pidfile}; exec 3>&1 cat > /dev/null"]
+    )
+    host = SimpleNamespace(name="h1")
+    ssh = SimpleNamespace(bulk="openssh", become=False, user="root")
+    s = session.AgentSession(host, ssh, str(tmp_path), connect_timeout=5)  # type: ignore[arg-type]
+    started = time.monotonic()
+    try:
+        with pytest.raises(StepTimeout, match="timed out"):
+            s.request("stage", "state", {}, timeout=1)
+        took = time.monotonic() - started
+    finally:
+        s.close()
+    assert 1 <= took < 2.5, took
+    assert not Path(f"/proc/{pidfile.read_text().strip()}").exists()  # killed and reaped
