@@ -4,7 +4,7 @@ later (tests/unit/test_agent.py parses it as 3.6 and runs sessions without the c
 3.6 and 3.8 lack).
 
     python3 ferry_agent.py OP --root DEPLOY_ROOT [args]      (prints one JSON object)
-    python3 ferry_agent.py serve --root DEPLOY_ROOT          (one session, many requests)
+    python3 ferry_agent.py serve --root DEPLOY_ROOT [--from ADDRESS]   (one session, many requests)
     python3 ferry_agent.py pull --root DEPLOY_ROOT           (the pull daemon, see below)
     python3 ferry_agent.py apply-now --root DEPLOY_ROOT      (a person on the host: apply
                                                               the pending release at once)
@@ -197,6 +197,7 @@ class AgentError(Exception):
 LOCK_WAIT = 30.0  # s a step waits for another agent's; the orchestrator's deadline moves as much
 # s a read from the sender may wait (Silence) when the request names no `stall` (its deadline)
 STALL = 600.0
+ADDRESS_CHARS = frozenset("0123456789abcdefABCDEF:.")  # what an IPv4 or IPv6 address holds
 
 
 class Silence(object):
@@ -478,6 +479,8 @@ class Host:
         self._lock_count = None  # the lock's count as this process left it: see hold
         self.held = False
         self.who = "an agent"  # whose steps these are: see dispatch
+        # the address this login came from, for the lock's note (serve's --from under sudo)
+        self.peer = (os.environ.get("SSH_CLIENT") or "").split(" ")[0]
         self.announce = None  # serve: tells the orchestrator that a step waits (see hold)
 
     def ensure_dirs(self):
@@ -633,7 +636,7 @@ class Host:
         if not self._lock_writable:
             return
         self._lock_count = count + 1
-        peer = (os.environ.get("SSH_CLIENT") or "").split(" ")[0]
+        peer = "".join(c for c in self.peer if c in ADDRESS_CHARS)[:45]  # words only: an IP
         note = "%d %d %d %s%s" % (self._lock_count, os.getpid(), int(time.time()), what,
                                   " from " + peer if peer else "")  # fmt: skip
         data = note.encode("utf-8", "replace")[:500]
@@ -2287,10 +2290,12 @@ def reply(result):
     sys.stdout.flush()
 
 
-def serve(root):
+def serve(root, peer=None):
     """Answer requests on stdin until it closes: one process for a whole deployment."""
     inp = sys.stdin.buffer
     host = Host(root)
+    if peer is not None:
+        host.peer = peer
     host.announce = _announce_wait
     try:
         return _serve_requests(host, inp)
@@ -2961,8 +2966,11 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["pull"], ["apply-now"]) and len(argv) == 3 and argv[1] == "--root":
         return pull_main(argv[0], argv[2])
-    if argv[:1] == ["serve"] and len(argv) == 3 and argv[1] == "--root":
-        return _quit(serve(argv[2]))  # the session's own start: no argparse to import
+    if argv[:1] == ["serve"] and len(argv) in (3, 5) and argv[1] == "--root":
+        # the session's own start: no argparse to import. `--from ADDRESS`: the login's
+        # address, which sudo (become) keeps out of the environment, for the lock's note
+        peer = argv[4] if len(argv) == 5 and argv[3] == "--from" else None
+        return _quit(serve(argv[2], peer))
     import argparse
 
     p = argparse.ArgumentParser(prog="ferry-agent")

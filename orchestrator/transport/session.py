@@ -281,8 +281,10 @@ class AgentSession:
         if self._pipe is not None:
             return self._pipe
         command = agent_command(self.root)
-        if self.ssh.become:  # root through `sudo -n`, which never prompts
-            command = openssh.become(command, self.ssh.user)
+        if self.ssh.become:  # root through `sudo -n`, which never prompts; sudo drops
+            # SSH_CLIENT, so the login's shell hands its address to the agent for the lock's
+            # note ("held by pid N, a Ferry session's stage from ADDRESS")
+            command = openssh.become(f'{command} --from "${{SSH_CLIENT%% *}}"', self.ssh.user)
         kind = _OpenSSHPipe if self.bulk == "openssh" and openssh.available() else _ChannelPipe
         try:
             pipe: _Pipe = kind(self.host, self.ssh, command, self.connect_timeout)

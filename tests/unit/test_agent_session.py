@@ -189,3 +189,24 @@ def test_a_step_past_its_deadline_fails_at_once_and_its_ssh_is_ended(monkeypatch
         s.close()
     assert 1 <= took < 2.5, took
     assert not Path(f"/proc/{pidfile.read_text().strip()}").exists()  # killed and reaped
+
+
+def test_the_lock_names_the_login_address_under_become_too(monkeypatch, tmp_path):
+    """sudo (become: true) keeps SSH_CLIENT from the agent; the login's shell hands the
+    address over, so the lock's note still says where the session holding it came from.
+    The real become command line, run by sh with the real sudo, as the login would."""
+    import shutil
+
+    if shutil.which("sudo") is None:
+        pytest.fail("sudo is part of the lab's set-up (make bootstrap)")
+    monkeypatch.setenv("SSH_CLIENT", "198.18.7.9 40022 22")
+    monkeypatch.setattr(openssh, "argv", lambda _h, _s, _t, command: ["sh", "-c", command])
+    host = SimpleNamespace(name="h1")
+    ssh = SimpleNamespace(bulk="openssh", become=True, user="root")
+    s = session.AgentSession(host, ssh, str(tmp_path), connect_timeout=5)  # type: ignore[arg-type]
+    try:
+        s.request("stage", "pin", {"key": PUB.hex()}, timeout=10)  # a change: the lock is held
+        note = (tmp_path / ".ferry" / "agent.lock").read_text()
+    finally:
+        s.close()
+    assert note.endswith("a Ferry session's pin from 198.18.7.9"), note
