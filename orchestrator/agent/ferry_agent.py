@@ -197,6 +197,7 @@ class AgentError(Exception):
 LOCK_WAIT = 30.0  # s a step waits for another agent's; the orchestrator's deadline moves as much
 # s a read from the sender may wait (Silence) when the request names no `stall` (its deadline)
 STALL = 600.0
+LOAD_MARGIN = 5.0  # s before the orchestrator's deadline that a hung `docker load` is stopped
 ADDRESS_CHARS = frozenset("0123456789abcdefABCDEF:.")  # what an IPv4 or IPv6 address holds
 
 
@@ -499,11 +500,11 @@ class Host:
           before it let go of it: that release directory, unrecorded, is not Ferry's to
           trust, and the shared inode could be written through it. A verify killed while
           placing leaves that name in releases/.tmp-<id>, which this process (holding the
-          agent lock: no verify runs) removes; each object that then has its own name only
-          is read again and kept if its bytes are still its name, so it is not sent again
-          (a 100 MB release's objects are read in ~0.1 s; resent, they cross the network).
-          An object still named elsewhere (a published directory whose record a crash cut
-          off, cleared by its next verify) is let go of here, to be sent again.
+          agent lock: no verify runs) removes once each such object was read again: one
+          whose bytes are still its name is kept, so it is not sent again (1,000 objects,
+          100 MB, are read in ~0.17 s here; resent, they cross the network). An object
+          still named elsewhere (a published directory whose record a crash cut off,
+          cleared by its next verify) is let go of here, to be sent again (_take_back).
         - A container's env file (its secrets) outlives its switch only if that was cut
           short: it goes too."""
         if self._settled:
@@ -539,19 +540,28 @@ class Host:
         self._settled = True
 
     def _take_back(self, names):
-        """settle_incoming's objects that a cut-short verify also named elsewhere: its
-        releases/.tmp-<id> goes, and each object named nowhere else now is kept if it
-        still hashes to its name, otherwise (or still named elsewhere) removed."""
+        """settle_incoming's objects that a cut-short verify also named elsewhere. Each is
+        read while both its names exist, and one whose bytes are no longer its name goes
+        first; only then does releases/.tmp-<id> go, and an object named nowhere else now is
+        kept. Killed at any point, nothing written through a leftover name is ever kept: an
+        object is down to one name only after it was read good. Without the lock (a request
+        sent with `lock: false`) a live verify may own a .tmp-<id>: they are let go of."""
+        good = []
+        for name in names:
+            path = os.path.join(self.incoming, name)
+            if self.held and sha256_file(path) == name:
+                os.chmod(path, 0o600)  # as received (verify sets its published mode)
+                good.append(path)
+            else:
+                os.unlink(path)
+        if not good:
+            return
         for name in os.listdir(self.releases) if os.path.isdir(self.releases) else []:
             if name.startswith(".tmp-"):
                 remove_tree(os.path.join(self.releases, name))
-        for name in names:
-            path = os.path.join(self.incoming, name)
-            st = os.lstat(path)
-            if st.st_nlink == 1 and sha256_file(path) == name:
-                os.chmod(path, 0o600)  # as received (verify sets its published mode)
-            else:
-                os.unlink(path)
+        for path in good:
+            if os.lstat(path).st_nlink > 1:  # named elsewhere too: a published directory
+                os.unlink(path)  # a crash left unrecorded
 
     def hold(self, what, wait=None):
         """Take ROOT/.ferry/agent.lock: one agent process changes this host at a time. A push
@@ -1989,6 +1999,11 @@ def op_image_load(host, args):
     os.makedirs(work)
     inp = sys.stdin.buffer
     config = record["config"]
+    # the orchestrator gives up on the step `stall` s after it sent the request (whatever
+    # the lock's wait took): a load still running a little before then (an engine that
+    # hangs) is stopped, so that the step fails in its own words and no process, nor the
+    # host's lock, is kept for ever
+    ends = (args.read_at or time.monotonic()) + (args.stall or STALL) - LOAD_MARGIN
     try:
         with Silence(args.stall or STALL, "the image's transfer") as silence:
             size = int(config["size"])
@@ -1997,9 +2012,7 @@ def op_image_load(host, args):
             for digest in send:
                 _receive_blob(inp, os.path.join(work, digest[7:]), digest, sizes[digest], silence)
                 nbytes += sizes[digest]
-        # the orchestrator gives up on the step after `stall`: a load still running then
-        # (an engine that hangs) must not keep this process, and the host's lock, forever
-        _docker_load(host, work, layers, send, args.stall or STALL)
+        _docker_load(host, work, layers, send, ends)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if config["digest"] not in _engine_images(host):
@@ -2009,15 +2022,17 @@ def op_image_load(host, args):
     return {"image": config["digest"], "tag": tag, "layers_sent": len(send), "bytes": nbytes}
 
 
-def _docker_load(host, work, layers, send, limit):
+def _docker_load(host, work, layers, send, ends):
     """`docker load` a docker-save archive of the config and the layers sent, written
     straight into it: the engine's loader takes the layers it has (same chain) from its own
-    store and never opens their files. Killed (by its PID) if it runs past `limit` s."""
+    store and never opens their files. Stopped, its whole process group (a wrapper script's
+    children too), when it still runs at `ends` (monotonic), and the step fails."""
     import io
     import subprocess
     import tarfile
     import threading
 
+    started = time.monotonic()
     try:
         proc = subprocess.Popen(
             ["docker", "load", "-q"],
@@ -2025,10 +2040,20 @@ def _docker_load(host, work, layers, send, limit):
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     except FileNotFoundError:
         raise AgentError("docker", "no docker CLI on this host", EXIT_OS)
-    late = threading.Timer(limit, proc.kill)
+    stopped = []
+
+    def stop():
+        stopped.append(True)
+        try:
+            os.killpg(proc.pid, 9)  # SIGKILL (`signal` would import enum)
+        except OSError:  # ended just now
+            pass
+
+    late = threading.Timer(max(1.0, ends - started), stop)
     late.daemon = True
     late.start()
     names = [b["digest"][7:] + "/layer.tar" for b in layers]
@@ -2044,17 +2069,18 @@ def _docker_load(host, work, layers, send, limit):
                 info.size = len(raw)
                 tar.addfile(info, io.BytesIO(raw))
             proc.stdin.close()
-        except (BrokenPipeError, ValueError):  # it ended (or was killed) before reading all
+        except (BrokenPipeError, ValueError):  # it ended (or was stopped) before reading all
             pass
         out = proc.stdout.read().decode(errors="replace")
         rc = proc.wait()
     finally:
         late.cancel()
-    if late.finished.is_set() and rc < 0:
+    if stopped and rc != 0:
         raise AgentError(
             "docker",
-            "docker load did not finish in %g s (the host's Docker engine does not answer?): "
-            "it was stopped, and this host is let go" % limit,
+            "docker load did not finish within the step's deadline (%.0f s; the host's "
+            "Docker engine does not answer?): it was stopped, and this host is let go"
+            % (time.monotonic() - started),
             EXIT_OS,
         )
     if rc != 0:
@@ -2242,7 +2268,7 @@ DEFAULTS = {
     "kind": None, "target": None, "port": None, "status": 200, "rehash": False,
     "digest": None, "rotations": None, "known": None,
     "unit": None, "units": None, "files": None, "send": None, "container": None, "action": None,
-    "lock": None, "stall": None,
+    "lock": None, "stall": None, "read_at": None,
 }  # fmt: skip
 
 
@@ -2316,6 +2342,7 @@ def _serve_requests(host, inp):
             if op not in OPS:
                 raise KeyError("no operation %r" % (op,))
             args = Args(**dict(DEFAULTS, **(req.get("args") or {})))
+            args.read_at = time.monotonic()  # about when the orchestrator's deadline began
             if req.get("payload"):
                 args.payload = _read_exact(inp, int(req["payload"]))
         except (ValueError, KeyError, TypeError, AgentError) as exc:

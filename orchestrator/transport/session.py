@@ -233,8 +233,11 @@ class _ChannelPipe:
         return self.chan.exit_status_ready() or self.chan.closed
 
     def close(self, deadline: float | None = None) -> None:
-        self.hang_up()
-        self.chan.close()
+        # past a deadline, nothing more is said: paramiko sends EOF and close as messages,
+        # which may wait (up to 30 s in a key exchange) for a host that no longer reads
+        if deadline is None or deadline > time.monotonic():
+            self.hang_up()
+            self.chan.close()
         self.conn.close()
 
 

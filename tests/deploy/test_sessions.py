@@ -139,3 +139,39 @@ def test_a_hung_up_session_ends_by_itself_and_a_later_request_opens_another(smal
         assert out["output"].strip() == "again" and session.logins == 2
     finally:
         session.close()
+
+
+@pytest.mark.parametrize("bulk", ["openssh", "paramiko"])
+def test_a_step_past_its_deadline_fails_then_and_the_next_request_opens_a_new_session(
+    small_fleet, bulk
+):
+    """A hook that outlives its step's deadline: the step fails as timed out at the deadline
+    (its connection ended then, without waiting for words), and the host's next request
+    opens a new session and is answered."""
+    import time
+
+    from orchestrator.inventory import Host, SSHSettings
+    from orchestrator.transport.session import AgentSession
+    from orchestrator.transport.ssh import StepTimeout
+
+    fleet = small_fleet
+    ssh = SSHSettings.model_validate(
+        {"identity_file": fleet.client_key_path, "known_hosts": fleet.known_hosts_path,
+         "connect_timeout": 5, "proxy_jump": fleet.proxy_jump, "bulk": bulk}
+    )  # fmt: skip
+    host = Host(name="h2", address=fleet.address("h2"), port=22, groups=(), deploy_root="/srv/app")
+    session = AgentSession(host, ssh, "/srv/app", connect_timeout=5)
+    try:
+        session.request("stage", "state", {}, timeout=20)  # logged in: the step alone is timed
+        pipe = session._pipe
+        started = time.monotonic()
+        with pytest.raises(StepTimeout, match="timed out"):
+            # (lock: false, so that the sleep left running keeps no later test off the host)
+            hook = {"command": "sleep 8", "timeout": 60, "lock": False}
+            session.request("hook", "run", hook, timeout=2)
+        took = time.monotonic() - started
+        assert 2 <= took < 3.5, took
+        assert pipe is not None and pipe.ended()  # its connection is gone already
+        assert session.request("stage", "state", {}, timeout=20) and session.logins == 2
+    finally:
+        session.close()

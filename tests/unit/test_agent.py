@@ -1098,14 +1098,17 @@ def test_a_verify_cut_before_its_record_leaves_no_received_object_trusted_unread
     assert (tmp_path / "releases" / "app-2" / "u" / "x").read_bytes() == x
 
 
+@pytest.mark.parametrize("settle_cut", [False, True])
 @pytest.mark.parametrize("tampered", [False, True])
 def test_a_verify_killed_while_placing_leaves_its_objects_received_unless_written_since(
-    tmp_path, monkeypatch, tampered
+    tmp_path, monkeypatch, tampered, settle_cut
 ):
     """Killed while placing files (kill -9, the OOM killer), verify leaves releases/.tmp-<id>
-    holding a second name of each object it placed. The next session removes that
-    directory and reads those objects again: each whose bytes are still its name stays
-    received and is not sent again; one written through the leftover name is."""
+    holding a second name of each object it placed. The next session reads those objects
+    again and removes that directory: each whose bytes are still its name stays received
+    and is not sent again; one written through the leftover name is. `settle_cut`: that
+    session is killed too, just after the directory went; the one after it trusts no
+    object written through it (each had been read good before it lost its second name)."""
     assert run(tmp_path, "pin", "--key", PUB.hex())[0] == 0
     files = {"u/a": b"A" * 3000, "u/b": b"B" * 2000, "u/c": b"C" * 1000}
     assert _receive(tmp_path, "app-1", files, "1", list(files))[0] == 0
@@ -1129,6 +1132,21 @@ def test_a_verify_killed_while_placing_leaves_its_objects_received_unless_writte
     if tampered:
         with open(first, "r+b") as f:
             f.write(b"EVIL")  # through the leftover name: the object is not its bytes now
+    if settle_cut:
+        remove = ferry_agent.remove_tree
+
+        def cut(path):  # type: ignore[no-untyped-def]
+            remove(path)
+            raise Killed
+
+        monkeypatch.setattr(ferry_agent, "remove_tree", cut)
+        host = ferry_agent.Host(str(tmp_path))
+        host.hold("the cut session's receive", wait=0)
+        with pytest.raises(Killed):
+            host.settle_incoming()
+        host.let_go()
+        monkeypatch.setattr(ferry_agent, "remove_tree", remove)
+        assert not (tmp_path / "releases" / ".tmp-app-1").exists()
     resend = [str(first.relative_to(first.parent.parent))] if tampered else []
     rc, res = _receive(tmp_path, "app-1", files, "1", resend)  # what would be asked for
     assert rc == 0 and res["needed"] == len(resend), res
@@ -1815,89 +1833,3 @@ def test_current_never_names_a_release_whose_publish_a_power_loss_could_undo(tmp
     assert at(("replace", str(root / "releases" / "app-1"))) < at(("fsync", str(root / "releases")))
     assert at(("replace", str(meta / "app-1.json"))) < at(("fsync", str(meta))) < moved
     assert at(("fsync", str(root / "releases"))) < moved < at(("fsync", str(root)))
-
-
-def test_a_docker_load_that_never_ends_is_stopped_at_the_stall_and_the_host_let_go(tmp_path):
-    """A host whose Docker engine takes the connection and never answers: `docker load`
-    would wait forever, and the agent with it, holding the host's lock. The real docker
-    CLI, against a socket that accepts and stays silent, is stopped (its PID read from the
-    socket's peer credentials) once the request's stall has passed, and the step fails."""
-    import select
-    import shutil
-    import socket
-    import struct
-    import tempfile
-    import threading
-    import time
-
-    if shutil.which("docker") is None:
-        pytest.fail("the docker CLI is missing: `make bootstrap` installs docker.io")
-    short = Path(tempfile.mkdtemp(prefix="eng-", dir="/tmp"))  # a socket path's 108 bytes
-    engine = socket.socket(socket.AF_UNIX)
-    engine.bind(str(short / "s"))
-    engine.listen(8)
-    callers: list[int] = []
-    held: list[socket.socket] = []
-
-    def silent() -> None:
-        while True:
-            try:
-                conn, _ = engine.accept()
-            except OSError:
-                return
-            cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            callers.append(struct.unpack("3i", cred)[0])
-            held.append(conn)  # taken, read never, answered never
-
-    threading.Thread(target=silent, daemon=True).start()
-    (tmp_path / ".ferry").mkdir()
-    (tmp_path / ".ferry" / "docker-host").write_text(f"unix://{short}/s\n")
-    config, layer = b'{"architecture": "amd64"}', b"L" * 5000
-    blob = {"config": config, "layer": layer}
-    images = {"web": {"config": {"digest": "sha256:" + hashlib.sha256(config).hexdigest(),
-                                 "size": len(config)},
-                      "layers": [{"digest": "sha256:" + hashlib.sha256(layer).hexdigest(),
-                                  "size": len(layer)}]}}  # fmt: skip
-    content = {"format": "ferry-package/1", "name": "app", "version": "1", "release": "app@1",
-               "units": ["web"], "files": [], "images": images}  # fmt: skip
-    digest = "sha256:" + hashlib.sha256(ferry_agent.canonical(content)).hexdigest()
-    raw = json.dumps({"digest": digest, "content": content}).encode()
-    sig = KEY.sign(raw)
-    proc = _session_with_spy(tmp_path, "pass")
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
-        assert _answer(proc, {"op": "pin", "args": {"key": PUB.hex()}})["_code"] == 0
-        head = json.dumps({"manifest_len": len(raw), "sig_len": len(sig)}).encode()
-        res = _answer(proc, {"op": "receive", "args": {"id": "app-1"}},
-                      then=head + b"\n" + raw + sig + b"END\n")  # fmt: skip
-        assert res["_code"] == 0 and res["needed"] == 0, res
-        send = [images["web"]["layers"][0]["digest"]]
-        request = {"op": "image_load", "args": {"id": "app-1", "unit": "web", "send": send,
-                                                 "digest": digest, "stall": 2}}  # fmt: skip
-        proc.stdin.write(json.dumps(request).encode() + b"\n" + blob["config"] + blob["layer"])
-        proc.stdin.flush()
-        sent = time.monotonic()
-        answered = select.select([proc.stdout], [], [], 30)[0]
-        assert answered, "the agent still waits on `docker load` 30 s after the stall of 2 s"
-        took = time.monotonic() - sent
-        line = proc.stdout.readline()
-        assert line.startswith(b"RESULT "), line
-        res = json.loads(line[7:])
-        assert res["_code"] == ferry_agent.EXIT_OS and res["error"] == "docker", res
-        assert "did not finish in 2 s" in res["message"] and "let go" in res["message"], res
-        assert 2 <= took < 12, took
-        assert callers, "the docker CLI never reached the engine's socket"
-        for pid in callers:  # stopped, and reaped by the agent
-            assert not Path(f"/proc/{pid}").exists(), f"docker CLI {pid} still runs"
-        assert proc.wait(timeout=10) == ferry_agent.EXIT_OS  # the session ends by itself
-        probe = ferry_agent.Host(str(tmp_path))
-        probe.hold("the test's look", wait=0)  # the lock is free: taken at once
-        probe.let_go()
-        assert not (tmp_path / ".ferry" / "incoming" / "image-web").exists()
-    finally:
-        proc.kill()
-        proc.wait()
-        engine.close()
-        for conn in held:
-            conn.close()
-        shutil.rmtree(short)

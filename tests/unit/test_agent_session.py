@@ -5,6 +5,7 @@ ssh: what it makes of an agent that waits for another agent, or refuses mid-tran
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import time
@@ -16,7 +17,7 @@ import pytest
 from orchestrator.agent import ferry_agent
 from orchestrator.errors import StepFailed
 from orchestrator.transport import openssh, session
-from tests.unit.test_agent import PUB, package
+from tests.unit.test_agent import KEY, PUB, package
 
 
 @pytest.fixture
@@ -210,3 +211,102 @@ def test_the_lock_names_the_login_address_under_become_too(monkeypatch, tmp_path
     finally:
         s.close()
     assert note.endswith("a Ferry session's pin from 198.18.7.9"), note
+
+
+@pytest.mark.parametrize("docker", ["cli", "wrapped", "killed"])
+def test_a_docker_load_that_never_ends_is_stopped_before_the_deadline_and_the_host_let_go(
+    monkeypatch, tmp_path, docker
+):
+    """A host whose Docker engine takes the connection and never answers: `docker load`
+    would wait for ever, and the agent with it, holding the host's lock. The real docker
+    CLI, against a socket that accepts and stays silent, is stopped a little before the
+    step's deadline (here 1 + 6 s: the lock's wait made short), so Ferry hears why the step
+    failed; its PIDs, read from the socket's peer credentials, are gone, and the lock is
+    free. `wrapped`: docker is a script that runs the CLI as its child (no exec); `killed`:
+    a docker that a signal ends at once is not taken for one stopped at the deadline."""
+    import shutil
+    import socket
+    import struct
+    import tempfile
+
+    real = shutil.which("docker")
+    if real is None:
+        pytest.fail("the docker CLI is missing: `make bootstrap` installs docker.io")
+    short = Path(tempfile.mkdtemp(prefix="eng-", dir="/tmp"))  # a socket path's 108 bytes
+    engine = socket.socket(socket.AF_UNIX)
+    engine.bind(str(short / "s"))
+    engine.listen(8)
+    callers: list[int] = []
+    held: list[socket.socket] = []
+
+    def silent() -> None:
+        while True:
+            try:
+                conn, _ = engine.accept()
+            except OSError:
+                return
+            cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            callers.append(struct.unpack("3i", cred)[0])
+            held.append(conn)  # taken, read never, answered never
+
+    threading.Thread(target=silent, daemon=True).start()
+    wrapped = docker == "wrapped"
+    if docker != "cli":
+        (short / "bin").mkdir()
+        wrapper = short / "bin" / "docker"
+        run = "kill -9 $$" if docker == "killed" else f'{real} "$@"'
+        wrapper.write_text(f"#!/bin/sh\necho $$ > {short}/wrapper\n{run}\necho after\n")
+        wrapper.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{short / 'bin'}:{os.environ['PATH']}")
+    (tmp_path / ".ferry").mkdir()
+    (tmp_path / ".ferry" / "docker-host").write_text(f"unix://{short}/s\n")
+    blobs = {"config": b'{"architecture": "amd64"}', "layer": b"L" * 5000}
+    record = {k: {"digest": "sha256:" + hashlib.sha256(v).hexdigest(), "size": len(v)}
+              for k, v in blobs.items()}  # fmt: skip
+    images = {"web": {"config": record["config"], "layers": [record["layer"]]}}
+    content = {"format": "ferry-package/1", "name": "app", "version": "1", "release": "app@1",
+               "units": ["web"], "files": [], "images": images}  # fmt: skip
+    digest = "sha256:" + hashlib.sha256(ferry_agent.canonical(content)).hexdigest()
+    raw = json.dumps({"digest": digest, "content": content}).encode()
+    for k, v in blobs.items():
+        (short / k).write_bytes(v)
+    monkeypatch.setattr(openssh, "argv", lambda _h, _s, _t, command: ["sh", "-c", command])
+    monkeypatch.setattr(session, "AGENT_LOCK_WAIT", 6.0)
+    host = SimpleNamespace(name="h1")
+    ssh = SimpleNamespace(bulk="openssh", become=False, user="root")
+    s = session.AgentSession(host, ssh, str(tmp_path), connect_timeout=5)  # type: ignore[arg-type]
+    try:
+        s.request("stage", "pin", {"key": PUB.hex()}, timeout=10)
+        frames = short / "frames"
+        frames.write_bytes(b"END\n")
+        assert s.receive("app-1", raw, KEY.sign(raw), lambda _n: frames, timeout=10)["needed"] == 0
+        started = time.monotonic()
+        args = {"id": "app-1", "unit": "web", "send": [record["layer"]["digest"]], "digest": digest}
+        with pytest.raises(StepFailed) as failed:
+            s.stream("stage", "image_load", args, [short / "config", short / "layer"], timeout=1)
+        took = time.monotonic() - started
+    finally:
+        s.close()
+        engine.close()
+        for conn in held:
+            conn.close()
+    try:
+        assert failed.value.kind == "docker", failed.value.message
+        if docker == "killed":
+            assert "did not finish" not in failed.value.message and took < 1.5, (took, failed)
+            return
+        assert "did not finish within the step's deadline" in failed.value.message
+        assert 1.5 <= took < 6.5, took  # stopped 5 s before Ferry's deadline of 7 s
+        assert callers, "the docker CLI never reached the engine's socket"
+        pids = callers + ([int((short / "wrapper").read_text())] if wrapped else [])
+        for pid in pids:  # the CLI, and the wrapper around it: stopped
+            assert (
+                not Path(f"/proc/{pid}").exists()
+                or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1][:3]
+            ), f"{pid} still runs"
+        probe = ferry_agent.Host(str(tmp_path))
+        probe.hold("the test's look", wait=5)  # free: the session's agent has ended
+        probe.let_go()
+        assert not (tmp_path / ".ferry" / "incoming" / "image-web").exists()
+    finally:
+        shutil.rmtree(short)
