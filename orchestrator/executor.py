@@ -32,7 +32,12 @@ Progress = Callable[[str], None]
 
 
 class Interrupted(FerryError):
-    pass
+    """The run was asked to stop (a signal) before a host's next step began."""
+
+    def __init__(self, host: str, step: str) -> None:
+        super().__init__(f"{host}: stopped before {step}")
+        # printed after the host and the step ("h1: verify: …"): neither again
+        self.problem = self.reason = "not begun: the run was asked to stop (a signal)"
 
 
 class Executor:
@@ -66,7 +71,7 @@ class Executor:
         self.stop = stop
         self.already: set[str] = set()  # hosts inspected intact in this very run
         self.current: set[str] = set()  # …and already running it, as the CMS records: no-ops
-        self.bytes_sent: dict[str, int] = {}  # for progress only; the journal keeps the truth
+        self._wave_progress: WaveProgress | None = None  # the wave's, while one runs
         self._lock = threading.Lock()
         self._forward: dict[str, Callable[[HostOps, HostAction, StepCommand], dict[str, Any]]]
         self._forward = {
@@ -92,6 +97,7 @@ class Executor:
         likely lack is framed ahead (unless preflight started it); a host that lacks
         something else has it framed when it asks (orchestrator.objects)."""
         progress = WaveProgress(f"wave {wave.index}", len(wave.hosts), self.progress)
+        self._wave_progress = progress
         self.frame_ahead(wave)
 
         def one(a: HostAction) -> HostOutcome:
@@ -100,14 +106,21 @@ class Executor:
                 outcome = self._check_host(a, outcome)
             if not keep_open or a.host in self.current or not outcome.ok:
                 self.sessions.release(a.host)
-            progress.host_done(outcome.ok, self.bytes_sent.get(a.host, 0))
+            progress.host_done(a.host, outcome.ok)
             return outcome
 
         try:
             with self._pool(len(wave.hosts)) as pool:
                 return list(pool.map(one, wave.hosts))
         finally:
+            self._wave_progress = None
             progress.close()
+
+    def _sent(self, n: int) -> None:
+        """A host's session wrote `n` bytes of a transfer: the running wave's progress."""
+        progress = self._wave_progress
+        if progress is not None:
+            progress.sending(n)
 
     def frame_ahead(self, wave: WavePlan) -> None:
         """Frame what the wave's hosts will most likely lack before they ask (~0.5 s of a
@@ -126,12 +139,13 @@ class Executor:
         current, activated = "", False
         try:
             ops = self.sessions.ops(action)
+            ops.session.on_sent = self._sent
             for step in action.steps:
                 if action.host in self.current:
                     break  # the cheapest no-op: one login, one request (see _stage)
                 current = step
                 if self.stop.is_set():
-                    raise Interrupted(f"{action.host}: stopped before {step}")
+                    raise Interrupted(action.host, step)
                 if step == "activate":
                     activated = True  # started: `current` may have moved
                 command = action.forward.get(step, StepCommand())
@@ -195,8 +209,6 @@ class Executor:
             rid, self.package.manifest_bytes, self.signature, self.objects.frames,
             _recorded(action),
         )  # fmt: skip
-        with self._lock:
-            self.bytes_sent[ops.name] = result.get("bytes_sent", 0)
         result["inspect_s"] = round(inspected, 3)
         result["transfer_s"] = round(time.monotonic() - started - inspected, 3)
         result.update(self._stage_images(ops))

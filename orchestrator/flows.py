@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import threading
@@ -71,15 +72,22 @@ class RunLog:
             self.logger.info(f"{message}; {RUN_LOG_END}")
 
 
-def install_stop_handlers(stop: threading.Event, progress: Any) -> None:
-    """SIGINT/SIGTERM: stop at the next safe point and back out; a second one aborts."""
+def install_stop_handlers(stop: threading.Event, progress: Any, deployment: int) -> None:
+    """SIGINT/SIGTERM: stop at the next safe point and back out; a second one aborts at
+    once: the process ends there (exit 130), its ssh clients see their input close and end
+    the hosts' sessions, and the journal, written before every step, tells `ferry
+    remediate recover` what to put back. (Raising in the main thread would wait for every
+    host's transfer in flight to end first: the pool's threads are joined.)"""
     if threading.current_thread() is not threading.main_thread():
         return
 
     def handler(signum: int, _frame: Any) -> None:
-        if stop.is_set():
-            signal.signal(signum, signal.SIG_DFL)
-            raise KeyboardInterrupt
+        if stop.is_set():  # straight to fd 2: no lock the interrupted code may hold
+            os.write(2, (
+                f"received {signal.Signals(signum).name} again: aborting now, hosts may be "
+                f"half-way; `ferry remediate recover {deployment}` puts them back\n"
+            ).encode())  # fmt: skip
+            os._exit(130)
         stop.set()
         progress(
             f"received {signal.Signals(signum).name}: stopping at the next safe point, then "
@@ -195,7 +203,7 @@ async def deploy_release(deployment_id: int) -> Any:
     log.attach(run.rollout.secrets)
     await _tag(run)
     run.record.add_evidence(runner=runner())  # this process runs it now
-    install_stop_handlers(run.stop, run.progress)
+    install_stop_handlers(run.stop, run.progress, run.id)
     try:
         with one_sync_client():
             if not preflight(run):

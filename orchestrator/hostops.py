@@ -121,7 +121,12 @@ class HostOps:
         """Run a rendered plan hook in the release directory, with FERRY_* env."""
         res = self.run(step, command, hook_env(context), context.get("release_path") or self.root)
         if res["rc"] != 0:
-            why = "timed out" if res["rc"] == 124 else f"hook exited {res['rc']}"
+            why = (
+                f"timed out after {self.timeout:g} s (`timeouts.step` in the plan), its process "
+                "group killed"
+                if res["rc"] == 124
+                else f"hook exited {res['rc']}"
+            )
             raise StepFailed(self.name, step, why, res["output"])
         return str(res["output"])
 

@@ -1,8 +1,11 @@
-"""Progress of a wave while it runs: hosts done, bytes sent, rate.
+"""Progress of a wave while it runs: hosts done, hosts failed (by name), bytes sent, rate.
 
-On a terminal it is a live `rich` bar; in a pipeline (stderr is not a TTY) it is a plain
-line at most every few seconds and at the end, so CI logs stay readable. Thread-safe: every
-host's worker reports to it.
+Bytes are counted as they leave (each session's sendfile reports what it wrote), not when
+a host finishes, so a long transfer shows movement. On a terminal (stderr a TTY) it is a
+live `rich` bar on stderr, redrawn at most every 0.2 s; in a pipeline it is a plain line
+every few seconds while the wave runs, so CI logs stay readable and a wave that stalls (a
+link gone quiet, a long hook) still says so. Thread-safe: every host's worker and session
+reports to it; a beat thread, one per wave, keeps the time moving between reports.
 """
 
 from __future__ import annotations
@@ -14,59 +17,87 @@ from collections.abc import Callable
 from typing import Any
 
 Say = Callable[[str], None]
+REDRAW = 0.2  # s between two redraws of the bar
+NAMED = 3  # failed hosts named in the line; more are counted
 
 
 class WaveProgress:
     def __init__(self, label: str, hosts: int, say: Say, *, every: float = 5.0) -> None:
         self.label, self.hosts, self.say, self.every = label, hosts, say, every
-        self.done = self.failed = self.bytes = 0
+        self.done = self.sent = 0
+        self.failed: list[str] = []
         self.started = time.monotonic()
-        self._last = self.started
+        self._last = self._drawn = self.started
         self._lock = threading.Lock()
         self._bar: Any = None
         self._task: Any = None
         if hosts > 1 and sys.stderr.isatty():
-            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn
 
             self._bar = Progress(
                 TextColumn("  {task.description}"),
                 BarColumn(),
                 TextColumn("{task.completed}/{task.total} hosts"),
-                DownloadColumn(),
-                TextColumn("{task.fields[rate]}"),
+                TextColumn("{task.fields[detail]}"),
+                console=Console(stderr=True),  # stdout may be a command's JSON result
                 transient=True,
             )
-            self._task = self._bar.add_task(label, total=hosts, rate="")
+            self._task = self._bar.add_task(label, total=hosts, detail="")
             self._bar.start()
+        self._closed = threading.Event()
+        self._beat = threading.Thread(target=self._beats, name=f"{label} progress", daemon=True)
+        self._beat.start()
 
-    def host_done(self, ok: bool, sent: int) -> None:
+    def _beats(self) -> None:
+        while not self._closed.wait(1.0 if self._bar is not None else self.every / 2):
+            with self._lock:
+                self._show(time.monotonic(), redraw=self._bar is not None)
+
+    def sending(self, n: int) -> None:
+        """`n` more bytes written to a host's session."""
+        with self._lock:
+            self.sent += n
+            self._show(time.monotonic(), redraw=False)
+
+    def host_done(self, host: str, ok: bool) -> None:
         with self._lock:
             self.done += 1
-            self.failed += 0 if ok else 1
-            self.bytes += sent
-            now = time.monotonic()
-            rate = self.bytes / max(now - self.started, 1e-6)
-            if self._bar is not None:
-                self._bar.update(
-                    self._task,
-                    completed=self.done,
-                    rate=f"{rate / 1e6:.0f} MB/s" if self.bytes else "",
-                )
-                return
-            if self.hosts > 1 and now - self._last >= self.every and self.done < self.hosts:
-                self._last = now
-                self.say(f"  {self.line(now)}")
+            if not ok:
+                self.failed.append(host)
+            self._show(time.monotonic(), redraw=True)
+
+    def _show(self, now: float, *, redraw: bool) -> None:
+        if self._bar is not None:
+            if redraw or now - self._drawn >= REDRAW:
+                self._drawn = now
+                self._bar.update(self._task, completed=self.done, detail=self.detail(now))
+            return
+        if now - self._last >= self.every and self.done < self.hosts:
+            self._last = now
+            self.say(f"  {self.line(now)}")
+
+    def detail(self, now: float | None = None) -> str:
+        """What the bar shows beside the hosts: failures, bytes and rate, time."""
+        took = (now or time.monotonic()) - self.started
+        parts = []
+        if self.failed:
+            names = ", ".join(self.failed[:NAMED]) + (", …" if len(self.failed) > NAMED else "")
+            parts.append(f"{len(self.failed)} failed ({names})")
+        if self.sent:
+            parts.append(f"{_mb(self.sent)} sent ({_mb(self.sent / max(took, 1e-6))}/s)")
+        parts.append(f"{took:.1f}s")
+        return ", ".join(parts)
 
     def line(self, now: float | None = None) -> str:
-        took = (now or time.monotonic()) - self.started
-        sent = f", {self.bytes / 1e6:.1f} MB sent ({self.bytes / 1e6 / max(took, 1e-6):.0f} MB/s)"
-        return (
-            f"{self.label}: {self.done}/{self.hosts} hosts done"
-            + (f", {self.failed} failed" if self.failed else "")
-            + (sent if self.bytes else "")
-            + f", {took:.1f}s"
-        )
+        return f"{self.label}: {self.done}/{self.hosts} hosts done, {self.detail(now)}"
 
     def close(self) -> None:
+        self._closed.set()
+        self._beat.join()
         if self._bar is not None:
             self._bar.stop()
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"

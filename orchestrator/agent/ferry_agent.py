@@ -475,6 +475,8 @@ class Host:
         self._placed = {}  # (manifest digest, expect) → the copies stage found: see placement
         self._settled = False  # incoming/ looked at: see settle_incoming
         self.lock_path = os.path.join(self.root, ".ferry", "agent.lock")
+        self.hooks = os.path.join(self.root, ".ferry", "hooks")  # commands running: end_orphans
+        self.ended_hooks = []  # PIDs of a dead agent's commands this one ended (end_orphans)
         self._lock_fd = None
         self._lock_writable = True
         self._lock_count = None  # the lock's count as this process left it: see hold
@@ -618,10 +620,61 @@ class Host:
             self._lock_fd = None
         try:
             self._note(what)
+            self.end_orphans()
         except BaseException:  # (no space for the note): never left held by nobody's step
             fcntl.flock(fd, fcntl.LOCK_UN)
             raise
         self.held = True
+
+    def end_orphans(self):
+        """A hook or check still running whose agent died (kill -9, the OOM killer) is
+        ended, its whole process group, when the next agent takes the lock, before it
+        changes anything: a backout must not report a host restored while the failed
+        release's migration still writes to it (hooks run in sessions of their own, so
+        nothing else ends them). Each command run leaves a record
+        (hooks/<pid>: its start time, its agent's PID and start time) while it runs. One
+        whose agent still lives (a check sent without the lock) is its agent's own; one
+        that exited is left alone with what it started (a daemon it meant to leave)."""
+        try:
+            names = os.listdir(self.hooks)
+        except FileNotFoundError:
+            return
+        for name in names:
+            path = os.path.join(self.hooks, name)
+            try:
+                with open(path) as f:
+                    born, agent, agent_born = [int(x) for x in f.read().split()]
+                pid = int(name)
+            except (OSError, ValueError):
+                born = pid = agent = agent_born = None
+            if agent is not None and _started_at(agent) == agent_born:
+                continue  # its agent runs it still
+            if pid is not None and _started_at(pid) == born:  # not exited, not another's PID
+                try:
+                    os.killpg(pid, 9)  # SIGKILL, the group: what it started dies with it
+                    self.ended_hooks.append(pid)
+                except OSError:
+                    pass
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def command_started(self, pid):
+        """Record a command this agent runs (see end_orphans); the record's path, or None
+        where there is no /proc to tell a process's start time."""
+        born, me = _started_at(pid), _started_at(os.getpid())
+        if born is None or me is None:
+            return None
+        path = os.path.join(self.hooks, str(pid))
+        for _ in range(2):
+            try:
+                with open(path, "w") as f:
+                    f.write("%d %d %d" % (born, os.getpid(), me))
+                return path
+            except FileNotFoundError:
+                os.makedirs(self.hooks, exist_ok=True)
+        return None
 
     def _lock_file(self):
         if self._lock_fd is None:
@@ -1724,7 +1777,7 @@ def op_run(host, args):
     env.update({str(k): str(v) for k, v in (args.env or {}).items()})
     started = time.monotonic()
     rc, out = spawn(["/bin/sh", "-c", args.command], cwd if os.path.isdir(cwd) else "/", env,
-                    args.timeout)  # fmt: skip
+                    args.timeout, host)  # fmt: skip
     if rc is None:
         rc = 124
         out += b"\n(timed out after %ss)" % str(args.timeout).encode()
@@ -1735,7 +1788,17 @@ def op_run(host, args):
 KILLED_OUTPUT_WAIT = 2.0  # s a command's output is read for after it ended or was killed
 
 
-def spawn(argv, cwd, env, timeout):
+def _started_at(pid):
+    """When process `pid` started (clock ticks after boot, /proc/<pid>/stat's 22nd field):
+    with its PID, it names one process for good. None: no such process (or no /proc)."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def spawn(argv, cwd, env, timeout, host=None):
     """(exit code, stdout+stderr) of `argv` run in `cwd` in a session of its own, stdin
     /dev/null (never the session's own stream), once it has exited (its output read for
     KILLED_OUTPUT_WAIT s more: a daemon it left may hold the pipe for ever); (None, output
@@ -1757,6 +1820,7 @@ def spawn(argv, cwd, env, timeout):
         pid = _start(argv, env, w)
     finally:
         os.close(w)
+    record = host.command_started(pid) if host is not None else None
     chunks, deadline, killed, status, eof = [], time.monotonic() + timeout, False, None, False
     grace = None  # once the command is gone: how long its output may still come
     nap = 0.001  # output closed, the command not reaped yet: it is exiting, most likely
@@ -1796,6 +1860,11 @@ def spawn(argv, cwd, env, timeout):
                     eof = True
     finally:
         os.close(r)
+        if record is not None:
+            try:
+                os.unlink(record)
+            except FileNotFoundError:
+                pass
     out = b"".join(chunks)
     return (None, out) if killed else (_exit_code(status), out)
 
@@ -2291,7 +2360,10 @@ def dispatch(host, op, args, who="a Ferry session", keep=False):
         try:
             if op in CHANGES and args.lock is not False:
                 host.hold_for(op)
-            return OPS[op](host, args), 0
+            result = OPS[op](host, args)
+            if host.ended_hooks and isinstance(result, dict):  # said once, with the step
+                result["ended_orphans"], host.ended_hooks = host.ended_hooks, []
+            return result, 0
         finally:
             if not keep:
                 host.let_go()

@@ -118,7 +118,9 @@ def _strict(ssh: SSHSettings, connect_timeout: float) -> list[str]:
         "-o", f"KexAlgorithms={','.join(ssh.kex or KEX)}",
         "-o", f"Ciphers={','.join(ssh.ciphers or CIPHERS)}",
         "-o", "Compression=no",
-        "-o", "LogLevel=ERROR",
+        # INFO, not ERROR: a connection that went away is said only at INFO ("Timeout,
+        # server … not responding."), and without it a cut link reads as the agent dying
+        "-o", "LogLevel=INFO",
     ]  # fmt: skip
     return out + (["-o", f"MACs={','.join(ssh.macs)}"] if ssh.macs else [])
 

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -39,6 +39,8 @@ from orchestrator.inventory import Host, SSHSettings
 from orchestrator.transport import openssh
 from orchestrator.transport.pipes import BUDGET as WIDE_PIPES
 from orchestrator.transport.ssh import SSHHost, StepTimeout
+
+Tick = Callable[[int], None] | None  # told how many bytes a transfer just wrote
 
 # the agent's LOCK_WAIT: the most a step's deadline moves while the agent waits for another
 AGENT_LOCK_WAIT = 30.0
@@ -82,7 +84,7 @@ def boot_input() -> bytes:
 
 class _Pipe(Protocol):
     def write(self, data: bytes, deadline: float) -> None: ...
-    def sendfile(self, path: Path, deadline: float) -> int: ...
+    def sendfile(self, path: Path, deadline: float, tick: Tick = None) -> int: ...
     def read_some(self, deadline: float) -> bytes: ...
     def why_closed(self) -> tuple[bool, str]: ...  # (ssh itself failed?, its words)
     def hang_up(self) -> None: ...  # EOF: the agent's serve loop ends by itself
@@ -114,7 +116,7 @@ class _OpenSSHPipe:
         if left <= 0 or not self._writable.poll(max(1, int(left * 1000))):
             if self.proc.poll() is None:
                 self.proc.kill()
-            raise TimeoutError("the host stopped reading")
+            raise TimeoutError("the host had not taken the bytes by the deadline")
 
     def write(self, data: bytes, deadline: float) -> None:
         view, fd = memoryview(data), self.stdin.fileno()
@@ -127,7 +129,7 @@ class _OpenSSHPipe:
             except BlockingIOError:
                 self._wait_writable(deadline)
 
-    def sendfile(self, path: Path, deadline: float) -> int:
+    def sendfile(self, path: Path, deadline: float, tick: Tick = None) -> int:
         sent, fd = 0, self.stdin.fileno()
         if self._narrow_to is None:
             self._narrow_to = WIDE_PIPES.widen(fd)
@@ -142,6 +144,8 @@ class _OpenSSHPipe:
                 if n == 0:
                     break
                 sent += n
+                if tick is not None:
+                    tick(n)
         return sent
 
     def read_some(self, deadline: float) -> bytes:
@@ -204,12 +208,14 @@ class _ChannelPipe:
         self.chan.settimeout(max(0.01, deadline - time.monotonic()))
         self.chan.sendall(data)
 
-    def sendfile(self, path: Path, deadline: float) -> int:
+    def sendfile(self, path: Path, deadline: float, tick: Tick = None) -> int:
         sent = 0
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
                 self.write(chunk, deadline)
                 sent += len(chunk)
+                if tick is not None:
+                    tick(len(chunk))
         return sent
 
     def read_some(self, deadline: float) -> bytes:
@@ -262,6 +268,10 @@ class AgentSession:
         self._waited = False  # has the agent said WAIT for the request in flight?
         self._lock = threading.Lock()
         self.logins = 0
+        self.on_sent: Tick = None  # told the bytes of each write of a transfer (progress)
+        self._allowed = ""  # the request in flight's time, in words: see _overdue
+        self._moved = 0  # bytes of its transfer sent so far
+        self._knob = "`timeouts.step`"  # the plan's setting that gives it that time
 
     @property
     def name(self) -> str:
@@ -296,6 +306,8 @@ class AgentSession:
         self.logins += 1
         self._pipe, self._buf, self._answered = pipe, b"", False
         deadline = time.monotonic() + self.connect_timeout + 10
+        self._allowed, self._moved = f"the login's {self.connect_timeout + 10:g} s", 0
+        self._knob = "`timeouts.connect`"
         self._write(boot_input(), deadline, "stage")
         return pipe
 
@@ -329,7 +341,7 @@ class AgentSession:
             pipe = self._detach()  # it is killed now, not after waiting 5 + 2 s for words
             if pipe is not None:
                 pipe.close(deadline=time.monotonic())
-            return StepTimeout(self.name, f"{what}: timed out")
+            return StepTimeout(self.name, f"{what}: timed out{self._overdue()}")
         pipe = self._pipe
         ssh_failed, words = (False, "") if pipe is None else pipe.why_closed()
         answered = self._answered
@@ -346,6 +358,19 @@ class AgentSession:
         if ssh_failed:
             return TransportError(self.name, f"unreachable: {words}")
         return StepFailed(self.name, step, f"{what}: the agent session ended ({words})")
+
+    def _overdue(self) -> str:
+        """What a timed-out request had: its time, how much of its transfer went, the fix."""
+        moved = f"; {self._moved / 1e6:.1f} MB of its transfer had gone" if self._moved else ""
+        return (
+            f" ({self._allowed}{moved}): a host that is only slow needs a longer"
+            f" {self._knob} in the plan"
+        )
+
+    def _tick(self, n: int) -> None:
+        self._moved += n
+        if self.on_sent is not None:
+            self.on_sent(n)
 
     def _write(self, data: bytes, deadline: float, step: str) -> None:
         assert self._pipe is not None
@@ -384,7 +409,9 @@ class AgentSession:
                 raise self._broken(step, f"unexpected answer {line[:80]!r}") from None
             if not self._waited:  # once a request: no host holds a step open for longer
                 self._waited = True
-                deadline += seconds if 0 <= seconds <= AGENT_LOCK_WAIT else AGENT_LOCK_WAIT
+                more = seconds if 0 <= seconds <= AGENT_LOCK_WAIT else AGENT_LOCK_WAIT
+                deadline += more
+                self._allowed += f" and {more:g} s for the host's lock, which it waited for"
 
     def _result(self, deadline: float, step: str) -> dict[str, Any]:
         while True:
@@ -434,6 +461,8 @@ class AgentSession:
         """One agent operation; its failure is StepFailed (with the agent's error kind)."""
         with self._lock, self._session():
             deadline, self._waited = time.monotonic() + timeout, False
+            self._allowed, self._moved = f"the step's {timeout:g} s", 0
+            self._knob = "`timeout` of the check" if step == "milestone" else "`timeouts.step`"
             head = {"op": op, "args": args or {}}
             if payload:
                 head["payload"] = len(payload)
@@ -458,6 +487,8 @@ class AgentSession:
             # the manifest is written, so the wait is allowed for from the start (as stream)
             deadline = time.monotonic() + timeout + AGENT_LOCK_WAIT
             self._waited = True
+            self._allowed, self._moved = _with_lock_wait(timeout), 0
+            self._knob = "`timeouts.step`"
             # the agent gives up on a read from here that waits this long: so would this side
             args = {"id": rid, "known": known, "stall": timeout + AGENT_LOCK_WAIT}
             head = json.dumps({"op": "receive", "args": args}).encode() + b"\n"
@@ -469,7 +500,7 @@ class AgentSession:
                 line, deadline = self._answer(deadline, "stage")
                 if line.startswith(b"NEED "):
                     path = frames(json.loads(line[5:]))  # `<sha> <size>\n<bytes>` … END
-                    sent = self._pipe.sendfile(path, deadline)
+                    sent = self._pipe.sendfile(path, deadline, self._tick)
                     result = self._result(deadline, "stage")
                 elif line.startswith(b"RESULT "):
                     result = json.loads(line[7:])
@@ -494,13 +525,15 @@ class AgentSession:
             # the bytes follow at once: an agent waiting for another's step (Host.hold) reads
             # none until it is done, and its WAIT line is read only after them
             deadline, self._waited = time.monotonic() + timeout + AGENT_LOCK_WAIT, True
+            self._allowed, self._moved = _with_lock_wait(timeout), 0
+            self._knob = "`timeouts.step`"
             args = dict(args, stall=timeout + AGENT_LOCK_WAIT)  # (as receive)
             self._write(json.dumps({"op": op, "args": args}).encode() + b"\n", deadline, step)
             sent = 0
             assert self._pipe is not None
             try:
                 for path in paths:
-                    sent += self._pipe.sendfile(path, deadline)
+                    sent += self._pipe.sendfile(path, deadline, self._tick)
                 result = self._result(deadline, step)
             except OSError as exc:
                 result = self._refusal(exc, f"transfer failed ({exc})", step, deadline)
@@ -509,6 +542,13 @@ class AgentSession:
         out = _checked(self.name, step, result)
         out["bytes_sent"] = sent
         return out
+
+
+def _with_lock_wait(timeout: float) -> str:
+    return (
+        f"{timeout + AGENT_LOCK_WAIT:g} s: the step's {timeout:g} s and the"
+        f" {AGENT_LOCK_WAIT:g} s a busy host's lock may take"
+    )
 
 
 def _checked(host: str, step: str, result: dict[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,9 @@ and a host whose agent dies mid-session fails and is backed out alone."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -56,12 +58,17 @@ def test_a_host_whose_agent_dies_mid_session_fails_and_is_backed_out_alone(clean
     p = plan(work, fleet, strategy="big-bang", waves=None, targets="h1,h2,h3")
     assert deploy(run_ferry, p, "shop@1.0", rfc(run_ferry, "shop@1.0")).returncode == 0
     # on h2, installing 2.0 only, the activate hook kills its own parent: the agent serving
-    # the session (the backout's reactivate renders the same hook for 1.0: it lets it live)
-    kill = 'if [ "{{ host }}" = h2 ] && [ "{{ version }}" = 2.0 ]; then kill -9 $PPID; fi'
+    # the session (the backout's reactivate renders the same hook for 1.0: it lets it live).
+    # It runs on, in a session of its own, as a migration would: the backout's agent ends
+    # it before it restores anything, so it never writes over the restored data
+    kill = ('if [ "{{ host }}" = h2 ] && [ "{{ version }}" = 2.0 ]; then kill -9 $PPID; '
+            'sleep 8; echo 2.0 > {{ shared }}/data/schema; fi')  # fmt: skip
     hooks = {**HOOKS, "activate": kill}
     p2 = plan(work, fleet, "p2.yaml", strategy="big-bang", waves=None, targets="h1,h2,h3",
               hooks=hooks, milestone={"max_failed": 1, "checks": []})  # fmt: skip
-    res = deploy(run_ferry, p2, "shop@2.0", rfc(run_ferry, "shop@2.0"))
+    rfc_id = rfc(run_ferry, "shop@2.0")
+    started = time.monotonic()
+    res = deploy(run_ferry, p2, "shop@2.0", rfc_id)
     assert res.returncode == 0, res.stdout + res.stderr
     out = res.json()
     assert out["status"] == "succeeded"
@@ -74,6 +81,8 @@ def test_a_host_whose_agent_dies_mid_session_fails_and_is_backed_out_alone(clean
     for host in ("h1", "h3"):
         assert out["hosts"][host]["status"] == "deployed"
         assert host_release(fleet, host) == rid("shop@2.0")
+    time.sleep(max(0.0, started + 10 - time.monotonic()))  # past the orphan's 8 s
+    assert shared_file(fleet, "h2", "data/schema") == "1.0"  # it was ended, not let write
 
 
 # in the deploy's process: each CA bundle load, with the names of the functions calling it
@@ -114,18 +123,7 @@ def test_the_flow_engines_look_ups_share_the_runs_prefect_client(clean_small, ru
 def test_a_hung_up_session_ends_by_itself_and_a_later_request_opens_another(small_fleet, bulk):
     """A host's session is released with an EOF and not waited for (its ssh exits while the
     other hosts work); what is left is reaped at the end, and nothing keeps running."""
-    import time
-
-    from orchestrator.inventory import Host, SSHSettings
-    from orchestrator.transport.session import AgentSession
-
-    fleet = small_fleet
-    ssh = SSHSettings.model_validate(
-        {"identity_file": fleet.client_key_path, "known_hosts": fleet.known_hosts_path,
-         "connect_timeout": 5, "proxy_jump": fleet.proxy_jump, "bulk": bulk}
-    )  # fmt: skip
-    host = Host(name="h1", address=fleet.address("h1"), port=22, groups=(), deploy_root="/srv/app")
-    session = AgentSession(host, ssh, "/srv/app", connect_timeout=5)
+    session = _session(small_fleet, "h1", bulk)
     try:
         session.request("hook", "run", {"command": "true", "timeout": 10}, timeout=20)
         pipe = session.hang_up()
@@ -148,19 +146,9 @@ def test_a_step_past_its_deadline_fails_then_and_the_next_request_opens_a_new_se
     """A hook that outlives its step's deadline: the step fails as timed out at the deadline
     (its connection ended then, without waiting for words), and the host's next request
     opens a new session and is answered."""
-    import time
-
-    from orchestrator.inventory import Host, SSHSettings
-    from orchestrator.transport.session import AgentSession
     from orchestrator.transport.ssh import StepTimeout
 
-    fleet = small_fleet
-    ssh = SSHSettings.model_validate(
-        {"identity_file": fleet.client_key_path, "known_hosts": fleet.known_hosts_path,
-         "connect_timeout": 5, "proxy_jump": fleet.proxy_jump, "bulk": bulk}
-    )  # fmt: skip
-    host = Host(name="h2", address=fleet.address("h2"), port=22, groups=(), deploy_root="/srv/app")
-    session = AgentSession(host, ssh, "/srv/app", connect_timeout=5)
+    session = _session(small_fleet, "h2", bulk)
     try:
         session.request("stage", "state", {}, timeout=20)  # logged in: the step alone is timed
         pipe = session._pipe
@@ -175,3 +163,16 @@ def test_a_step_past_its_deadline_fails_then_and_the_next_request_opens_a_new_se
         assert session.request("stage", "state", {}, timeout=20) and session.logins == 2
     finally:
         session.close()
+
+
+def _session(fleet: Any, name: str, bulk: str) -> Any:
+    """An agent session to lab host `name` over `bulk` (openssh or paramiko), not yet open."""
+    from orchestrator.inventory import Host, SSHSettings
+    from orchestrator.transport.session import AgentSession
+
+    ssh = SSHSettings.model_validate(
+        {"identity_file": fleet.client_key_path, "known_hosts": fleet.known_hosts_path,
+         "connect_timeout": 5, "proxy_jump": fleet.proxy_jump, "bulk": bulk}
+    )  # fmt: skip
+    host = Host(name=name, address=fleet.address(name), port=22, groups=(), deploy_root="/srv/app")
+    return AgentSession(host, ssh, "/srv/app", connect_timeout=5)

@@ -427,7 +427,7 @@ def test_a_command_runs_in_its_directory_with_its_output_and_exit_code(tmp_path)
     from types import SimpleNamespace as Args
 
     (tmp_path / "sub dir").mkdir()
-    host = Args(root=str(tmp_path))
+    host = ferry_agent.Host(str(tmp_path))
     cmd = 'pwd; echo "$FERRY_X"; echo err >&2; read line; echo "[$line]"; exit 7'
     out = ferry_agent.op_run(
         host, Args(cwd=str(tmp_path / "sub dir"), env={"FERRY_X": "x y"}, command=cmd, timeout=5)
@@ -446,7 +446,7 @@ def test_a_command_past_its_timeout_is_killed_with_its_whole_process_group(tmp_p
 
     pidfile = tmp_path / "child.pid"
     cmd = f"sleep 30 & echo $! > {pidfile}; echo started; wait"
-    out = ferry_agent.op_run(Args(root=str(tmp_path)), Args(cwd=None, env=None, command=cmd,
+    out = ferry_agent.op_run(ferry_agent.Host(str(tmp_path)), Args(cwd=None, env=None, command=cmd,
                                                              timeout=0.5))  # fmt: skip
     assert out["rc"] == 124 and out["output"].startswith("started\n")
     assert "timed out after 0.5s" in out["output"] and out["seconds"] < 5
@@ -1833,3 +1833,79 @@ def test_current_never_names_a_release_whose_publish_a_power_loss_could_undo(tmp
     assert at(("replace", str(root / "releases" / "app-1"))) < at(("fsync", str(root / "releases")))
     assert at(("replace", str(meta / "app-1.json"))) < at(("fsync", str(meta))) < moved
     assert at(("fsync", str(root / "releases"))) < moved < at(("fsync", str(root)))
+
+
+def test_a_hook_left_running_by_a_killed_agent_is_ended_before_the_next_change(tmp_path):
+    """Hooks run in sessions of their own, so an agent killed mid-hook (kill -9, the OOM
+    killer) leaves the hook running: a backout would then report the host restored while
+    the failed release's migration still writes to it. The next agent to take the lock
+    ends it, its process group with it, and says so."""
+    import time
+
+    late = tmp_path / "late"
+    hooks = tmp_path / ".ferry" / "hooks"
+    first = _session_with_spy(tmp_path, "pass")
+    assert first.stdin is not None
+    command = f"sleep 4; echo written > {late}"
+    first.stdin.write(json.dumps({"op": "run", "args": {"command": command, "timeout": 60}})
+                      .encode() + b"\n")  # fmt: skip
+    first.stdin.flush()
+    deadline = time.monotonic() + 10
+    while not (hooks.is_dir() and any(hooks.iterdir())):
+        assert time.monotonic() < deadline, "the hook never started"
+        time.sleep(0.02)
+    hook = int(next(hooks.iterdir()).name)
+    first.kill()  # the agent, not its hook: that runs on in its own session
+    first.wait()
+    assert ferry_agent._started_at(hook) is not None
+    second = _session_with_spy(tmp_path, "pass")
+    try:
+        res = _answer(second, {"op": "prune", "args": {"keep": 3}})  # a change: takes the lock
+        assert res["_code"] == 0 and res["ended_orphans"] == [hook], res
+        time.sleep(4.5)
+        assert not late.exists(), "the killed agent's hook wrote after the next agent began"
+        assert list(hooks.iterdir()) == []
+    finally:
+        second.kill()
+        second.wait()
+
+
+def test_a_live_agents_lock_free_check_and_a_finished_hooks_daemon_are_left_alone(tmp_path):
+    """Only a dead agent's unfinished command is ended: a check that a live session runs
+    without the lock, and a process a hook that has exited left behind (a daemon it meant
+    to start, still in the hook's process group), are not."""
+    import threading
+    import time
+
+    host = ferry_agent.Host(str(tmp_path))
+    host.ensure_dirs()
+    checked: list[int] = []
+
+    def check() -> None:  # a milestone check: `run` without the lock, in this live process
+        args = ferry_agent.Args(**dict(ferry_agent.DEFAULTS, command="sleep 1", timeout=30))
+        checked.append(ferry_agent.op_run(ferry_agent.Host(str(tmp_path)), args)["rc"])
+
+    checking = threading.Thread(target=check)
+    checking.start()
+    daemon = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        hooks = tmp_path / ".ferry" / "hooks"
+        deadline = time.monotonic() + 10
+        while not (hooks.is_dir() and any(hooks.iterdir())):
+            assert time.monotonic() < deadline, "the check never started"
+            time.sleep(0.02)
+        born = ferry_agent._started_at(daemon.pid)
+        assert born is not None
+        # the record a dead agent's hook left, that hook since exited: its PID's process now
+        # is another (the daemon), started at another time
+        (hooks / str(daemon.pid)).write_text(f"{born + 1} 999999 1")
+        other = ferry_agent.Host(str(tmp_path))
+        other.hold("the test's change", wait=0)
+        other.let_go()
+        assert other.ended_hooks == []
+        assert daemon.poll() is None and not (hooks / str(daemon.pid)).exists()
+        checking.join(timeout=10)
+        assert checked == [0]  # the live agent's check ran to its end
+    finally:
+        daemon.kill()
+        daemon.wait()

@@ -183,12 +183,14 @@ def test_a_step_past_its_deadline_fails_at_once_and_its_ssh_is_ended(monkeypatch
     s = session.AgentSession(host, ssh, str(tmp_path), connect_timeout=5)  # type: ignore[arg-type]
     started = time.monotonic()
     try:
-        with pytest.raises(StepTimeout, match="timed out"):
+        with pytest.raises(StepTimeout, match="timed out") as late:
             s.request("stage", "state", {}, timeout=1)
         took = time.monotonic() - started
     finally:
         s.close()
     assert 1 <= took < 2.5, took
+    # the time it had, and the fix for a host that is only slow
+    assert "timed out (the step's 1 s): a host that is only slow needs a longer" in str(late.value)
     assert not Path(f"/proc/{pidfile.read_text().strip()}").exists()  # killed and reaped
 
 
