@@ -33,7 +33,7 @@ from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.input import RunInput
 
-from orchestrator import crashlog
+from orchestrator import crashlog, zygote
 from orchestrator.deployment import DeploymentRun
 from orchestrator.errors import AuthorizationRefused
 from orchestrator.lifecycle import Status
@@ -83,11 +83,16 @@ def install_stop_handlers(stop: threading.Event, progress: Any, deployment: int)
 
     def handler(signum: int, _frame: Any) -> None:
         if stop.is_set():  # straight to fd 2: no lock the interrupted code may hold
-            os.write(2, (
+            said = (
                 f"received {signal.Signals(signum).name} again: aborting now, hosts may be "
-                f"half-way; `ferry remediate recover {deployment}` puts them back\n"
-            ).encode())  # fmt: skip
-            os._exit(130)
+                f"half-way (a hook in flight runs to its end or timeout, holding its host);"
+                f" `ferry remediate recover {deployment}` puts them back\n"
+            )
+            try:
+                os.write(2, ("\x1b[?25h" if os.isatty(2) else "").encode() + said.encode())
+            except OSError:  # (the terminal gone): the exit code still says it
+                pass
+            zygote.abort(130)  # a warm child tells its caller the code first
         stop.set()
         progress(
             f"received {signal.Signals(signum).name}: stopping at the next safe point, then "

@@ -124,7 +124,7 @@ class HostOps:
             why = (
                 f"timed out after {self.timeout:g} s (`timeouts.step` in the plan), its process "
                 "group killed"
-                if res["rc"] == 124
+                if res.get("timed_out")
                 else f"hook exited {res['rc']}"
             )
             raise StepFailed(self.name, step, why, res["output"])

@@ -22,13 +22,18 @@ NAMED = 3  # failed hosts named in the line; more are counted
 
 
 class WaveProgress:
-    def __init__(self, label: str, hosts: int, say: Say, *, every: float = 5.0) -> None:
+    """`beat`: a thread that shows where the wave stands every so often (off: the caller
+    calls beat_once, as a test does with its own clock)."""
+
+    def __init__(
+        self, label: str, hosts: int, say: Say, *, every: float = 5.0, beat: bool = True
+    ) -> None:
         self.label, self.hosts, self.say, self.every = label, hosts, say, every
         self.done = self.sent = 0
         self.failed: list[str] = []
         self.started = time.monotonic()
-        self._last = self._drawn = self.started
-        self._lock = threading.Lock()
+        self._last = self.started
+        self._lock = threading.Lock()  # counts only: nothing that may block runs under it
         self._bar: Any = None
         self._task: Any = None
         if hosts > 1 and sys.stderr.isatty():
@@ -46,36 +51,40 @@ class WaveProgress:
             self._task = self._bar.add_task(label, total=hosts, detail="")
             self._bar.start()
         self._closed = threading.Event()
-        self._beat = threading.Thread(target=self._beats, name=f"{label} progress", daemon=True)
-        self._beat.start()
+        self._beat: threading.Thread | None = None
+        if beat:
+            self._beat = threading.Thread(target=self._beats, name=f"{label} progress", daemon=True)
+            self._beat.start()
 
     def _beats(self) -> None:
-        while not self._closed.wait(1.0 if self._bar is not None else self.every / 2):
-            with self._lock:
-                self._show(time.monotonic(), redraw=self._bar is not None)
+        while not self._closed.wait(REDRAW if self._bar is not None else self.every / 4):
+            self.beat_once()
+
+    def beat_once(self, now: float | None = None) -> None:
+        """Show where the wave stands: redraw the bar, or say a line if one is due. Called
+        by the beat thread only, never by a host's worker or session: a `say` that blocks
+        (a full stderr pipe) holds up the line, not the transfers."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            due = self._bar is None and now - self._last >= self.every
+            if due:
+                self._last = now
+            done, text = self.done, (self.line(now) if self._bar is None else self.detail(now))
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, detail=text)
+        elif due and done < self.hosts:
+            self.say(f"  {text}")
 
     def sending(self, n: int) -> None:
-        """`n` more bytes written to a host's session."""
+        """`n` more bytes written to a host's session (from inside its transfer: a count)."""
         with self._lock:
             self.sent += n
-            self._show(time.monotonic(), redraw=False)
 
     def host_done(self, host: str, ok: bool) -> None:
         with self._lock:
             self.done += 1
             if not ok:
                 self.failed.append(host)
-            self._show(time.monotonic(), redraw=True)
-
-    def _show(self, now: float, *, redraw: bool) -> None:
-        if self._bar is not None:
-            if redraw or now - self._drawn >= REDRAW:
-                self._drawn = now
-                self._bar.update(self._task, completed=self.done, detail=self.detail(now))
-            return
-        if now - self._last >= self.every and self.done < self.hosts:
-            self._last = now
-            self.say(f"  {self.line(now)}")
 
     def detail(self, now: float | None = None) -> str:
         """What the bar shows beside the hosts: failures, bytes and rate, time."""
@@ -94,7 +103,8 @@ class WaveProgress:
 
     def close(self) -> None:
         self._closed.set()
-        self._beat.join()
+        if self._beat is not None:
+            self._beat.join(timeout=self.every)  # (a `say` stuck on stderr: not waited out)
         if self._bar is not None:
             self._bar.stop()
 

@@ -45,6 +45,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 PACKAGES = ("orchestrator", "dml", "remediation")
@@ -451,7 +452,23 @@ def _fork_child(conn: socket.socket, listener: socket.socket) -> int:
     return pid
 
 
+# in a warm child: tells the caller its exit code (see abort)
+_report_exit: Callable[[int], object] | None = None
+
+
+def abort(code: int) -> None:
+    """End this process at once with `code` (no thread joined, no teardown), a warm child
+    telling its caller the code first, as its normal end does."""
+    try:
+        if _report_exit is not None:
+            _report_exit(code)
+    except OSError:
+        pass
+    os._exit(code)
+
+
 def _run_child(conn: socket.socket, fds: list[int], request: dict[str, object]) -> None:
+    global _report_exit
     code = 1
     finished: threading.Event | None = None
     try:
@@ -476,6 +493,11 @@ def _run_child(conn: socket.socket, fds: list[int], request: dict[str, object]) 
         # uses Prefect calls first (prefect_env.refresh_imported)
         conn.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
         finished = _hang_up_with(conn)
+        _report_exit = lambda c: conn.sendall(json.dumps({"exit": c}).encode() + b"\n")  # noqa: E731
+        if __name__ == "__main__":  # (run as -m: the commands import orchestrator.zygote)
+            import orchestrator.zygote as imported
+
+            imported._report_exit = _report_exit
         argv = [str(a) for a in request["argv"]]  # type: ignore[attr-defined]
         sys.argv = ["ferry", *argv]
         from orchestrator.cli.main import _run

@@ -32,6 +32,8 @@ Exit codes: 0 ok, 10 integrity (signature/checksum/pinned key), 11 bad input, 12
     ROOT/.ferry/meta/<id>.json, <id>.sig   the signed manifest of each verified release
     ROOT/.ferry/incoming/      objects received and verified, not yet placed
     ROOT/.ferry/agent.lock     held by the one agent process changing the host (see Host.hold)
+    ROOT/.ferry/hooks/<pid>    a hook or check running, for the next agent to end if its
+                               own agent died (see Host.end_orphans)
 """
 
 import errno
@@ -631,49 +633,62 @@ class Host:
         ended, its whole process group, when the next agent takes the lock, before it
         changes anything: a backout must not report a host restored while the failed
         release's migration still writes to it (hooks run in sessions of their own, so
-        nothing else ends them). Each command run leaves a record
-        (hooks/<pid>: its start time, its agent's PID and start time) while it runs. One
-        whose agent still lives (a check sent without the lock) is its agent's own; one
-        that exited is left alone with what it started (a daemon it meant to leave)."""
+        nothing else ends them). Each command run leaves a record while it runs
+        (hooks/<pid>: the boot, its start time, its agent's PID and start time). One whose
+        agent still lives (a check sent without the lock) is its agent's own; one that
+        exited is left alone with what it started (a daemon it meant to leave). A record
+        is taken only from this user or root (another user's could name any process), and
+        one that cannot be read or removed is passed over, never a reason to refuse."""
         try:
             names = os.listdir(self.hooks)
-        except FileNotFoundError:
+        except OSError:  # none (FileNotFoundError), or not this user's to read
             return
+        mine, boot = os.getuid(), _boot_id()
         for name in names:
             path = os.path.join(self.hooks, name)
             try:
+                if os.lstat(path).st_uid not in (0, mine):
+                    continue
                 with open(path) as f:
-                    born, agent, agent_born = [int(x) for x in f.read().split()]
-                pid = int(name)
+                    at, born, agent, agent_born = f.read().split()
+                pid, born, agent, agent_born = int(name), int(born), int(agent), int(agent_born)
             except (OSError, ValueError):
-                born = pid = agent = agent_born = None
-            if agent is not None and _started_at(agent) == agent_born:
+                at = pid = None
+            if pid is not None and at == boot and _started_at(agent) != agent_born:
+                if _started_at(pid) == born:  # not exited, and no other process's PID
+                    try:
+                        os.killpg(pid, 9)  # SIGKILL, the group: what it started dies with it
+                        _gone(pid, 2.0)  # (a write in flight ends first)
+                        self.ended_hooks.append(pid)
+                    except OSError:  # (EPERM: another user's group) left, said nowhere
+                        pass
+            elif pid is not None and at == boot:
                 continue  # its agent runs it still
-            if pid is not None and _started_at(pid) == born:  # not exited, not another's PID
-                try:
-                    os.killpg(pid, 9)  # SIGKILL, the group: what it started dies with it
-                    self.ended_hooks.append(pid)
-                except OSError:
-                    pass
             try:
                 os.unlink(path)
-            except FileNotFoundError:
+            except OSError:
                 pass
 
     def command_started(self, pid):
         """Record a command this agent runs (see end_orphans); the record's path, or None
-        where there is no /proc to tell a process's start time."""
-        born, me = _started_at(pid), _started_at(os.getpid())
-        if born is None or me is None:
+        where it cannot be made (no /proc to tell a start time, a directory not this
+        user's, a full disk): the command runs all the same, unprotected."""
+        born, me, boot = _started_at(pid), _started_at(os.getpid()), _boot_id()
+        if born is None or me is None or boot is None:
             return None
         path = os.path.join(self.hooks, str(pid))
         for _ in range(2):
             try:
                 with open(path, "w") as f:
-                    f.write("%d %d %d" % (born, os.getpid(), me))
+                    f.write("%s %d %d %d" % (boot, born, os.getpid(), me))
                 return path
             except FileNotFoundError:
-                os.makedirs(self.hooks, exist_ok=True)
+                try:
+                    os.makedirs(self.hooks, exist_ok=True)
+                except OSError:
+                    return None
+            except OSError:
+                return None
         return None
 
     def _lock_file(self):
@@ -1778,14 +1793,41 @@ def op_run(host, args):
     started = time.monotonic()
     rc, out = spawn(["/bin/sh", "-c", args.command], cwd if os.path.isdir(cwd) else "/", env,
                     args.timeout, host)  # fmt: skip
-    if rc is None:
+    timed_out = rc is None
+    if timed_out:
         rc = 124
         out += b"\n(timed out after %ss)" % str(args.timeout).encode()
     text = out.decode(errors="replace")
-    return {"rc": rc, "output": text[-4000:], "seconds": round(time.monotonic() - started, 3)}
+    return {"rc": rc, "output": text[-4000:], "seconds": round(time.monotonic() - started, 3),
+            "timed_out": timed_out}  # fmt: skip
 
 
 KILLED_OUTPUT_WAIT = 2.0  # s a command's output is read for after it ended or was killed
+
+
+_BOOT = []
+
+
+def _boot_id():
+    """This boot's id (Linux), read once: a process start time counts from the boot."""
+    if not _BOOT:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                _BOOT.append(f.read().strip() or None)
+        except OSError:
+            _BOOT.append(None)
+    return _BOOT[0]
+
+
+def _gone(pgid, seconds):
+    """Wait up to `seconds` for process group `pgid` to be gone (killpg(0) finds none)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except OSError:
+            return
+        time.sleep(0.01)
 
 
 def _started_at(pid):
@@ -1820,13 +1862,15 @@ def spawn(argv, cwd, env, timeout, host=None):
         pid = _start(argv, env, w)
     finally:
         os.close(w)
-    record = host.command_started(pid) if host is not None else None
+    record = None
     chunks, deadline, killed, status, eof = [], time.monotonic() + timeout, False, None, False
     grace = None  # once the command is gone: how long its output may still come
     nap = 0.001  # output closed, the command not reaped yet: it is exiting, most likely
     poller = select.poll()
     poller.register(r, select.POLLIN | select.POLLHUP)
     try:
+        if host is not None:
+            record = host.command_started(pid)
         while True:
             now = time.monotonic()
             if status is None:
@@ -1863,7 +1907,7 @@ def spawn(argv, cwd, env, timeout, host=None):
         if record is not None:
             try:
                 os.unlink(record)
-            except FileNotFoundError:
+            except OSError:
                 pass
     out = b"".join(chunks)
     return (None, out) if killed else (_exit_code(status), out)
@@ -2356,14 +2400,18 @@ def dispatch(host, op, args, who="a Ferry session", keep=False):
     keeps it to its end; otherwise it is let go after the operation. `lock: false` on a
     command: it only reads (a check, a probe) or ends the holder (halt), so never waits."""
     host.who = who
+    result, code = _dispatched(host, op, args, keep)
+    if host.ended_hooks and isinstance(result, dict):  # said once, with the step, whatever
+        result["ended_orphans"], host.ended_hooks = host.ended_hooks, []  # its outcome
+    return result, code
+
+
+def _dispatched(host, op, args, keep):
     try:
         try:
             if op in CHANGES and args.lock is not False:
                 host.hold_for(op)
-            result = OPS[op](host, args)
-            if host.ended_hooks and isinstance(result, dict):  # said once, with the step
-                result["ended_orphans"], host.ended_hooks = host.ended_hooks, []
-            return result, 0
+            return OPS[op](host, args), 0
         finally:
             if not keep:
                 host.let_go()

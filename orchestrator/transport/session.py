@@ -87,6 +87,7 @@ class _Pipe(Protocol):
     def sendfile(self, path: Path, deadline: float, tick: Tick = None) -> int: ...
     def read_some(self, deadline: float) -> bytes: ...
     def why_closed(self) -> tuple[bool, str]: ...  # (ssh itself failed?, its words)
+    def skip_said(self) -> None: ...  # what ssh said so far is not why it will end
     def hang_up(self) -> None: ...  # EOF: the agent's serve loop ends by itself
     def ended(self) -> bool: ...  # the connection is gone (after hang_up: nothing to wait)
     def close(self, deadline: float | None = None) -> None: ...  # hang up, reap (kill)
@@ -160,6 +161,21 @@ class _OpenSSHPipe:
             if poller.poll(max(1, int(left * 1000))):
                 return os.read(fd, 1 << 16)
 
+    def skip_said(self) -> None:
+        """Drop what ssh wrote to stderr so far (at LogLevel INFO, the host's pre-login
+        Banner): once the agent has answered, only what follows can say why the session
+        ended. One read of what is there, never a wait."""
+        assert self.proc.stderr is not None
+        fd = self.proc.stderr.fileno()
+        try:
+            os.set_blocking(fd, False)
+            while len(os.read(fd, 1 << 16)) == 1 << 16:
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        finally:
+            os.set_blocking(fd, True)
+
     def why_closed(self) -> tuple[bool, str]:
         try:
             rc = self.proc.wait(timeout=5)
@@ -224,6 +240,9 @@ class _ChannelPipe:
             raise TimeoutError
         self.chan.settimeout(left)
         return self.chan.recv(1 << 16)
+
+    def skip_said(self) -> None:
+        pass  # paramiko shows no banner; the agent's stderr is not read
 
     def why_closed(self) -> tuple[bool, str]:
         rc = self.chan.recv_exit_status() if self.chan.exit_status_ready() else -1
@@ -417,6 +436,8 @@ class AgentSession:
         while True:
             line, deadline = self._answer(deadline, step)
             if line.startswith(b"RESULT "):
+                if not self._answered and self._pipe is not None:
+                    self._pipe.skip_said()  # the login's words (a Banner): not the end's
                 self._answered = True
                 return json.loads(line[7:])
 
@@ -462,7 +483,11 @@ class AgentSession:
         with self._lock, self._session():
             deadline, self._waited = time.monotonic() + timeout, False
             self._allowed, self._moved = f"the step's {timeout:g} s", 0
-            self._knob = "`timeout` of the check" if step == "milestone" else "`timeouts.step`"
+            self._knob = (  # a milestone's check, or a container's health command
+                "check's `timeout` (a container's `health_timeout`)"
+                if step == "milestone"
+                else "`timeouts.step`"
+            )
             head = {"op": op, "args": args or {}}
             if payload:
                 head["payload"] = len(payload)

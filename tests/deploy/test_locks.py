@@ -38,11 +38,13 @@ SLOW = {"max_failed": 0, "deadline": "120s", "soak": "2s", "checks": [BROKEN_CHE
 TWO_WAVES = [1, "100%"]
 
 
-def _start(plan_path: Path, release: str, rfc_id: str, *extra: str) -> subprocess.Popen:
+def _start(
+    plan_path: Path, release: str, rfc_id: str, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     return subprocess.Popen(
         [str(FERRY_BIN), "deploy", str(plan_path), "--release", release, "--rfc", rfc_id,
          "-o", "json", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
 
 
@@ -268,21 +270,31 @@ def _until_arriving(incoming: Path, proc: subprocess.Popen, size: int = 1 << 20)
         time.sleep(0.1)
 
 
-def test_a_second_sigterm_aborts_at_once_and_recover_puts_the_hosts_back(clean_small, run_ferry):
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_second_sigterm_aborts_at_once_and_recover_puts_the_hosts_back(
+    clean_small, run_ferry, tmp_path, warm
+):
     """The first SIGTERM stops at the next safe point, which may be a long transfer away; a
     second aborts there and then (exit 130), naming the command that puts the hosts back,
-    and that command does."""
+    and that command does. `warm`: the deploy runs in a warm process's child, which tells
+    its caller the code before it ends."""
     import re
     import signal
 
+    from tests.deploy.test_warm import _stop, _wait_warm, _warm_env
+
     fleet, work = clean_small, Path.cwd()
+    env = _warm_env(tmp_path) if warm else None
+    if env is not None:
+        assert subprocess.run([str(FERRY_BIN), "rfc", "list"], env=env).returncode == 0
+        warm_pid = _wait_warm(env)
     build(work, "1.0")
     p = plan(work, fleet, targets="h1,h2", waves=None, strategy="big-bang")
     assert deploy(run_ferry, p, "shop@1.0", rfc(run_ferry, "shop@1.0")).returncode == 0
     build(work, "2.0", extra={"blob.bin": os.urandom(24 << 20)})
     incoming = fleet.root_dir("h1") / ".ferry" / "incoming"
     with fleet.faulted("h1", "slow", rate="8mbit"):  # 24 MiB: ~25 s to send
-        proc = _start(p, "shop@2.0", rfc(run_ferry, "shop@2.0"))
+        proc = _start(p, "shop@2.0", rfc(run_ferry, "shop@2.0"), env=env)
         try:
             _until_arriving(incoming, proc)
             proc.send_signal(signal.SIGTERM)
@@ -295,6 +307,8 @@ def test_a_second_sigterm_aborts_at_once_and_recover_puts_the_hosts_back(clean_s
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            if env is not None:
+                _stop(warm_pid)
     assert proc.returncode == 130, stderr
     assert took < 5, f"{took:.1f} s after the second SIGTERM"  # not the transfer's ~20 s
     said = re.search(r"aborting now.*`ferry remediate recover (\d+)`", stderr)

@@ -1898,7 +1898,8 @@ def test_a_live_agents_lock_free_check_and_a_finished_hooks_daemon_are_left_alon
         assert born is not None
         # the record a dead agent's hook left, that hook since exited: its PID's process now
         # is another (the daemon), started at another time
-        (hooks / str(daemon.pid)).write_text(f"{born + 1} 999999 1")
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        (hooks / str(daemon.pid)).write_text(f"{boot} {born + 1} 999999 1")
         other = ferry_agent.Host(str(tmp_path))
         other.hold("the test's change", wait=0)
         other.let_go()
@@ -1909,3 +1910,36 @@ def test_a_live_agents_lock_free_check_and_a_finished_hooks_daemon_are_left_alon
     finally:
         daemon.kill()
         daemon.wait()
+
+
+def test_records_of_commands_are_best_effort_and_never_fail_a_command_or_the_lock(tmp_path):
+    """Where .ferry/hooks cannot be used (here it is a file; a directory another user owns,
+    a full or read-only disk alike), commands run and time out as ever, unrecorded, and
+    taking the lock is not refused; a record from another boot names no process now."""
+    import time
+
+    (tmp_path / ".ferry").mkdir()
+    (tmp_path / ".ferry" / "hooks").write_text("not a directory")
+    host = ferry_agent.Host(str(tmp_path))
+    args = ferry_agent.Args(**dict(ferry_agent.DEFAULTS, command="sleep 5", timeout=0.5))
+    started = time.monotonic()
+    res = ferry_agent.op_run(host, args)
+    assert res["rc"] == 124 and res["timed_out"] and time.monotonic() - started < 4, res
+    host.hold("the test's change", wait=0)  # end_orphans finds no directory: no refusal
+    host.let_go()
+    (tmp_path / ".ferry" / "hooks").unlink()
+    (tmp_path / ".ferry" / "hooks").mkdir()
+    daemon = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        born = ferry_agent._started_at(daemon.pid)
+        (tmp_path / ".ferry" / "hooks" / str(daemon.pid)).write_text(f"another-boot {born} 1 1")
+        host.hold("the test's change", wait=0)
+        host.let_go()
+        assert daemon.poll() is None and host.ended_hooks == []
+        assert list((tmp_path / ".ferry" / "hooks").iterdir()) == []  # dropped, not acted on
+    finally:
+        daemon.kill()
+        daemon.wait()
+    exits = ferry_agent.op_run(host, ferry_agent.Args(**dict(
+        ferry_agent.DEFAULTS, command="exit 124", timeout=5)))  # fmt: skip
+    assert exits["rc"] == 124 and not exits["timed_out"]  # its own code, not a timeout

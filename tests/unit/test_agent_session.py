@@ -312,3 +312,26 @@ def test_a_docker_load_that_never_ends_is_stopped_before_the_deadline_and_the_ho
         assert not (tmp_path / ".ferry" / "incoming" / "image-web").exists()
     finally:
         shutil.rmtree(short)
+
+
+def test_what_ssh_said_before_the_agent_answered_is_not_why_the_session_ended(
+    monkeypatch, tmp_path
+):
+    """At LogLevel INFO ssh prints the host's Banner before the login. An agent that dies
+    once it has answered is said to have died, not to have ended with the Banner's words
+    (a Banner saying "Connection to … timed out" would read as the host unreachable)."""
+    banner = "Connection to this host is monitored; sessions timed out are logged"
+    monkeypatch.setattr(
+        openssh, "argv", lambda _h, _s, _t, command: ["sh", "-c", f"echo '{banner}' >&2; {command}"]
+    )
+    host = SimpleNamespace(name="h1")
+    ssh = SimpleNamespace(bulk="openssh", become=False, user="root")
+    s = session.AgentSession(host, ssh, str(tmp_path), connect_timeout=5)  # type: ignore[arg-type]
+    try:
+        s.request("stage", "state", {}, timeout=10)
+        with pytest.raises(StepFailed) as ended:
+            s.request("hook", "run", {"command": "kill -9 $PPID", "timeout": 10}, timeout=10)
+    finally:
+        s.close()
+    said = str(ended.value)  # (here sh, standing in for ssh, says "Killed")
+    assert "the agent session ended" in said and "monitored" not in said, said

@@ -6,70 +6,51 @@ from __future__ import annotations
 import io
 import sys
 import threading
+import time
 
-import pytest
-
-from orchestrator import progress as progress_mod
 from orchestrator.progress import WaveProgress
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock(monkeypatch) -> Clock:
-    c = Clock()
-    monkeypatch.setattr(progress_mod.time, "monotonic", c)
-    return c
-
-
-def test_a_pipeline_sees_bytes_move_during_a_transfer_and_failed_hosts_by_name(clock):
+def test_a_pipeline_sees_bytes_move_during_a_transfer_and_failed_hosts_by_name():
     lines: list[str] = []
-    p = WaveProgress("wave 2", 5, lines.append, every=5.0)
-    clock.now += 1
-    p.sending(3_000_000)  # under 5 s since the start: nothing yet
+    p = WaveProgress("wave 2", 5, lines.append, every=5.0, beat=False)
+    t0 = p.started
+    p.sending(3_000_000)
+    p.beat_once(t0 + 1)  # under 5 s since the start: nothing yet
     assert lines == []
-    clock.now += 4
-    p.sending(2_000_000)  # 5 s: the transfer is shown before any host finished
+    p.sending(2_000_000)
+    p.beat_once(t0 + 5)  # the transfer is shown before any host finished
     assert lines == ["  wave 2: 0/5 hosts done, 5.0 MB sent (1.0 MB/s), 5.0s"]
-    clock.now += 1
     p.host_done("h3", False)
     p.host_done("h1", True)
+    p.beat_once(t0 + 6)
     assert len(lines) == 1  # not twice within 5 s
     for name in ("h4", "h5"):
         p.host_done(name, False)
-    clock.now += 5
     p.sending(5_000_000)
+    p.beat_once(t0 + 11)
     assert lines[-1] == (
         "  wave 2: 4/5 hosts done, 3 failed (h3, h4, h5), 10.0 MB sent (0.9 MB/s), 11.0s"
     )
     p.host_done("h2", False)
-    assert p.detail().startswith("4 failed (h3, h4, h5, …)")
-    clock.now += 10
-    p.sending(1)
+    assert p.detail(t0 + 12).startswith("4 failed (h3, h4, h5, …)")
+    p.beat_once(t0 + 20)
     assert len(lines) == 2  # the wave is done: the executor reports its outcome itself
     p.close()
 
 
-def test_one_host_long_transfer_is_shown_too_and_a_wave_without_bytes_says_so(clock):
+def test_one_host_long_transfer_is_shown_too_and_a_wave_without_bytes_says_so():
     lines: list[str] = []
-    p = WaveProgress("wave 1", 1, lines.append, every=5.0)
-    clock.now += 6
+    p = WaveProgress("wave 1", 1, lines.append, every=5.0, beat=False)
     p.sending(12_500_000)
+    p.beat_once(p.started + 6)
     assert lines == ["  wave 1: 0/1 hosts done, 12.5 MB sent (2.1 MB/s), 6.0s"]
-    quiet = WaveProgress("wave 3", 2, lines.append)
-    assert quiet.line() == "wave 3: 0/2 hosts done, 0.0s"  # no "0 bytes" noise
-    p.close()
-    quiet.close()
+    quiet = WaveProgress("wave 3", 2, lines.append, beat=False)
+    assert quiet.line(quiet.started) == "wave 3: 0/2 hosts done, 0.0s"  # no "0 bytes" noise
 
 
 def test_many_sessions_report_at_once_and_every_byte_is_counted():
-    p = WaveProgress("wave 1", 8, lambda _l: None, every=0.0)
+    p = WaveProgress("wave 1", 8, lambda _l: None, every=0.01)
 
     def host(i: int) -> None:
         for _ in range(1000):
@@ -81,14 +62,12 @@ def test_many_sessions_report_at_once_and_every_byte_is_counted():
         t.start()
     for t in threads:
         t.join()
-    assert (p.sent, p.done, len(p.failed)) == (8_000_000, 8, 4)
     p.close()
+    assert (p.sent, p.done, len(p.failed)) == (8_000_000, 8, 4)
 
 
 def test_a_wave_whose_bytes_stopped_still_says_where_it_stands():
     """A link gone quiet, a long hook: no report comes, and the line still comes, on time."""
-    import time
-
     lines: list[str] = []
     p = WaveProgress("wave 1", 2, lines.append, every=0.2)
     p.sending(1_000_000)
@@ -99,6 +78,22 @@ def test_a_wave_whose_bytes_stopped_still_says_where_it_stands():
     settled = len(lines)
     time.sleep(0.3)
     assert len(lines) == settled  # closed: its beat has ended
+
+
+def test_a_say_that_blocks_never_holds_up_a_transfer():
+    """`say` prints and logs: on a stderr pipe nobody reads it blocks. The sessions' byte
+    counts go on meanwhile."""
+    stuck = threading.Event()
+    p = WaveProgress("wave 1", 2, lambda _l: stuck.wait(5), every=0.05)
+    time.sleep(0.2)  # the beat is stuck in `say` by now
+    started = time.monotonic()
+    for _ in range(1000):
+        p.sending(1000)
+    p.host_done("h1", True)
+    took = time.monotonic() - started
+    stuck.set()
+    p.close()
+    assert took < 0.5 and p.sent == 1_000_000, took
 
 
 class Terminal(io.StringIO):
@@ -112,11 +107,12 @@ def test_a_terminal_gets_a_bar_on_stderr_with_hosts_bytes_and_failures(monkeypat
     err, out = Terminal(), Terminal()
     monkeypatch.setattr(sys, "stderr", err)
     monkeypatch.setattr(sys, "stdout", out)
-    p = WaveProgress("wave 1", 3, lambda _l: None)
+    p = WaveProgress("wave 1", 3, lambda _l: None, beat=False)
     try:
         p.sending(40_000_000)
         p.host_done("h2", False)
         p.host_done("h1", True)
+        p.beat_once()
         p._bar.refresh()
         drawn = err.getvalue()
     finally:
