@@ -2191,8 +2191,8 @@ def _docker_load(host, work, layers, send, ends):
     if stopped and rc != 0:
         raise AgentError(
             "docker",
-            "docker load did not finish within the step's deadline (%.0f s; the host's "
-            "Docker engine does not answer?): it was stopped, and this host is let go"
+            "docker load did not finish within the step's deadline (it ran %.0f s; the "
+            "host's Docker engine does not answer?): it was stopped, and this host is let go"
             % (time.monotonic() - started),
             EXIT_OS,
         )
