@@ -325,8 +325,7 @@ class AgentSession:
         self.logins += 1
         self._pipe, self._buf, self._answered = pipe, b"", False
         deadline = time.monotonic() + self.connect_timeout + 10
-        self._allowed, self._moved = f"the login's {self.connect_timeout + 10:g} s", 0
-        self._knob = "`timeouts.connect`"
+        self._allow(f"the login's {self.connect_timeout + 10:g} s", "`timeouts.connect`")
         self._write(boot_input(), deadline, "stage")
         return pipe
 
@@ -385,6 +384,10 @@ class AgentSession:
             f" ({self._allowed}{moved}): a host that is only slow needs a longer"
             f" {self._knob} in the plan"
         )
+
+    def _allow(self, words: str, knob: str = "") -> None:
+        """A request begins: the time it has, in words, and the plan setting that gives it."""
+        self._allowed, self._moved, self._knob = words, 0, knob or "`timeouts.step`"
 
     def _tick(self, n: int) -> None:
         self._moved += n
@@ -482,11 +485,10 @@ class AgentSession:
         """One agent operation; its failure is StepFailed (with the agent's error kind)."""
         with self._lock, self._session():
             deadline, self._waited = time.monotonic() + timeout, False
-            self._allowed, self._moved = f"the step's {timeout:g} s", 0
-            self._knob = (  # a milestone's check, or a container's health command
-                "check's `timeout` (a container's `health_timeout`)"
-                if step == "milestone"
-                else "`timeouts.step`"
+            self._allow(
+                f"the step's {timeout:g} s",
+                # a milestone's check, or a container's health command
+                "check's `timeout` (a container's `health_timeout`)" if step == "milestone" else "",
             )
             head = {"op": op, "args": args or {}}
             if payload:
@@ -512,8 +514,7 @@ class AgentSession:
             # the manifest is written, so the wait is allowed for from the start (as stream)
             deadline = time.monotonic() + timeout + AGENT_LOCK_WAIT
             self._waited = True
-            self._allowed, self._moved = _with_lock_wait(timeout), 0
-            self._knob = "`timeouts.step`"
+            self._allow(_with_lock_wait(timeout))
             # the agent gives up on a read from here that waits this long: so would this side
             args = {"id": rid, "known": known, "stall": timeout + AGENT_LOCK_WAIT}
             head = json.dumps({"op": "receive", "args": args}).encode() + b"\n"
@@ -550,8 +551,7 @@ class AgentSession:
             # the bytes follow at once: an agent waiting for another's step (Host.hold) reads
             # none until it is done, and its WAIT line is read only after them
             deadline, self._waited = time.monotonic() + timeout + AGENT_LOCK_WAIT, True
-            self._allowed, self._moved = _with_lock_wait(timeout), 0
-            self._knob = "`timeouts.step`"
+            self._allow(_with_lock_wait(timeout))
             args = dict(args, stall=timeout + AGENT_LOCK_WAIT)  # (as receive)
             self._write(json.dumps({"op": op, "args": args}).encode() + b"\n", deadline, step)
             sent = 0
